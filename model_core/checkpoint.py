@@ -1,0 +1,92 @@
+"""Loading and saving checkpoints: official SAM2/SAM2.1, MedSAM2, Medical-SAM2 and our own.
+
+Formats seen in the wild (all hold sam2's own parameter names):
+
+- Meta SAM2 / SAM2.1 and bowang-lab MedSAM2: ``{"model": state_dict}``.
+- Medical-SAM2's ``MedSAM2_pretrain.pth``: ``{"model": state_dict}`` or a bare
+  state dict, sometimes saved from DataParallel/DDP (``module.`` prefixes).
+- ICL-SAM2 training checkpoints: ``{"model": state_dict, "icl_sam2": {...}}``
+  (preset, image size), or the bundle's ``{"network": state_dict, ...}`` from
+  MONAI's CheckpointSaver.
+
+Loading is strict: a mismatch raises a ValueError that names the missing and
+unexpected keys and the shapes that differ, so a checkpoint of another
+architecture is rejected at the boundary instead of half-loading. sam2's own
+``_load_checkpoint`` logs the keys and raises a bare RuntimeError, and knows only
+the first format.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint"]
+
+_CONTAINER_KEYS = ("model", "network", "state_dict", "net")
+
+
+def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint file and return ``(state_dict, metadata)``.
+
+    Raises:
+        ValueError: the file is missing, unreadable or holds no state dict.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"Checkpoint {path!r} does not exist; download it with scripts/download_checkpoints.sh.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise ValueError(f"Cannot read checkpoint {path!r}: {e}") from e
+    meta: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key in _CONTAINER_KEYS:
+            if isinstance(data.get(key), dict):
+                meta = data.get("icl_sam2", {}) or {}
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path!r} holds no model state dict (expected {{'model': state_dict}} or a state dict).")
+    if all(k.startswith("module.") for k in data):  # saved from DataParallel / DDP
+        data = {k[len("module.") :]: v for k, v in data.items()}
+    return data, meta
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` strictly; returns its ICL-SAM2 metadata (may be empty).
+
+    Raises:
+        ValueError: on missing/unexpected keys or shape mismatches, naming them.
+    """
+    state, meta = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        def head(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        hint = f" It was saved for preset {meta.get('preset')!r}." if meta.get("preset") else ""
+        raise ValueError(
+            f"Checkpoint {path!r} does not match this model (preset {getattr(model, 'preset', '?')!r}, "
+            f"image size {getattr(model, 'image_size', '?')}).{hint} "
+            f"Missing keys: [{head(missing)}]. Unexpected keys: [{head(unexpected)}]. "
+            f"Shape mismatches: [{head(shapes)}]. Pick the preset the checkpoint was trained with."
+        )
+    model.load_state_dict(state, strict=True)
+    return meta
+
+
+def save_checkpoint(model: torch.nn.Module, path: str, **extra: Any) -> None:
+    """Save ``{"model": state_dict, "icl_sam2": {...}}``; written to a temporary file, then renamed."""
+    meta = {"preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None)}
+    tmp = f"{path}.tmp"
+    torch.save({"model": model.state_dict(), "icl_sam2": meta, **extra}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,105 @@
+"""Meta's ``SAM2VideoPredictor`` driven on the same tensors as :class:`InContextSAM2`.
+
+Used by the equivalence tests and ``scripts/benchmark_icl.py`` to prove that
+model_core's ``recent`` policy computes what SAM2 computes. The predictor only
+reads videos from JPEG folders or MP4 files; :func:`init_reference_state` hands it
+an in-memory tensor instead, by calling its own ``init_state`` with sam2's frame
+loader swapped for the duration of the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+from unittest import mock
+
+import torch
+from hydra.utils import instantiate
+
+from model_core.network import IMAGENET_MEAN, IMAGENET_STD, InContextSAM2
+from model_core.presets import preset_config
+
+__all__ = ["build_reference_predictor", "init_reference_state", "reference_in_context", "reference_interactive"]
+
+
+def build_reference_predictor(model: InContextSAM2):
+    """A ``SAM2VideoPredictor`` with ``model``'s architecture and weights (eval mode, same device).
+
+    The predictor gets ``add_all_frames_to_correct_as_cond=True``: like model_core,
+    every slice that receives a prompt becomes a conditioning frame.
+    """
+    cfg = preset_config(model.preset, model.image_size)
+    cfg["_target_"] = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+    cfg["add_all_frames_to_correct_as_cond"] = True
+    predictor = instantiate(cfg, _recursive_=True, _convert_="all")
+    predictor.load_state_dict(model.state_dict(), strict=True)
+    return predictor.to(model.device).eval()
+
+
+def init_reference_state(predictor, frames: torch.Tensor) -> dict[str, Any]:
+    """``predictor.init_state`` on ``(N, 3, H, W)`` frames in [0, 1] at the model size."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    normalized = (frames.float().cpu() - mean) / std
+    size = frames.shape[-1]
+
+    def load_video_frames(**_: Any):
+        return normalized.to(predictor.device), size, size
+
+    with mock.patch("sam2.sam2_video_predictor.load_video_frames", load_video_frames):
+        return predictor.init_state(video_path="<tensor>")
+
+
+@torch.inference_mode()
+def reference_in_context(
+    predictor, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+) -> torch.Tensor:
+    """Support slices via ``add_new_mask``, query slices via ``propagate_in_video``.
+
+    Args:
+        support_images: ``(S, 3, H, W)``; support_masks: ``(S, K, H, W)`` bool;
+        query_images: ``(D, 3, H, W)``.
+
+    Returns:
+        ``(K, D, H, W)`` mask logits of the query slices.
+    """
+    S, K = support_masks.shape[:2]
+    state = init_reference_state(predictor, torch.cat([support_images, query_images]))
+    for s in range(S):
+        for k in range(K):
+            predictor.add_new_mask(state, frame_idx=s, obj_id=k, mask=support_masks[s, k])
+    out = torch.zeros(K, query_images.shape[0], *query_images.shape[-2:])
+    for frame_idx, _, logits in predictor.propagate_in_video(state):
+        if frame_idx >= S:
+            out[:, frame_idx - S] = logits[:, 0].cpu()
+    return out
+
+
+@torch.inference_mode()
+def reference_interactive(
+    predictor, images: torch.Tensor, rounds: Sequence[tuple[Sequence[tuple[int, int, dict[str, Any]]], int]]
+) -> torch.Tensor:
+    """Rounds of prompts, each followed by propagation forward then backward from a start frame.
+
+    Args:
+        images: ``(D, 3, H, W)``.
+        rounds: ``[(prompts, start_frame)]``; prompts are ``(frame, object, kwargs)``
+            with kwargs of ``add_new_points_or_box`` (``points``, ``labels``, ``box``)
+            or ``{"mask": (H, W)}``, applied in order.
+
+    Returns:
+        ``(K, D, H, W)`` mask logits after the last round.
+    """
+    state = init_reference_state(predictor, images)
+    out = None
+    for prompts, start in rounds:
+        for frame, obj, kwargs in prompts:
+            if "mask" in kwargs:
+                predictor.add_new_mask(state, frame_idx=frame, obj_id=obj, mask=kwargs["mask"])
+            else:
+                predictor.add_new_points_or_box(state, frame_idx=frame, obj_id=obj, **kwargs)
+        K = len(state["obj_ids"])
+        out = torch.zeros(K, images.shape[0], *images.shape[-2:])
+        for reverse in (False, True):
+            for frame_idx, _, logits in predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
+                out[:, frame_idx] = logits[:, 0].cpu()
+    return out

@@ -201,11 +201,21 @@ class InContextSAM2(SAM2Base):
     # ------------------------------------------------------------------ helpers
     @property
     def architecture(self) -> dict[str, Any]:
+        """Fingerprint of the model that support memories must match: preset, sizes and weights.
+
+        The weight checksum covers the image and memory encoders' first layers, which
+        differ between checkpoints of the same preset and change during training, so a
+        support memory is never used with weights it was not built by.
+        """
+        probes = (self.image_encoder.trunk.patch_embed.proj.weight, self.memory_encoder.pix_feat_proj.weight)
+        checksum = [round(float(p.detach().double().abs().sum()), 6) for p in probes]
         return {
+            "preset": self.preset,
             "image_size": self.image_size,
             "hidden_dim": self.hidden_dim,
             "mem_dim": self.mem_dim,
             "num_maskmem": self.num_maskmem,
+            "weights": checksum,
         }
 
     def check_images(self, images: Any, name: str = "images") -> torch.Tensor:
@@ -251,8 +261,11 @@ class InContextSAM2(SAM2Base):
         if masks.shape[1] == 0:
             raise ValueError(f"{name} have no object channel (K = 0).")
         if masks.dtype != torch.bool:
-            if masks.is_floating_point() and not ((masks == 0) | (masks == 1)).all():
-                raise ValueError(f"{name} must be binary (bool or 0/1), one channel per object.")
+            if not ((masks == 0) | (masks == 1)).all():
+                raise ValueError(
+                    f"{name} must be binary (bool or 0/1), one channel per object; "
+                    f"split a label map into one channel per label value first."
+                )
             masks = masks != 0
         return masks
 
@@ -619,7 +632,6 @@ class InContextSAM2(SAM2Base):
         state.iou[z, idx] = self._best_iou(out["ious"]).to(dev, torch.float32)
 
     # ------------------------------------------------------------ propagation
-    @torch.inference_mode()
     def propagate(
         self,
         state: VolumeState,
@@ -662,6 +674,11 @@ class InContextSAM2(SAM2Base):
         start = self._check_slice(state, start_slice)
         output_size = tuple(output_size or (self.image_size, self.image_size))
         passes = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
+        # arguments are checked above, when propagate() is called; the work runs lazily
+        return self._propagate_passes(state, start, passes, policy, ground_truth, output_size)
+
+    @torch.inference_mode()
+    def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size):
         for reverse in passes:
             yield from self._propagate_pass(state, start, reverse, policy, ground_truth, output_size)
 
@@ -738,6 +755,149 @@ class InContextSAM2(SAM2Base):
         inter = (pred & gt).flatten(1).sum(1).float()
         union = (pred | gt).flatten(1).sum(1).float()
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter)).to(self.device)
+
+    # ------------------------------------------------------------- training
+    def set_trainable(self, image_encoder: str = "frozen") -> None:
+        """Choose what trains.
+
+        Args:
+            image_encoder: ``frozen`` (default: trunk and neck frozen, as in MedSAM),
+                ``neck`` (train the FPN neck, trunk frozen) or ``all`` (whole encoder).
+                Everything else (memory attention and encoder, prompt encoder, mask
+                decoder, pointers) always trains.
+        """
+        if image_encoder not in ("frozen", "neck", "all"):
+            raise ValueError(f"image_encoder must be 'frozen', 'neck' or 'all', got {image_encoder!r}.")
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if image_encoder in ("frozen", "neck"):
+            self.image_encoder.trunk.requires_grad_(False)
+        if image_encoder == "frozen":
+            self.image_encoder.neck.requires_grad_(False)
+
+    def param_groups(self, lr: float, encoder_lr: float | None = None, weight_decay: float = 0.01) -> list[dict[str, Any]]:
+        """Trainable parameters in two groups for an optimizer (image encoder, the rest).
+
+        Args:
+            lr: learning rate of everything but the image encoder.
+            encoder_lr: learning rate of the image encoder (default ``lr``).
+            weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+        """
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "image_encoder" if name.startswith("image_encoder.") else "rest"
+            no_decay = p.ndim <= 1 or "pos_embed" in name or name.endswith("_embed") or "tpos_enc" in name
+            groups.setdefault((part, no_decay), []).append(p)
+        out = []
+        for (part, no_decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "name": f"{part}{'_no_decay' if no_decay else ''}",
+                    "params": params,
+                    "lr": (encoder_lr if encoder_lr is not None else lr) if part == "image_encoder" else lr,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                }
+            )
+        return out
+
+    def _episode_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        outs = [self.encode_slices(images[i : i + self.encoder_batch_size]) for i in range(0, images.shape[0], self.encoder_batch_size)]
+        return {key: [torch.cat([o[key][lvl] for o in outs]) for lvl in range(len(outs[0][key]))] for key in ("backbone_fpn", "vision_pos_enc")}
+
+    def forward(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+        query_prompts: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    ) -> dict[str, list[torch.Tensor]]:
+        """Training forward over a batch of in-context episodes.
+
+        Each episode's K objects are tracks; tracks are episode-major (``n = b * K + k``).
+        Support slices become conditioning memories from ground truth (the same path
+        as :meth:`build_support_memory`); query slices are tracked in order with
+        memory attention, as in SAM2's training. Prompted query slices also become
+        conditioning frames.
+
+        Args:
+            support_images: ``(B, S, 3, H, W)`` in [0, 1].
+            support_masks: ``(B, S, K, H, W)`` bool.
+            query_images: ``(B, Q, 3, H, W)`` in [0, 1].
+            query_prompts: Q entries, each None or SAM2 ``point_inputs`` for the ``B*K``
+                tracks (``point_coords (B*K, P, 2)``, ``point_labels (B*K, P)``), e.g. from
+                :class:`~model_core.prompts.PromptSampler`.
+
+        Returns:
+            Per query slice (lists of length Q): ``multimask_logits`` ``(B*K, M, H, W)``
+            (M = 3 candidates, 1 with a box or several clicks), ``ious`` ``(B*K, M)``,
+            ``object_score_logits`` ``(B*K, 1)``.
+        """
+        if support_images.ndim != 5 or query_images.ndim != 5 or support_masks.ndim != 5:
+            raise ValueError(
+                "Episodes need support_images (B, S, 3, H, W), support_masks (B, S, K, H, W) and "
+                f"query_images (B, Q, 3, H, W); got {tuple(support_images.shape)}, "
+                f"{tuple(support_masks.shape)}, {tuple(query_images.shape)}."
+            )
+        B, S = support_images.shape[:2]
+        Q, K = query_images.shape[1], support_masks.shape[2]
+        if query_images.shape[0] != B or tuple(support_masks.shape[:2]) != (B, S):
+            raise ValueError("support_images, support_masks and query_images disagree on B or S.")
+        if query_prompts is not None and len(query_prompts) != Q:
+            raise ValueError(f"query_prompts must have one entry per query slice ({Q}), got {len(query_prompts)}.")
+        self.check_images(support_images.flatten(0, 1), "support images")
+        self.check_images(query_images.flatten(0, 1), "query images")
+        masks = self.check_masks(support_masks.flatten(0, 1), B * S, "support masks").view(B, S, K, *support_masks.shape[-2:])
+        N = B * K
+        feats = self._episode_features(torch.cat([support_images.flatten(0, 1), query_images.flatten(0, 1)]))
+
+        def frame(index_of_b) -> tuple:
+            idx = torch.tensor([index_of_b(b) for b in range(B)], device=self.device).repeat_interleave(K)
+            sub = {key: [f[idx] for f in feats[key]] for key in feats}
+            _, vision_feats, vision_pos, sizes = self._prepare_backbone_features(sub)
+            return vision_feats, vision_pos, sizes
+
+        support_frames = [frame(lambda b, s=s: b * S + s) for s in range(S)]
+        sup_masks = masks.to(self.device).transpose(0, 1).reshape(S, N, *masks.shape[-2:])
+        sup = self._encode_support_slices(support_frames, sup_masks)
+        pos = [sup["maskmem_pos_enc"].expand(N, -1, -1, -1)]
+        output_dict = {
+            "cond_frame_outputs": {
+                s: {
+                    "maskmem_features": sup["maskmem_features"][s],
+                    "maskmem_pos_enc": pos,
+                    "obj_ptr": sup["obj_ptr"][s],
+                    "object_score_logits": sup["object_score_logits"][s],
+                }
+                for s in range(S)
+            },
+            "non_cond_frame_outputs": {},
+        }
+        result: dict[str, list[torch.Tensor]] = {"multimask_logits": [], "ious": [], "object_score_logits": []}
+        for q in range(Q):
+            vision_feats, vision_pos, sizes = frame(lambda b, q=q: B * S + b * Q + q)
+            point_inputs = None if query_prompts is None else query_prompts[q]
+            if point_inputs is not None:
+                point_inputs = {k: v.to(self.device) for k, v in point_inputs.items()}
+            out = self.track_step(
+                frame_idx=S + q,
+                is_init_cond_frame=False,
+                current_vision_feats=vision_feats,
+                current_vision_pos_embeds=vision_pos,
+                feat_sizes=sizes,
+                point_inputs=point_inputs,
+                mask_inputs=None,
+                output_dict=output_dict,
+                num_frames=S + Q,
+                run_mem_encoder=True,
+            )
+            key = "cond_frame_outputs" if point_inputs is not None else "non_cond_frame_outputs"
+            output_dict[key][S + q] = out
+            result["multimask_logits"].append(out["multimask_logits_high_res"])
+            result["ious"].append(out["ious"])
+            result["object_score_logits"].append(out["object_score_logits"])
+        return result
 
     @torch.inference_mode()
     def segment_volume(

@@ -1,0 +1,147 @@
+"""In-context episodes from labelled volumes, and in-context evaluation of whole volumes.
+
+An episode is what one training step sees: for a class, S support slices with
+their ground truth from one volume and Q consecutive query slices from another.
+MONAI has samplers of patches and slices but none of paired support/query sets,
+so the sampling lives here; the bundle wraps it in MONAI datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["EpisodeSampler", "volume_to_slices", "support_slices_for", "dice_3d", "evaluate_in_context"]
+
+
+def volume_to_slices(volume: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """``(D, H, W)`` intensities in [0, 1] to model input ``(D, 3, image_size, image_size)`` (replicated channels)."""
+    v = torch.as_tensor(np.asarray(volume), dtype=torch.float32)[:, None]
+    if tuple(v.shape[-2:]) != (image_size, image_size):
+        v = F.interpolate(v, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return v.expand(-1, 3, -1, -1).contiguous()
+
+
+def _masks(label: np.ndarray | torch.Tensor, classes: Sequence[int], image_size: int) -> torch.Tensor:
+    """``(D, H, W)`` label map to ``(D, K, image_size, image_size)`` bool, one channel per class."""
+    lab = torch.as_tensor(np.asarray(label))
+    m = torch.stack([lab == c for c in classes], dim=1).float()
+    if tuple(m.shape[-2:]) != (image_size, image_size):
+        m = F.interpolate(m, size=(image_size, image_size), mode="nearest")
+    return m > 0.5
+
+
+def support_slices_for(label: np.ndarray | torch.Tensor, cls: int, count: int) -> list[int]:
+    """``count`` slices that contain ``cls``, evenly spread over its extent (deterministic)."""
+    present = np.nonzero(np.asarray(torch.as_tensor(np.asarray(label)).flatten(1).eq(cls).any(1)))[0]
+    if len(present) == 0:
+        raise ValueError(f"Class {cls} is absent from the support volume.")
+    pos = np.linspace(0, len(present) - 1, count + 2)[1:-1] if count < len(present) else np.arange(len(present))
+    return sorted({int(present[int(round(p))]) for p in pos})
+
+
+class EpisodeSampler:
+    """Random in-context episodes from labelled volumes.
+
+    Args:
+        volumes: ``[(image (D, H, W) float in [0, 1], label (D, H, W) int)]``; at least two.
+        classes: label values to draw episodes for.
+        num_support: S support slices (containing the class) per episode.
+        num_query: Q consecutive query slices per episode, a window overlapping the
+            class (edge slices may lack it, which trains the object score).
+        image_size: model input size.
+        seed: random seed.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[tuple[Any, Any]],
+        classes: Sequence[int],
+        num_support: int,
+        num_query: int,
+        image_size: int,
+        seed: int = 0,
+    ):
+        if len(volumes) < 2:
+            raise ValueError("Episodes need at least two volumes (support and query come from different ones).")
+        self.images = [volume_to_slices(img, image_size) for img, _ in volumes]
+        self.labels = [torch.as_tensor(np.asarray(lab)) for _, lab in volumes]
+        self.classes = list(classes)
+        self.num_support, self.num_query, self.image_size = num_support, num_query, image_size
+        self.rng = np.random.default_rng(seed)
+        # slices containing each class, per volume
+        self.present = {
+            c: [np.nonzero(np.asarray(lab.flatten(1).eq(c).any(1)))[0] for lab in self.labels] for c in self.classes
+        }
+        for c in self.classes:
+            if sum(len(p) > 0 for p in self.present[c]) < 2:
+                raise ValueError(f"Class {c} appears in fewer than two volumes; it cannot make episodes.")
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """A batch of one-class episodes.
+
+        Returns:
+            ``support_images (B, S, 3, H, W)``, ``support_masks (B, S, 1, H, W)``,
+            ``query_images (B, Q, 3, H, W)``, ``query_masks (B, Q, 1, H, W)``.
+        """
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("support_images", "support_masks", "query_images", "query_masks")}
+        for _ in range(batch_size):
+            c = self.classes[self.rng.integers(len(self.classes))]
+            having = [i for i, p in enumerate(self.present[c]) if len(p)]
+            vs, vq = self.rng.choice(having, size=2, replace=False)
+            sup = np.sort(self.rng.choice(self.present[c][vs], size=self.num_support, replace=len(self.present[c][vs]) < self.num_support))
+            # a window of Q consecutive slices whose centre part overlaps the class
+            D = self.images[vq].shape[0]
+            anchor = int(self.rng.choice(self.present[c][vq]))
+            start = int(np.clip(anchor - self.rng.integers(self.num_query), 0, max(D - self.num_query, 0)))
+            qry = np.arange(start, start + self.num_query).clip(max=D - 1)
+            out["support_images"].append(self.images[vs][sup])
+            out["support_masks"].append(_masks(self.labels[vs][sup], [c], self.image_size))
+            out["query_images"].append(self.images[vq][qry])
+            out["query_masks"].append(_masks(self.labels[vq][qry], [c], self.image_size))
+        return {k: torch.stack(v) for k, v in out.items()}
+
+
+def dice_3d(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of two boolean volumes (1.0 when both are empty)."""
+    pred, target = pred.bool(), target.bool()
+    denom = pred.sum() + target.sum()
+    return 1.0 if denom == 0 else float(2 * (pred & target).sum() / denom)
+
+
+@torch.inference_mode()
+def evaluate_in_context(
+    model,
+    support_volume: tuple[Any, Any],
+    query_volumes: Sequence[tuple[Any, Any]],
+    classes: Sequence[int],
+    num_support: int,
+    policy=None,
+) -> dict[int, list[float]]:
+    """In-context Dice of whole query volumes, per class.
+
+    The support set is ``num_support`` evenly spread slices per class of
+    ``support_volume``; every slice of every query volume is segmented.
+
+    Returns:
+        ``{class: [Dice per query volume]}``.
+    """
+    s_img, s_lab = support_volume
+    s_slices = volume_to_slices(s_img, model.image_size)
+    s_masks = _masks(s_lab, classes, model.image_size)
+    scores: dict[int, list[float]] = {c: [] for c in classes}
+    # one support memory per class, so each class uses its own best support slices
+    supports = []
+    for k, c in enumerate(classes):
+        idx = support_slices_for(s_lab, c, num_support)
+        supports.append(model.build_support_memory(s_slices[idx], s_masks[idx][:, k : k + 1], object_ids=[c]))
+    for q_img, q_lab in query_volumes:
+        q = volume_to_slices(q_img, model.image_size)
+        q_lab = torch.as_tensor(np.asarray(q_lab))
+        for c, support in zip(classes, supports):
+            pred = model.segment_volume(q, support, policy=policy, output_size=tuple(q_lab.shape[-2:]))
+            scores[c].append(dice_3d(pred.masks[0], q_lab == c))
+    return scores

@@ -1,0 +1,345 @@
+"""Benchmark in-context segmentation of a volume: model_core against Meta's ``SAM2VideoPredictor``.
+
+What is measured, for one preset at random weights (``torch.manual_seed``) on one device:
+
+- **Ours**: :meth:`InContextSAM2.build_support_memory` on ``S`` support slices with
+  ``K`` objects, then :meth:`InContextSAM2.init_state` and
+  ``propagate(direction="forward")`` over a ``D``-slice query volume, collecting
+  every slice's logits into a ``(K, D, H, W)`` float32 CPU tensor.
+- **Reference**: :func:`model_core.reference.reference_in_context`, i.e. the same
+  support slices given to ``SAM2VideoPredictor.add_new_mask`` (one object at a
+  time) and the query slices tracked by ``propagate_in_video``, with the same
+  weights on the same inputs, in the same process.
+
+For each side: wall time (``time.perf_counter``, best of ``repeats`` timed runs after
+``warmup`` untimed ones), slices per second (``D / time``) and peak memory above
+the pre-run baseline (so the weights of the two models, both resident, are not
+counted). On CUDA the peak is ``torch.cuda.max_memory_allocated`` (stats reset
+before each run); on CPU it is the peak resident set size, sampled with psutil
+every 5 ms in a background thread (freed heap memory is handed back to the OS
+with ``malloc_trim`` before each run where glibc provides it). Memory is the
+largest peak over the timed runs.
+
+Both sides must compute the same thing (model_core's ``recent`` policy is SAM2's
+memory rule), so the script also reports the largest absolute logit difference
+and the IoU of the binarised masks (``logits > 0``), and prints
+``masks agree: yes`` when that IoU is at least 0.999 (or both are empty).
+
+The inputs are a generated phantom: bright ellipses (one per object) that drift
+and change size across slices, over a smooth random background, in ``[0, 1]``.
+Nothing here asserts on timings; the last line printed is a JSON record for CI logs.
+
+Example:
+    python scripts/benchmark_icl.py --depth 32 --support 4 --objects 2 \\
+        --image_size 512 --preset sam2.1_hiera_tiny --device cpu --warmup 1
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import threading
+import time
+from typing import Any, Callable
+
+# Silence the predictor's tqdm progress bar. tqdm reads TQDM_* variables when it is
+# imported, and importing torch already imports it, so this must come first.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import fire  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+AGREE_IOU = 0.999
+
+
+# ---------------------------------------------------------------- data
+def _phantom(
+    n: int, size: int, num_objects: int, phase: tuple[float, float], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices of a synthetic volume and the masks of its objects.
+
+    Object ``k`` is an ellipse whose centre and radii vary smoothly with the slice
+    parameter ``t`` (running over ``phase``), placed on its own position around
+    the image centre, drawn with its own brightness over a smooth random
+    background (low-resolution noise upsampled bicubically: cheap to generate).
+
+    Args:
+        n: number of slices.
+        size: square image size in pixels.
+        num_objects: K, the number of ellipses.
+        phase: ``(t0, t1)``, range of the slice parameter in [0, 1].
+        generator: source of randomness (deterministic results for a seed).
+
+    Returns:
+        ``(images, masks)``: ``(n, 3, size, size)`` float32 in [0, 1] and
+        ``(n, K, size, size)`` bool.
+    """
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    yy, xx = coords[:, None], coords[None, :]
+    t = torch.linspace(phase[0], phase[1], n) if n > 1 else torch.tensor([0.5 * (phase[0] + phase[1])])
+    noise = torch.rand(n, 1, 8, 8, generator=generator)
+    background = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+    images = 0.15 + 0.25 * background.clamp(0, 1)
+    masks = torch.zeros(n, num_objects, size, size, dtype=torch.bool)
+    for k in range(num_objects):
+        angle = 2 * math.pi * k / max(num_objects, 1) + 0.3
+        jitter = torch.rand(4, generator=generator)
+        ring = 0.45 if num_objects > 1 else 0.0
+        cx = ring * math.cos(angle) + 0.1 * (jitter[0] - 0.5) + 0.08 * torch.sin(2 * math.pi * t)
+        cy = ring * math.sin(angle) + 0.1 * (jitter[1] - 0.5) + 0.08 * torch.cos(2 * math.pi * t)
+        base = 0.25 / max(1.0, math.sqrt(num_objects) / 1.5)
+        rx = base * (0.8 + 0.4 * jitter[2]) * (0.75 + 0.25 * torch.sin(math.pi * t))
+        ry = base * (0.8 + 0.4 * jitter[3]) * (0.75 + 0.25 * torch.sin(math.pi * t))
+        inside = ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 + ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 <= 1
+        masks[:, k] = inside
+        images = torch.where(inside, torch.full_like(images, 0.55 + 0.4 * (k + 1) / num_objects), images)
+    images = images.clamp(0, 1)
+    return images[:, None].expand(-1, 3, -1, -1).contiguous(), masks
+
+
+def make_inputs(
+    size: int, depth: int, num_support: int, num_objects: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support images, support masks and a query volume of the same synthetic anatomy.
+
+    Args:
+        size: image size (the model's).
+        depth: D, query slices.
+        num_support: S, support slices.
+        num_objects: K, objects.
+        seed: seed of the ``torch.Generator``.
+
+    Returns:
+        ``(support_images (S,3,H,W), support_masks (S,K,H,W), query (D,3,H,W))``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    support_images, support_masks = _phantom(num_support, size, num_objects, (0.2, 0.8), generator)
+    query, _ = _phantom(depth, size, num_objects, (0.0, 1.0), generator)
+    return support_images, support_masks, query
+
+
+# ---------------------------------------------------------------- measurement
+def _trim_heap() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc), so RSS peaks are comparable."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _RssSampler:
+    """Peak RSS of this process during a ``with`` block, sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "_RssSampler":
+        self.baseline = self.peak = self.process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def increase_mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def _measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """Run ``fn`` once; return its result, wall seconds and peak memory (MiB above baseline)."""
+    _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return out, seconds, peak
+    with _RssSampler() as sampler:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return out, seconds, sampler.increase_mib
+
+
+def _bench(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
+    """``warmup`` untimed runs, then ``repeats`` timed ones: best time, largest memory peak, last output."""
+    for _ in range(warmup):
+        fn()
+    times, peaks, out = [], [], None
+    for _ in range(repeats):
+        out, seconds, peak = _measure(fn, device)
+        times.append(seconds)
+        peaks.append(peak)
+    return {"output": out, "seconds": min(times), "all_seconds": times, "peak_mib": max(peaks)}
+
+
+def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Max abs logit difference and IoU of binarised masks of two ``(K, D, H, W)`` logit tensors."""
+    a, b = ours > 0, ref > 0
+    inter = int((a & b).sum())
+    union = int((a | b).sum())
+    iou = inter / union if union else 1.0
+    per_object = []
+    for k in range(ours.shape[0]):
+        u = int((a[k] | b[k]).sum())
+        per_object.append(int((a[k] & b[k]).sum()) / u if u else 1.0)
+    return {
+        "max_abs_logit_diff": float((ours - ref).abs().max()),
+        "mask_iou": iou,
+        "mask_iou_per_object": per_object,
+        "foreground_voxels_ours": int(a.sum()),
+        "foreground_voxels_reference": int(b.sum()),
+        "masks_agree": bool(union == 0 or iou >= AGREE_IOU),
+    }
+
+
+# ---------------------------------------------------------------- CLI
+def main(
+    preset: str = "sam2.1_hiera_tiny",
+    image_size: int | None = None,
+    depth: int = 32,
+    support: int = 4,
+    objects: int = 2,
+    device: str | None = None,
+    warmup: int = 1,
+    repeats: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time in-context segmentation of a generated volume, model_core vs ``SAM2VideoPredictor``.
+
+    Args:
+        preset: a model_core preset (e.g. ``sam2.1_hiera_tiny``, ``tiny``).
+        image_size: model input size H = W (default: the preset's, 512 or 128 for ``tiny``).
+        depth: D, slices of the query volume.
+        support: S, support slices.
+        objects: K, objects segmented at once.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda if available, else cpu).
+        warmup: untimed runs of each side before timing.
+        repeats: timed runs of each side (the best time is reported).
+        seed: seed of the weights (``torch.manual_seed``) and of the data generator.
+
+    Returns:
+        The JSON record (also printed as the last line).
+    """
+    from model_core.presets import PRESETS, build_icl_sam2
+    from model_core.reference import build_reference_predictor, reference_in_context
+
+    if int(depth) < 1 or int(support) < 1 or int(objects) < 1:
+        raise ValueError("depth, support and objects must all be at least 1.")
+    if int(repeats) < 1 or int(warmup) < 0:
+        raise ValueError("repeats must be at least 1 and warmup at least 0.")
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(sorted(PRESETS))}.")
+    depth, support, objects, warmup, repeats = map(int, (depth, support, objects, warmup, repeats))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+
+    torch.manual_seed(seed)
+    model = build_icl_sam2(preset, image_size=image_size, device=dev)
+    predictor = build_reference_predictor(model)
+    size = model.image_size
+    sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
+
+    def run_ours() -> torch.Tensor:
+        memory = model.build_support_memory(sup_images, sup_masks)
+        state = model.init_state(query, memory)
+        out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
+        for z, logits in model.propagate(state, direction="forward"):
+            out[:, z] = logits[:, 0].float().cpu()
+        return out
+
+    def run_reference() -> torch.Tensor:
+        return reference_in_context(predictor, sup_images, sup_masks, query).float().cpu()
+
+    ours = _bench(run_ours, dev, warmup, repeats)
+    ref = _bench(run_reference, dev, warmup, repeats)
+    check = compare(ours["output"], ref["output"])
+
+    def side(r: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "seconds": r["seconds"],
+            "all_seconds": r["all_seconds"],
+            "slices_per_s": depth / r["seconds"],
+            "peak_mib": r["peak_mib"],
+        }
+
+    record = {
+        "preset": preset,
+        "image_size": size,
+        "depth": depth,
+        "support": support,
+        "objects": objects,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "seed": seed,
+        "memory_measure": "cuda max_memory_allocated above baseline" if dev.type == "cuda" else "peak RSS above baseline",
+        "ours": side(ours),
+        "reference": side(ref),
+        "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],
+        "memory_ratio_reference_over_ours": (ref["peak_mib"] / ours["peak_mib"]) if ours["peak_mib"] > 0 else None,
+        **check,
+    }
+    _print_table(record)
+    print(json.dumps(record))
+    return record
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    """Human-readable summary of a benchmark record."""
+    print()
+    print(
+        f"preset {r['preset']} | image size {r['image_size']} | D={r['depth']} S={r['support']} K={r['objects']} "
+        f"| device {r['device']} ({r['device_name']}, {r['torch_threads']} threads) "
+        f"| warmup {r['warmup']}, best of {r['repeats']}"
+    )
+    header = f"{'':<22}{'wall time (s)':>15}{'slices/s':>12}{'peak mem (MiB)':>17}"
+    print(header)
+    print("-" * len(header))
+    for name, key in (("ours (model_core)", "ours"), ("SAM2VideoPredictor", "reference")):
+        s = r[key]
+        print(f"{name:<22}{s['seconds']:>15.3f}{s['slices_per_s']:>12.2f}{s['peak_mib']:>17.1f}")
+    mem_ratio = r["memory_ratio_reference_over_ours"]
+    mem_text = "n/a" if mem_ratio is None else f"{mem_ratio:.2f}x"
+    print(f"{'reference / ours':<22}{r['time_ratio_reference_over_ours']:>14.2f}x{'':>12}{mem_text:>17}")
+    print(
+        f"max |logit diff| {r['max_abs_logit_diff']:.3g} | mask IoU {r['mask_iou']:.5f} "
+        f"(per object {', '.join(f'{v:.4f}' for v in r['mask_iou_per_object'])}) "
+        f"| foreground voxels ours {r['foreground_voxels_ours']}, reference {r['foreground_voxels_reference']}"
+    )
+    print(f"masks agree: {'yes' if r['masks_agree'] else 'no'}")
+
+
+if __name__ == "__main__":
+    # fire would print the returned record again; the JSON line above is the record
+    fire.Fire(main, serialize=lambda _: None)

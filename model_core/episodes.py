@@ -46,6 +46,9 @@ def support_slices_for(label: np.ndarray | torch.Tensor, cls: int, count: int) -
 class EpisodeSampler:
     """Random in-context episodes from labelled volumes.
 
+    An episode's K classes share its support slices and query window; support and
+    query come from different volumes.
+
     Args:
         volumes: ``[(image (D, H, W) float in [0, 1], label (D, H, W) int)]``; at least two.
         classes: label values to draw episodes for.
@@ -53,6 +56,7 @@ class EpisodeSampler:
         num_query: Q consecutive query slices per episode, a window overlapping the
             class (edge slices may lack it, which trains the object score).
         image_size: model input size.
+        objects_per_episode: K classes per episode (at most ``len(classes)``).
         seed: random seed.
     """
 
@@ -63,6 +67,7 @@ class EpisodeSampler:
         num_support: int,
         num_query: int,
         image_size: int,
+        objects_per_episode: int = 1,
         seed: int = 0,
     ):
         if len(volumes) < 2:
@@ -71,6 +76,9 @@ class EpisodeSampler:
         self.labels = [torch.as_tensor(np.asarray(lab)) for _, lab in volumes]
         self.classes = list(classes)
         self.num_support, self.num_query, self.image_size = num_support, num_query, image_size
+        if not 1 <= objects_per_episode <= len(self.classes):
+            raise ValueError(f"objects_per_episode must be between 1 and {len(self.classes)}, got {objects_per_episode}.")
+        self.objects_per_episode = objects_per_episode
         self.rng = np.random.default_rng(seed)
         # slices containing each class, per volume
         self.present = {
@@ -81,27 +89,48 @@ class EpisodeSampler:
                 raise ValueError(f"Class {c} appears in fewer than two volumes; it cannot make episodes.")
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """A batch of one-class episodes.
+        """A batch of episodes, each with ``objects_per_episode`` classes on the same slices.
+
+        Several classes share one episode's support slices and query window, so the
+        tracks differ only by their support masks: a model that ignores the support
+        set cannot fit them all (with one class per episode it can drift to
+        segmenting "the salient structure" regardless of the support).
 
         Returns:
-            ``support_images (B, S, 3, H, W)``, ``support_masks (B, S, 1, H, W)``,
-            ``query_images (B, Q, 3, H, W)``, ``query_masks (B, Q, 1, H, W)``.
+            ``support_images (B, S, 3, H, W)``, ``support_masks (B, S, K, H, W)``,
+            ``query_images (B, Q, 3, H, W)``, ``query_masks (B, Q, K, H, W)``.
         """
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("support_images", "support_masks", "query_images", "query_masks")}
         for _ in range(batch_size):
-            c = self.classes[self.rng.integers(len(self.classes))]
-            having = [i for i, p in enumerate(self.present[c]) if len(p)]
+            k = min(self.objects_per_episode, len(self.classes))
+            classes = [self.classes[i] for i in self.rng.choice(len(self.classes), size=k, replace=False)]
+            having = [i for i in range(len(self.labels)) if all(len(self.present[c][i]) for c in classes)]
+            if len(having) < 2:  # these classes never meet twice: fall back to one class
+                classes = classes[:1]
+                having = [i for i, p in enumerate(self.present[classes[0]]) if len(p)]
             vs, vq = self.rng.choice(having, size=2, replace=False)
-            sup = np.sort(self.rng.choice(self.present[c][vs], size=self.num_support, replace=len(self.present[c][vs]) < self.num_support))
-            # a window of Q consecutive slices whose centre part overlaps the class
+            # support slices: round-robin over the classes, each slice containing its class
+            chosen: list[int] = []
+            for j in range(self.num_support):
+                pool = [z for z in self.present[classes[j % len(classes)]][vs] if z not in chosen]
+                pool = pool or list(self.present[classes[j % len(classes)]][vs])
+                chosen.append(int(self.rng.choice(pool)))
+            sup = np.sort(np.array(chosen))
+            # a window of Q consecutive slices overlapping a class (edge slices may lack it)
             D = self.images[vq].shape[0]
-            anchor = int(self.rng.choice(self.present[c][vq]))
+            anchor = int(self.rng.choice(self.present[classes[self.rng.integers(len(classes))]][vq]))
             start = int(np.clip(anchor - self.rng.integers(self.num_query), 0, max(D - self.num_query, 0)))
             qry = np.arange(start, start + self.num_query).clip(max=D - 1)
+            masks_s = _masks(self.labels[vs][sup], classes, self.image_size)
+            masks_q = _masks(self.labels[vq][qry], classes, self.image_size)
+            pad = self.objects_per_episode - len(classes)
+            if pad:  # keep K fixed across the batch: repeat the first class
+                masks_s = torch.cat([masks_s] + [masks_s[:, :1]] * pad, dim=1)
+                masks_q = torch.cat([masks_q] + [masks_q[:, :1]] * pad, dim=1)
             out["support_images"].append(self.images[vs][sup])
-            out["support_masks"].append(_masks(self.labels[vs][sup], [c], self.image_size))
+            out["support_masks"].append(masks_s)
             out["query_images"].append(self.images[vq][qry])
-            out["query_masks"].append(_masks(self.labels[vq][qry], [c], self.image_size))
+            out["query_masks"].append(masks_q)
         return {k: torch.stack(v) for k, v in out.items()}
 
 

@@ -180,6 +180,7 @@ class PromptSampler:
                 box = box + shift
                 box[0::2] = box[0::2].clamp(0, w - 1)
                 box[1::2] = box[1::2].clamp(0, h - 1)
-                coords[i] = box.reshape(2, 2)
+                corners = box.reshape(2, 2)  # jitter may swap the sides of a small object
+                coords[i] = torch.stack([corners.min(0).values, corners.max(0).values])
                 labels[i] = torch.tensor(BOX_LABELS, dtype=torch.int32)
         return {"point_coords": coords.to(masks.device), "point_labels": labels.to(masks.device)}

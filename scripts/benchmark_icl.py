@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Benchmark in-context segmentation of a volume: model_core against Meta's ``SAM2VideoPredictor``.
 
 What is measured, for one preset at random weights (``torch.manual_seed``) on one device:

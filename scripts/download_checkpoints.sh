@@ -46,27 +46,37 @@ lookup() {
   awk -F'\t' -v n="$1" -v f="$2" '$1 == n { print $f; found = 1 } END { exit !found }' <<<"$CATALOG"
 }
 
-download() {  # download URL DEST_FILE
-  local url=$1 dest=$2 tmp
-  tmp=$(mktemp "${dest}.part.XXXXXX")
-  # never leave a half-written file behind, whatever happens
-  trap 'rm -f "$tmp"' RETURN
-  trap 'rm -f "$tmp"; exit 130' INT TERM
+TMP_FILE=""
+cleanup() {
+  if [[ -n "$TMP_FILE" ]]; then rm -f "$TMP_FILE"; fi
+}
+# never leave a half-written file behind: not on failure, not on Ctrl-C
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+download() {  # download URL DEST_FILE (set -e does not apply here when called from `if`: check each step)
+  local url=$1 dest=$2
+  TMP_FILE=$(mktemp "${dest}.part.XXXXXX") || return 1
+  local ok=0
   if command -v curl >/dev/null 2>&1; then
-    curl -fL --retry 3 --connect-timeout 30 -o "$tmp" "$url"
+    curl -fL --retry 3 --connect-timeout 30 -o "$TMP_FILE" "$url" || ok=1
   elif command -v wget >/dev/null 2>&1; then
-    wget -O "$tmp" "$url"
+    wget -O "$TMP_FILE" "$url" || ok=1
   else
     echo "error: neither curl nor wget is installed." >&2
-    return 1
+    ok=1
   fi
-  if [[ ! -s "$tmp" ]]; then
+  if ((ok == 0)) && [[ ! -s "$TMP_FILE" ]]; then
     echo "error: empty download from $url" >&2
-    return 1
+    ok=1
   fi
-  chmod 644 "$tmp"
-  mv -f "$tmp" "$dest"
-  trap - INT TERM
+  if ((ok == 0)); then
+    chmod 644 "$TMP_FILE" && mv -f "$TMP_FILE" "$dest" || ok=1
+  fi
+  cleanup
+  TMP_FILE=""
+  return "$ok"
 }
 
 main() {

@@ -1,0 +1,43 @@
+"""The command-line scripts run for real (small settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, env=env, check=check, timeout=600)
+
+
+def test_benchmark_compares_with_sam2_and_agrees():
+    out = _run(sys.executable, "scripts/benchmark_icl.py", "--preset", "tiny", "--image_size", "64", "--depth", "6",
+               "--support", "2", "--objects", "2", "--warmup", "0").stdout
+    assert "masks agree: yes" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ours"]["seconds"] > 0 and result["reference"]["seconds"] > 0 and result["max_abs_logit_diff"] <= 1e-3
+
+
+def test_download_script_lists_every_checkpoint_and_rejects_unknown_names():
+    listing = _run("bash", "scripts/download_checkpoints.sh", "--list").stdout
+    names = [line.split("\t")[0] for line in listing.strip().splitlines()]
+    for name in ["sam2_hiera_tiny", "sam2.1_hiera_large", "MedSAM2_latest", "MedSAM2_pretrain"]:
+        assert name in names
+    assert "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt" in listing
+    bad = _run("bash", "scripts/download_checkpoints.sh", "/tmp", "no_such_model", check=False)
+    assert bad.returncode == 2 and "sam2.1_hiera_tiny" in bad.stderr + bad.stdout
+
+
+def test_phantom_demo_trains_and_reports_dice(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    out = _run(sys.executable, "scripts/train_phantoms.py", "--max_steps", "3", "--image_size", "64", "--depth", "8",
+               "--train_volumes", "2", "--test_volumes", "1", "--batch_size", "2", "--save", str(ckpt)).stdout
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert result["steps"] == 3 and 0.0 <= result["final_dice"] <= 1.0
+    assert ckpt.exists()

@@ -99,10 +99,12 @@ class _SliceFeatures:
         self.cache: OrderedDict[int, dict[str, list[torch.Tensor]]] = OrderedDict()
 
     def prefetch(self, indices: Sequence[int]) -> None:
-        """Encode the first ``encoder_batch_size`` of ``indices`` that are not cached, in one batch."""
-        missing = [i for i in indices if i not in self.cache][: self.model.encoder_batch_size]
-        if not missing:
+        """When ``indices[0]`` (the slice needed now) is not cached, encode it and the next
+        uncached ones, up to ``encoder_batch_size``, in one batch."""
+        indices = list(indices)
+        if not indices or indices[0] in self.cache:
             return
+        missing = [i for i in indices if i not in self.cache][: self.model.encoder_batch_size]
         out = self.model.encode_slices(self.images[missing])
         for j, i in enumerate(missing):
             self.cache[i] = {
@@ -444,12 +446,10 @@ class InContextSAM2(SAM2Base):
             return {}
         return {j: state.support.entry(j, objects) for j in range(state.num_support)}
 
-    def _prompt_cond(self, state, objects: list[int], to_key, skip: int | None = None) -> dict[int, dict[str, Any]]:
-        slices = set(state.cond_outputs[objects[0]])
+    def _prompt_cond(self, state, objects: list[int], to_key) -> dict[int, dict[str, Any]]:
+        """Conditioning outputs of prompted slices (the same slices for every object in ``objects``)."""
         out = {}
-        for c in sorted(slices):
-            if c == skip:
-                continue
+        for c in sorted(state.cond_outputs[objects[0]]):
             rows = [state.cond_outputs[k][c] for k in objects]
             out[to_key(c)] = {
                 key: (

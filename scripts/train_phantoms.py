@@ -32,7 +32,7 @@ def warmup_cosine(progress: float, warmup: float = 0.05) -> float:
 
 
 def main(
-    minutes: float = 15.0,
+    minutes: float = 10.0,
     max_steps: int = 100000,
     image_size: int = 96,
     depth: int = 24,
@@ -42,7 +42,7 @@ def main(
     objects_per_episode: int = 3,
     num_support: int = 3,
     num_query: int = 4,
-    lr: float = 1e-3,
+    lr: float = 3e-4,
     weight_decay: float = 0.01,
     grad_clip: float = 1.0,
     eval_every_minutes: float = 2.5,

@@ -120,3 +120,22 @@ def test_loss_falls_on_a_tiny_in_context_task(sampler):
     first, last = sum(losses[:5]) / 5, sum(losses[-8:]) / 8
     print(f"loss {first:.3f} -> {last:.3f}")
     assert last < 0.6 * first
+
+
+def test_episodes_share_slices_across_classes():
+    volumes = [make_phantom((16, SIZE, SIZE), seed=i) for i in range(3)]
+    classes = list(PHANTOM_LABELS.values())
+    sampler = EpisodeSampler(volumes, classes, num_support=3, num_query=4, image_size=SIZE, objects_per_episode=3, seed=1)
+    batch = sampler.sample(2)
+    assert batch["support_images"].shape == (2, 3, 3, SIZE, SIZE)
+    assert batch["support_masks"].shape == (2, 3, 3, SIZE, SIZE) and batch["support_masks"].dtype == torch.bool
+    assert batch["query_images"].shape == (2, 4, 3, SIZE, SIZE) and batch["query_masks"].shape == (2, 4, 3, SIZE, SIZE)
+    for b in range(2):
+        # every class has support foreground, and the classes do not overlap
+        assert batch["support_masks"][b].flatten(2).any(-1).any(0).all()
+        assert batch["support_masks"][b].sum(1).max() <= 1
+        assert batch["query_masks"][b].any()
+    with pytest.raises(ValueError, match="objects_per_episode must be between 1 and 3"):
+        EpisodeSampler(volumes, classes, 2, 2, SIZE, objects_per_episode=4)
+    with pytest.raises(ValueError, match="at least two volumes"):
+        EpisodeSampler(volumes[:1], classes, 2, 2, SIZE)

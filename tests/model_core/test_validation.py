@@ -257,3 +257,29 @@ def test_add_prompt_bad_slice_and_object(model, support):
         model.segment_volume(_images(2), support, prompts={(0, 9): prompt})
     assert model.encoded_slices == before
     assert all(not p for p in state.prompts)
+
+
+def test_support_from_same_architecture_with_other_weights(model):
+    """Presets share sizes; the fingerprint also covers preset and weights."""
+    torch.manual_seed(1)
+    other = build_icl_sam2("tiny", image_size=S)  # same preset and size, other weights
+    foreign = other.build_support_memory(_images(1), _masks(1))
+    with pytest.raises(ValueError, match=r"built by a different model"):
+        model.init_state(_images(2), foreign)
+    big = build_icl_sam2("sam2_hiera_tiny", image_size=S)
+    with pytest.raises(ValueError, match=r"'preset': 'sam2_hiera_tiny'"):
+        model.init_state(_images(2), big.build_support_memory(_images(1), _masks(1)))
+
+
+def test_label_map_is_not_taken_for_a_mask(model):
+    labels = torch.zeros(1, 1, S, S, dtype=torch.int64)
+    labels[0, 0, 5:20, 5:20] = 1
+    labels[0, 0, 30:40, 30:40] = 2
+    with pytest.raises(ValueError, match="split a label map into one channel per label value"):
+        model.build_support_memory(_images(1), labels)
+
+
+def test_propagate_checks_arguments_when_called(model, support):
+    state = model.init_state(_images(2), support)
+    with pytest.raises(ValueError, match="direction must be"):
+        model.propagate(state, direction="bad")  # no next(): the error comes at the call

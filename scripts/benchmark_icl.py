@@ -232,6 +232,7 @@ def main(
     warmup: int = 1,
     repeats: int = 1,
     seed: int = 0,
+    encoder_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Time in-context segmentation of a generated volume, model_core vs ``SAM2VideoPredictor``.
 
@@ -245,6 +246,8 @@ def main(
         warmup: untimed runs of each side before timing.
         repeats: timed runs of each side (the best time is reported).
         seed: seed of the weights (``torch.manual_seed``) and of the data generator.
+        encoder_batch_size: slices per image-encoder batch of model_core (default: 8 on
+            CUDA, 1 on CPU; the predictor always encodes one frame at a time).
 
     Returns:
         The JSON record (also printed as the last line).
@@ -264,7 +267,7 @@ def main(
         dev = torch.device("cuda", torch.cuda.current_device())
 
     torch.manual_seed(seed)
-    model = build_icl_sam2(preset, image_size=image_size, device=dev)
+    model = build_icl_sam2(preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size)
     predictor = build_reference_predictor(model)
     size = model.image_size
     sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
@@ -304,6 +307,7 @@ def main(
         "warmup": warmup,
         "repeats": repeats,
         "seed": seed,
+        "encoder_batch_size": model.encoder_batch_size,
         "memory_measure": "cuda max_memory_allocated above baseline" if dev.type == "cuda" else "peak RSS above baseline",
         "ours": side(ours),
         "reference": side(ref),

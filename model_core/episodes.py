@@ -171,6 +171,10 @@ def evaluate_in_context(
         q = volume_to_slices(q_img, model.image_size)
         q_lab = torch.as_tensor(np.asarray(q_lab))
         for c, support in zip(classes, supports):
-            pred = model.segment_volume(q, support, policy=policy, output_size=tuple(q_lab.shape[-2:]))
+            gt = (q_lab == c)[:, None]  # (D, 1, H, W): only the oracle policy reads it
+            oracle = policy is not None and policy.name == "oracle"
+            pred = model.segment_volume(
+                q, support, policy=policy, ground_truth=gt if oracle else None, output_size=tuple(q_lab.shape[-2:])
+            )
             scores[c].append(dice_3d(pred.masks[0], q_lab == c))
     return scores

@@ -101,7 +101,7 @@ def main(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: warmup_cosine(progress(i)))
     eval_policy = MemoryPolicy(policy)
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, dict[int, float]]:
         model.eval()
         scores = evaluate_in_context(model, train[0], test, classes, num_support, policy=eval_policy)
         model.train()
@@ -140,8 +140,11 @@ def main(
             dice, per_class = evaluate()
             print(f"step {step:5d}  {trained / 60:5.1f} min  held-out Dice {dice:.3f} {per_class}", flush=True)
             curve.append({"step": step, "minutes": round(trained / 60, 2), "loss": running, "dice": dice})
-    dice, per_class = evaluate()
-    curve.append({"step": step, "minutes": round(trained / 60, 2), "loss": running, "dice": dice})
+    if curve[-1]["step"] != step:
+        dice, per_class = evaluate()
+        curve.append({"step": step, "minutes": round(trained / 60, 2), "loss": running, "dice": dice})
+    else:
+        dice = curve[-1]["dice"]
     result = {
         "untrained_dice": round(dice0, 4),
         "final_dice": round(dice, 4),

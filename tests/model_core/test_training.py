@@ -116,7 +116,7 @@ def test_loss_falls_on_a_tiny_in_context_task(sampler):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     first, last = sum(losses[:5]) / 5, sum(losses[-8:]) / 8
     print(f"loss {first:.3f} -> {last:.3f}")
     assert last < 0.6 * first

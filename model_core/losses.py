@@ -25,6 +25,9 @@ class ICLSAM2Loss(torch.nn.Module):
         weight_focal, weight_dice, weight_iou, weight_class: SAM2.1's weights (20, 1, 1, 1).
         focal_alpha, focal_gamma: sigmoid focal loss parameters (0.25, 2).
         supervise_all_iou: regress the IoU of all candidates (SAM2.1 training) or only the best.
+        return_parts: return the dict of parts (True) or only the total (False, for
+            MONAI/Ignite trainers, which call ``loss(pred, target).mean()``); the parts of
+            the last call are kept in ``last_parts`` either way.
     """
 
     def __init__(
@@ -36,14 +39,17 @@ class ICLSAM2Loss(torch.nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         supervise_all_iou: bool = True,
+        return_parts: bool = True,
     ):
         super().__init__()
         self.weights = {"focal": weight_focal, "dice": weight_dice, "iou": weight_iou, "class": weight_class}
         self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha, reduction="none")
         self.dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, reduction="none")
         self.supervise_all_iou = supervise_all_iou
+        self.return_parts = return_parts
+        self.last_parts: dict[str, float] = {}
 
-    def forward(self, outputs: dict[str, list[torch.Tensor]], query_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict[str, list[torch.Tensor]], query_masks: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         """Loss of an episode batch.
 
         Args:
@@ -85,4 +91,5 @@ class ICLSAM2Loss(torch.nn.Module):
             parts["class"] = parts["class"] + cls.mean()
         parts = {k: v / Q for k, v in parts.items()}
         total = sum(self.weights[k] * parts[k] for k in parts)
-        return {"loss": total, **parts}
+        self.last_parts = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+        return {"loss": total, **parts} if self.return_parts else total

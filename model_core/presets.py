@@ -225,6 +225,7 @@ def build_icl_sam2(
     image_size: int | None = None,
     checkpoint: str | None = None,
     device: str | torch.device = "cpu",
+    trainable: str | None = None,
     **model_kwargs: Any,
 ):
     """Build an :class:`~model_core.network.InContextSAM2` from a preset.
@@ -235,6 +236,8 @@ def build_icl_sam2(
         checkpoint: optional path of an official SAM2/SAM2.1, MedSAM2, Medical-SAM2
             or ICL-SAM2 training checkpoint, loaded strictly.
         device: where to put the model.
+        trainable: if given, ``set_trainable(trainable)`` (``frozen``, ``neck`` or ``all``
+            image encoder) and return the model in train mode.
         model_kwargs: extra constructor arguments of ``InContextSAM2`` or
             ``SAM2Base`` (e.g. ``memory_storage_dtype``, ``encoder_batch_size``).
 
@@ -251,4 +254,8 @@ def build_icl_sam2(
         from model_core.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
-    return model.to(device).eval()
+    model = model.to(device)
+    if trainable is not None:
+        model.set_trainable(trainable)
+        return model.train()
+    return model.eval()

@@ -1,0 +1,140 @@
+"""Whole-volume in-context inference for MONAI workflows.
+
+MONAI's inferers (SimpleInferer, SlidingWindowInferer) run a network on the input
+alone; in-context segmentation also needs the support set, encoded once and
+reused for every query volume. :func:`build_support` turns support volumes
+(loaded by the same MONAI preprocessing as the queries) into a
+:class:`SupportMemory`, and :class:`InContextInferer` segments each query volume
+with it, returning per-class probabilities in MONAI's channel-first layout so that
+MONAI's post-transforms, metrics and writers work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import Dataset, MetaTensor
+from monai.inferers import Inferer
+
+from model_core.data import as_slices
+from model_core.episodes import volume_to_slices
+from model_core.memory import MemoryPolicy, SupportMemory
+
+__all__ = ["build_support", "InContextInferer", "support_slice_choice"]
+
+
+def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], per_class: int) -> list[tuple[int, int]]:
+    """Deterministic support slices: per class, ``per_class`` slices evenly spread over the
+    slices that contain it, across all support volumes.
+
+    Returns:
+        Sorted unique ``(volume, slice)`` pairs.
+
+    Raises:
+        ValueError: a class absent from every support volume.
+    """
+    chosen: set[tuple[int, int]] = set()
+    for c in classes:
+        having = [(v, int(z)) for v, lab in enumerate(labels) for z in np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0]]
+        if not having:
+            raise ValueError(f"Class {c} is absent from the support set; label it on at least one support slice.")
+        picks = np.linspace(0, len(having) - 1, per_class + 2)[1:-1] if per_class < len(having) else range(len(having))
+        chosen.update(having[int(round(p))] for p in picks)
+    return sorted(chosen)
+
+
+@torch.inference_mode()
+def build_support(
+    network,
+    data: Sequence[dict[str, Any]],
+    transform: Callable,
+    classes: Sequence[int],
+    num_support: int,
+    label_merge: dict[int, Sequence[int]] | None = None,
+) -> SupportMemory:
+    """Encode a support set from labelled volumes, one object per class.
+
+    Args:
+        network: an :class:`~model_core.network.InContextSAM2`.
+        data: support datalist entries (``image`` and ``label``).
+        transform: the preprocessing of the queries (so support and query match).
+        classes: label values to segment (object ids of the memory, in order).
+        num_support: support slices per class.
+        label_merge: optional ``{new_value: [old values]}`` (see EpisodeDataset).
+    """
+    if not data:
+        raise ValueError("The support set is empty; name at least one labelled support volume.")
+    images, labels = [], []
+    for i, item in enumerate(Dataset(list(data), transform)):
+        if "label" not in item:
+            raise ValueError(f"Support case {data[i].get('image')} has no label.")
+        image, label = as_slices(item["image"]).float(), as_slices(item["label"]).round().long()
+        if label_merge:
+            merged = torch.zeros_like(label)
+            for new, olds in label_merge.items():
+                merged[torch.isin(label, torch.tensor(list(olds)))] = int(new)
+            label = merged
+        images.append(volume_to_slices(image.clamp(0, 1), network.image_size))
+        labels.append(label.numpy())
+    picks = support_slice_choice(labels, classes, num_support)
+    sup_images = torch.stack([images[v][z] for v, z in picks])
+    masks = torch.stack([torch.stack([torch.as_tensor(labels[v][z] == c) for c in classes]) for v, z in picks])
+    if tuple(masks.shape[-2:]) != (network.image_size, network.image_size):
+        masks = torch.nn.functional.interpolate(masks.float(), size=(network.image_size,) * 2, mode="nearest") > 0.5
+    return network.build_support_memory(sup_images, masks, object_ids=list(classes))
+
+
+class InContextInferer(Inferer):
+    """Segment whole query volumes with a support memory (a MONAI :class:`~monai.inferers.Inferer`).
+
+    Args:
+        support: the support memory, or a zero-argument callable returning it (built lazily,
+            once, e.g. after the network's weights are loaded).
+        policy: memory selection policy name or :class:`MemoryPolicy` (default ``recent``).
+        direction: propagation direction (``forward`` from the first slice by default).
+    """
+
+    def __init__(self, support: SupportMemory | Callable[[], SupportMemory], policy: str | MemoryPolicy = "recent",
+                 direction: str = "forward"):
+        super().__init__()
+        self._support = support
+        self.policy = MemoryPolicy(policy) if isinstance(policy, str) else policy
+        self.direction = direction
+        #: per-class confidence of the last volumes, ``[(K,) tensor per batch item]``
+        self.last_confidence: list[torch.Tensor] = []
+
+    @property
+    def support(self) -> SupportMemory:
+        if callable(self._support):
+            self._support = self._support()
+        return self._support
+
+    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Args:
+            inputs: ``(B, 1, H, W, D)`` query volumes in [0, 1] (axial slices last, in-plane at the model size).
+            network: the :class:`InContextSAM2`.
+
+        Returns:
+            ``(B, K + 1, H, W, D)`` probabilities: background, then one channel per class.
+        """
+        if inputs.ndim != 5 or inputs.shape[1] != 1:
+            raise ValueError(f"InContextInferer takes (B, 1, H, W, D) volumes, got {tuple(inputs.shape)}.")
+        was_training = network.training
+        network.eval()
+        outs, self.last_confidence = [], []
+        for b in range(inputs.shape[0]):
+            slices = volume_to_slices(as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
+                                      network.image_size)
+            pred = network.segment_volume(slices, self.support, policy=self.policy, direction=self.direction,
+                                          output_size=tuple(inputs.shape[2:4]), return_logits=True)
+            probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+            background = 1 - probs.max(0, keepdim=True).values
+            outs.append(torch.cat([background, probs]))
+            self.last_confidence.append(pred.confidence())
+        network.train(was_training)
+        out = torch.stack(outs).to(inputs.device)
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        return out

@@ -11,6 +11,8 @@ MONAI's post-transforms, metrics and writers work unchanged.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ from model_core.data import as_slices
 from model_core.episodes import volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
 
-__all__ = ["build_support", "InContextInferer", "support_slice_choice"]
+__all__ = ["build_support", "InContextInferer", "ConfidenceSaver", "support_slice_choice"]
 
 
 def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], per_class: int) -> list[tuple[int, int]]:
@@ -53,8 +55,13 @@ def build_support(
     classes: Sequence[int],
     num_support: int,
     label_merge: dict[int, Sequence[int]] | None = None,
+    cache_file: str | None = None,
 ) -> SupportMemory:
     """Encode a support set from labelled volumes, one object per class.
+
+    With ``cache_file``, a memory saved there earlier is loaded instead of rebuilt
+    (the network checks on use that it was built by the same weights), and a newly
+    built one is saved there, so a support set is encoded once across runs.
 
     Args:
         network: an :class:`~model_core.network.InContextSAM2`.
@@ -63,7 +70,16 @@ def build_support(
         classes: label values to segment (object ids of the memory, in order).
         num_support: support slices per class.
         label_merge: optional ``{new_value: [old values]}`` (see EpisodeDataset).
+        cache_file: optional path of a saved :class:`SupportMemory`.
     """
+    if cache_file and os.path.isfile(cache_file):
+        memory = SupportMemory.load(cache_file)
+        if memory.object_ids != list(classes) or memory.architecture != network.architecture:
+            raise ValueError(
+                f"The support memory in {cache_file!r} was built for objects {memory.object_ids} by another model "
+                f"or checkpoint; delete it to rebuild it for {list(classes)} with this one."
+            )
+        return memory
     if not data:
         raise ValueError("The support set is empty; name at least one labelled support volume.")
     images, labels = [], []
@@ -83,7 +99,13 @@ def build_support(
     masks = torch.stack([torch.stack([torch.as_tensor(labels[v][z] == c) for c in classes]) for v, z in picks])
     if tuple(masks.shape[-2:]) != (network.image_size, network.image_size):
         masks = torch.nn.functional.interpolate(masks.float(), size=(network.image_size,) * 2, mode="nearest") > 0.5
-    return network.build_support_memory(sup_images, masks, object_ids=list(classes))
+    memory = network.build_support_memory(sup_images, masks, object_ids=list(classes))
+    if cache_file:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+        tmp = f"{cache_file}.tmp"
+        memory.save(tmp)
+        os.replace(tmp, cache_file)
+    return memory
 
 
 class InContextInferer(Inferer):
@@ -138,3 +160,37 @@ class InContextInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return out
+
+
+class ConfidenceSaver:
+    """Write each query's per-class confidence to ``<name>_confidence.json`` beside its label map.
+
+    Confidence per class is the mean, over slices where the class is predicted, of
+    predicted IoU x object presence (see ``VolumePrediction.confidence``).
+
+    Args:
+        inferer: the :class:`InContextInferer` of the evaluator.
+        output_dir: where the label maps are written.
+        class_names: optional ``{name: label value}`` for readable keys.
+    """
+
+    def __init__(self, inferer: InContextInferer, output_dir: str, class_names: dict[str, int] | None = None):
+        self.inferer, self.output_dir = inferer, output_dir
+        self.names = {int(v): k for k, v in (class_names or {}).items()}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        images = engine.state.batch["image"] if isinstance(engine.state.batch, dict) else [b["image"] for b in engine.state.batch]
+        os.makedirs(self.output_dir, exist_ok=True)
+        for image, confidence in zip(images, self.inferer.last_confidence):
+            source = str(image.meta.get("filename_or_obj", "volume"))
+            stem = os.path.basename(source).split(".")[0]
+            values = {self.names.get(int(c), str(c)): round(float(v), 4) for c, v in zip(self.inferer.support.object_ids, confidence)}
+            path = os.path.join(self.output_dir, f"{stem}_confidence.json")
+            with open(f"{path}.tmp", "w") as f:
+                json.dump({"image": source, "confidence": values}, f, indent=2)
+            os.replace(f"{path}.tmp", path)

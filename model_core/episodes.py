@@ -39,8 +39,9 @@ def support_slices_for(label: np.ndarray | torch.Tensor, cls: int, count: int) -
     present = np.nonzero(np.asarray(torch.as_tensor(np.asarray(label)).flatten(1).eq(cls).any(1)))[0]
     if len(present) == 0:
         raise ValueError(f"Class {cls} is absent from the support volume.")
-    pos = np.linspace(0, len(present) - 1, count + 2)[1:-1] if count < len(present) else np.arange(len(present))
-    return sorted({int(present[int(round(p))]) for p in pos})
+    n = len(present)
+    pos = [(i + 1) * n // (count + 1) for i in range(count)] if count < n else range(n)
+    return sorted({int(present[p]) for p in pos})
 
 
 class EpisodeSampler:

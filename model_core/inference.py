@@ -42,8 +42,10 @@ def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], p
         having = [(v, int(z)) for v, lab in enumerate(labels) for z in np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0]]
         if not having:
             raise ValueError(f"Class {c} is absent from the support set; label it on at least one support slice.")
-        picks = np.linspace(0, len(having) - 1, per_class + 2)[1:-1] if per_class < len(having) else range(len(having))
-        chosen.update(having[int(round(p))] for p in picks)
+        n = len(having)
+        # evenly spread and distinct: the i-th of per_class equal parts of the extent
+        picks = [(i + 1) * n // (per_class + 1) for i in range(per_class)] if per_class < n else range(n)
+        chosen.update(having[p] for p in picks)
     return sorted(chosen)
 
 
@@ -112,8 +114,9 @@ class InContextInferer(Inferer):
     """Segment whole query volumes with a support memory (a MONAI :class:`~monai.inferers.Inferer`).
 
     Args:
-        support: the support memory, or a zero-argument callable returning it (built lazily,
-            once, e.g. after the network's weights are loaded).
+        support: the support memory, or a zero-argument callable that builds it. A built
+            memory is reused for every query volume and rebuilt only when the network's
+            weights change (e.g. validation during training, a newly published model).
         policy: memory selection policy name or :class:`MemoryPolicy` (default ``recent``).
         direction: propagation direction (``forward`` from the first slice by default).
     """
@@ -121,17 +124,23 @@ class InContextInferer(Inferer):
     def __init__(self, support: SupportMemory | Callable[[], SupportMemory], policy: str | MemoryPolicy = "recent",
                  direction: str = "forward"):
         super().__init__()
-        self._support = support
+        self._builder = support if callable(support) else None
+        self._memory = None if callable(support) else support
         self.policy = MemoryPolicy(policy) if isinstance(policy, str) else policy
         self.direction = direction
         #: per-class confidence of the last volumes, ``[(K,) tensor per batch item]``
         self.last_confidence: list[torch.Tensor] = []
 
     @property
-    def support(self) -> SupportMemory:
-        if callable(self._support):
-            self._support = self._support()
-        return self._support
+    def support(self) -> SupportMemory | None:
+        """The support memory last used (None before the first volume when built lazily)."""
+        return self._memory
+
+    def support_for(self, network) -> SupportMemory:
+        """The support memory for ``network``'s current weights, (re)built when needed."""
+        if self._builder is not None and (self._memory is None or self._memory.architecture != network.architecture):
+            self._memory = self._builder()
+        return self._memory
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Args:
@@ -145,11 +154,12 @@ class InContextInferer(Inferer):
             raise ValueError(f"InContextInferer takes (B, 1, H, W, D) volumes, got {tuple(inputs.shape)}.")
         was_training = network.training
         network.eval()
+        support = self.support_for(network)
         outs, self.last_confidence = [], []
         for b in range(inputs.shape[0]):
             slices = volume_to_slices(as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
                                       network.image_size)
-            pred = network.segment_volume(slices, self.support, policy=self.policy, direction=self.direction,
+            pred = network.segment_volume(slices, support, policy=self.policy, direction=self.direction,
                                           output_size=tuple(inputs.shape[2:4]), return_logits=True)
             probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             background = 1 - probs.max(0, keepdim=True).values

@@ -52,7 +52,10 @@ def _run(workflow: str, overrides: dict, check: bool = True) -> subprocess.Compl
 def test_training_via_monai_bundle_run(phantoms, tmp_path):
     out = _run("training", {**SMALL, "datalist_file": phantoms, "max_epochs": 2, "ckpt_dir": str(tmp_path / "models"),
                             "output_dir": str(tmp_path)})
-    assert "Train completed" in out.stderr + out.stdout
+    log = out.stderr + out.stdout
+    assert "Train completed" in log
+    assert log.count("val_mean_dice:") >= 2  # validation on full volumes after each epoch
+    assert (tmp_path / "models" / "model.pt").exists()  # best checkpoint by Dice
     final = tmp_path / "models" / "model_final.pt"
     assert final.exists() and (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()
     torch.manual_seed(123)

@@ -22,7 +22,7 @@ from monai.engines.utils import IterationEvents, PrepareBatch
 from model_core.episodes import EpisodeSampler
 from model_core.prompts import PromptSampler
 
-__all__ = ["load_datalist", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices"]
+__all__ = ["load_datalist", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
 
 
 def load_datalist(path: str, key: str = "training", base_dir: str | None = None) -> list[dict[str, Any]]:
@@ -65,6 +65,19 @@ def as_slices(volume: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(volume)[0].permute(2, 0, 1).contiguous()
 
 
+def merge_labels(label: torch.Tensor, label_merge: dict[int, Sequence[int]] | None) -> torch.Tensor:
+    """Apply ``{new_value: [old values]}`` (e.g. KiTS23 kidney + tumour -> 1); other values become 0.
+
+    Returns ``label`` unchanged when ``label_merge`` is empty.
+    """
+    if not label_merge:
+        return label
+    merged = torch.zeros_like(label)
+    for new, olds in label_merge.items():
+        merged[torch.isin(label, torch.tensor([int(o) for o in olds]))] = int(new)
+    return merged
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """In-context episodes from volumes loaded by MONAI transforms.
 
@@ -103,11 +116,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             image, label = as_slices(item["image"]).float(), as_slices(item["label"]).round().long()
             if image.shape != label.shape:
                 raise ValueError(f"Case {data[i].get('image')}: image {tuple(image.shape)} and label {tuple(label.shape)} differ.")
-            if label_merge:
-                merged = torch.zeros_like(label)
-                for new, olds in label_merge.items():
-                    merged[torch.isin(label, torch.tensor(list(olds)))] = int(new)
-                label = merged
+            label = merge_labels(label, label_merge)
             volumes.append((image.clamp(0, 1).numpy(), label.numpy().astype(np.int16)))
         self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size, objects_per_episode, seed)
         self.episodes_per_epoch = int(episodes_per_epoch)

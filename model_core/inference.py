@@ -20,7 +20,7 @@ import torch
 from monai.data import Dataset, MetaTensor
 from monai.inferers import Inferer
 
-from model_core.data import as_slices
+from model_core.data import as_slices, merge_labels
 from model_core.episodes import volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
 
@@ -89,11 +89,7 @@ def build_support(
         if "label" not in item:
             raise ValueError(f"Support case {data[i].get('image')} has no label.")
         image, label = as_slices(item["image"]).float(), as_slices(item["label"]).round().long()
-        if label_merge:
-            merged = torch.zeros_like(label)
-            for new, olds in label_merge.items():
-                merged[torch.isin(label, torch.tensor(list(olds)))] = int(new)
-            label = merged
+        label = merge_labels(label, label_merge)
         images.append(volume_to_slices(image.clamp(0, 1), network.image_size))
         labels.append(label.numpy())
     picks = support_slice_choice(labels, classes, num_support)

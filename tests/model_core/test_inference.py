@@ -51,3 +51,11 @@ def test_support_slice_choice_is_deterministic_and_covers_every_class():
     assert len(picks) == 4
     with pytest.raises(ValueError, match="Class 3 is absent from the support set"):
         support_slice_choice([lab_a], [3], per_class=1)
+
+
+def test_merge_labels_kits_style():
+    from model_core.data import merge_labels
+
+    label = torch.tensor([0, 1, 2, 3, 2])
+    assert merge_labels(label, {1: [1, 2]}).tolist() == [0, 1, 1, 0, 1]  # kidney + tumour; cyst -> background
+    assert merge_labels(label, None) is label

@@ -301,18 +301,23 @@ def _collect_msd(root: Path) -> tuple[list[Case], dict[str, Any]]:
                          f"imagesTr/, labelsTr/ and imagesTs/")
     with open(meta_path) as f:
         meta = json.load(f)
-    skip = lambda rel: Path(str(rel)).name.startswith("._")  # noqa: E731  macOS resource forks
+
+    def listed_image(entry, what: str) -> Path | None:
+        """An image named by dataset.json, resolved and checked; None for macOS resource forks."""
+        image_rel = entry["image"] if isinstance(entry, dict) else entry
+        if Path(str(image_rel)).name.startswith("._"):
+            return None
+        image = (root / image_rel).resolve()
+        if not image.is_file():
+            raise ValueError(f"{meta_path} lists {what}{image_rel} but {image} does not exist; re-extract the task folder")
+        return image
 
     cases: list[Case] = []
     if "training" in meta:
         for entry in meta["training"]:
-            image_rel = entry["image"] if isinstance(entry, dict) else entry
-            if skip(image_rel):
+            image = listed_image(entry, "")
+            if image is None:
                 continue
-            image = (root / image_rel).resolve()
-            if not image.is_file():
-                raise ValueError(f"{meta_path} lists {image_rel} but {image} does not exist; "
-                                 f"re-extract the task folder")
             label_rel = entry.get("label", entry.get("seg")) if isinstance(entry, dict) else None
             if not label_rel or not (root / label_rel).is_file():
                 raise _missing_label(image, str(root / label_rel) if label_rel else "a \"label\" entry in dataset.json")
@@ -332,14 +337,9 @@ def _collect_msd(root: Path) -> tuple[list[Case], dict[str, Any]]:
 
     if "test" in meta:
         for entry in meta["test"]:
-            image_rel = entry["image"] if isinstance(entry, dict) else entry
-            if skip(image_rel):
-                continue
-            image = (root / image_rel).resolve()
-            if not image.is_file():
-                raise ValueError(f"{meta_path} lists test image {image_rel} but {image} does not exist; "
-                                 f"re-extract the task folder")
-            cases.append({"image": image, "label": None})
+            image = listed_image(entry, "test image ")
+            if image is not None:
+                cases.append({"image": image, "label": None})
     else:
         tests = sorted(p for p in (root / "imagesTs").glob("*.nii.gz") if _is_image_file(p))
         cases += [{"image": p, "label": None} for p in tests]

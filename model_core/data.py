@@ -22,7 +22,41 @@ from monai.engines.utils import IterationEvents, PrepareBatch
 from model_core.episodes import EpisodeSampler
 from model_core.prompts import PromptSampler
 
-__all__ = ["load_datalist", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
+__all__ = ["intensity_scaling", "load_datalist", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
+
+
+def intensity_scaling(
+    modality: str = "CT",
+    window: Sequence[float] = (-200.0, 300.0),
+    percentiles: Sequence[float] = (0.5, 99.5),
+    keys: str | Sequence[str] = "image",
+):
+    """The MONAI transform that scales intensities to [0, 1] for a modality (never a raw cast).
+
+    CT has calibrated units, so a fixed Hounsfield window is clipped and scaled
+    (``ScaleIntensityRanged``); MRI has none, so each volume is scaled between its own
+    intensity percentiles (``ScaleIntensityRangePercentilesd``).
+
+    Args:
+        modality: ``CT``, or ``MR``/``MRI``.
+        window: CT ``(min, max)`` in HU mapped to 0 and 1 (default soft-tissue window).
+        percentiles: MRI ``(lower, upper)`` percentiles mapped to 0 and 1.
+        keys: keys of the images to scale.
+    """
+    from monai.transforms import ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+
+    kind = str(modality).upper()
+    if kind == "CT":
+        lo, hi = (float(v) for v in window)
+        if not hi > lo:
+            raise ValueError(f"The CT window must be (min, max) with max > min, got {list(window)}.")
+        return ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if kind in ("MR", "MRI"):
+        lo, hi = (float(v) for v in percentiles)
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"MRI percentiles must satisfy 0 <= lower < upper <= 100, got {list(percentiles)}.")
+        return ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
+    raise ValueError(f"modality must be 'CT' or 'MRI', got {modality!r}.")
 
 
 def load_datalist(path: str, key: str = "training", base_dir: str | None = None) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_phantom_dataset import make_dataset  # noqa: E402
 
-COMMON = ["--preset", "tiny", "--image_size", "64", "--intensity#a_min", "0", "--intensity#a_max", "1",
+COMMON = ["--preset", "tiny", "--image_size", "64", "--intensity#window", "[0,1]",
           "--classes", "[1,2,3]"]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
 

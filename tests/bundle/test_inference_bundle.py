@@ -43,8 +43,8 @@ def setup(tmp_path_factory):
 def _infer(datalist, ckpt, query, out, extra=()):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
            "--datalist_file", datalist, "--preset", "tiny", "--image_size", str(SIZE), "--checkpoint", str(ckpt),
-           "--query_images", json.dumps([str(query)]), "--output_dir", str(out), "--intensity#a_min", "0",
-           "--intensity#a_max", "1", "--classes", "[1,3]", "--class_names", '{"blob": 1, "block": 3}', *extra]
+           "--query_images", json.dumps([str(query)]), "--output_dir", str(out), "--intensity#window", "[0,1]",
+           "--classes", "[1,3]", "--class_names", '{"blob": 1, "block": 3}', *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TQDM_DISABLE": "1"})
 

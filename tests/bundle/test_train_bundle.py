@@ -26,8 +26,7 @@ SMALL = {
     "episodes_per_epoch": 4,
     "train_encoder": "all",
     "classes": [1, 2, 3],
-    "intensity#a_min": 0,
-    "intensity#a_max": 1,
+    "intensity#window": [0, 1],
 }
 
 

@@ -22,8 +22,10 @@ import os
 from typing import Any
 
 import torch
+from monai.handlers import CheckpointSaver
 
-__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint"]
+__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "TrainingCheckpointSaver", "find_resume_checkpoint",
+           "resume_training"]
 
 _CONTAINER_KEYS = ("model", "network", "state_dict", "net")
 
@@ -90,3 +92,83 @@ def save_checkpoint(model: torch.nn.Module, path: str, **extra: Any) -> None:
     tmp = f"{path}.tmp"
     torch.save({"model": model.state_dict(), "icl_sam2": meta, **extra}, tmp)
     os.replace(tmp, path)
+
+
+class TrainingCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` that also saves the trainer it is attached to (epoch, iteration).
+
+    A bundle config cannot name the trainer inside the save_dict of one of the
+    trainer's own handlers (a circular reference), so the trainer is added when the
+    handler is attached. Everything else is ``CheckpointSaver``'s, including saving
+    ``final_filename`` when training ends by an exception or an interruption.
+
+    Args:
+        save_dir, save_dict, **kwargs: as for ``CheckpointSaver``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict[str, Any], **kwargs: Any):
+        self._deferred = (save_dir, dict(save_dict), kwargs)
+
+    def attach(self, engine) -> None:
+        save_dir, save_dict, kwargs = self._deferred
+        super().__init__(save_dir, {**save_dict, "trainer": engine}, **kwargs)
+        super().attach(engine)
+
+
+def find_resume_checkpoint(ckpt_dir: str, prefixes: tuple[str, ...] = ("latest_", "model_final")) -> str:
+    """The newest training checkpoint in ``ckpt_dir`` that holds a trainer state.
+
+    The bundle writes ``latest_checkpoint_epoch=N.pt`` after every epoch and
+    ``model_final.pt`` when a run ends, also when it ends by an exception or an
+    interruption, so the newest of them is where training stopped.
+
+    Raises:
+        ValueError: no such checkpoint.
+    """
+    candidates = []
+    if os.path.isdir(ckpt_dir):
+        for name in os.listdir(ckpt_dir):
+            path = os.path.join(ckpt_dir, name)
+            if name.startswith(prefixes) and name.endswith(".pt") and os.path.isfile(path):
+                candidates.append((os.path.getmtime(path), path))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            if "trainer" in torch.load(path, map_location="cpu", weights_only=True):
+                return path
+        except Exception:  # noqa: BLE001 - a half-written or foreign file: try the next one
+            continue
+    raise ValueError(f"Nothing to resume from: {ckpt_dir!r} holds no training checkpoint (latest_*.pt or model_final.pt "
+                     "with a trainer state). Start without resume, or point ckpt_dir at the interrupted run's folder.")
+
+
+def resume_training(trainer, objects: dict[str, Any], ckpt_dir: str, best_saver=None, best_file: str = "model.pt",
+                    map_location: Any = None) -> str:
+    """Continue an interrupted bundle run where it stopped.
+
+    Restores, when the trainer starts, the weights, optimizer, LR schedule, engine
+    counters (epoch, iteration) and the episode and prompt random streams from the
+    newest training checkpoint (MONAI's ``CheckpointLoader``), and now, the best-Dice
+    saver's record, so the next validation compares against the best score so far
+    instead of overwriting ``model.pt`` with a worse model.
+
+    Args:
+        trainer: the Ignite trainer.
+        objects: what the training checkpoint holds besides the trainer (``{"model": ..., "optimizer": ...}``).
+        ckpt_dir: the run's checkpoint folder.
+        best_saver: the key-metric ``CheckpointSaver`` (saved with ``key_metric_save_state``).
+        best_file: its file name in ``ckpt_dir``.
+        map_location: device to load tensors onto.
+
+    Returns:
+        The checkpoint resumed from.
+    """
+    from monai.handlers import CheckpointLoader
+
+    path = find_resume_checkpoint(ckpt_dir)
+    CheckpointLoader(load_path=path, load_dict={**objects, "trainer": trainer}, map_location=map_location).attach(trainer)
+    best = os.path.join(ckpt_dir, best_file)
+    if best_saver is not None and os.path.isfile(best):
+        record = torch.load(best, map_location="cpu", weights_only=True)
+        if "checkpointer" in record:
+            best_saver.load_state_dict(record["checkpointer"])
+    return path

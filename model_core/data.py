@@ -10,19 +10,20 @@ iteration (Ignite's and MONAI's trainers have no clipping option).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data import Dataset
 from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.transforms import MapTransform
 
 from model_core.episodes import EpisodeSampler
 from model_core.prompts import PromptSampler
 
-__all__ = ["intensity_scaling", "load_datalist", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
+__all__ = ["intensity_scaling", "load_datalist", "check_case", "SelectChanneld", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
 
 
 def intensity_scaling(
@@ -59,11 +60,15 @@ def intensity_scaling(
     raise ValueError(f"modality must be 'CT' or 'MRI', got {modality!r}.")
 
 
-def load_datalist(path: str, key: str = "training", base_dir: str | None = None) -> list[dict[str, Any]]:
+def load_datalist(path: str, key: str = "training", base_dir: str | None = None, check: bool = True) -> list[dict[str, Any]]:
     """Read an MSD-style datalist; ``seg`` is accepted for ``label`` and paths are made absolute.
 
+    With ``check`` (default), every case is checked by :func:`check_case` before
+    anything runs, so a bad file stops a run at start-up rather than hours into it.
+
     Raises:
-        ValueError: missing or unreadable file, missing key, empty list, entries without image.
+        ValueError: missing or unreadable file, missing key, empty list, entries without
+            image, and the case problems of :func:`check_case`.
     """
     if not os.path.isfile(path):
         raise ValueError(f"Datalist {path!r} does not exist; write one with scripts/prepare_datalist.py.")
@@ -88,8 +93,83 @@ def load_datalist(path: str, key: str = "training", base_dir: str | None = None)
         for k in ("image", "label"):
             if isinstance(item.get(k), str) and not os.path.isabs(item[k]):
                 item[k] = os.path.normpath(os.path.join(base, item[k]))
+        if check:
+            check_case(item, where=f"Entry {i} of {key!r} in {path!r}")
         out.append(item)
     return out
+
+
+def _header(path: str, where: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and RAS affine of a volume, reading only the header where the format allows."""
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: {path!r} does not exist.")
+    try:
+        if path.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(path)
+            return tuple(int(v) for v in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+        # other formats (DICOM series folders, NRRD, MHA): MONAI's readers, affine in RAS as well
+        from monai.transforms import LoadImage
+
+        vol = LoadImage(image_only=True, ensure_channel_first=False)(path)
+        return tuple(int(v) for v in vol.shape[:3]), np.asarray(vol.affine, dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ValueError(f"{where}: cannot read {path!r} as an image volume ({type(e).__name__}: {e}).") from e
+
+
+def check_case(item: dict[str, Any], where: str = "Case", affine_tolerance: float = 1e-3) -> None:
+    """Check that a case's files exist and can be read, and that image and label share a grid.
+
+    Reads headers only for NIfTI; other formats are loaded once. The label must have
+    the image's spatial shape (a 4D image's channels aside) and the same affine
+    (within ``affine_tolerance`` mm), since labels are never resampled to the image.
+
+    Raises:
+        ValueError: naming the case and the problem.
+    """
+    image_shape, image_affine = _header(str(item["image"]), f"{where}, image")
+    if item.get("label") is None:
+        return
+    label_shape, label_affine = _header(str(item["label"]), f"{where}, label")
+    if image_shape != label_shape:
+        raise ValueError(f"{where}: image {item['image']!r} has shape {image_shape} but its label "
+                         f"{item['label']!r} has {label_shape}; they must be on the same grid.")
+    if not np.allclose(image_affine, label_affine, atol=affine_tolerance):
+        raise ValueError(f"{where}: image {item['image']!r} and label {item['label']!r} have different affines "
+                         f"(orientation, spacing or origin):\n{np.round(image_affine, 4)}\nvs\n{np.round(label_affine, 4)}; "
+                         "resample the label onto the image grid.")
+
+
+class SelectChanneld(MapTransform):
+    """Keep the channel a case names (``"channel": N`` in its datalist entry) of a multi-channel image.
+
+    MSD tasks such as BraTS store modalities in a 4th dimension; the model segments
+    one grey-level volume. MONAI's ``SplitDimd`` splits every channel out and its
+    indexing transforms take one fixed index, not one per case from the datalist.
+
+    Args:
+        keys: images to reduce (after ``EnsureChannelFirstd``: ``(C, H, W, D)``).
+        channel_key: the entry giving the channel index.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "image", channel_key: str = "channel"):
+        super().__init__(keys)
+        self.channel_key = channel_key
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image, source = d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key)
+            if d.get(self.channel_key) is not None:
+                channel = int(d[self.channel_key])
+                if not 0 <= channel < image.shape[0]:
+                    raise ValueError(f"{source}: channel {channel} asked for, but the image has {image.shape[0]} channel(s).")
+                d[key] = image[channel:channel + 1]
+            elif image.shape[0] != 1:
+                raise ValueError(f"{source} has {image.shape[0]} channels (modalities); name one with \"channel\": N in its "
+                                 "datalist entry (scripts/prepare_datalist.py --channel N).")
+        return d
 
 
 def as_slices(volume: torch.Tensor) -> torch.Tensor:
@@ -112,13 +192,56 @@ def merge_labels(label: torch.Tensor, label_merge: dict[int, Sequence[int]] | No
     return merged
 
 
+def load_case(item: dict[str, Any], transform: Callable) -> dict[str, Any]:
+    """Run the preprocessing on one datalist entry; a failure names the case and the cause."""
+    try:
+        return transform(dict(item))
+    except Exception as e:  # noqa: BLE001 - MONAI wraps reader errors in long transform chains
+        cause = e
+        while cause.__cause__ is not None:  # the reader's own message is at the bottom of the chain
+            cause = cause.__cause__
+        raise ValueError(f"Case {item.get('image')!r} (label {item.get('label')!r}) could not be loaded and "
+                         f"preprocessed: {type(cause).__name__}: {cause}") from e
+
+
+def describe_transform(transform: Any) -> Any:
+    """A JSON-able description of a (composed) MONAI transform's settings, for cache keys.
+
+    Nested transforms (``ScaleIntensityRanged.scaler``, ``Resized.resizer``) are
+    described too, so changing a window or a size changes the description.
+    """
+    from monai.transforms import Compose, Transform
+
+    if isinstance(transform, Compose):
+        return [describe_transform(t) for t in transform.transforms]
+    fields: dict[str, Any] = {}
+    for name, value in sorted(vars(transform).items()):
+        if isinstance(value, Transform):
+            fields[name] = describe_transform(value)
+        elif isinstance(value, (int, float, str, bool, type(None))) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool, type(None))) for v in value)
+        ):
+            fields[name] = value
+    return [type(transform).__name__, fields]
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """In-context episodes from volumes loaded by MONAI transforms.
 
-    Volumes are loaded once, through ``transform`` (which must produce ``image`` in
+    Each volume goes once through ``transform`` (which must produce ``image`` in
     [0, 1] and an integer ``label``, both ``(1, H, W, D)`` at the model's in-plane
     size), and episodes are drawn from them at random. ``len`` is the number of
-    episodes an epoch sees.
+    episodes an epoch sees. Failures while loading name the case and happen here,
+    before training starts.
+
+    By default the preprocessed volumes are held in memory (float32). With
+    ``cache_dir`` each is written there once (float16 image, int16 label, ``.npy``)
+    and memory-mapped, so a dataset larger than memory trains: only the slices an
+    episode uses are read, and the operating system keeps the hot ones cached. The
+    files are keyed by the case's paths and modification times, the preprocessing
+    settings and the label merge, and reused by later runs (MONAI's
+    ``PersistentDataset`` caches whole volumes, which must be loaded whole to
+    sample a few slices).
 
     Args:
         data: datalist entries (``image`` and ``label`` paths).
@@ -127,9 +250,11 @@ class EpisodeDataset(torch.utils.data.Dataset):
         num_support, num_query, objects_per_episode: see :class:`EpisodeSampler`.
         image_size: model input size.
         episodes_per_epoch: dataset length.
-        seed: random seed.
+        seed: random seed (give each distributed rank its own).
         label_merge: optional ``{new_value: [old values]}`` applied to labels (e.g.
             KiTS23 kidney + tumour as one class); other values become background.
+        cache_dir: optional folder for memory-mapped preprocessed volumes.
+        channel_mode: ``replicate`` or ``2.5d`` (see :func:`~model_core.episodes.slice_channels`).
     """
 
     def __init__(
@@ -144,16 +269,40 @@ class EpisodeDataset(torch.utils.data.Dataset):
         objects_per_episode: int = 1,
         seed: int = 0,
         label_merge: dict[int, Sequence[int]] | None = None,
+        cache_dir: str | None = None,
+        channel_mode: str = "replicate",
     ):
-        volumes = []
-        for i, item in enumerate(Dataset(list(data), transform)):
-            image, label = as_slices(item["image"]).float(), as_slices(item["label"]).round().long()
-            if image.shape != label.shape:
-                raise ValueError(f"Case {data[i].get('image')}: image {tuple(image.shape)} and label {tuple(label.shape)} differ.")
-            label = merge_labels(label, label_merge)
-            volumes.append((image.clamp(0, 1).numpy(), label.numpy().astype(np.int16)))
-        self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size, objects_per_episode, seed)
+        self.transform, self.label_merge, self.cache_dir = transform, label_merge, cache_dir
+        volumes = [self._volume(item) for item in data]
+        self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size, objects_per_episode, seed,
+                                      channel_mode)
         self.episodes_per_epoch = int(episodes_per_epoch)
+
+    def _preprocess(self, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        out = load_case(item, self.transform)
+        image, label = as_slices(out["image"]).float(), as_slices(out["label"]).round().long()
+        if image.shape != label.shape:
+            raise ValueError(f"Case {item.get('image')!r}: image {tuple(image.shape)} and label {tuple(label.shape)} "
+                             "differ after preprocessing.")
+        return image.clamp(0, 1).numpy(), merge_labels(label, self.label_merge).numpy().astype(np.int16)
+
+    def _volume(self, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.cache_dir:
+            return self._preprocess(item)
+        stamp = {k: [item[k], os.path.getmtime(item[k])] for k in ("image", "label") if isinstance(item.get(k), str)}
+        description = json.dumps([stamp, item.get("channel"), describe_transform(self.transform),
+                                  {str(k): list(v) for k, v in (self.label_merge or {}).items()}], default=str)
+        key = hashlib.sha1(description.encode()).hexdigest()[:20]
+        paths = [os.path.join(self.cache_dir, f"{key}_{part}.npy") for part in ("image", "label")]
+        if not all(os.path.isfile(p) for p in paths):
+            os.makedirs(self.cache_dir, exist_ok=True)
+            image, label = self._preprocess(item)
+            for path, array in zip(paths, (image.astype(np.float16), label)):
+                tmp = f"{path}.{os.getpid()}.tmp.npy"  # atomic: an interrupted write never looks complete
+                np.save(tmp, array)
+                os.replace(tmp, path)
+            del image, label
+        return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
 
     def __len__(self) -> int:
         return self.episodes_per_epoch
@@ -161,12 +310,19 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.sampler.sample(1).items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The episode random stream, so a resumed run draws new episodes rather than repeating the first ones."""
+        return {"rng": self.sampler.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.rng.bit_generator.state = state["rng"]
+
 
 class EpisodePrepareBatch(PrepareBatch):
     """Hands a collated episode batch to :meth:`InContextSAM2.forward` inside ``SupervisedTrainer``.
 
-    Returns ``(support_images, query_masks, (support_masks, query_images, prompts), {})``:
-    the trainer calls ``network(support_images, support_masks, query_images, prompts)``
+    Returns ``(support_images, query_masks, (support_masks, query_images, prompts), keys)``:
+    the trainer calls ``network(support_images, support_masks, query_images, prompts, **keys)``
     and ``loss(pred, query_masks)``. Prompts on query slices are drawn here.
 
     Args:
@@ -177,11 +333,20 @@ class EpisodePrepareBatch(PrepareBatch):
     def __init__(self, click_probability: float = 0.0, box_probability: float = 0.0, box_jitter: int = 20, seed: int = 0):
         self.prompts = PromptSampler(click_probability, box_probability, box_jitter, torch.Generator().manual_seed(seed))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The prompt random stream (for resuming)."""
+        return {"generator": self.prompts.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.generator.set_state(state["generator"])
+
     def __call__(self, batchdata: dict[str, torch.Tensor], device=None, non_blocking: bool = False, **kwargs: Any):
         b = {k: v.to(device=device, non_blocking=non_blocking) for k, v in batchdata.items()}
         query_masks = b["query_masks"]
         prompts = [self.prompts(query_masks[:, q].flatten(0, 1)) for q in range(query_masks.shape[1])]
-        return b["support_images"], query_masks, (b["support_masks"], b["query_images"], prompts), {}
+        # slice ids let a network with a feature cache skip slices it has encoded before
+        keys = {k: batchdata[k] for k in ("support_keys", "query_keys") if k in batchdata}
+        return b["support_images"], query_masks, (b["support_masks"], b["query_images"], prompts), keys
 
 
 class GradientClipHandler:

@@ -14,15 +14,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EpisodeSampler", "volume_to_slices", "support_slices_for", "dice_3d", "evaluate_in_context"]
+__all__ = ["EpisodeSampler", "CHANNEL_MODES", "slice_channels", "volume_to_slices", "support_slices_for", "dice_3d", "evaluate_in_context"]
 
 
-def volume_to_slices(volume: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
-    """``(D, H, W)`` intensities in [0, 1] to model input ``(D, 3, image_size, image_size)`` (replicated channels)."""
-    v = torch.as_tensor(np.asarray(volume), dtype=torch.float32)[:, None]
+CHANNEL_MODES = ("replicate", "2.5d")
+
+
+def slice_channels(volume: Any, indices: Sequence[int], image_size: int, mode: str = "replicate") -> torch.Tensor:
+    """Model input for some slices of a ``(D, H, W)`` volume in [0, 1]: ``(n, 3, image_size, image_size)``.
+
+    Only the requested slices are read, so ``volume`` may be a memory-mapped array.
+
+    Args:
+        volume: ``(D, H, W)`` array or tensor.
+        indices: slice indices.
+        image_size: model input size (slices are resized when they differ).
+        mode: ``replicate`` (the slice in all three channels, as SAM2 sees a grey image)
+            or ``2.5d`` (slices z-1, z, z+1 as the channels, repeated at the volume's ends).
+    """
+    if mode not in CHANNEL_MODES:
+        raise ValueError(f"channel mode must be one of {CHANNEL_MODES}, got {mode!r}.")
+    idx = np.asarray(list(indices), dtype=np.int64)
+    depth = volume.shape[0]
+    if mode == "replicate":
+        v = torch.as_tensor(np.asarray(volume[idx]), dtype=torch.float32)[:, None].expand(-1, 3, -1, -1)
+    else:
+        neighbours = np.stack([idx - 1, idx, idx + 1], axis=1).clip(0, depth - 1)  # (n, 3)
+        flat = np.asarray(volume[neighbours.reshape(-1)])
+        v = torch.as_tensor(flat, dtype=torch.float32).view(len(idx), 3, *flat.shape[-2:])
     if tuple(v.shape[-2:]) != (image_size, image_size):
         v = F.interpolate(v, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return v.expand(-1, 3, -1, -1).contiguous()
+    return v.contiguous()
+
+
+def volume_to_slices(volume: np.ndarray | torch.Tensor, image_size: int, mode: str = "replicate") -> torch.Tensor:
+    """``(D, H, W)`` intensities in [0, 1] to model input ``(D, 3, image_size, image_size)`` (see :func:`slice_channels`)."""
+    return slice_channels(volume, range(volume.shape[0]), image_size, mode)
 
 
 def _masks(label: np.ndarray | torch.Tensor, classes: Sequence[int], image_size: int) -> torch.Tensor:
@@ -59,6 +86,9 @@ class EpisodeSampler:
         image_size: model input size.
         objects_per_episode: K classes per episode (at most ``len(classes)``).
         seed: random seed.
+        channel_mode: how slices become 3 channels (see :func:`slice_channels`).
+
+    Images are kept as given (e.g. memory-mapped) and only sampled slices are read.
     """
 
     def __init__(
@@ -70,11 +100,15 @@ class EpisodeSampler:
         image_size: int,
         objects_per_episode: int = 1,
         seed: int = 0,
+        channel_mode: str = "replicate",
     ):
         if len(volumes) < 2:
             raise ValueError("Episodes need at least two volumes (support and query come from different ones).")
-        self.images = [volume_to_slices(img, image_size) for img, _ in volumes]
-        self.labels = [torch.as_tensor(np.asarray(lab)) for _, lab in volumes]
+        if channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}.")
+        self.channel_mode = channel_mode
+        self.images = [img for img, _ in volumes]
+        self.labels = [lab if isinstance(lab, np.ndarray) else np.asarray(torch.as_tensor(lab)) for _, lab in volumes]
         self.classes = list(classes)
         self.num_support, self.num_query, self.image_size = num_support, num_query, image_size
         if not 1 <= objects_per_episode <= len(self.classes):
@@ -83,7 +117,7 @@ class EpisodeSampler:
         self.rng = np.random.default_rng(seed)
         # slices containing each class, per volume
         self.present = {
-            c: [np.nonzero(np.asarray(lab.flatten(1).eq(c).any(1)))[0] for lab in self.labels] for c in self.classes
+            c: [np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0] for lab in self.labels] for c in self.classes
         }
         for c in self.classes:
             if sum(len(p) > 0 for p in self.present[c]) < 2:
@@ -99,9 +133,12 @@ class EpisodeSampler:
 
         Returns:
             ``support_images (B, S, 3, H, W)``, ``support_masks (B, S, K, H, W)``,
-            ``query_images (B, Q, 3, H, W)``, ``query_masks (B, Q, K, H, W)``.
+            ``query_images (B, Q, 3, H, W)``, ``query_masks (B, Q, K, H, W)``, and
+            ``support_keys (B, S)``, ``query_keys (B, Q)``: int64 ids of the slices
+            (``volume * 2**32 + slice``), for caching their image features.
         """
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("support_images", "support_masks", "query_images", "query_masks")}
+        keys = ("support_images", "support_masks", "query_images", "query_masks", "support_keys", "query_keys")
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for _ in range(batch_size):
             k = min(self.objects_per_episode, len(self.classes))
             classes = [self.classes[i] for i in self.rng.choice(len(self.classes), size=k, replace=False)]
@@ -118,7 +155,7 @@ class EpisodeSampler:
                 chosen.append(int(self.rng.choice(pool)))
             sup = np.sort(np.array(chosen))
             # a window of Q consecutive slices overlapping a class (edge slices may lack it)
-            D = self.images[vq].shape[0]
+            D = self.labels[vq].shape[0]
             anchor = int(self.rng.choice(self.present[classes[self.rng.integers(len(classes))]][vq]))
             start = int(np.clip(anchor - self.rng.integers(self.num_query), 0, max(D - self.num_query, 0)))
             qry = np.arange(start, start + self.num_query).clip(max=D - 1)
@@ -128,10 +165,12 @@ class EpisodeSampler:
             if pad:  # keep K fixed across the batch: repeat the first class
                 masks_s = torch.cat([masks_s] + [masks_s[:, :1]] * pad, dim=1)
                 masks_q = torch.cat([masks_q] + [masks_q[:, :1]] * pad, dim=1)
-            out["support_images"].append(self.images[vs][sup])
+            out["support_images"].append(slice_channels(self.images[vs], sup, self.image_size, self.channel_mode))
             out["support_masks"].append(masks_s)
-            out["query_images"].append(self.images[vq][qry])
+            out["query_images"].append(slice_channels(self.images[vq], qry, self.image_size, self.channel_mode))
             out["query_masks"].append(masks_q)
+            out["support_keys"].append(torch.as_tensor(int(vs) * 2**32 + sup, dtype=torch.int64))
+            out["query_keys"].append(torch.as_tensor(int(vq) * 2**32 + qry, dtype=torch.int64))
         return {k: torch.stack(v) for k, v in out.items()}
 
 

@@ -17,10 +17,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data import Dataset, MetaTensor
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from model_core.data import as_slices, merge_labels
+from model_core.data import as_slices, load_case, merge_labels
 from model_core.episodes import volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
 
@@ -58,6 +58,7 @@ def build_support(
     num_support: int,
     label_merge: dict[int, Sequence[int]] | None = None,
     cache_file: str | None = None,
+    channel_mode: str = "replicate",
 ) -> SupportMemory:
     """Encode a support set from labelled volumes, one object per class.
 
@@ -73,6 +74,8 @@ def build_support(
         num_support: support slices per class.
         label_merge: optional ``{new_value: [old values]}`` (see EpisodeDataset).
         cache_file: optional path of a saved :class:`SupportMemory`.
+        channel_mode: ``replicate`` or ``2.5d``, as the model was trained (see
+            :func:`~model_core.episodes.slice_channels`).
     """
     if cache_file and os.path.isfile(cache_file):
         memory = SupportMemory.load(cache_file)
@@ -85,12 +88,13 @@ def build_support(
     if not data:
         raise ValueError("The support set is empty; name at least one labelled support volume.")
     images, labels = [], []
-    for i, item in enumerate(Dataset(list(data), transform)):
-        if "label" not in item:
-            raise ValueError(f"Support case {data[i].get('image')} has no label.")
+    for entry in data:
+        if entry.get("label") is None:
+            raise ValueError(f"Support case {entry.get('image')!r} has no label.")
+        item = load_case(entry, transform)
         image, label = as_slices(item["image"]).float(), as_slices(item["label"]).round().long()
         label = merge_labels(label, label_merge)
-        images.append(volume_to_slices(image.clamp(0, 1), network.image_size))
+        images.append(volume_to_slices(image.clamp(0, 1), network.image_size, channel_mode))
         labels.append(label.numpy())
     picks = support_slice_choice(labels, classes, num_support)
     sup_images = torch.stack([images[v][z] for v, z in picks])
@@ -115,15 +119,17 @@ class InContextInferer(Inferer):
             weights change (e.g. validation during training, a newly published model).
         policy: memory selection policy name or :class:`MemoryPolicy` (default ``recent``).
         direction: propagation direction (``forward`` from the first slice by default).
+        channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
     """
 
     def __init__(self, support: SupportMemory | Callable[[], SupportMemory], policy: str | MemoryPolicy = "recent",
-                 direction: str = "forward"):
+                 direction: str = "forward", channel_mode: str = "replicate"):
         super().__init__()
         self._builder = support if callable(support) else None
         self._memory = None if callable(support) else support
         self.policy = MemoryPolicy(policy) if isinstance(policy, str) else policy
         self.direction = direction
+        self.channel_mode = channel_mode
         #: per-class confidence of the last volumes, ``[(K,) tensor per batch item]``
         self.last_confidence: list[torch.Tensor] = []
 
@@ -154,7 +160,7 @@ class InContextInferer(Inferer):
         outs, self.last_confidence = [], []
         for b in range(inputs.shape[0]):
             slices = volume_to_slices(as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
-                                      network.image_size)
+                                      network.image_size, self.channel_mode)
             pred = network.segment_volume(slices, support, policy=self.policy, direction=self.direction,
                                           output_size=tuple(inputs.shape[2:4]), return_logits=True)
             probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
@@ -194,7 +200,9 @@ class ConfidenceSaver:
         os.makedirs(self.output_dir, exist_ok=True)
         for image, confidence in zip(images, self.inferer.last_confidence):
             source = str(image.meta.get("filename_or_obj", "volume"))
-            stem = os.path.basename(source).split(".")[0]
+            name = os.path.basename(os.path.normpath(source))
+            # named as MONAI's SaveImaged names the label map (a DICOM series folder keeps its whole name)
+            stem = name if os.path.isdir(source) else name[:-7] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
             values = {self.names.get(int(c), str(c)): round(float(v), 4) for c, v in zip(self.inferer.support.object_ids, confidence)}
             path = os.path.join(self.output_dir, f"{stem}_confidence.json")
             with open(f"{path}.tmp", "w") as f:

@@ -40,7 +40,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from model_core.memory import FrameEntry, MemoryBank, MemoryPolicy, SupportMemory
 from model_core.prompts import SlicePrompt
 
-__all__ = ["InContextSAM2", "VolumeState", "VolumePrediction", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["InContextSAM2", "EncoderFeatureCache", "VolumeState", "VolumePrediction", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,6 +172,44 @@ class VolumeState:
         return 0 if self.support is None else self.support.num_slices
 
 
+class EncoderFeatureCache:
+    """Image features of training slices, kept across epochs while the image encoder is frozen.
+
+    MedSAM precomputes embeddings to disk; here they are computed on first use and
+    kept in a bounded LRU (``max_slices``), keyed by the episode sampler's slice ids,
+    on ``device`` (CPU by default, so GPU memory stays for training). Valid only
+    while the encoder's weights do not change, which the network checks.
+
+    Args:
+        max_slices: capacity in slices (least recently used slices are dropped).
+        device: where the features are stored.
+    """
+
+    def __init__(self, max_slices: int, device: str | torch.device = "cpu"):
+        if int(max_slices) < 1:
+            raise ValueError(f"max_slices must be >= 1, got {max_slices}.")
+        self.max_slices, self.device = int(max_slices), torch.device(device)
+        self._slices: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self.pos_enc: list[torch.Tensor] | None = None  # the same for every slice: stored once
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._slices
+
+    def get(self, key: int) -> list[torch.Tensor]:
+        self._slices.move_to_end(key)
+        return self._slices[key]
+
+    def put(self, key: int, levels: list[torch.Tensor]) -> None:
+        self._slices[key] = [lvl.detach().to(self.device) for lvl in levels]
+        self._slices.move_to_end(key)
+        while len(self._slices) > self.max_slices:
+            self._slices.popitem(last=False)
+
+
 class InContextSAM2(SAM2Base):
     """SAM2 for in-context segmentation of volumes (a :class:`sam2.modeling.sam2_base.SAM2Base`).
 
@@ -202,6 +240,8 @@ class InContextSAM2(SAM2Base):
         self.preset = "custom"
         #: number of slices passed through the image encoder (observability for callers and tests)
         self.encoded_slices = 0
+        #: training-time features of a frozen encoder (see :meth:`cache_encoder_features`)
+        self.feature_cache: EncoderFeatureCache | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -812,9 +852,67 @@ class InContextSAM2(SAM2Base):
             )
         return out
 
-    def _episode_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        outs = [self.encode_slices(images[i : i + self.encoder_batch_size]) for i in range(0, images.shape[0], self.encoder_batch_size)]
-        return {key: [torch.cat([o[key][lvl] for o in outs]) for lvl in range(len(outs[0][key]))] for key in ("backbone_fpn", "vision_pos_enc")}
+    def cache_encoder_features(self, max_slices: int, device: str | torch.device = "cpu") -> "InContextSAM2":
+        """Reuse training slices' image features across epochs while the encoder is frozen.
+
+        Args:
+            max_slices: cache capacity in slices; 0 turns caching off.
+            device: where features are kept (CPU by default).
+
+        Returns:
+            ``self``, so a config can write ``network_def.to(device).cache_encoder_features(n)``.
+
+        Raises:
+            ValueError: the image encoder is trainable (its features would go stale).
+        """
+        if int(max_slices) <= 0:
+            self.feature_cache = None
+            return self
+        self._check_encoder_frozen()
+        self.feature_cache = EncoderFeatureCache(max_slices, device)
+        return self
+
+    def _check_encoder_frozen(self) -> None:
+        if any(p.requires_grad for p in self.image_encoder.parameters()):
+            raise ValueError(
+                "Caching image features needs a frozen image encoder (train_encoder 'frozen'); the encoder is "
+                "trainable, so its features change every step. Set feature_cache_slices to 0 or freeze it."
+            )
+
+    def _episode_features(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
+        """sam2 ``backbone_out`` levels for ``(N, 3, H, W)`` images, from the feature cache where it has them."""
+        def encode(x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+            outs = [self.encode_slices(x[i : i + self.encoder_batch_size]) for i in range(0, x.shape[0], self.encoder_batch_size)]
+            return {key: [torch.cat([o[key][lvl] for o in outs]) for lvl in range(len(outs[0][key]))]
+                    for key in ("backbone_fpn", "vision_pos_enc")}
+
+        cache = self.feature_cache
+        if cache is None or keys is None:
+            return encode(images)
+        self._check_encoder_frozen()
+        keys_list = [int(k) for k in keys.flatten().tolist()]
+        if len(keys_list) != images.shape[0]:
+            raise ValueError(f"{len(keys_list)} slice keys for {images.shape[0]} images.")
+        first_of = {}
+        for i, k in enumerate(keys_list):
+            if k not in cache:
+                first_of.setdefault(k, i)
+        cache.misses += len(first_of)
+        cache.hits += len(set(keys_list)) - len(first_of)
+        # read the hits before storing new slices, whose insertion may evict them
+        rows = {k: cache.get(k) for k in keys_list if k not in first_of}
+        if first_of:
+            with torch.no_grad():
+                new = encode(images[list(first_of.values())])
+            for j, k in enumerate(first_of):
+                rows[k] = [lvl[j] for lvl in new["backbone_fpn"]]
+                cache.put(k, rows[k])
+            if cache.pos_enc is None:
+                cache.pos_enc = [p[:1].detach().to(cache.device) for p in new["vision_pos_enc"]]
+        levels = len(next(iter(rows.values())))
+        fpn = [torch.stack([rows[k][lvl].to(self.device) for k in keys_list]) for lvl in range(levels)]
+        pos = [p.to(self.device).expand(len(keys_list), -1, -1, -1) for p in cache.pos_enc]
+        return {"backbone_fpn": fpn, "vision_pos_enc": pos}
 
     def forward(
         self,
@@ -822,6 +920,8 @@ class InContextSAM2(SAM2Base):
         support_masks: torch.Tensor,
         query_images: torch.Tensor,
         query_prompts: Sequence[dict[str, torch.Tensor] | None] | None = None,
+        support_keys: torch.Tensor | None = None,
+        query_keys: torch.Tensor | None = None,
     ) -> dict[str, list[torch.Tensor]]:
         """Training forward over a batch of in-context episodes.
 
@@ -838,6 +938,9 @@ class InContextSAM2(SAM2Base):
             query_prompts: Q entries, each None or SAM2 ``point_inputs`` for the ``B*K``
                 tracks (``point_coords (B*K, P, 2)``, ``point_labels (B*K, P)``), e.g. from
                 :class:`~model_core.prompts.PromptSampler`.
+            support_keys, query_keys: optional ``(B, S)`` and ``(B, Q)`` int64 slice ids
+                (from :class:`~model_core.episodes.EpisodeSampler`); with a feature cache
+                (:meth:`cache_encoder_features`) slices seen before are not encoded again.
 
         Returns:
             Per query slice (lists of length Q): ``multimask_logits`` ``(B*K, M, H, W)``
@@ -860,7 +963,10 @@ class InContextSAM2(SAM2Base):
         self.check_images(query_images.flatten(0, 1), "query images")
         masks = self.check_masks(support_masks.flatten(0, 1), B * S, "support masks").view(B, S, K, *support_masks.shape[-2:])
         N = B * K
-        feats = self._episode_features(torch.cat([support_images.flatten(0, 1), query_images.flatten(0, 1)]))
+        keys = None
+        if support_keys is not None and query_keys is not None:
+            keys = torch.cat([torch.as_tensor(support_keys).flatten(), torch.as_tensor(query_keys).flatten()])
+        feats = self._episode_features(torch.cat([support_images.flatten(0, 1), query_images.flatten(0, 1)]), keys)
 
         def frame(index_of_b) -> tuple:
             idx = torch.tensor([index_of_b(b) for b in range(B)], device=self.device).repeat_interleave(K)

@@ -1,0 +1,161 @@
+"""Data loading for the bundle: start-up checks, lazy memory-mapped volumes, 2.5D channels,
+multi-channel images, and the training feature cache of a frozen encoder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
+
+from model_core import build_icl_sam2
+from model_core.data import EpisodeDataset, EpisodePrepareBatch, SelectChanneld, check_case, load_datalist
+from model_core.episodes import EpisodeSampler, slice_channels, volume_to_slices
+from model_core.losses import ICLSAM2Loss
+from model_core.phantoms import make_phantom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from make_phantom_dataset import make_dataset  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("phantoms")), train=3, validation=1, test=0, shape=(10, SIZE, SIZE))
+
+
+class CountingLoad(LoadImaged):
+    calls = 0
+
+    def __call__(self, data, *args, **kwargs):
+        CountingLoad.calls += 1
+        return super().__call__(data, *args, **kwargs)
+
+
+def _transform(size: int = SIZE):
+    return Compose([CountingLoad(["image", "label"], image_only=True), EnsureChannelFirstd(["image", "label"]),
+                    Resized(["image", "label"], spatial_size=(size, size, -1), mode=("bilinear", "nearest"))])
+
+
+def _write(path: Path, array: np.ndarray, affine=None) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------- start-up checks
+def test_check_case_names_shape_affine_and_unreadable_problems(tmp_path):
+    image = _write(tmp_path / "img.nii.gz", np.zeros((8, 8, 4), np.float32))
+    check_case({"image": image, "label": _write(tmp_path / "ok.nii.gz", np.zeros((8, 8, 4), np.uint8))})
+    with pytest.raises(ValueError, match=r"has shape \(8, 8, 4\) but its label .* has \(8, 8, 5\)"):
+        check_case({"image": image, "label": _write(tmp_path / "deep.nii.gz", np.zeros((8, 8, 5), np.uint8))})
+    with pytest.raises(ValueError, match="(?s)different affines .* resample the label onto the image grid"):
+        check_case({"image": image, "label": _write(tmp_path / "moved.nii.gz", np.zeros((8, 8, 4), np.uint8),
+                                                    np.diag([1.0, 1.0, 2.5, 1.0]))})
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"image: cannot read .*junk\.nii\.gz.* as an image volume"):
+        check_case({"image": str(tmp_path / "junk.nii.gz")})
+    with pytest.raises(ValueError, match=r"label: .*missing\.nii\.gz' does not exist"):
+        check_case({"image": image, "label": str(tmp_path / "missing.nii.gz")}, where="Case 3")
+
+
+def test_load_datalist_checks_every_case(tmp_path):
+    image = _write(tmp_path / "a.nii.gz", np.zeros((8, 8, 4), np.float32))
+    label = _write(tmp_path / "b.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz", "seg": "b.nii.gz"}]}))
+    with pytest.raises(ValueError, match=r"Entry 0 of 'training' in .*list\.json.*: image .* has shape"):
+        load_datalist(str(path))
+    assert load_datalist(str(path), check=False)[0] == {"image": image, "label": label}
+
+
+def test_a_volume_that_fails_to_load_is_named_before_training(datalist, tmp_path):
+    cases = load_datalist(datalist)
+    broken = tmp_path / "truncated.nii.gz"
+    broken.write_bytes(Path(cases[0]["image"]).read_bytes()[:300])  # header intact, data cut off
+    with pytest.raises(ValueError, match=r"Case '.*truncated\.nii\.gz' .* could not be loaded and preprocessed"):
+        EpisodeDataset([{**cases[0], "image": str(broken)}, *cases[1:]], _transform(), [1, 2, 3], 2, 2, SIZE)
+
+
+# ---------------------------------------------------------------- channels
+def test_2p5d_channels_are_the_neighbouring_slices():
+    volume = np.random.default_rng(0).random((5, SIZE, SIZE)).astype(np.float32)
+    out = slice_channels(volume, [0, 2, 4], SIZE, "2.5d")
+    assert out.shape == (3, 3, SIZE, SIZE)
+    expect = torch.as_tensor(volume)
+    assert torch.equal(out[1], expect[[1, 2, 3]])
+    assert torch.equal(out[0], expect[[0, 0, 1]]) and torch.equal(out[2], expect[[3, 4, 4]])  # repeated at the ends
+    replicated = volume_to_slices(volume, SIZE)
+    assert torch.equal(replicated[2], expect[2].expand(3, -1, -1))
+    with pytest.raises(ValueError, match="channel mode must be one of"):
+        slice_channels(volume, [0], SIZE, "rgb")
+
+
+def test_select_channel_of_a_multichannel_image():
+    image = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 2, 2)
+    assert SelectChanneld()({"image": image, "channel": 2})["image"].unique().tolist() == [2.0]
+    with pytest.raises(ValueError, match="has 4 channels .* \"channel\": N"):
+        SelectChanneld()({"image": image})
+    with pytest.raises(ValueError, match="channel 7 asked for, but the image has 4"):
+        SelectChanneld()({"image": image, "channel": 7})
+
+
+# ---------------------------------------------------------------- lazy volumes
+def test_cache_dir_memory_maps_preprocessed_volumes_and_reuses_them(datalist, tmp_path):
+    cases = load_datalist(datalist)
+    in_memory = EpisodeDataset(cases, _transform(), [1, 2, 3], 2, 3, SIZE, objects_per_episode=2, seed=5)
+    CountingLoad.calls = 0
+    lazy = EpisodeDataset(cases, _transform(), [1, 2, 3], 2, 3, SIZE, objects_per_episode=2, seed=5, cache_dir=str(tmp_path))
+    assert CountingLoad.calls == len(cases)
+    assert len(list(tmp_path.glob("*_image.npy"))) == len(cases) and not list(tmp_path.glob("*.tmp*"))
+    assert all(isinstance(img, np.memmap) and img.dtype == np.float16 for img in lazy.sampler.images)
+    a, b = in_memory[0], lazy[0]
+    assert torch.equal(a["support_masks"], b["support_masks"]) and torch.equal(a["query_keys"], b["query_keys"])
+    assert torch.allclose(a["query_images"], b["query_images"], atol=1e-3)  # float16 storage
+    CountingLoad.calls = 0
+    EpisodeDataset(cases, _transform(), [1, 2, 3], 2, 3, SIZE, cache_dir=str(tmp_path))
+    assert CountingLoad.calls == 0  # a second run reads the cache
+    EpisodeDataset(cases, _transform(SIZE // 2), [1, 2, 3], 2, 3, SIZE // 2, cache_dir=str(tmp_path))
+    assert CountingLoad.calls == len(cases)  # other preprocessing settings: new files
+    assert len(list(tmp_path.glob("*_image.npy"))) == 2 * len(cases)
+
+
+# ---------------------------------------------------------------- feature cache
+def test_feature_cache_gives_the_same_training_step_without_encoding_again():
+    volumes = [make_phantom((8, 64, 64), seed=i) for i in range(3)]
+    sampler = EpisodeSampler(volumes, [1, 2, 3], num_support=2, num_query=3, image_size=64, objects_per_episode=2, seed=0)
+    batch = sampler.sample(2)
+    inputs, targets, args, kwargs = EpisodePrepareBatch()(batch)
+    assert set(kwargs) == {"support_keys", "query_keys"}
+    torch.manual_seed(0)
+    model = build_icl_sam2("tiny", image_size=64, trainable="frozen").train()
+    def loss(**keys):
+        torch.manual_seed(1)  # memory attention has dropout in training mode
+        return ICLSAM2Loss()(model(inputs, *args, **keys), targets)["loss"]
+
+    reference = loss()
+    model.cache_encoder_features(100)
+    first = loss(**kwargs)
+    encoded = model.encoded_slices
+    second = loss(**kwargs)
+    assert model.encoded_slices == encoded  # nothing encoded the second time
+    unique = len(set(torch.cat([kwargs["support_keys"].flatten(), kwargs["query_keys"].flatten()]).tolist()))
+    assert model.feature_cache.misses == unique and model.feature_cache.hits == unique
+    assert torch.allclose(first, reference, atol=1e-6) and torch.allclose(second, reference, atol=1e-6)
+    second.backward()  # gradients still flow to everything after the encoder
+    assert any(p.grad is not None for p in model.memory_attention.parameters())
+    model.cache_encoder_features(2)
+    model(inputs, *args, **kwargs)
+    assert len(model.feature_cache) == 2  # bounded
+
+
+def test_feature_cache_refuses_a_trainable_encoder():
+    model = build_icl_sam2("tiny", image_size=64, trainable="all")
+    with pytest.raises(ValueError, match="needs a frozen image encoder"):
+        model.cache_encoder_features(10)
+    assert build_icl_sam2("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache is None

@@ -91,3 +91,52 @@ def test_bad_input_stops_before_training(phantoms, tmp_path):
     assert out.returncode != 0 and "'training' list of datalist" in out.stderr and "is empty" in out.stderr
     absent = _run("training", {**SMALL, "datalist_file": phantoms, "classes": [7]}, check=False)
     assert absent.returncode != 0 and "Class 7 appears in fewer than two volumes" in absent.stderr
+
+
+# a run id that interrupts training like Ctrl-C in the middle of epoch 2, and one that records the resumed state
+INTERRUPT = {
+    "probe_imports": ["$import json", "$from ignite.engine import Events"],
+    "ctrl_c": "$lambda engine: (_ for _ in ()).throw(KeyboardInterrupt('simulated Ctrl-C'))",
+    "interrupted_run": [
+        "$@train#trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), @ctrl_c)",
+        "$@train#trainer.run()",
+    ],
+    "probe": "${}",
+    "resumed_run": [
+        "$@probe.update(best_record=len(@validate#best_checkpoint._key_metric_checkpoint._saved))",
+        "$@train#trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: @probe.setdefault('first_iteration', e.state.iteration))",
+        "$@train#trainer.run()",
+        "$@probe.update(iteration=@train#trainer.state.iteration, epoch=@train#trainer.state.epoch,"
+        " adam_steps=int(next(iter(@optimizer.state.values()))['step']), lr_steps=@lr_scheduler.last_epoch)",
+        "$open(@probe_file, 'w').write(json.dumps(@probe))",
+    ],
+}
+
+
+def test_resume_after_an_interruption_continues_where_it_stopped(phantoms, tmp_path):
+    """Interrupted in epoch 2 of 3 (2 iterations per epoch), then resumed with ``--resume true``."""
+    probe_config = tmp_path / "probe.json"
+    probe_config.write_text(json.dumps(INTERRUPT))
+    configs = str(["bundle/configs/train.json", str(probe_config)])
+    overrides = {**SMALL, "datalist_file": phantoms, "max_epochs": 3, "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path), "probe_file": str(tmp_path / "state.json")}
+
+    def run(workflow: str, **extra) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", configs, *_cli({**overrides, **extra})]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+
+    nothing = run("resumed_run", resume=True)
+    assert nothing.returncode != 0 and "Nothing to resume from" in nothing.stderr
+    first = run("interrupted_run")
+    assert first.returncode != 0 and "simulated Ctrl-C" in first.stderr
+    saved = torch.load(tmp_path / "models" / "model_final.pt", map_location="cpu", weights_only=True)
+    assert saved["trainer"]["iteration"] == 3  # the exception handler saved the state at the interruption
+    assert (tmp_path / "models" / "model.pt").exists()  # best after epoch 1
+    second = run("resumed_run", resume=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restored all variables from" in second.stderr + second.stdout
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["first_iteration"] == 4  # continues inside epoch 2, nothing repeated
+    assert (state["iteration"], state["epoch"]) == (6, 3)
+    assert state["adam_steps"] == 6 and state["lr_steps"] == 6  # optimizer and schedule continued, not restarted
+    assert state["best_record"] == 1  # the best-Dice record of epoch 1 survives, so a worse model does not replace it

@@ -24,7 +24,7 @@ from model_core.data import as_slices, load_case, merge_labels
 from model_core.episodes import volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
 
-__all__ = ["build_support", "InContextInferer", "ConfidenceSaver", "support_slice_choice"]
+__all__ = ["build_support", "InContextInferer", "InContextSliceNet", "ConfidenceSaver", "support_slice_choice"]
 
 
 def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], per_class: int) -> list[tuple[int, int]]:
@@ -172,6 +172,39 @@ class InContextInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return out
+
+
+class InContextSliceNet(torch.nn.Module):
+    """The network as a plain ``image -> logits`` module, with its support set bound in.
+
+    ``InContextSAM2.forward`` takes whole episodes (support images, support masks,
+    query images, prompts) for training, so tools that call ``net(image)`` (MONAI's
+    ``verify_net_in_out``, exporters, generic inferers) get this view: the slices of a
+    batch are segmented in order as one short volume, with the support memory.
+
+    Args:
+        network: an :class:`~model_core.network.InContextSAM2`.
+        support: a support memory or a zero-argument callable that builds it (built on first use).
+        policy: memory selection policy name.
+    """
+
+    def __init__(self, network, support: SupportMemory | Callable[[], SupportMemory], policy: str = "recent"):
+        super().__init__()
+        self.network = network
+        self._support = support
+        self.policy = MemoryPolicy(policy)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args:
+            images: ``(N, 3, H, W)`` consecutive slices in [0, 1] at the model size.
+
+        Returns:
+            ``(N, K, H, W)`` float32 mask logits, one channel per support object.
+        """
+        if callable(self._support) and not isinstance(self._support, SupportMemory):
+            self._support = self._support()
+        pred = self.network.segment_volume(images, self._support, policy=self.policy, return_logits=True)
+        return pred.logits.float().transpose(0, 1).to(images.device)
 
 
 class ConfidenceSaver:

@@ -120,3 +120,21 @@ def test_logging_conf_parses():
             if h not in root.handlers:
                 root.addHandler(h)
         root.setLevel(saved[0])
+
+
+def test_verify_net_in_out_on_the_declared_input_and_output(tmp_path):
+    """MONAI's verify_net_in_out builds ``slice_network`` (the network with its support set bound in)
+    and checks a forward pass on fake data of metadata.json's declared input shape and dtype."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_phantom_dataset import make_dataset
+
+    datalist = make_dataset(str(tmp_path / "data"), train=1, validation=0, test=0, shape=(6, 64, 64))
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "slice_network", "--meta_file", str(META_FILE),
+           "--config_file", str(BUNDLE / "configs" / "inference.json"), "--device", "cpu", "--preset", "tiny",
+           "--datalist_file", datalist, "--intensity#window", "[0,1]", "--classes", "[1]"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data shape of network is verified with no error" in out.stdout + out.stderr
+    # and it does fail when the output disagrees with the metadata: two structures, one declared channel
+    bad = subprocess.run([*cmd[:-1], "[1,2]"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "output" in bad.stderr.lower()

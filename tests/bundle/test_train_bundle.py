@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +93,21 @@ def test_bad_input_stops_before_training(phantoms, tmp_path):
     assert out.returncode != 0 and "'training' list of datalist" in out.stderr and "is empty" in out.stderr
     absent = _run("training", {**SMALL, "datalist_file": phantoms, "classes": [7]}, check=False)
     assert absent.returncode != 0 and "Class 7 appears in fewer than two volumes" in absent.stderr
+    # a label on another grid, and a file that is no image: named at start-up, before any training step
+    cases = json.loads(Path(phantoms).read_text())
+    base = Path(phantoms).parent
+    img = nib.load(str(base / cases["training"][0]["label"]))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), str(tmp_path / "short_label.nii.gz"))
+    (tmp_path / "junk.nii.gz").write_bytes(b"\x00" * 64)
+    for bad_case, message in (({"label": str(tmp_path / "short_label.nii.gz")}, "they must be on the same grid"),
+                              ({"image": str(tmp_path / "junk.nii.gz")}, "as an image volume")):
+        listed = {**cases, "training": [{k: str(base / v) for k, v in cases["training"][0].items()} | bad_case,
+                                        *cases["training"][1:]]}
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(listed))
+        out = _run("training", {**SMALL, "datalist_file": str(path)}, check=False)
+        assert out.returncode != 0 and "Entry 0 of 'training'" in out.stderr and message in out.stderr
+        assert "Epoch:" not in out.stderr + out.stdout
 
 
 # a run id that interrupts training like Ctrl-C in the middle of epoch 2, and one that records the resumed state

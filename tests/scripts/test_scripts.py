@@ -41,3 +41,22 @@ def test_phantom_demo_trains_and_reports_dice(tmp_path):
     result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert result["steps"] == 3 and 0.0 <= result["final_dice"] <= 1.0
     assert ckpt.exists()
+
+
+def test_main_job_runs_the_bundle_end_to_end(tmp_path):
+    """The README's first command (short settings): train, evaluate, infer and the real-MRI evaluation."""
+    out = _run(sys.executable, "scripts/run_bundle_demo.py", "--steps", "4", "--epochs", "2", "--image_size", "64",
+               "--bundle_root", str(tmp_path / "bundle")).stdout
+    assert "-m monai.bundle run training --config_file bundle/configs/train.json" in out  # each step shown as a command
+    assert "Held-out phantoms" in out
+    for model in ("untrained", "trained"):
+        rows = [line.split() for line in out.splitlines() if line.strip().startswith(f"{model} ")]
+        assert [r[1] for r in rows][:4] == ["blob", "tube", "block", "mean"]
+        assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # Dice
+    labels = sorted((tmp_path / "bundle" / "outputs" / "inference").glob("*_seg.nii.gz"))
+    assert len(labels) == 2 and len(list(labels[0].parent.glob("*_confidence.json"))) == 2
+    assert (tmp_path / "bundle" / "models" / "model_final.pt").exists()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_mricron_study import available
+
+    assert ("Real T1 MRI" in out) == available()

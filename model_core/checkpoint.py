@@ -49,6 +49,9 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 meta = data.get("icl_sam2", {}) or {}
                 data = data[key]
                 break
+    if isinstance(data, dict) and not isinstance(data.get("checkpointer", torch.empty(0)), torch.Tensor):
+        # Ignite's Checkpoint with include_self (MONAI's key_metric_save_state) stores its record in the same dict
+        data = {k: v for k, v in data.items() if k != "checkpointer"}
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path!r} holds no model state dict (expected {{'model': state_dict}} or a state dict).")
     if all(k.startswith("module.") for k in data):  # saved from DataParallel / DDP

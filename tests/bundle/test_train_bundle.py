@@ -57,6 +57,9 @@ def test_training_via_monai_bundle_run(phantoms, tmp_path):
     assert "Train completed" in log
     assert log.count("val_mean_dice:") >= 2  # validation on full volumes after each epoch
     assert (tmp_path / "models" / "model.pt").exists()  # best checkpoint by Dice
+    from model_core import load_checkpoint as strict_load  # it holds Ignite's best-metric record beside the weights
+
+    strict_load(build_icl_sam2("tiny", image_size=64), str(tmp_path / "models" / "model.pt"))
     final = tmp_path / "models" / "model_final.pt"
     assert final.exists() and (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()
     torch.manual_seed(123)

@@ -101,6 +101,18 @@ class _SliceFeatures:
         # (at 512 px they are 21 MB per slice, five times the features themselves)
         self.pos: list[torch.Tensor] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached features (and the shared positional encodings)."""
+        tensors = [t for levels in self.cache.values() for t in levels] + list(self.pos or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def shrink(self, max_bytes: int) -> None:
+        """Drop least recently used slices until at most ``max_bytes`` are held (at least one slice stays)."""
+        while len(self.cache) > 1 and self.nbytes > max_bytes:
+            self.cache.popitem(last=False)
+        self.capacity = max(min(self.capacity, len(self.cache)), 1)
+
     def prefetch(self, indices: Sequence[int]) -> None:
         """When ``indices[0]`` (the slice needed now) is not cached, encode it and the next
         uncached ones, up to ``encoder_batch_size``, in one batch."""
@@ -451,6 +463,7 @@ class InContextSAM2(SAM2Base):
         object_ids: Sequence[Any] | None = None,
         feature_cache_slices: int | None = None,
         storage_device: torch.device | str = "cpu",
+        share_features_with: VolumeState | None = None,
     ) -> VolumeState:
         """Start segmenting a query volume.
 
@@ -461,8 +474,14 @@ class InContextSAM2(SAM2Base):
                 ``[1]`` without support).
             feature_cache_slices: LRU size for image features (default ``self.feature_cache_slices``).
             storage_device: where per-slice results are kept.
+            share_features_with: an earlier state of the same slices whose image-feature
+                cache this one reuses (an interactive session restarting with other prompts
+                or objects without encoding the volume again).
         """
         images = self.check_images(images, "query images")
+        if share_features_with is not None and share_features_with.images.shape != images.shape:
+            raise ValueError(f"share_features_with holds {tuple(share_features_with.images.shape)} slices, "
+                             f"not {tuple(images.shape)}: features can only be shared by the same volume.")
         if support is not None:
             if support.architecture and support.architecture != self.architecture:
                 raise ValueError(
@@ -478,7 +497,11 @@ class InContextSAM2(SAM2Base):
         if len(object_ids) == 0:
             raise ValueError("Nothing to segment: object_ids is empty.")
         cache = self.feature_cache_slices if feature_cache_slices is None else feature_cache_slices
-        return VolumeState(self, images, support, object_ids, cache, storage_device)
+        state = VolumeState(self, images, support, object_ids, cache, storage_device)
+        if share_features_with is not None:
+            state.features = share_features_with.features
+            state.features.capacity = max(state.features.capacity, int(cache))
+        return state
 
     def _object_index(self, state: VolumeState, obj: Any) -> int:
         if obj not in state.object_ids:

@@ -1,0 +1,421 @@
+"""In-context and interactive segmentation of volume files, for servers (the MONAI Label app).
+
+MONAI Label's ``BasicInferTask`` runs one network over one preprocessed image per
+request; it has no notion of a support set built from the datastore's labels, nor
+of an interactive session whose image features outlive a request. This module
+keeps both, and nothing server-specific: the app maps requests onto it.
+
+- Preprocessing and postprocessing are the bundle's own (``inference.json``, with
+  its ``%train.json`` macros), so intensities, orientation, resizing and the
+  inversion to the image's original space are exactly the bundle's.
+- The network is loaded lazily and reloaded when its checkpoint file changes (a
+  newly published model); with no checkpoint it runs its initial weights and says so.
+- Support memories are built from the labelled volumes once and rebuilt only when
+  those files or the weights change.
+- Interactive sessions are keyed by (client, image): the slice features of each
+  image stay in an LRU under a memory cap, so a follow-up click runs the decoder and
+  propagation only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from model_core.checkpoint import load_checkpoint
+from model_core.data import as_slices, load_case
+from model_core.episodes import volume_to_slices
+from model_core.inference import InContextInferer, build_support
+from model_core.memory import SupportMemory
+from model_core.presets import build_icl_sam2
+from model_core.prompts import SlicePrompt
+
+__all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "load_bundle_parser"]
+
+
+def load_bundle_parser(bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None) -> ConfigParser:
+    """A ``ConfigParser`` of one of the bundle's configs, usable from any working directory.
+
+    The bundle's configs refer to each other as ``%bundle/configs/<file>#key`` (paths
+    relative to the repository root, as ``python -m monai.bundle`` is run from there);
+    those macros are pointed at ``bundle_dir`` here.
+    """
+    configs = os.path.join(os.path.abspath(bundle_dir), "configs")
+    with open(os.path.join(configs, config)) as f:
+        content = json.load(f)
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("%bundle/configs/"):
+            return "%" + configs + "/" + value[len("%bundle/configs/"):]
+        if isinstance(value, dict):
+            return {k: absolute(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return value
+
+    parser = ConfigParser(absolute(content))
+    parser["bundle_root"] = os.path.abspath(bundle_dir)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+@dataclass
+class ServiceConfig:
+    """What a server configures (MONAI Label's ``--conf``).
+
+    Args:
+        bundle_dir: the MONAI bundle whose configs define pre- and postprocessing.
+        labels: ``{name: label value}`` of the structures to segment.
+        checkpoint: weights to load (reloaded when the file changes); missing = initial weights.
+        preset, image_size: the network (see :func:`~model_core.presets.build_icl_sam2`).
+        device: ``cpu`` or ``cuda``.
+        modality, window, percentiles: intensity scaling, as in the bundle.
+        channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
+        max_support_volumes: labelled volumes used as the support set (the most recent first).
+        num_support_slices: support slices per class.
+        session_cache_mb: memory cap of the interactive sessions' image features.
+        max_sessions: at most this many interactive sessions are kept.
+    """
+
+    bundle_dir: str
+    labels: dict[str, int]
+    checkpoint: str | None = None
+    preset: str = "sam2.1_hiera_tiny"
+    image_size: int = 512
+    device: str = "cpu"
+    modality: str = "CT"
+    window: Sequence[float] = (-200.0, 300.0)
+    percentiles: Sequence[float] = (0.5, 99.5)
+    channel_mode: str = "replicate"
+    max_support_volumes: int = 4
+    num_support_slices: int = 3
+    session_cache_mb: float = 2048.0
+    max_sessions: int = 8
+
+
+@dataclass
+class Segmentation:
+    """A label map in the image's original space and what goes with it.
+
+    Attributes:
+        label: ``(1, *original spatial shape)`` int16 ``MetaTensor`` with the original affine.
+        confidence: ``{label name: confidence in [0, 1]}``.
+        info: counters and provenance (model version, slices encoded, seconds).
+    """
+
+    label: MetaTensor
+    confidence: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Session:
+    """One client's interactive work on one image: the preprocessed volume and its feature cache."""
+
+    def __init__(self, image: MetaTensor, slices: torch.Tensor):
+        self.image, self.slices = image, slices
+        self.anchor = None  # the VolumeState whose feature cache later states share
+        self.used = time.monotonic()
+
+    @property
+    def nbytes(self) -> int:
+        return self.anchor.features.nbytes if self.anchor is not None else 0
+
+
+class SegmentationService:
+    """In-context and interactive segmentation of volume files with one network.
+
+    Thread-safe: requests are serialized by a lock (one network, one device).
+
+    Args:
+        config: see :class:`ServiceConfig`.
+    """
+
+    def __init__(self, config: ServiceConfig):
+        if not config.labels:
+            raise ValueError("No labels configured: give the structures to segment as {name: label value}.")
+        self.config = config
+        self.labels = {str(k): int(v) for k, v in config.labels.items()}
+        self.names = {v: k for k, v in self.labels.items()}
+        self.classes = sorted(self.labels.values())
+        overrides = {
+            "preset": config.preset,
+            "image_size": int(config.image_size),
+            "classes": self.classes,
+            "modality": config.modality,
+            "intensity#window": [float(v) for v in config.window],
+            "intensity#percentiles": [float(v) for v in config.percentiles],
+            "channel_mode": config.channel_mode,
+            "device": f"$torch.device('{config.device}')",
+        }
+        parser = load_bundle_parser(config.bundle_dir, "inference.json", overrides)
+        self.preprocessing: Compose = parser.get_parsed_content("preprocessing")
+        self.support_preprocessing: Compose = parser.get_parsed_content("train#preprocessing")
+        post = parser.get_parsed_content("postprocessing")
+        # the bundle's postprocessing ends with SaveImaged; a server writes its own files
+        self.postprocessing = Compose([t for t in post.transforms if type(t).__name__ != "SaveImaged"])
+        self.device = torch.device(config.device)
+        self._lock = threading.RLock()
+        self._network = None
+        self._loaded_stamp: tuple | None = None
+        self._support: tuple[str, SupportMemory] | None = None
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        #: number of times weights were (re)loaded from the checkpoint
+        self.reloads = 0
+
+    # ------------------------------------------------------------------ model
+    def _checkpoint_stamp(self) -> tuple | None:
+        path = self.config.checkpoint
+        if not path or not os.path.isfile(path):
+            return None
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+    @property
+    def network(self):
+        """The network, (re)loaded when the checkpoint file appeared or changed since the last request."""
+        with self._lock:
+            stamp = self._checkpoint_stamp()
+            if self._network is None or stamp != self._loaded_stamp:
+                network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device)
+                if stamp is not None:
+                    load_checkpoint(network, stamp[0])
+                    self.reloads += 1
+                self._network = network.eval()
+                self._loaded_stamp = stamp
+                self._sessions.clear()  # their features came from the old weights
+            return self._network
+
+    def model_info(self) -> dict[str, Any]:
+        """Which weights serve requests: the checkpoint (or that there is none) and a version id."""
+        network = self.network
+        version = hashlib.sha1(json.dumps(network.architecture["weights"]).encode()).hexdigest()[:12]
+        return {
+            "checkpoint": self._loaded_stamp[0] if self._loaded_stamp else None,
+            "untrained": self._loaded_stamp is None,
+            "model_version": version,
+            "preset": self.config.preset,
+            "image_size": int(self.config.image_size),
+        }
+
+    # ------------------------------------------------------------------ support
+    def support_memory(self, labelled: Sequence[dict[str, str]]) -> SupportMemory:
+        """The support memory of the labelled volumes, rebuilt only when they or the weights change.
+
+        Args:
+            labelled: ``[{"image": path, "label": path}]``, most relevant first; the first
+                ``max_support_volumes`` are used.
+
+        Raises:
+            ValueError: no labelled volume, or a class absent from all of them.
+        """
+        if not labelled:
+            raise ValueError("No labelled volume yet: label at least one volume (save it as a final label) "
+                             "so in-context segmentation has a support set.")
+        with self._lock:
+            network = self.network
+            used = [dict(item) for item in labelled[: max(int(self.config.max_support_volumes), 1)]]
+            stamp = [[item["image"], item["label"], *(os.stat(item[k]).st_mtime_ns for k in ("image", "label"))]
+                     for item in used]
+            key = json.dumps([stamp, network.architecture["weights"]])
+            if self._support is None or self._support[0] != key:
+                memory = build_support(network, used, self.support_preprocessing, self.classes,
+                                       int(self.config.num_support_slices), channel_mode=self.config.channel_mode)
+                self._support = (key, memory)
+            return self._support[1]
+
+    def invalidate_support(self) -> None:
+        """Forget the cached support memory (e.g. a label was saved)."""
+        with self._lock:
+            self._support = None
+
+    # ------------------------------------------------------------------ helpers
+    def _preprocess(self, image_path: str) -> tuple[MetaTensor, torch.Tensor]:
+        item = load_case({"image": image_path}, self.preprocessing)
+        image = item["image"]
+        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), self.network.image_size, self.config.channel_mode)
+        return image, slices
+
+    def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
+        """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space."""
+        pred = MetaTensor(probabilities, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+        data = {"image": image, "pred": pred}
+        # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
+        out = self.postprocessing(data)["pred"]
+        if list(label_values) != self.classes:
+            index = torch.as_tensor(out).long()
+            lut = torch.zeros(max(self.classes) + 1, dtype=torch.long)
+            for k, value in enumerate(label_values, start=1):
+                lut[self.classes[k - 1]] = int(value)
+            out = MetaTensor(lut[index], meta=out.meta)
+        return MetaTensor(torch.as_tensor(out).to(torch.int16), meta=out.meta)
+
+    # ------------------------------------------------------------------ in-context
+    @torch.inference_mode()
+    def segment(self, image_path: str, labelled: Sequence[dict[str, str]]) -> Segmentation:
+        """Segment every configured class of a volume in context of the labelled volumes."""
+        with self._lock:
+            start, encoded = time.perf_counter(), self.network.encoded_slices
+            support = self.support_memory(labelled)
+            image, _ = self._preprocess(image_path)
+            inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
+            probabilities = inferer(image[None].to(self.device), self.network)[0]
+            label = self._to_original(image, probabilities.cpu(), self.classes)
+            confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
+            info = {**self.model_info(), "encoded_slices": self.network.encoded_slices - encoded,
+                    "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
+            return Segmentation(label, confidence, info)
+
+    # ------------------------------------------------------------------ interactive
+    def _session(self, client: str, image_path: str) -> _Session:
+        key = (str(client), os.path.abspath(image_path))
+        session = self._sessions.get(key)
+        if session is None:
+            image, slices = self._preprocess(image_path)
+            session = _Session(image, slices)
+            self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        session.used = time.monotonic()
+        return session
+
+    def _enforce_cache_limits(self, current: _Session) -> None:
+        cap = int(float(self.config.session_cache_mb) * 2**20)
+        while len(self._sessions) > max(int(self.config.max_sessions), 1) or (
+            sum(s.nbytes for s in self._sessions.values()) > cap and len(self._sessions) > 1
+        ):
+            oldest_key = next(k for k, s in self._sessions.items() if s is not current)
+            del self._sessions[oldest_key]
+        if current.anchor is not None and current.nbytes > cap:
+            current.anchor.features.shrink(cap)
+
+    def to_model_grid(self, image: MetaTensor, points: Sequence[Sequence[float]]) -> np.ndarray:
+        """Voxel indices ``[i, j, k]`` of the image file (as Slicer and OHIF send them) to
+        ``(x, y, slice)`` on the model grid, through the original and preprocessed affines."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        original = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        current = np.asarray(image.affine, dtype=np.float64)
+        world = original @ np.concatenate([pts, np.ones((len(pts), 1))], axis=1).T
+        index = (np.linalg.inv(current) @ world)[:3].T  # (row, column, slice) of the (1, H, W, D) volume
+        return np.stack([index[:, 1], index[:, 0], index[:, 2]], axis=1)
+
+    def _check_points(self, image: MetaTensor, points: Sequence[Sequence[float]], what: str) -> None:
+        shape = np.asarray(image.meta["spatial_shape"], dtype=np.float64)
+        for p in points:
+            if len(p) != 3:
+                raise ValueError(f"{what} point {list(p)} must be [i, j, k] voxel indices of the image.")
+            if np.any(np.asarray(p, dtype=np.float64) < 0) or np.any(np.asarray(p, dtype=np.float64) > shape - 1):
+                raise ValueError(f"{what} point {list(p)} is outside the image (voxel indices 0..{(shape - 1).astype(int).tolist()}).")
+
+    @torch.inference_mode()
+    def interact(
+        self,
+        client: str,
+        image_path: str,
+        label: str | None = None,
+        foreground: Sequence[Sequence[float]] = (),
+        background: Sequence[Sequence[float]] = (),
+        roi: Sequence[float] | None = None,
+        from_in_context: bool = False,
+        labelled: Sequence[dict[str, str]] = (),
+    ) -> Segmentation:
+        """Segment from clicks and a box, propagated through the volume in both directions.
+
+        Each request carries all of the current clicks (as the Slicer and OHIF plugins
+        send them); the session keeps the image's features, not the clicks.
+
+        Args:
+            client: the client session (two clients never share results).
+            image_path: the image file.
+            label: the structure's name (default: the first configured label).
+            foreground, background: ``[[i, j, k], ...]`` voxel indices of the image file.
+            roi: ``[i0, i1, j0, j1, k0, k1]`` voxel box (Slicer's ROI); its middle slice gets a box prompt.
+            from_in_context: start from the in-context result of ``labelled`` and correct it.
+            labelled: the support volumes (for ``from_in_context``).
+
+        Raises:
+            ValueError: unknown label, points outside the volume, an empty box, no prompt.
+        """
+        label = label or next(iter(self.labels))
+        if label not in self.labels:
+            raise ValueError(f"Unknown label {label!r}; this model segments {sorted(self.labels)}.")
+        if not foreground and not background and roi is None:
+            raise ValueError("Nothing to segment from: give foreground/background points or an ROI box.")
+        with self._lock:
+            network = self.network
+            start, encoded = time.perf_counter(), network.encoded_slices
+            session = self._session(client, image_path)
+            image = session.image
+            self._check_points(image, foreground, "Foreground")
+            self._check_points(image, background, "Background")
+            value = self.labels[label]
+            prompts: dict[int, dict[str, list]] = {}
+            for points, positive in ((foreground, 1), (background, 0)):
+                for x, y, z in self.to_model_grid(image, points) if len(points) else []:
+                    z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
+                    entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+                    entry["points"].append([float(x), float(y)])
+                    entry["labels"].append(positive)
+            if roi is not None:
+                roi = [float(v) for v in roi]
+                if len(roi) != 6:
+                    raise ValueError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
+                lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
+                if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
+                    raise ValueError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
+                self._check_points(image, [lo, hi], "ROI corner")
+                corners = self.to_model_grid(image, [lo, hi])
+                x0, x1 = sorted(corners[:, 0])
+                y0, y1 = sorted(corners[:, 1])
+                z = int(np.clip(round(corners[:, 2].mean()), 0, session.slices.shape[0] - 1))
+                entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+                entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+            support, objects = None, [value]
+            if from_in_context:
+                support = self.support_memory(labelled)
+                objects = list(support.object_ids)
+                if value not in objects:
+                    raise ValueError(f"Label {label!r} is not in the support set {objects}.")
+            state = network.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
+                                       share_features_with=session.anchor)
+            if session.anchor is None:
+                session.anchor = state
+            for z, entry in sorted(prompts.items()):
+                prompt = SlicePrompt(
+                    points=torch.tensor(entry["points"]) if entry["points"] else None,
+                    labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
+                    box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
+                )
+                network.add_prompt(state, z, value, prompt)
+            H = W = network.image_size
+            D = session.slices.shape[0]
+            logits = torch.full((len(objects), D, H, W), -1.0)
+            for z, out in network.propagate(state, start_slice=min(prompts), direction="both"):
+                logits[:, z] = out[:, 0].float().cpu()
+            probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+            if roi is not None:  # nothing outside the ROI's slices
+                k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
+                outside = torch.ones(D, dtype=torch.bool)
+                outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
+                probs[objects.index(value), :, :, outside] = 0
+            probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+            result = self._to_original(image, probabilities, objects) if from_in_context else \
+                self._to_original(image, probabilities, [value])
+            self._enforce_cache_limits(session)
+            info = {**self.model_info(), "encoded_slices": network.encoded_slices - encoded,
+                    "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
+                    "session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
+                    "sessions": len(self._sessions)}
+            return Segmentation(result, {}, info)

@@ -1,0 +1,58 @@
+"""Model ``icl_sam2``: in-context and interactive infer tasks, training, scoring and strategy, one network."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+
+from lib.activelearning.confidence import LeastConfidence
+from lib.infers.icl_sam2 import InContextInfer, InteractiveInfer
+from lib.scoring.confidence import InContextConfidence
+from lib.settings import service_config
+from lib.trainers.icl_sam2 import ICLSAM2Train
+from model_core.service import SegmentationService
+
+logger = logging.getLogger(__name__)
+
+
+class ICLSAM2(TaskConfig):
+    """All tasks share one :class:`SegmentationService` (one network, one support cache), built on first use so
+    that the server starts fast and MONAI Label's training/scoring subprocesses only load what they use."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = service_config(conf, kwargs.get("app_dir") or os.path.dirname(os.path.dirname(model_dir)))
+        self.labels = dict(self.settings.labels)
+        self.datastore = kwargs.get("datastore")
+        self._service: SegmentationService | None = None
+        self._lock = threading.Lock()
+        checkpoint = self.settings.checkpoint
+        if not os.path.isfile(checkpoint):
+            logger.warning(f"No checkpoint at {checkpoint}: the icl_sam2 models run UNTRAINED (initial) weights. "
+                           "Train from the app, or pass --conf checkpoint <file>.")
+
+    def service(self) -> SegmentationService:
+        with self._lock:
+            if self._service is None:
+                self._service = SegmentationService(self.settings)
+            return self._service
+
+    def infer(self):
+        return {
+            self.name: InContextInfer(self.service, self.datastore, self.labels),
+            f"{self.name}_interactive": InteractiveInfer(self.service, self.datastore, self.labels),
+        }
+
+    def trainer(self):
+        # training runs beside the served checkpoint (published there when done)
+        return ICLSAM2Train(self.settings, os.path.join(os.path.dirname(self.settings.checkpoint), f"{self.name}_training"))
+
+    def strategy(self):
+        return {"confidence": LeastConfidence()}
+
+    def scoring_method(self):
+        return {f"{self.name}_confidence": InContextConfidence(self.service)}

@@ -1,0 +1,1 @@
+"""ICL-SAM2 MONAI Label app."""

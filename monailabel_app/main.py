@@ -1,0 +1,112 @@
+"""ICL-SAM2 MONAI Label app: in-context and interactive SAM2 segmentation for 3D Slicer and OHIF.
+
+    monailabel start_server --app monailabel_app --studies <images> --conf models icl_sam2 \
+        [--conf labels '{"kidney": 1}'] [--conf preset sam2.1_hiera_tiny] [--conf checkpoint <file>] \
+        [--conf device cpu] [--conf modality CT]
+
+Layout as in MONAI Label's radiology app: lib/configs (one TaskConfig per model),
+lib/infers, lib/trainers, lib/activelearning, lib/scoring. The options are listed
+in lib/settings.py and under /info's ``config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# the app's own lib/ and the repository (model_core) must stay importable after start-up
+APP_DIR = os.path.dirname(os.path.realpath(__file__))
+for path in (APP_DIR, os.path.dirname(APP_DIR)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import lib.configs.icl_sam2  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+
+from lib.datastore import CheckedDatastore  # noqa: E402
+from lib.settings import OPTIONS  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODELS = {"icl_sam2": lib.configs.icl_sam2.ICLSAM2}
+
+
+class ICLSAM2App(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.model_dir = os.path.join(app_dir, "model")
+        names = [m.strip() for m in conf.get("models", "icl_sam2").split(",") if m.strip()]
+        names = list(MODELS) if names == ["all"] else names
+        unknown = [n for n in names if n not in MODELS]
+        if unknown or not names:
+            raise ValueError(f"--conf models {conf.get('models')!r}: unknown {unknown}; available: {sorted(MODELS)} (or 'all').")
+        self.studies_dir = studies
+        self.models = {}
+        self._conf = conf
+        self._app_dir = app_dir
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ICL-SAM2",
+                         description="In-context and interactive SAM2 segmentation of CT and MRI volumes",
+                         version="0.1.0")
+
+    def init_datastore(self):
+        logger.info(f"Init datastore for {self.studies}")
+        return CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _configs(self):
+        if not self.models:
+            names = [m.strip() for m in self._conf.get("models", "icl_sam2").split(",") if m.strip()]
+            for name in list(MODELS) if names == ["all"] else names:
+                config = MODELS[name]()
+                config.init(name, self.model_dir, self._conf, None, app_dir=self._app_dir, datastore=self.datastore)
+                self.models[name] = config
+        return self.models
+
+    def init_infers(self):
+        infers = {}
+        for config in self._configs().values():
+            infers.update(config.infer())
+        return infers
+
+    def init_trainers(self):
+        return {name: config.trainer() for name, config in self._configs().items()}
+
+    def init_strategies(self):
+        strategies = {"random": Random(), "first": First()}
+        for config in self._configs().values():
+            strategies.update(config.strategy())
+        return strategies
+
+    def init_scoring_methods(self):
+        methods = {}
+        for config in self._configs().values():
+            methods.update(config.scoring_method())
+        return methods
+
+    def info(self):
+        info = super().info()
+        info["config_options"] = {k: {"default": v[0], "about": v[1]} for k, v in OPTIONS.items()}
+        info["models_status"] = {
+            name: {"checkpoint": c.settings.checkpoint, "untrained": not os.path.isfile(c.settings.checkpoint)}
+            for name, c in self._configs().items()
+        }
+        return info
+
+    def infer(self, request, datastore=None):
+        # MONAI Label answers an unknown model or image with a 500; a client error deserves a 4xx that says why
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"Unknown model {model!r}; this server has {sorted(self._infers)}.")
+        return super().infer(request, datastore)
+
+    def on_save_label(self, image_id, label_id):
+        # a new or changed label changes the support set: its memory is rebuilt on the next request
+        for config in self._configs().values():
+            if config._service is not None:
+                config._service.invalidate_support()
+        return super().on_save_label(image_id, label_id)

@@ -1,0 +1,108 @@
+"""SegmentationService: coordinates of the clients, session caches under limits, model reload, support cache."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from model_core import build_icl_sam2, save_checkpoint
+from model_core.data import as_slices, load_case
+from model_core.phantoms import make_phantom
+from model_core.service import SegmentationService, ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = {"blob": 1, "tube": 2, "block": 3}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    out = []
+    for i in range(3):
+        image, label = make_phantom((10, 64, 48), seed=i)  # (D, H, W)
+        # stored LPS-like (first two axes flipped) and anisotropic, slices along k
+        affine = np.diag([-0.8, -1.2, 2.5, 1.0])
+        affine[:3, 3] = [50, 60, -10]
+        to_file = lambda a: np.ascontiguousarray(a.transpose(1, 2, 0))  # noqa: E731  (H, W, D)
+        paths = {}
+        for key, array in (("image", to_file(image).astype(np.float32)), ("label", to_file(label).astype(np.uint8))):
+            paths[key] = str(root / f"case{i}_{key}.nii.gz")
+            nib.save(nib.Nifti1Image(array, affine), paths[key])
+        out.append(paths)
+    return root, out
+
+
+def _service(root, **kw) -> SegmentationService:
+    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "model.pt"), preset="tiny",
+                           image_size=64, window=(0, 1), **kw)
+    return SegmentationService(config)
+
+
+def test_client_voxel_indices_map_onto_the_same_anatomy_on_the_model_grid(files):
+    root, cases = files
+    service = _service(root)
+    session = service._session("a", cases[0]["image"])
+    # the label on the model grid, through the bundle's own transforms (nearest-neighbour for labels)
+    model_grid = as_slices(load_case(cases[0], service.support_preprocessing)["label"]).numpy()  # (D, 64, 64)
+    label = np.asarray(nib.load(cases[0]["label"]).dataobj)
+    hits = {}
+    for structure in (1, 2, 3):
+        voxels = np.argwhere(label == structure)
+        voxels = voxels[np.linspace(0, len(voxels) - 1, 40).astype(int)]  # file indices [i, j, k], as clients send
+        x, y, z = np.rint(service.to_model_grid(session.image, voxels)).astype(int).T
+        hits[structure] = np.mean(model_grid[z.clip(0, 9), y.clip(0, 63), x.clip(0, 63)] == structure)
+    assert min(hits.values()) > 0.8, hits  # the same structure there (edges may move by resampling)
+
+
+def test_sessions_are_evicted_by_count_and_capped_by_memory(files):
+    root, cases = files
+    service = _service(root, max_sessions=1)
+    a = service.interact("alice", cases[0]["image"], "blob", foreground=[[30, 20, 5]])
+    assert a.info["encoded_slices"] == 10 and a.info["sessions"] == 1
+    b = service.interact("bob", cases[1]["image"], "blob", foreground=[[30, 20, 5]])
+    assert b.info["encoded_slices"] == 10 and b.info["sessions"] == 1  # alice's session made room
+    again = service.interact("alice", cases[0]["image"], "blob", foreground=[[30, 20, 5]])
+    assert again.info["encoded_slices"] == 10  # evicted, so encoded again
+    assert torch.equal(torch.as_tensor(again.label), torch.as_tensor(a.label))  # and the same result
+    capped = _service(root, session_cache_mb=0.05)
+    capped.interact("carol", cases[0]["image"], "blob", foreground=[[30, 20, 5]])
+    session = next(iter(capped._sessions.values()))
+    assert session.nbytes <= 0.05 * 2**20 or len(session.anchor.features.cache) == 1
+
+
+def test_a_new_checkpoint_is_loaded_on_the_next_request(files, tmp_path):
+    root, cases = files
+    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(tmp_path / "m.pt"),
+                           preset="tiny", image_size=64, window=(0, 1))
+    service = SegmentationService(config)
+    assert service.model_info()["untrained"] is True and service.reloads == 0
+    torch.manual_seed(7)
+    save_checkpoint(build_icl_sam2("tiny", image_size=64), str(tmp_path / "m.pt"))
+    info = service.model_info()
+    assert info["untrained"] is False and service.reloads == 1
+    time.sleep(0.01)
+    torch.manual_seed(8)
+    save_checkpoint(build_icl_sam2("tiny", image_size=64), str(tmp_path / "m.pt"))
+    assert service.model_info()["model_version"] != info["model_version"] and service.reloads == 2
+
+
+def test_support_is_cached_and_rebuilt_when_a_label_changes(files, tmp_path):
+    root, cases = files
+    service = _service(root)
+    first = service.segment(cases[1]["image"], [cases[0]])
+    second = service.segment(cases[2]["image"], [cases[0]])
+    assert second.info["encoded_slices"] == 10 < first.info["encoded_slices"]  # support not encoded again
+    os.utime(cases[0]["label"], None)  # the label was saved again
+    third = service.segment(cases[2]["image"], [cases[0]])
+    assert third.info["encoded_slices"] == first.info["encoded_slices"]
+    assert first.label.shape == (1, 64, 48, 10) and np.allclose(first.label.affine, nib.load(cases[1]["image"]).affine)
+    with pytest.raises(ValueError, match="label at least one volume"):
+        service.segment(cases[1]["image"], [])
+
+

@@ -1,56 +1,10 @@
-"""A real MONAI Label server running the app, for the tests of this folder."""
+"""A real MONAI Label server running the app, for the tests of this folder (see scripts/monailabel_server.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "monailabel_app"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``monailabel start_server`` in its own process group; ``stop()`` ends it and its training children."""
-
-    def __init__(self, studies: Path, conf: dict[str, str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        for key, value in {"models": "icl_sam2", **conf}.items():
-            cmd += ["--conf", key, value]
-        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
-        self.log = log
-        self.process = subprocess.Popen(cmd, cwd=str(log.parent), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"monailabel exited ({self.process.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(f"{self.url}/info/", timeout=5)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"monailabel did not answer in time:\n{log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+sys.path.insert(0, str(ROOT / "scripts"))
+from monailabel_server import Server  # noqa: E402, F401

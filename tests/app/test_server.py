@@ -92,6 +92,13 @@ def test_save_label_then_in_context_segmentation_in_the_image_space(study):
     assert set(np.unique(label).tolist()) <= {0, *LABELS.values()}
     assert set(info["confidence"]) == set(LABELS) and all(0 <= v <= 1 for v in info["confidence"].values())
     assert info["untrained"] is True and info["support_volumes"] == 1
+    # OHIF asks for NRRD: the same labels on the same grid
+    nrrd, _, _ = _infer(study, "icl_sam2", "case1", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    from monai.transforms import LoadImage
+
+    as_nrrd = LoadImage(image_only=True)(nrrd)
+    assert str(nrrd).endswith(".nrrd") and np.array_equal(np.asarray(as_nrrd), label)
+    assert np.allclose(as_nrrd.affine, image.affine, atol=1e-4)
     # the support memory is cached: a second volume encodes only its own slices
     _, again, _ = _infer(study, "icl_sam2", "case2", {})
     assert again["encoded_slices"] == SHAPE[2]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 from fastapi import HTTPException
-from monai.data import ITKWriter, NibabelWriter
+import nibabel as nib
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import labelled_volumes
@@ -24,20 +24,35 @@ logger = logging.getLogger(__name__)
 
 
 def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: str = "uint16") -> str:
-    """Write a label map (original space, its affine) to a new temporary file (MONAI Label deletes it after sending)."""
+    """Write a label map (original grid and affine) to a new temporary file (MONAI Label deletes it after sending).
+
+    NIfTI (Slicer's default) goes through nibabel, other formats (OHIF asks for ``.nrrd``)
+    through ITK. MONAI's image writers are not used: with ``resample=False`` they still
+    resample, and fail on volumes stored with the slice axis first.
+    """
     extension = extension if extension.startswith(".") else f".{extension}"
     # a folder of the server's own: a client on the same machine saves results under their base name in /tmp
     folder = os.path.join(tempfile.gettempdir(), "icl_sam2_results")
     os.makedirs(folder, exist_ok=True)
     fd, path = tempfile.mkstemp(suffix=extension, prefix="label_", dir=folder)
     os.close(fd)
-    label = segmentation.label
-    out_dtype = np.dtype(dtype)
-    writer = NibabelWriter(output_dtype=out_dtype) if extension in (".nii", ".nii.gz") else ITKWriter(output_dtype=out_dtype)
-    writer.set_data_array(np.asarray(label).astype(out_dtype), channel_dim=0)
-    affine = np.asarray(label.affine)
-    writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-    writer.write(path)
+    array = np.asarray(segmentation.label)[0].astype(np.dtype(dtype))  # (i, j, k)
+    affine = np.asarray(segmentation.label.affine, dtype=np.float64)  # RAS, as nibabel and MONAI use
+    if extension in (".nii", ".nii.gz"):
+        image = nib.Nifti1Image(array, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        nib.save(image, path)
+        return path
+    import itk
+
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3]  # ITK's physical space is LPS
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))  # ITK arrays are (k, j, i)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:, 3].tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:, :3] / spacing)))
+    itk.imwrite(image, path, compression=True)
     return path
 
 

@@ -30,14 +30,15 @@ def free_port() -> int:
 class Server:
     """``monailabel start_server`` in its own process group; ``stop()`` ends it and its training children."""
 
-    def __init__(self, studies: Path, conf: dict[str, str], log: Path):
+    def __init__(self, studies: Path, conf: dict[str, str], log: Path, app: Path = APP, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(self.port)]
-        for key, value in {"models": "icl_sam2", **conf}.items():
+        for key, value in ({"models": "icl_sam2", **conf} if app == APP else conf).items():
             cmd += ["--conf", key, value]
-        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2",
+               **(env or {})}
         self.log = log
         self.process = subprocess.Popen(cmd, cwd=str(log.parent), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)

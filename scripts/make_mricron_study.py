@@ -17,7 +17,6 @@ Needs ``apt-get install mricron-data`` (``/usr/share/mricron/templates``). Three
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import fire
 import nibabel as nib
 import numpy as np
+from prepare_datalist import write_datalist
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 T1, ATLAS, NAMES = TEMPLATES / "ch2.nii.gz", TEMPLATES / "aal.nii.gz", TEMPLATES / "aal.nii.txt"
@@ -134,12 +134,7 @@ def make_study(output_dir: str, regions: Sequence[str] = REGIONS) -> str:
         "validation": [files[v] for v in queries],
         "test": [{"image": files[v]["image"]} for v in queries],
     }
-    path = os.path.join(output_dir, "datalist.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(datalist, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ axial slices along the third axis) and ``caseNNN_label.nii.gz`` (uint8: 1 blob,
 
 from __future__ import annotations
 
-import json
 import os
 
 import fire
@@ -17,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from model_core.phantoms import PHANTOM_LABELS, make_phantom
+from prepare_datalist import write_datalist
 
 
 def make_dataset(
@@ -51,12 +51,7 @@ def make_dataset(
                 entry[key] = name
             datalist[split].append(entry)
             case += 1
-    path = os.path.join(output_dir, "datalist.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(datalist, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
 
 
 if __name__ == "__main__":

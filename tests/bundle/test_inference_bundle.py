@@ -79,3 +79,23 @@ def test_missing_query_file_is_reported(setup):
     datalist, ckpt, _, _, root = setup
     result = _infer(datalist, ckpt, root / "nope.nii.gz", root / "out3")
     assert result.returncode != 0 and "nope.nii.gz" in result.stderr
+
+
+def test_optional_resampling_to_a_spacing_is_inverted_to_the_original_grid(setup):
+    """With ``pixdim`` the volume is resampled (here to 1.25 mm slices, twice as many) before the
+    model, and the label map still comes back on the input's own grid."""
+    datalist, ckpt, query, affine, root = setup
+    out_dir = root / "out_spacing"
+    result = _infer(datalist, ckpt, query, out_dir, ["--pixdim", "[-1, -1, 1.25]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    seg = nib.load(str(out_dir / "query_seg.nii.gz"))
+    assert seg.shape == (80, 72, 10) and np.allclose(seg.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 3}
+    # the model did see the resampled volume: the bundle's preprocessing gives 19 slices (9 gaps of 2.5 mm at 1.25 mm), not 10
+    from model_core.service import load_bundle_parser
+
+    for pixdim, depth in (([-1, -1, 1.25], 19), (None, 10)):
+        parser = load_bundle_parser(str(ROOT / "bundle"), "inference.json",
+                                    {"pixdim": pixdim, "image_size": SIZE, "intensity#window": [0, 1]})
+        image = parser.get_parsed_content("preprocessing")({"image": str(query)})["image"]
+        assert image.shape[-1] == depth

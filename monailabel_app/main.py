@@ -45,6 +45,7 @@ class ICLSAM2App(MONAILabelApp):
         if unknown or not names:
             raise ValueError(f"--conf models {conf.get('models')!r}: unknown {unknown}; available: {sorted(MODELS)} (or 'all').")
         self.studies_dir = studies
+        self.model_names = names
         self.models = {}
         self._conf = conf
         self._app_dir = app_dir
@@ -60,8 +61,7 @@ class ICLSAM2App(MONAILabelApp):
 
     def _configs(self):
         if not self.models:
-            names = [m.strip() for m in self._conf.get("models", "icl_sam2").split(",") if m.strip()]
-            for name in list(MODELS) if names == ["all"] else names:
+            for name in self.model_names:
                 config = MODELS[name]()
                 config.init(name, self.model_dir, self._conf, None, app_dir=self._app_dir, datastore=self.datastore)
                 self.models[name] = config
@@ -107,6 +107,5 @@ class ICLSAM2App(MONAILabelApp):
     def on_save_label(self, image_id, label_id):
         # a new or changed label changes the support set: its memory is rebuilt on the next request
         for config in self._configs().values():
-            if config._service is not None:
-                config._service.invalidate_support()
+            config.invalidate_support()
         return super().on_save_label(image_id, label_id)

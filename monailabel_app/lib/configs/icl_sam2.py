@@ -41,6 +41,11 @@ class ICLSAM2(TaskConfig):
                 self._service = SegmentationService(self.settings)
             return self._service
 
+    def invalidate_support(self) -> None:
+        """Forget the support memory (a label was saved); nothing to do before the service exists."""
+        if self._service is not None:
+            self._service.invalidate_support()
+
     def infer(self):
         return {
             self.name: InContextInfer(self.service, self.datastore, self.labels),

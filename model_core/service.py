@@ -42,6 +42,7 @@ from model_core.inference import InContextInferer, build_support
 from model_core.memory import SupportMemory
 from model_core.presets import build_icl_sam2
 from model_core.prompts import SlicePrompt
+from model_core.validation import InputError
 
 __all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "load_bundle_parser"]
 
@@ -89,6 +90,7 @@ class ServiceConfig:
         num_support_slices: support slices per class.
         session_cache_mb: memory cap of the interactive sessions' image features.
         max_sessions: at most this many interactive sessions are kept.
+        seed: seed of the initial weights when there is no checkpoint, so two starts give the same results.
     """
 
     bundle_dir: str
@@ -104,7 +106,8 @@ class ServiceConfig:
     max_support_volumes: int = 4
     num_support_slices: int = 3
     session_cache_mb: float = 2048.0
-    max_sessions: int = 8
+    max_sessions: int = 32
+    seed: int = 0
 
 
 @dataclass
@@ -138,7 +141,9 @@ class _Session:
 class SegmentationService:
     """In-context and interactive segmentation of volume files with one network.
 
-    Thread-safe: requests are serialized by a lock (one network, one device).
+    Thread-safe: requests are serialized by a lock (one network, one device). Each
+    request binds the network once, so a checkpoint published mid-request never mixes
+    two sets of weights in one answer.
 
     Args:
         config: see :class:`ServiceConfig`.
@@ -190,7 +195,9 @@ class SegmentationService:
         with self._lock:
             stamp = self._checkpoint_stamp()
             if self._network is None or stamp != self._loaded_stamp:
-                network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device)
+                with torch.random.fork_rng(devices=[]):  # untrained weights: the same at every start
+                    torch.manual_seed(int(self.config.seed))
+                    network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device)
                 if stamp is not None:
                     load_checkpoint(network, stamp[0])
                     self.reloads += 1
@@ -199,9 +206,9 @@ class SegmentationService:
                 self._sessions.clear()  # their features came from the old weights
             return self._network
 
-    def model_info(self) -> dict[str, Any]:
+    def model_info(self, network=None) -> dict[str, Any]:
         """Which weights serve requests: the checkpoint (or that there is none) and a version id."""
-        network = self.network
+        network = network if network is not None else self.network
         version = hashlib.sha1(json.dumps(network.architecture["weights"]).encode()).hexdigest()[:12]
         return {
             "checkpoint": self._loaded_stamp[0] if self._loaded_stamp else None,
@@ -212,21 +219,23 @@ class SegmentationService:
         }
 
     # ------------------------------------------------------------------ support
-    def support_memory(self, labelled: Sequence[dict[str, str]]) -> SupportMemory:
+    def support_memory(self, labelled: Sequence[dict[str, str]], network=None) -> SupportMemory:
         """The support memory of the labelled volumes, rebuilt only when they or the weights change.
 
         Args:
             labelled: ``[{"image": path, "label": path}]``, most relevant first; the first
                 ``max_support_volumes`` are used.
+            network: the request's network (default: the current one).
 
         Raises:
-            ValueError: no labelled volume, or a class absent from all of them.
+            InputError: no labelled volume.
+            ValueError: a class absent from all of them.
         """
         if not labelled:
-            raise ValueError("No labelled volume yet: label at least one volume (save it as a final label) "
+            raise InputError("No labelled volume yet: label at least one volume (save it as a final label) "
                              "so in-context segmentation has a support set.")
         with self._lock:
-            network = self.network
+            network = network if network is not None else self.network
             used = [dict(item) for item in labelled[: max(int(self.config.max_support_volumes), 1)]]
             stamp = [[item["image"], item["label"], *(os.stat(item[k]).st_mtime_ns for k in ("image", "label"))]
                      for item in used]
@@ -238,15 +247,19 @@ class SegmentationService:
             return self._support[1]
 
     def invalidate_support(self) -> None:
-        """Forget the cached support memory (e.g. a label was saved)."""
-        with self._lock:
-            self._support = None
+        """Forget the cached support memory (e.g. a label was saved).
+
+        Without the lock: a label upload must not wait for a running inference (the
+        support key holds the labels' modification times, so a request already running
+        cannot reuse a stale memory after it either).
+        """
+        self._support = None
 
     # ------------------------------------------------------------------ helpers
-    def _preprocess(self, image_path: str) -> tuple[MetaTensor, torch.Tensor]:
+    def _preprocess(self, image_path: str, network) -> tuple[MetaTensor, torch.Tensor]:
         item = load_case({"image": image_path}, self.preprocessing)
         image = item["image"]
-        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), self.network.image_size, self.config.channel_mode)
+        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), network.image_size, self.config.channel_mode)
         return image, slices
 
     def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
@@ -268,23 +281,24 @@ class SegmentationService:
     def segment(self, image_path: str, labelled: Sequence[dict[str, str]]) -> Segmentation:
         """Segment every configured class of a volume in context of the labelled volumes."""
         with self._lock:
-            start, encoded = time.perf_counter(), self.network.encoded_slices
-            support = self.support_memory(labelled)
-            image, _ = self._preprocess(image_path)
+            network = self.network
+            start, encoded = time.perf_counter(), network.encoded_slices
+            support = self.support_memory(labelled, network)
+            image, _ = self._preprocess(image_path, network)
             inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
-            probabilities = inferer(image[None].to(self.device), self.network)[0]
+            probabilities = inferer(image[None].to(self.device), network)[0]
             label = self._to_original(image, probabilities.cpu(), self.classes)
             confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
-            info = {**self.model_info(), "encoded_slices": self.network.encoded_slices - encoded,
+            info = {**self.model_info(network), "encoded_slices": network.encoded_slices - encoded,
                     "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
             return Segmentation(label, confidence, info)
 
     # ------------------------------------------------------------------ interactive
-    def _session(self, client: str, image_path: str) -> _Session:
+    def _session(self, client: str, image_path: str, network) -> _Session:
         key = (str(client), os.path.abspath(image_path))
         session = self._sessions.get(key)
         if session is None:
-            image, slices = self._preprocess(image_path)
+            image, slices = self._preprocess(image_path, network)
             session = _Session(image, slices)
             self._sessions[key] = session
         self._sessions.move_to_end(key)
@@ -315,9 +329,9 @@ class SegmentationService:
         shape = np.asarray(image.meta["spatial_shape"], dtype=np.float64)
         for p in points:
             if len(p) != 3:
-                raise ValueError(f"{what} point {list(p)} must be [i, j, k] voxel indices of the image.")
+                raise InputError(f"{what} point {list(p)} must be [i, j, k] voxel indices of the image.")
             if np.any(np.asarray(p, dtype=np.float64) < 0) or np.any(np.asarray(p, dtype=np.float64) > shape - 1):
-                raise ValueError(f"{what} point {list(p)} is outside the image (voxel indices 0..{(shape - 1).astype(int).tolist()}).")
+                raise InputError(f"{what} point {list(p)} is outside the image (voxel indices 0..{(shape - 1).astype(int).tolist()}).")
 
     @torch.inference_mode()
     def interact(
@@ -346,17 +360,17 @@ class SegmentationService:
             labelled: the support volumes (for ``from_in_context``).
 
         Raises:
-            ValueError: unknown label, points outside the volume, an empty box, no prompt.
+            InputError: unknown label, points outside the volume, an empty box, no prompt.
         """
         label = label or next(iter(self.labels))
         if label not in self.labels:
-            raise ValueError(f"Unknown label {label!r}; this model segments {sorted(self.labels)}.")
+            raise InputError(f"Unknown label {label!r}; this model segments {sorted(self.labels)}.")
         if not foreground and not background and roi is None:
-            raise ValueError("Nothing to segment from: give foreground/background points or an ROI box.")
+            raise InputError("Nothing to segment from: give foreground/background points or an ROI box.")
         with self._lock:
             network = self.network
             start, encoded = time.perf_counter(), network.encoded_slices
-            session = self._session(client, image_path)
+            session = self._session(client, image_path, network)
             image = session.image
             self._check_points(image, foreground, "Foreground")
             self._check_points(image, background, "Background")
@@ -371,10 +385,10 @@ class SegmentationService:
             if roi is not None:
                 roi = [float(v) for v in roi]
                 if len(roi) != 6:
-                    raise ValueError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
+                    raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
                 lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
                 if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
-                    raise ValueError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
+                    raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
                 self._check_points(image, [lo, hi], "ROI corner")
                 corners = self.to_model_grid(image, [lo, hi])
                 x0, x1 = sorted(corners[:, 0])
@@ -384,10 +398,10 @@ class SegmentationService:
                 entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
             support, objects = None, [value]
             if from_in_context:
-                support = self.support_memory(labelled)
+                support = self.support_memory(labelled, network)
                 objects = list(support.object_ids)
                 if value not in objects:
-                    raise ValueError(f"Label {label!r} is not in the support set {objects}.")
+                    raise InputError(f"Label {label!r} is not in the support set {objects}.")
             state = network.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
                                        share_features_with=session.anchor)
             if session.anchor is None:
@@ -414,7 +428,7 @@ class SegmentationService:
             result = self._to_original(image, probabilities, objects) if from_in_context else \
                 self._to_original(image, probabilities, [value])
             self._enforce_cache_limits(session)
-            info = {**self.model_info(), "encoded_slices": network.encoded_slices - encoded,
+            info = {**self.model_info(network), "encoded_slices": network.encoded_slices - encoded,
                     "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
                     "session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
                     "sessions": len(self._sessions)}

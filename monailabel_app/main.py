@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 # the app's own lib/ and the repository (model_core) must stay importable after start-up
 APP_DIR = os.path.dirname(os.path.realpath(__file__))
@@ -26,10 +27,13 @@ from fastapi import HTTPException  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
-from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
+from lib import routes  # noqa: E402
+from lib.activelearning.random import SafeRandom  # noqa: E402
 from lib.datastore import CheckedDatastore  # noqa: E402
-from lib.settings import OPTIONS  # noqa: E402
+from lib.requests import check_id, http_error  # noqa: E402
+from lib.settings import OPTIONS, parse_labels  # noqa: E402
+from model_core.validation import InputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +56,12 @@ class ICLSAM2App(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ICL-SAM2",
                          description="In-context and interactive SAM2 segmentation of CT and MRI volumes",
                          version="0.1.0")
+        routes.install(self)  # inference and uploads off the event loop; infer requests checked first
 
     def init_datastore(self):
         logger.info(f"Init datastore for {self.studies}")
-        return CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        return CheckedDatastore(self.studies, label_values=parse_labels(self._conf).values(),
+                                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
@@ -77,7 +83,7 @@ class ICLSAM2App(MONAILabelApp):
         return {name: config.trainer() for name, config in self._configs().items()}
 
     def init_strategies(self):
-        strategies = {"random": Random(), "first": First()}
+        strategies = {"random": SafeRandom(), "first": First()}
         for config in self._configs().values():
             strategies.update(config.strategy())
         return strategies
@@ -91,18 +97,56 @@ class ICLSAM2App(MONAILabelApp):
     def info(self):
         info = super().info()
         info["config_options"] = {k: {"default": v[0], "about": v[1]} for k, v in OPTIONS.items()}
-        info["models_status"] = {
-            name: {"checkpoint": c.settings.checkpoint, "untrained": not os.path.isfile(c.settings.checkpoint)}
-            for name, c in self._configs().items()
-        }
+        info["models_status"] = {}
+        for name, config in self._configs().items():
+            status = config.status()
+            info["models_status"][name] = {**status, "untrained": not status["trained"]}
         return info
 
+    @staticmethod
+    def _upload_file(path) -> bool:
+        """A file MONAI Label wrote for this request: an uploaded image (``NamedTemporaryFile`` in the temp
+        folder) or a session's image. Clients cannot name such paths: the infer route takes ids only."""
+        if not isinstance(path, str) or not os.path.isabs(path) or not os.path.isfile(path):
+            return False
+        real = os.path.realpath(path)
+        if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.basename(real).startswith("tmp"):
+            return True
+        sessions = settings.MONAI_LABEL_SESSION_PATH
+        return bool(sessions) and real.startswith(os.path.realpath(sessions) + os.sep)
+
     def infer(self, request, datastore=None):
-        # MONAI Label answers an unknown model or image with a 500; a client error deserves a 4xx that says why
+        """MONAI Label's infer, with the image resolved only as a datastore id (or MONAI Label's own upload file).
+
+        MONAI Label takes any existing path as the image and answers an unknown model or
+        image with a 500; here the id is checked (400), looked up (404) and resolved to
+        its file first, and ``save_label`` is done here, through the checked datastore.
+        """
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"Unknown model {model!r}; this server has {sorted(self._infers)}.")
-        return super().infer(request, datastore)
+        datastore = datastore or self.datastore()
+        image = request.get("image")
+        try:
+            if self._upload_file(image):
+                image_id = None  # an upload for this request only: never saved
+            else:
+                image_id = check_id(image, "image")
+                if not datastore.get_image_uri(image_id):
+                    raise InputError(f"Image {image_id!r} is not in the datastore.", status=404)
+        except InputError as e:
+            raise http_error(e) from e
+        save = request.get("save_label") is True and image_id is not None
+        tag = request.get("label_tag", "original")
+        result = super().infer({**request, "image": datastore.get_image_uri(image_id) if image_id else image,
+                                "save_label": False}, datastore)
+        if save and result.get("file"):
+            # after MONAI Label's infer, which saves only when given an id it resolves itself; the tag was checked
+            # (never 'final') by the params schema, the file is checked by the datastore like an upload
+            result["label"] = datastore.save_label(image_id, result["file"], tag, {"model": model,
+                                                                                    "params": result.get("params")})
+            result["tag"] = tag
+        return result
 
     def on_save_label(self, image_id, label_id):
         # a new or changed label changes the support set: its memory is rebuilt on the next request

@@ -1,64 +1,96 @@
-"""The datastore: MONAI Label's LocalDatastore with uploads checked and labels written atomically.
+"""The datastore: MONAI Label's LocalDatastore with ids checked, uploads checked and labels written atomically.
 
-``LocalDatastore.save_label`` copies an upload over the previous label in place
-and accepts any file, so a corrupt or interrupted upload destroys the label it
-replaces; ``add_image`` accepts files that are no image. Here both are checked
-first (readable volume; a label on its image's grid) and a rejected upload is a
-400 that leaves the datastore as it was.
+``LocalDatastore`` joins the ids and tags it is given into paths unchecked (a tag
+of ``../../x`` writes outside the studies folder), copies an upload over the
+previous label in place and accepts any file, so a corrupt or interrupted upload
+destroys the label it replaces and a 4D "label" enters the support set. Here:
+
+- ids and tags follow ``lib.requests.ID_RULE``, file types are volume formats;
+- an image must be a volume the model can segment, a label an integer map of the
+  configured values on its image's grid (``model_core.validation``);
+- a new image never replaces another one of the same id (409), unless the bytes are equal;
+- a label is written to a temporary file and renamed, so readers see the old label
+  or the new one, never half of one.
+
+A rejected upload is a 400 (409 for a conflict) that says what is wrong and leaves
+the datastore as it was.
 """
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Iterable
 
-import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
 
-from model_core.data import check_case
+from lib.requests import check_id, check_tag, http_error
+from model_core.validation import InputError, check_image_volume, check_label_volume, label_problem
 
 logger = logging.getLogger(__name__)
 
+#: file types accepted for images and labels
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
-def _volume_header(path: str, what: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of an uploaded volume, read in full so truncated data is caught too."""
-    from monai.transforms import LoadImage
 
-    try:
-        volume = LoadImage(image_only=True, ensure_channel_first=False)(path)
-        np.asarray(volume[(0,) * volume.ndim])  # touch the data
-    except Exception as e:  # noqa: BLE001 - any reader failure means "not a volume" to the client
-        raise HTTPException(status_code=400, detail=f"The uploaded {what} is not a readable image volume "
-                                                    f"({type(e).__name__}: {e}).") from e
-    return tuple(int(s) for s in volume.shape[:3]), np.asarray(volume.affine, dtype=np.float64)
+def _extension(filename: str, what: str) -> str:
+    name = os.path.basename(filename).lower()
+    for ext in VOLUME_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    raise InputError(f"The {what} file {os.path.basename(filename)!r} is not one of the volume formats {list(VOLUME_EXTENSIONS)}.")
 
 
 class CheckedDatastore(LocalDatastore):
-    """``LocalDatastore`` whose uploads are validated and whose labels are replaced atomically."""
+    """``LocalDatastore`` whose ids, tags and uploads are validated and whose labels are replaced atomically.
+
+    Args:
+        datastore_path, **kwargs: as for ``LocalDatastore``.
+        label_values: the configured label values; a label may hold only these and 0.
+    """
+
+    def __init__(self, datastore_path: str, label_values: Iterable[int] = (), **kwargs: Any):
+        self.label_values = tuple(sorted(int(v) for v in label_values))
+        super().__init__(datastore_path, **kwargs)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        _volume_header(image_filename, "image")
-        return super().add_image(image_id, image_filename, image_info)
+        try:
+            check_id(image_id, "image")
+            ext = _extension(image_filename, "image")
+            shape, _ = check_image_volume(image_filename)
+            existing = self._datastore.objects.get(image_id)
+            if existing is not None:
+                path = self.get_image_uri(image_id)
+                if existing.image.ext == ext and os.path.isfile(path) and filecmp.cmp(path, image_filename, shallow=False):
+                    return image_id  # the same file again
+                raise InputError(f"Image {image_id!r} is already in the datastore with other content; upload it under "
+                                 "another id, or delete the existing one first.", status=409)
+        except InputError as e:
+            logger.info(f"Rejected image upload {image_id!r}: {e}")
+            raise http_error(e) from e
+        image_id = super().add_image(image_id, image_filename, image_info)
+        logger.info(f"Added image {image_id} {shape}")
+        return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        obj = self._datastore.objects.get(image_id)
-        if not obj:
-            raise HTTPException(status_code=404, detail=f"Image {image_id!r} is not in the datastore.")
-        shape, affine = _volume_header(label_filename, "label")
-        image_path = self.get_image_uri(image_id)
         try:
-            check_case({"image": image_path, "label": label_filename}, where=f"Label for image {image_id!r}")
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
+            check_id(image_id, "image")
+            check_tag(label_tag, "tag")
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise InputError(f"Image {image_id!r} is not in the datastore.", status=404)
+            label_ext = _extension(label_filename, "label")
+            values = check_label_volume(label_filename, self.get_image_uri(image_id), self.label_values)
+        except InputError as e:
+            logger.info(f"Rejected label upload for {image_id!r} ({label_tag!r}): {e}")
+            raise http_error(e) from e
 
-        _, label_ext = self._to_id(os.path.basename(label_filename))
         label_path = self._datastore.label_path(label_tag)
         dest = os.path.join(label_path, self._filename(image_id, label_ext))
         with FileLock(self._lock_file):
@@ -75,29 +107,41 @@ class CheckedDatastore(LocalDatastore):
             label_info["name"] = os.path.basename(dest)
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
-        logger.info(f"Saved label {dest} ({shape}) for {image_id}")
+        logger.info(f"Saved label {label_tag}/{os.path.basename(dest)} for {image_id} (values {list(values)})")
         return image_id
 
 
-def labelled_volumes(datastore) -> list[dict[str, str]]:
-    """``[{"image", "label", "id"}]`` of the final labels, most recently labelled first."""
-    out = []
+def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None = None
+                     ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The final labels usable as a support set, most recently labelled first, and those skipped.
+
+    A stored label that breaks the rules of ``model_core.validation`` (placed in the
+    folder by hand, or stored before those checks) is skipped with its reason, so one
+    bad file never takes in-context segmentation down for everyone.
+
+    Args:
+        datastore: the app's datastore.
+        label_values: the configured label values.
+        exclude: an image file to leave out (the query itself).
+
+    Returns:
+        ``([{"id", "image", "label"}], [{"id", "reason"}])``.
+    """
+    usable, skipped = [], []
+    values = tuple(label_values)
     for image_id in datastore.get_labeled_images():
         label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value)
         if not label_id:
             continue
         label = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL.value)
-        if label and os.path.isfile(label):
-            out.append({"id": image_id, "image": datastore.get_image_uri(image_id), "label": label})
-    return sorted(out, key=lambda d: os.stat(d["label"]).st_mtime_ns, reverse=True)
-
-
-def image_path(datastore, image_id: str) -> str:
-    """The file of a datastore image, or a 404 naming it."""
-    try:
-        path = datastore.get_image_uri(image_id)
-    except ImageNotFoundException:
-        path = ""
-    if not path or not os.path.exists(path):
-        raise HTTPException(status_code=404, detail=f"Image {image_id!r} is not in the datastore.")
-    return path
+        image = datastore.get_image_uri(image_id)
+        if exclude and os.path.realpath(image) == os.path.realpath(exclude):
+            continue
+        problem = label_problem(label, image, values) if label and image else "its files are missing"
+        if problem:
+            logger.warning(f"Support set: skipped the final label of {image_id!r}: {problem}")
+            skipped.append({"id": image_id, "reason": problem})
+            continue
+        usable.append({"id": image_id, "image": image, "label": label})
+    usable.sort(key=lambda d: os.stat(d["label"]).st_mtime_ns, reverse=True)
+    return usable, skipped

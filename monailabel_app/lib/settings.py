@@ -1,14 +1,26 @@
-"""The app's ``--conf`` options, parsed once (MONAI Label passes them as strings)."""
+"""The app's ``--conf`` options, parsed once (MONAI Label passes them as strings).
+
+A checkpoint written by training says what it is (``model_core.checkpoint.ArchitectureRecord``):
+its preset and image size are served unless ``--conf`` names others, in which case the
+app refuses to start with a message naming both; its intensity settings are used
+unless ``--conf`` overrides them (logged). A checkpoint without a record (Meta's
+official files) is served with the ``--conf`` architecture after a strict load check
+at start-up, so a mismatch stops the server instead of failing every request.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import torch
 
+from model_core.checkpoint import checkpoint_record, load_checkpoint
 from model_core.service import ServiceConfig
+
+logger = logging.getLogger(__name__)
 
 #: option: (default, meaning) — also shown in /info
 OPTIONS: dict[str, tuple[Any, str]] = {
@@ -25,7 +37,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "max_support_volumes": (4, "labelled volumes used as the support set (most recently labelled first)"),
     "num_support_slices": (3, "support slices per structure"),
     "session_cache_mb": (2048, "memory cap of the interactive sessions' image features (MiB)"),
-    "max_sessions": (8, "interactive sessions kept (client x image)"),
+    "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
+    "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
 }
 
 
@@ -38,31 +51,89 @@ def _json(name: str, value: Any) -> Any:
         raise ValueError(f"--conf {name} must be JSON, got {value!r}: {e}") from e
 
 
+def parse_labels(conf: dict[str, str]) -> dict[str, int]:
+    """``--conf labels`` as ``{name: value}``, or a ValueError saying what is accepted."""
+    labels = _json("labels", conf.get("labels", OPTIONS["labels"][0]))
+    if not isinstance(labels, dict) or not labels or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**15 for v in labels.values()):
+        raise ValueError(f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}.")
+    return {str(k): int(v) for k, v in labels.items()}
+
+
+def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
+    """Preset, image size and intensity settings to serve: the checkpoint's record reconciled with ``--conf``."""
+    record: dict[str, Any] = {}
+    if os.path.isfile(checkpoint):
+        try:
+            record = checkpoint_record(checkpoint)
+        except ValueError as e:
+            raise ValueError(f"--conf checkpoint {checkpoint!r} cannot be served: {e}") from e
+    out: dict[str, Any] = {}
+    parse = {"preset": str, "image_size": int, "modality": str, "channel_mode": str,
+             "window": lambda v: [float(x) for x in _json("window", v)],
+             "percentiles": lambda v: [float(x) for x in _json("percentiles", v)]}
+    for key, convert in parse.items():
+        given = convert(conf[key]) if conf.get(key) not in (None, "") else None
+        saved = convert(record[key]) if record.get(key) is not None else None
+        if given is not None and saved is not None and given != saved:
+            if key in ("preset", "image_size"):
+                raise ValueError(
+                    f"--conf {key} {given!r} does not match the checkpoint {checkpoint!r}, which was trained as "
+                    f"{key} {saved!r} (preset {record.get('preset')!r} at {record.get('image_size')} px). Leave out "
+                    f"--conf {key} to serve the checkpoint's architecture, or pass another --conf checkpoint.")
+            logger.warning(f"--conf {key} {given!r} overrides the checkpoint's {key} {saved!r}.")
+        out[key] = given if given is not None else saved if saved is not None else convert(OPTIONS[key][0])
+    out["record"] = record
+    return out
+
+
+def verify_checkpoint(config: ServiceConfig) -> None:
+    """Load the checkpoint strictly into the configured network once, at start-up.
+
+    Raises:
+        ValueError: it does not fit (naming the keys, the configured preset and the checkpoint's).
+    """
+    from model_core.presets import build_icl_sam2
+
+    if not config.checkpoint or not os.path.isfile(config.checkpoint):
+        return
+    network = build_icl_sam2(config.preset, image_size=int(config.image_size), device="cpu")
+    try:
+        load_checkpoint(network, config.checkpoint)
+    except ValueError as e:
+        raise ValueError(f"The app is configured for preset {config.preset!r} at {config.image_size} px but cannot serve "
+                         f"--conf checkpoint {config.checkpoint!r}: {e}") from e
+
+
 def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
     """A :class:`ServiceConfig` from MONAI Label's ``--conf`` strings, with clear errors for bad values."""
     get = lambda k: conf.get(k, OPTIONS[k][0])  # noqa: E731
     bundle = os.path.abspath(get("bundle") or os.path.join(app_dir, "..", "bundle"))
     if not os.path.isfile(os.path.join(bundle, "configs", "inference.json")):
         raise ValueError(f"--conf bundle {bundle!r} is not the ICL-SAM2 bundle (no configs/inference.json).")
-    labels = _json("labels", get("labels"))
-    if not isinstance(labels, dict) or not labels or not all(isinstance(v, int) and v > 0 for v in labels.values()):
-        raise ValueError(f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}.")
+    labels = parse_labels(conf)
     device = get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--conf device cuda, but no CUDA device is available; use --conf device cpu.")
+    checkpoint = os.path.abspath(get("checkpoint") or os.path.join(bundle, "models", "model.pt"))
+    arch = _architecture(conf, checkpoint)
+    if arch["record"]:
+        logger.info(f"Checkpoint {checkpoint}: trained as preset {arch['preset']!r} at {arch['image_size']} px "
+                    f"(record {arch['record']}).")
     return ServiceConfig(
         bundle_dir=bundle,
-        labels={str(k): int(v) for k, v in labels.items()},
-        checkpoint=os.path.abspath(get("checkpoint") or os.path.join(bundle, "models", "model.pt")),
-        preset=str(get("preset")),
-        image_size=int(get("image_size")),
+        labels=labels,
+        checkpoint=checkpoint,
+        preset=arch["preset"],
+        image_size=arch["image_size"],
         device=device,
-        modality=str(get("modality")),
-        window=[float(v) for v in _json("window", get("window"))],
-        percentiles=[float(v) for v in _json("percentiles", get("percentiles"))],
-        channel_mode=str(get("channel_mode")),
+        modality=arch["modality"],
+        window=arch["window"],
+        percentiles=arch["percentiles"],
+        channel_mode=arch["channel_mode"],
         max_support_volumes=int(get("max_support_volumes")),
         num_support_slices=int(get("num_support_slices")),
         session_cache_mb=float(get("session_cache_mb")),
         max_sessions=int(get("max_sessions")),
+        seed=int(get("seed")),
     )

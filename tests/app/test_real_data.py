@@ -27,7 +27,11 @@ def brain(tmp_path_factory):
     (studies / "labels" / "final").mkdir(parents=True)
     support = datalist["training"][0]
     shutil.copy(root / "src" / support["image"], studies / "support_t1.nii.gz")
-    shutil.copy(root / "src" / support["label"], studies / "labels" / "final" / "support_t1.nii.gz")
+    # a stored label holds only the configured structures (the datastore's rule): the atlas' other regions are background
+    atlas = nib.load(str(root / "src" / support["label"]))
+    regions = np.asarray(atlas.dataobj)
+    kept = np.where(np.isin(regions, list(datalist["labels"].values())), regions, 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(kept, atlas.affine, atlas.header), str(studies / "labels" / "final" / "support_t1.nii.gz"))
     for case in datalist["validation"]:
         shutil.copy(root / "src" / case["image"], studies / case["image"].split("/")[-1])
     server = Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(datalist["labels"]),

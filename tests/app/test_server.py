@@ -150,17 +150,17 @@ def test_two_sessions_on_two_images_stay_isolated(study):
     assert results["bob"][1]["sessions"] >= 2
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"foreground": [[300, 30, 8]]}, "outside the image"),
-    ({"foreground": [[3, 3]]}, "must be [i, j, k]"),
-    ({"roi": [20, 20, 10, 40, 4, 12]}, "zero size"),
-    ({"label": "liver", "foreground": [[3, 3, 3]]}, "Unknown label 'liver'"),
-    ({}, "Nothing to segment from"),
+@pytest.mark.parametrize("params, status, message", [
+    ({"foreground": [[300, 30, 8]]}, 400, "outside the image"),
+    ({"foreground": [[3, 3]]}, 422, "params.foreground[0]: List should have at least 3 items"),
+    ({"roi": [20, 20, 10, 40, 4, 12]}, 400, "zero size"),
+    ({"label": "liver", "foreground": [[3, 3, 3]]}, 400, "Unknown label 'liver'"),
+    ({}, 400, "Nothing to segment from"),
 ])
-def test_bad_interactive_requests_are_400_with_the_reason(study, params, message):
+def test_bad_interactive_requests_are_4xx_with_the_reason(study, params, status, message):
     with pytest.raises(MONAILabelClientException) as error:
         study["client"].infer("icl_sam2_interactive", "case3", params)
-    assert _status(error.value) == 400 and message in error.value.msg
+    assert _status(error.value) == status and message in error.value.msg
 
 
 def test_unknown_model_and_corrupt_uploads_are_4xx_and_the_server_keeps_serving(study, tmp_path):
@@ -172,7 +172,7 @@ def test_unknown_model_and_corrupt_uploads_are_4xx_and_the_server_keeps_serving(
     junk.write_bytes(b"this is not a volume")
     with pytest.raises(MONAILabelClientException) as error:  # an upload that is no image, for inference
         client.infer("icl_sam2", "", {}, file=str(junk))
-    assert _status(error.value) == 400 and "could not be loaded" in error.value.msg
+    assert _status(error.value) == 400 and "not a readable image volume" in error.value.msg
     with pytest.raises(MONAILabelClientException) as error:
         client.upload_image(str(junk), image_id="junk")
     assert "400" in error.value.msg and "not a readable image volume" in error.value.msg

@@ -47,7 +47,7 @@ def _service(root, **kw) -> SegmentationService:
 def test_client_voxel_indices_map_onto_the_same_anatomy_on_the_model_grid(files):
     root, cases = files
     service = _service(root)
-    session = service._session("a", cases[0]["image"])
+    session = service._session("a", cases[0]["image"], service.network)
     # the label on the model grid, through the bundle's own transforms (nearest-neighbour for labels)
     model_grid = as_slices(load_case(cases[0], service.support_preprocessing)["label"]).numpy()  # (D, 64, 64)
     label = np.asarray(nib.load(cases[0]["label"]).dataobj)

@@ -7,25 +7,35 @@ from typing import Any
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.scoring.confidence import SCORE_KEY
+from model_core.validation import image_problem
 
 
 class LeastConfidence(Strategy):
     """Propose the unlabelled image with the lowest in-context confidence (from the scoring method).
 
     Images not scored yet (e.g. added after the last scoring run) come first: nothing is
-    known about them. Returns None when no image is unlabelled.
+    known about them. Images that scoring could not segment, or that are no volume the
+    model can segment, are never proposed. Returns None when no image is left.
     """
 
     def __init__(self):
         super().__init__("The unlabelled image the in-context model is least confident about")
 
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any] | None:
-        images = datastore.get_unlabeled_images()
-        if not images:
-            return None
-        scores = {i: (datastore.get_image_info(i).get(SCORE_KEY) or {}).get("mean") for i in images}
-        unscored = sorted(i for i, s in scores.items() if s is None)
+        scores, unscored = {}, []
+        for image_id in datastore.get_unlabeled_images():
+            record = datastore.get_image_info(image_id).get(SCORE_KEY) or {}
+            if "failed" in record:
+                continue
+            if record.get("mean") is not None:
+                scores[image_id] = record["mean"]
+                continue
+            path = datastore.get_image_uri(image_id)
+            if path and image_problem(path) is None:
+                unscored.append(image_id)
         if unscored:
-            return {"id": unscored[0], "confidence": None}
+            return {"id": sorted(unscored)[0], "confidence": None}
+        if not scores:
+            return None
         image = min(scores, key=lambda i: (scores[i], i))
         return {"id": image, "confidence": scores[image]}

@@ -12,8 +12,9 @@ from monailabel.interfaces.config import TaskConfig
 from lib.activelearning.confidence import LeastConfidence
 from lib.infers.icl_sam2 import InContextInfer, InteractiveInfer
 from lib.scoring.confidence import InContextConfidence
-from lib.settings import service_config
+from lib.settings import service_config, verify_checkpoint
 from lib.trainers.icl_sam2 import ICLSAM2Train
+from model_core.checkpoint import checkpoint_record
 from model_core.service import SegmentationService
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,37 @@ class ICLSAM2(TaskConfig):
         self.datastore = kwargs.get("datastore")
         self._service: SegmentationService | None = None
         self._lock = threading.Lock()
+        self._status: tuple[Any, dict[str, Any]] | None = None
         checkpoint = self.settings.checkpoint
         if not os.path.isfile(checkpoint):
-            logger.warning(f"No checkpoint at {checkpoint}: the icl_sam2 models run UNTRAINED (initial) weights. "
-                           "Train from the app, or pass --conf checkpoint <file>.")
+            logger.warning(f"No checkpoint at {checkpoint}: the icl_sam2 models run UNTRAINED (initial) weights "
+                           f"(seed {self.settings.seed}). Train from the app, or pass --conf checkpoint <file>.")
+        verify_checkpoint(self.settings)  # a checkpoint that does not fit stops the server here, not every request
+
+    def status(self) -> dict[str, Any]:
+        """The weights served: checkpoint, its preset and image size, and whether they are trained (no model load)."""
+        path = self.settings.checkpoint
+        stamp = (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
+        if self._status is None or self._status[0] != stamp:
+            record = {}
+            if stamp is not None:
+                try:
+                    record = checkpoint_record(path)
+                except ValueError as e:  # e.g. being replaced right now: the next request reads it again
+                    logger.warning(f"Cannot read the record of {path}: {e}")
+            status = {"checkpoint": path if stamp else None, "trained": stamp is not None,
+                      "preset": self.settings.preset, "image_size": int(self.settings.image_size),
+                      "trained_as": {k: record.get(k) for k in ("preset", "image_size", "classes", "modality")} if record else None}
+            self._status = (stamp, status)
+        return self._status[1]
+
+    def describe(self) -> str:
+        """One line for the model's description, which Slicer and OHIF display."""
+        s = self.status()
+        arch = f"preset {s['preset']} at {s['image_size']} px"
+        if s["trained"]:
+            return f"weights: {os.path.basename(s['checkpoint'])} ({arch})"
+        return f"weights: UNTRAINED, random initial weights (seed {self.settings.seed}; {arch}): train from the app first"
 
     def service(self) -> SegmentationService:
         with self._lock:
@@ -48,8 +76,8 @@ class ICLSAM2(TaskConfig):
 
     def infer(self):
         return {
-            self.name: InContextInfer(self.service, self.datastore, self.labels),
-            f"{self.name}_interactive": InteractiveInfer(self.service, self.datastore, self.labels),
+            self.name: InContextInfer(self.service, self.datastore, self.labels, self.describe),
+            f"{self.name}_interactive": InteractiveInfer(self.service, self.datastore, self.labels, self.describe),
         }
 
     def trainer(self):
@@ -60,4 +88,4 @@ class ICLSAM2(TaskConfig):
         return {"confidence": LeastConfidence()}
 
     def scoring_method(self):
-        return {f"{self.name}_confidence": InContextConfidence(self.service)}
+        return {f"{self.name}_confidence": InContextConfidence(self.service, self.labels)}

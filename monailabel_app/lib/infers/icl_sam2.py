@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -18,7 +19,9 @@ import nibabel as nib
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import labelled_volumes
+from lib.requests import InContextParams, InteractiveParams, http_error, parse_params
 from model_core.service import Segmentation, SegmentationService
+from model_core.validation import InputError, image_problem
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +37,28 @@ def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: s
     # a folder of the server's own: a client on the same machine saves results under their base name in /tmp
     folder = os.path.join(tempfile.gettempdir(), "icl_sam2_results")
     os.makedirs(folder, exist_ok=True)
+    array = np.asarray(segmentation.label)[0]  # (i, j, k)
+    if array.size and int(array.max()) > np.iinfo(np.dtype(dtype)).max:
+        raise InputError(f"params.result_dtype {dtype!r} cannot hold label value {int(array.max())}; use uint16.", status=422)
+    array = array.astype(np.dtype(dtype))
+    affine = np.asarray(segmentation.label.affine, dtype=np.float64)  # RAS, as nibabel and MONAI use
     fd, path = tempfile.mkstemp(suffix=extension, prefix="label_", dir=folder)
     os.close(fd)
-    array = np.asarray(segmentation.label)[0].astype(np.dtype(dtype))  # (i, j, k)
-    affine = np.asarray(segmentation.label.affine, dtype=np.float64)  # RAS, as nibabel and MONAI use
+    try:
+        _write(array, affine, path, extension)
+    except BaseException:
+        os.remove(path)  # no empty or half-written result is left behind
+        raise
+    return path
+
+
+def _write(array: np.ndarray, affine: np.ndarray, path: str, extension: str) -> None:
     if extension in (".nii", ".nii.gz"):
         image = nib.Nifti1Image(array, affine)
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
         nib.save(image, path)
-        return path
+        return
     import itk
 
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3]  # ITK's physical space is LPS
@@ -53,50 +68,84 @@ def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: s
     image.SetOrigin(lps[:, 3].tolist())
     image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:, :3] / spacing)))
     itk.imwrite(image, path, compression=True)
-    return path
 
 
 def _client_error(fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; a ValueError (bad input, no labelled volume) becomes a 400 with its message."""
+    """Run ``fn``: the caller's mistake (``InputError``) is a 4xx with its message; anything else is a
+    server fault, a 500 whose cause goes to the log (with an id the answer quotes), not to the client."""
     try:
         return fn()
-    except ValueError as e:
-        raise HTTPException(status_code=400, detail=str(e)) from e
+    except InputError as e:
+        raise http_error(e) from e
+    except HTTPException:
+        raise
+    except Exception as e:  # noqa: BLE001 - a fault on our side, whatever it is
+        incident = uuid.uuid4().hex[:8]
+        logger.exception(f"Server fault {incident}: {type(e).__name__}: {e}")
+        raise HTTPException(status_code=500, detail=f"The server failed to segment this image (incident {incident}; "
+                                                    "the cause is in the server log).") from e
 
 
 class _ServiceInfer(InferTask):
+    #: the pydantic schema of this model's params (lib/requests.py)
+    params_schema: type = InContextParams
+
     def __init__(self, service: Callable[[], SegmentationService], datastore: Callable[[], Any], type, labels, description,
-                 config=None):
+                 describe: Callable[[], str] = lambda: "", config=None):
         super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
-        self._service, self._datastore = service, datastore
+        self._service, self._datastore, self._describe = service, datastore, describe
 
     def is_valid(self) -> bool:
         return True
 
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's info, with the weights served in the description (what Slicer and OHIF show)."""
+        info = super().info()
+        info["description"] = f"{self.description}. {self._describe()}"
+        return info
+
+    def _params(self, request: dict[str, Any]):
+        """The request's params, checked again here (batch inference and direct calls skip the route's check)."""
+        fields = {k: request[k] for k in self.params_schema.model_fields if k in request and k not in ("model", "image")}
+        return _client_error(lambda: parse_params(self.params_schema, fields))
+
     def _image(self, request: dict[str, Any]) -> str:
+        """The image file (the app resolved the id), checked to be a volume the model can segment."""
         image = request.get("image")
-        if not image or not os.path.exists(image):
+        if not isinstance(image, str) or not image or not os.path.isfile(image):
             raise HTTPException(status_code=404, detail=f"No image {request.get('image')!r}: pass a datastore image id.")
+        problem = image_problem(image)
+        if problem:
+            raise HTTPException(status_code=400, detail=f"This image cannot be segmented: {problem}")
         return image
 
-    def _reply(self, request: dict[str, Any], seg: Segmentation) -> tuple[str, dict[str, Any]]:
-        path = write_label(seg, request.get("result_extension", ".nii.gz"), request.get("result_dtype", "uint16"))
-        return path, {"label_names": self._service().labels, "confidence": seg.confidence, **seg.info}
+    def _support(self, image: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        return labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image)
+
+    def _reply(self, params, seg: Segmentation, skipped: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
+        path = _client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
+        info = {"label_names": self._service().labels, "confidence": seg.confidence, **seg.info}
+        if skipped:
+            info["skipped_support"] = skipped  # which stored labels were left out of the support set, and why
+        return path, info
 
 
 class InContextInfer(_ServiceInfer):
     """Segment every configured structure of a volume, in context of the datastore's labelled volumes."""
 
-    def __init__(self, service, datastore, labels: dict[str, int]):
+    params_schema = InContextParams
+
+    def __init__(self, service, datastore, labels: dict[str, int], describe: Callable[[], str] = lambda: ""):
         super().__init__(service, datastore, InferType.SEGMENTATION, labels,
-                         "In-context SAM2: segments the structures of the labelled volumes in a new volume")
+                         "In-context SAM2: segments the structures of the labelled volumes in a new volume", describe)
 
     def __call__(self, request: dict[str, Any]):
+        params = self._params(request)
         image = self._image(request)
-        labelled = [d for d in labelled_volumes(self._datastore()) if os.path.realpath(d["image"]) != os.path.realpath(image)]
+        labelled, skipped = self._support(image)
         seg = _client_error(lambda: self._service().segment(image, labelled))
         logger.info(f"in-context {os.path.basename(image)}: {seg.info}")
-        return self._reply(request, seg)
+        return self._reply(params, seg, skipped)
 
 
 class InteractiveInfer(_ServiceInfer):
@@ -104,23 +153,24 @@ class InteractiveInfer(_ServiceInfer):
 
     Request keys (as the Slicer and OHIF plugins send them): ``foreground``, ``background``,
     ``roi`` ``[i0, i1, j0, j1, k0, k1]``, ``label`` (structure name), ``client_id``;
-    ``from_in_context`` starts from the in-context result and corrects it.
+    ``from_in_context`` starts from the in-context result and corrects it. Types and
+    ranges: ``lib.requests.InteractiveParams``.
     """
 
-    def __init__(self, service, datastore, labels: dict[str, int]):
+    params_schema = InteractiveParams
+
+    def __init__(self, service, datastore, labels: dict[str, int], describe: Callable[[], str] = lambda: ""):
         super().__init__(service, datastore, InferType.DEEPGROW, labels,
-                         "Interactive SAM2: clicks and boxes on any slice, propagated through the volume",
+                         "Interactive SAM2: clicks and boxes on any slice, propagated through the volume", describe,
                          config={"from_in_context": False})
 
     def __call__(self, request: dict[str, Any]):
+        params = self._params(request)
         image = self._image(request)
-        from_in_context = str(request.get("from_in_context", False)).lower() in ("true", "1")
-        labelled = [d for d in labelled_volumes(self._datastore()) if os.path.realpath(d["image"]) != os.path.realpath(image)] \
-            if from_in_context else []
-        client = str(request.get("client_id") or request.get("session_id") or "anonymous")
+        labelled, skipped = self._support(image) if params.from_in_context else ([], [])
+        client = params.client_id or str(request.get("session_id") or "anonymous")
         seg = _client_error(lambda: self._service().interact(
-            client, image, label=request.get("label") or None, foreground=request.get("foreground") or [],
-            background=request.get("background") or [], roi=request.get("roi") or None,
-            from_in_context=from_in_context, labelled=labelled))
+            client, image, label=params.label, foreground=params.foreground, background=params.background,
+            roi=params.roi, from_in_context=params.from_in_context, labelled=labelled))
         logger.info(f"interactive {os.path.basename(image)} for {client}: {seg.info}")
-        return self._reply(request, seg)
+        return self._reply(params, seg, skipped)

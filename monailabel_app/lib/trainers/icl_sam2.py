@@ -97,10 +97,10 @@ class ICLSAM2Train(BundleTrainTask):
         source = best if os.path.isfile(best) and os.path.getmtime(best) >= since else final
         if not os.path.isfile(source) or os.path.getmtime(source) < since:
             raise RuntimeError(f"Training wrote no checkpoint in {run_dir}; nothing to publish.")
-        state, _ = read_state_dict(source)  # a bare state dict (best) or {"model": ...} (final)
+        state, record = read_state_dict(source)  # {"model": ..., "icl_sam2": <architecture record>, ...}
         target = self.service_config.checkpoint
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        meta = {"preset": self.service_config.preset, "image_size": int(self.service_config.image_size),
+        meta = {**record, "preset": self.service_config.preset, "image_size": int(self.service_config.image_size),
                 "labels": self.service_config.labels, "published": time.time(), "source": source}
         tmp = f"{target}.{os.getpid()}.tmp"
         torch.save({"model": state, "icl_sam2": meta}, tmp)

@@ -1,0 +1,153 @@
+"""The trust boundary: every id, tag and parameter from a request is checked here before any file or model is touched.
+
+- **Ids and tags** (image ids, label tags, client ids) name datastore entries, never
+  paths: :data:`ID_RULE` (letters, digits, ``.``, ``_``, ``-``; starts with a letter or
+  digit; at most 128 characters; no ``..``). DICOM UIDs and file stems fit.
+- **Parameters** of each model are one pydantic schema, checked before any work;
+  a violation is a 422 naming the field and what it accepts. Types are strict: a
+  point is three JSON numbers (``true`` is not ``1``, ``"3"`` is not ``3``), NaN and
+  infinity are refused, ``null`` is "not given" only where documented.
+- ``params.model`` and ``params.image`` may not contradict the URL: the model and the
+  image a request names in its URL are the ones that run.
+
+MONAI Label passes the plugins' JSON ``params`` straight into the request dict, and
+its ``LocalDatastore`` joins ids and tags into paths unchecked; these checks are what
+it lacks. Keys the plugins send that the models do not use (e.g. OHIF's
+``result_compress``) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, Optional
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+
+from model_core.validation import InputError
+
+__all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "parse_params", "http_error",
+           "RESULT_EXTENSIONS", "RESULT_DTYPES", "FINAL_TAG"]
+
+ID_RULE = "1 to 128 characters: letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: the tag of the users' own labels (MONAI Label's DefaultLabelTag.FINAL): the support set
+FINAL_TAG = "final"
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32")
+MAX_POINTS = 1000
+
+
+def check_id(value: Any, field: str) -> str:
+    """``value`` if it is a valid id (see :data:`ID_RULE`), else a 400 naming ``field``."""
+    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value:
+        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:80] + "..."
+        raise InputError(f"{field} {shown!r} is not a valid id: {ID_RULE}.")
+    return value
+
+
+def check_tag(value: Any, field: str = "tag") -> str:
+    """A label tag: an id (it becomes a folder name under labels/)."""
+    return check_id(value, field)
+
+
+def http_error(error: InputError) -> HTTPException:
+    return HTTPException(status_code=error.status, detail=str(error))
+
+
+_Number = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
+_Point = Annotated[list[_Number], Field(min_length=3, max_length=3)]
+
+
+class _Params(BaseModel):
+    """What every model of this app accepts."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: Optional[str] = Field(None, description="must equal the model in the URL when given")
+    image: Optional[str] = Field(None, description="must equal the image in the URL when given")
+    result_extension: Literal[".nii.gz", ".nii", ".nrrd", "nii.gz", "nii", "nrrd"] = Field(
+        ".nii.gz", description="file format of the returned label map")
+    result_dtype: Literal["uint8", "uint16", "int16", "int32"] = Field("uint16", description="integer type of the label map")
+    save_label: StrictBool = Field(False, description="also store the result in the datastore (never as 'final')")
+    label_tag: str = Field("original", description="tag the result is stored under with save_label")
+    client_id: Optional[str] = Field(None, description="the plugin's client id; sessions are per client and image")
+
+    @field_validator("result_extension")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        return value if value.startswith(".") else f".{value}"
+
+    @field_validator("label_tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        check_tag(value, "label_tag")
+        if value == FINAL_TAG:
+            raise ValueError(f"results are never stored as {FINAL_TAG!r} (the users' own labels); "
+                             "use another tag such as 'original'")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else check_id(value, "client_id")
+
+
+class InContextParams(_Params):
+    """``icl_sam2``: every configured structure, in context of the labelled volumes."""
+
+
+class InteractiveParams(_Params):
+    """``icl_sam2_interactive``: clicks and an ROI box as the Slicer and OHIF plugins send them."""
+
+    foreground: list[_Point] = Field(default_factory=list, max_length=MAX_POINTS,
+                                     description="[[i, j, k], ...] voxel indices of the image (JSON numbers)")
+    background: list[_Point] = Field(default_factory=list, max_length=MAX_POINTS,
+                                     description="[[i, j, k], ...] voxel indices of the image (JSON numbers)")
+    roi: Optional[Annotated[list[_Number], Field(min_length=6, max_length=6)]] = Field(
+        None, description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI); [] or null for none")
+    label: Optional[str] = Field(None, description="the structure's name (default: the first configured label)")
+    from_in_context: StrictBool = Field(False, description="start from the in-context result and correct it")
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _empty_roi(cls, value: Any) -> Any:
+        return None if value == [] else value
+
+
+SCHEMAS: dict[str, type[_Params]] = {"segmentation": InContextParams, "deepgrow": InteractiveParams}
+
+
+def _field(loc: tuple) -> str:
+    out = "params"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_params(schema: type[_Params], raw: Any) -> _Params:
+    """Validate a request's params against ``schema``.
+
+    Raises:
+        InputError: status 422, one line per wrong field (``params.foreground[0][1]: ...``).
+    """
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw or "{}")
+        except json.JSONDecodeError as e:
+            raise InputError(f"params is not valid JSON: {e}", status=422) from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"params must be a JSON object, got {type(raw).__name__}.", status=422)
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            value = err.get("input")
+            shown = "NaN" if isinstance(value, float) and math.isnan(value) else json.dumps(value, default=str)[:60]
+            lines.append(f"{_field(tuple(err['loc']))}: {err['msg']} (got {shown})")
+        raise InputError("Invalid request: " + "; ".join(lines), status=422) from e

@@ -25,7 +25,10 @@ import torch
 from monai.handlers import CheckpointSaver
 
 __all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "TrainingCheckpointSaver", "find_resume_checkpoint",
-           "resume_training"]
+           "resume_training", "ArchitectureRecord", "ARCHITECTURE_KEYS", "checkpoint_record"]
+
+#: what a checkpoint says about how it was trained (its ``icl_sam2`` record); preset and image size fix the weights' shapes
+ARCHITECTURE_KEYS = ("preset", "image_size", "classes", "modality", "window", "percentiles", "channel_mode")
 
 _CONTAINER_KEYS = ("model", "network", "state_dict", "net")
 
@@ -89,12 +92,56 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
     return meta
 
 
-def save_checkpoint(model: torch.nn.Module, path: str, **extra: Any) -> None:
-    """Save ``{"model": state_dict, "icl_sam2": {...}}``; written to a temporary file, then renamed."""
-    meta = {"preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None)}
-    tmp = f"{path}.tmp"
+def save_checkpoint(model: torch.nn.Module, path: str, record: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Save ``{"model": state_dict, "icl_sam2": {...}}``; written to a temporary file, then renamed.
+
+    Args:
+        record: more of the architecture record (classes, intensity settings); preset
+            and image size are read from the model.
+    """
+    meta = {**(record or {}), "preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None)}
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"model": model.state_dict(), "icl_sam2": meta, **extra}, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_record(path: str) -> dict[str, Any]:
+    """The ``icl_sam2`` record of a checkpoint (empty for official SAM2 files, which carry none).
+
+    Raises:
+        ValueError: the file is missing or holds no model state dict.
+    """
+    return read_state_dict(path)[1]
+
+
+class ArchitectureRecord:
+    """How a model was trained, saved beside its weights as ``icl_sam2`` by MONAI's ``CheckpointSaver``.
+
+    The saver stores ``obj.state_dict()`` of everything in its ``save_dict``; this object
+    makes the training config one of them, so every checkpoint the bundle writes says
+    which preset, image size, classes and intensity settings its weights belong to, and
+    a server can serve that architecture instead of guessing. Loading it restores nothing
+    (the config being run is the truth).
+
+    Args:
+        preset, image_size, classes, modality, window, percentiles, channel_mode: the training config.
+    """
+
+    def __init__(self, preset: str, image_size: int, classes: Any = None, modality: str | None = None,
+                 window: Any = None, percentiles: Any = None, channel_mode: str | None = None):
+        self.record = {
+            "preset": str(preset), "image_size": int(image_size),
+            "classes": [int(c) for c in classes] if classes is not None else None,
+            "modality": modality, "window": [float(v) for v in window] if window is not None else None,
+            "percentiles": [float(v) for v in percentiles] if percentiles is not None else None,
+            "channel_mode": channel_mode,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.record)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the record describes the config, which the running config already is."""
 
 
 class TrainingCheckpointSaver(CheckpointSaver):

@@ -60,6 +60,12 @@ def test_training_via_monai_bundle_run(phantoms, tmp_path):
     from model_core import load_checkpoint as strict_load  # it holds Ignite's best-metric record beside the weights
 
     strict_load(build_icl_sam2("tiny", image_size=64), str(tmp_path / "models" / "model.pt"))
+    from model_core.checkpoint import checkpoint_record
+
+    for name in ("model.pt", "model_final.pt"):  # every checkpoint says what it was trained as
+        record = checkpoint_record(str(tmp_path / "models" / name))
+        assert record["preset"] == "tiny" and record["image_size"] == 64 and record["classes"] == SMALL["classes"], record
+        assert record["modality"] == "CT" and record["window"] == [0.0, 1.0] and record["channel_mode"] == "replicate"
     final = tmp_path / "models" / "model_final.pt"
     assert final.exists() and (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()
     torch.manual_seed(123)

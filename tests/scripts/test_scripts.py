@@ -60,3 +60,15 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path):
     from make_mricron_study import available
 
     assert ("Real T1 MRI" in out) == available()
+
+
+def test_load_test_is_bounded_and_reports_every_figure(tmp_path):
+    out = _run(sys.executable, "scripts/load_test.py", "--clients", "3", "--requests_per_client", "2", "--images", "2",
+               "--shape", "[8,64,64]", "--deadline", "300", "--workdir", str(tmp_path)).stdout
+    figures = dict(line.split(": ", 1) for line in (l.strip() for l in out.splitlines()) if ": " in line)
+    assert figures["error_count"] == "0", out
+    assert "(n=6)" in figures["client_latency"] and "(n=6)" in figures["server_time"]
+    for key in ("info_during_burst", "listing_during_burst", "label_upload_during_burst"):
+        assert figures[key] != "none", out  # each probe answered at least once while the clients ran
+    refused = _run(sys.executable, "scripts/load_test.py", "--url", "http://10.1.2.3:8000", check=False)
+    assert refused.returncode != 0 and "must be a loopback address" in refused.stderr + refused.stdout

@@ -23,6 +23,7 @@ from monai.inferers import Inferer
 from model_core.data import as_slices, load_case, merge_labels
 from model_core.episodes import volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
+from model_core.validation import InputError
 
 __all__ = ["build_support", "InContextInferer", "InContextSliceNet", "ConfidenceSaver", "support_slice_choice"]
 
@@ -35,13 +36,13 @@ def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], p
         Sorted unique ``(volume, slice)`` pairs.
 
     Raises:
-        ValueError: a class absent from every support volume.
+        InputError: a class absent from every support volume (the labels' owner can fix it).
     """
     chosen: set[tuple[int, int]] = set()
     for c in classes:
         having = [(v, int(z)) for v, lab in enumerate(labels) for z in np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0]]
         if not having:
-            raise ValueError(f"Class {c} is absent from the support set; label it on at least one support slice.")
+            raise InputError(f"Class {c} is absent from the support set; label it on at least one support slice.")
         n = len(having)
         # evenly spread and distinct: the i-th of per_class equal parts of the extent
         picks = [(i + 1) * n // (per_class + 1) for i in range(per_class)] if per_class < n else range(n)

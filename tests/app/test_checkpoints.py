@@ -99,3 +99,26 @@ def test_untrained_weights_are_seeded_and_said(studies, tmp_path):
         assert "UNTRAINED, random initial weights (seed 0" in info["models"]["icl_sam2"]["description"]
     finally:
         server.stop()
+
+
+def test_a_server_fault_is_a_500_with_the_cause_in_the_log(studies):
+    """A checkpoint that became unreadable is the server's fault, not the client's: 500, incident id, cause logged."""
+    root, folder = studies
+    checkpoint = _trained_checkpoint(root / "fault.pt", image_size=64)
+    log = root / "e.log"
+    server = Server(folder, {"labels": json.dumps(LABELS), "device": "cpu", "checkpoint": str(checkpoint)}, log)
+    good = checkpoint.read_bytes()
+    params = {"params": json.dumps({"foreground": [[30, 30, 4]], "label": "blob"})}
+    try:
+        checkpoint.write_bytes(b"corrupted on disk")
+        response = requests.post(f"{server.url}/infer/icl_sam2_interactive", params={"image": "case0"}, data=params,
+                                 timeout=300)
+        assert response.status_code == 500 and "incident" in response.json()["detail"]
+        incident = response.json()["detail"].split("incident ")[1].split(";")[0]
+        assert f"Server fault {incident}" in log.read_text() and "Cannot read checkpoint" in log.read_text()
+        checkpoint.write_bytes(good)  # fixed on disk: served again, no restart
+        response = requests.post(f"{server.url}/infer/icl_sam2_interactive", params={"image": "case0"}, data=params,
+                                 timeout=300)
+        assert response.status_code == 200
+    finally:
+        server.stop()

@@ -1,0 +1,53 @@
+"""Result files: nothing empty or half-written is left behind, and a label map never wraps in a too small type."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "monailabel_app"))
+from lib.infers import icl_sam2 as infers  # noqa: E402
+from model_core.service import Segmentation  # noqa: E402
+from model_core.validation import InputError  # noqa: E402
+
+
+def _segmentation(value: int) -> Segmentation:
+    label = torch.zeros((1, 8, 8, 4), dtype=torch.int16)
+    label[0, 2:5, 2:5, 1:3] = value
+    return Segmentation(MetaTensor(label, affine=torch.eye(4, dtype=torch.float64)))
+
+
+def _results() -> set[str]:
+    folder = os.path.join(infers.tempfile.gettempdir(), "icl_sam2_results")
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def test_a_failed_write_leaves_no_file(monkeypatch):
+    before = _results()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(infers, "_write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        infers.write_label(_segmentation(2), ".nii.gz")
+    assert _results() == before
+
+
+def test_a_too_small_result_type_is_refused_before_writing():
+    before = _results()
+    with pytest.raises(InputError, match="result_dtype 'uint8' cannot hold label value 300"):
+        infers.write_label(_segmentation(300), ".nrrd", "uint8")
+    assert _results() == before
+    path = infers.write_label(_segmentation(3), ".nrrd", "uint8")
+    try:
+        assert os.path.getsize(path) > 0 and np.asarray(__import__("itk").imread(path)).max() == 3
+    finally:
+        os.remove(path)

@@ -31,8 +31,9 @@ from monailabel.tasks.activelearning.first import First  # noqa: E402
 from lib import routes  # noqa: E402
 from lib.activelearning.random import SafeRandom  # noqa: E402
 from lib.datastore import CheckedDatastore  # noqa: E402
+from lib.dicomweb import CheckedDICOMwebDatastore  # noqa: E402
 from lib.requests import check_id, http_error  # noqa: E402
-from lib.settings import OPTIONS, parse_labels  # noqa: E402
+from lib.settings import OPTIONS, parse_labels, parse_modalities  # noqa: E402
 from model_core.validation import InputError  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,41 @@ class ICLSAM2App(MONAILabelApp):
 
     def init_datastore(self):
         logger.info(f"Init datastore for {self.studies}")
+        if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS, never a folder of that name
+            self.studies = self.studies.rstrip("/")
+            return self._dicomweb_datastore()
         return CheckedDatastore(self.studies, label_values=parse_labels(self._conf).values(),
                                 extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _dicomweb_datastore(self):
+        """MONAI Label's DICOMweb client for ``--studies`` (its settings: credentials, URL prefixes), our datastore."""
+        from monailabel.datastore.dicom import DICOMwebClientX
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=self.studies, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        self._download_dcmqi_tools()
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        return CheckedDICOMwebDatastore(client, parse_labels(self._conf), parse_modalities(self._conf), cache_path=cache,
+                                        list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])))
+
+    def _download_dcmqi_tools(self):
+        """dcmqi's ``itkimage2segimage`` comes from its pinned wheel (requirements.txt), never from a download:
+        MONAI Label looks for it on PATH, so the environment's own bin folder goes first."""
+        bin_dir = os.path.dirname(sys.executable)
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        import shutil
+
+        if not shutil.which("itkimage2segimage"):
+            raise RuntimeError("dcmqi's itkimage2segimage is not installed (pip install dcmqi; bash scripts/setup.sh does); "
+                               "it writes labels to the PACS as DICOM SEG.")
 
     def _configs(self):
         if not self.models:

@@ -30,7 +30,8 @@ def free_port() -> int:
 class Server:
     """``monailabel start_server`` in its own process group; ``stop()`` ends it and its training children."""
 
-    def __init__(self, studies: Path, conf: dict[str, str], log: Path, app: Path = APP, env: dict[str, str] | None = None):
+    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP, env: dict[str, str] | None = None):
+        """``studies``: a folder, or a DICOMweb root URL (a ``str``: a ``Path`` would fold its ``//``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),

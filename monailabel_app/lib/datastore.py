@@ -110,6 +110,16 @@ class CheckedDatastore(LocalDatastore):
         logger.info(f"Saved label {label_tag}/{os.path.basename(dest)} for {image_id} (values {list(values)})")
         return image_id
 
+    def final_labels(self) -> list[dict[str, str]]:
+        """``[{"id", "image", "label"}]`` of every image with a final label (files not checked here)."""
+        out = []
+        for image_id in self.get_labeled_images():
+            label_id = self.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value)
+            if label_id:
+                out.append({"id": image_id, "image": self.get_image_uri(image_id),
+                            "label": self.get_label_uri(label_id, DefaultLabelTag.FINAL.value)})
+        return out
+
 
 def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None = None
                      ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -120,7 +130,7 @@ def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None
     bad file never takes in-context segmentation down for everyone.
 
     Args:
-        datastore: the app's datastore.
+        datastore: the app's datastore (local folder or DICOMweb: both have ``final_labels()``).
         label_values: the configured label values.
         exclude: an image file to leave out (the query itself).
 
@@ -129,15 +139,17 @@ def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None
     """
     usable, skipped = [], []
     values = tuple(label_values)
-    for image_id in datastore.get_labeled_images():
-        label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value)
-        if not label_id:
+    try:
+        entries = datastore.final_labels()
+    except Exception as e:  # noqa: BLE001 - e.g. a SEG that cannot be decoded: the PACS's content, said not hidden
+        logger.exception("Support set: the labelled volumes could not be listed")
+        raise InputError(f"The labelled volumes could not be read from the datastore: {type(e).__name__}: {e}",
+                         status=502) from e
+    for entry in entries:
+        image_id, image, label = entry["id"], entry["image"], entry["label"]
+        if exclude and image and os.path.realpath(image) == os.path.realpath(exclude):
             continue
-        label = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL.value)
-        image = datastore.get_image_uri(image_id)
-        if exclude and os.path.realpath(image) == os.path.realpath(exclude):
-            continue
-        problem = label_problem(label, image, values) if label and image else "its files are missing"
+        problem = entry.get("problem") or (label_problem(label, image, values) if label and image else "its files are missing")
         if problem:
             logger.warning(f"Support set: skipped the final label of {image_id!r}: {problem}")
             skipped.append({"id": image_id, "reason": problem})

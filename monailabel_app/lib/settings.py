@@ -39,7 +39,19 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "session_cache_mb": (2048, "memory cap of the interactive sessions' image features (MiB)"),
     "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
     "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
+    "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
+    "train_episodes": (100, "episodes per epoch of such a run"),
+    "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
+    "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
 }
+
+
+def parse_modalities(conf: dict[str, str]) -> list[str]:
+    """``--conf dicomweb_modalities`` as a list of DICOM modality codes."""
+    value = _json("dicomweb_modalities", conf.get("dicomweb_modalities", OPTIONS["dicomweb_modalities"][0]))
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) and m.isalnum() for m in value):
+        raise ValueError(f"--conf dicomweb_modalities must be a JSON list of modality codes, e.g. '[\"CT\", \"MR\"]', got {value!r}.")
+    return value
 
 
 def _json(name: str, value: Any) -> Any:

@@ -12,7 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 from lib.activelearning.confidence import LeastConfidence
 from lib.infers.icl_sam2 import InContextInfer, InteractiveInfer
 from lib.scoring.confidence import InContextConfidence
-from lib.settings import service_config, verify_checkpoint
+from lib.settings import OPTIONS, service_config, verify_checkpoint
 from lib.trainers.icl_sam2 import ICLSAM2Train
 from model_core.checkpoint import checkpoint_record
 from model_core.service import SegmentationService
@@ -82,7 +82,9 @@ class ICLSAM2(TaskConfig):
 
     def trainer(self):
         # training runs beside the served checkpoint (published there when done)
-        return ICLSAM2Train(self.settings, os.path.join(os.path.dirname(self.settings.checkpoint), f"{self.name}_training"))
+        return ICLSAM2Train(self.settings, os.path.join(os.path.dirname(self.settings.checkpoint), f"{self.name}_training"),
+                            epochs=int(self.conf.get("train_epochs", OPTIONS["train_epochs"][0])),
+                            episodes=int(self.conf.get("train_episodes", OPTIONS["train_episodes"][0])))
 
     def strategy(self):
         return {"confidence": LeastConfidence()}

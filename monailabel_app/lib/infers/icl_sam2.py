@@ -120,7 +120,7 @@ class _ServiceInfer(InferTask):
         return image
 
     def _support(self, image: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        return labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image)
+        return _client_error(lambda: labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image))
 
     def _reply(self, params, seg: Segmentation, skipped: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
         path = _client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))

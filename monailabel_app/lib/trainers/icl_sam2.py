@@ -31,16 +31,17 @@ class ICLSAM2Train(BundleTrainTask):
         work_dir: where training runs write their checkpoints and metrics.
     """
 
-    def __init__(self, config: ServiceConfig, work_dir: str):
+    def __init__(self, config: ServiceConfig, work_dir: str, epochs: int = 10, episodes: int = 100):
         super().__init__(config.bundle_dir, conf={})
         self.service_config, self.work_dir = config, work_dir
+        self.epochs, self.episodes = int(epochs), int(episodes)
         self.description = "Fine-tune in-context SAM2 on the labelled volumes (bundle train.json) and publish it"
         self._request: dict[str, Any] = {}
 
     def config(self) -> dict[str, Any]:
         return {
-            "max_epochs": 10,
-            "episodes_per_epoch": 100,
+            "max_epochs": self.epochs,
+            "episodes_per_epoch": self.episodes,
             "val_split": 0.2,
             "learning_rate": 5e-5,
             "train_encoder": "frozen",
@@ -78,8 +79,8 @@ class ICLSAM2Train(BundleTrainTask):
             "intensity#percentiles": list(c.percentiles),
             "channel_mode": c.channel_mode,
             "pretrained_checkpoint": c.checkpoint if c.checkpoint and os.path.isfile(c.checkpoint) else None,
-            "max_epochs": int(r.get("max_epochs", 10)),
-            "episodes_per_epoch": int(r.get("episodes_per_epoch", 100)),
+            "max_epochs": int(r.get("max_epochs", self.epochs)),
+            "episodes_per_epoch": int(r.get("episodes_per_epoch", self.episodes)),
             "learning_rate": float(r.get("learning_rate", 5e-5)),
             "encoder_learning_rate": float(r.get("learning_rate", 5e-5)) * 0.6,
             "train_encoder": str(r.get("train_encoder", "frozen")),

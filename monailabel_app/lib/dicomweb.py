@@ -1,0 +1,279 @@
+"""A DICOMweb PACS (Orthanc, a hospital PACS) as the app's datastore: images are series, final labels DICOM SEG.
+
+MONAI Label's ``DICOMWebDatastore`` is the base (download and NIfTI conversion of
+series, SEG upload through STOW-RS, its local cache). What it lacks for this app:
+
+- **The support set.** Its labelled-image list drops the SEG's own UID, and its SEG
+  conversion caches the label under the image's id, so a replaced SEG is never seen
+  again. Here :meth:`final_labels` links each SEG to the series it references, decodes
+  it once per SEG UID, maps its segments to label values by name (``--conf labels``)
+  and resamples it onto its image's grid (dcmqi writes only the slices that hold a
+  segment), so the result passes the same checks as a local label.
+- **Fresh lists.** Its series lists are cached for two hours (a label saved from a
+  viewer would not be support for two hours); here for ``list_ttl`` seconds (default 5)
+  and emptied on every save.
+- **Modalities.** Its search filter is one QIDO query (CT only by default); here one
+  query per modality of ``modalities`` (default CT and MR), merged.
+- **Checks.** Ids are series UIDs that the PACS lists (anything else is "not in the
+  datastore"), a label must pass ``model_core.validation`` before anything is written
+  to the PACS, and SEG segments are named after the configured labels. An unreachable
+  PACS is an error at start-up naming the URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.utils.dicom import dicom_web_download_series
+from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+
+from lib.requests import check_id, check_tag, http_error
+from model_core.validation import InputError, check_label_volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckedDICOMwebDatastore", "seg_to_label"]
+
+
+def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], out_path: str) -> dict[str, Any]:
+    """Decode a DICOM SEG series into a label map on its image's grid.
+
+    Args:
+        seg_dir: folder holding the SEG instance.
+        reference: the image (NIfTI) whose grid the label must be on.
+        values_by_name: ``{segment label: label value}``; segments with other names are left out (returned).
+        out_path: the label map to write (NIfTI), ``(I, J, K)`` uint16 on the reference's grid.
+
+    Returns:
+        ``{"segments": {name: value}, "ignored": [names]}``.
+
+    Raises:
+        InputError: the folder holds no readable SEG.
+    """
+    import pydicom
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir)) if os.path.isdir(seg_dir) else []
+    if not files:
+        raise InputError(f"The SEG series in {seg_dir!r} has no instance.")
+    try:
+        dataset = pydicom.dcmread(files[0])
+        result = pydicom_seg.MultiClassReader().read(dataset)
+    except Exception as e:  # noqa: BLE001 - any decoding failure means "not a usable SEG"
+        raise InputError(f"The DICOM SEG {os.path.basename(files[0])!r} cannot be decoded ({type(e).__name__}: {e}).") from e
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in dataset.SegmentSequence}
+    lut = np.zeros(max(names, default=0) + 1, dtype=np.uint16)
+    used, ignored = {}, []
+    for number, name in names.items():
+        if name in values_by_name:
+            lut[number] = values_by_name[name]
+            used[name] = values_by_name[name]
+        else:
+            ignored.append(name)
+    _check_on_grid(result.image, sitk.ReadImage(reference), os.path.basename(files[0]))
+    segments = sitk.GetArrayFromImage(result.image)
+    mapped = sitk.GetImageFromArray(lut[np.clip(segments, 0, len(lut) - 1)])
+    mapped.CopyInformation(result.image)
+    grid = sitk.ReadImage(reference)
+    # dcmqi stores only the slices that hold a segment: put the label back on the full image grid
+    on_grid = sitk.Resample(mapped, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    sitk.WriteImage(on_grid, out_path, True)
+    return {"segments": used, "ignored": ignored}
+
+
+def _check_on_grid(seg, image, name: str, tolerance: float = 1e-3) -> None:
+    """A SEG's frames must lie on its image's voxel grid: same direction and spacing, origin on a voxel, inside it.
+
+    Raises:
+        InputError: naming what differs.
+    """
+    if not np.allclose(seg.GetDirection(), image.GetDirection(), atol=tolerance):
+        raise InputError(f"The DICOM SEG {name!r} has another orientation than its image series.", status=422)
+    if not np.allclose(seg.GetSpacing(), image.GetSpacing(), rtol=tolerance, atol=tolerance):
+        raise InputError(f"The DICOM SEG {name!r} has spacing {np.round(seg.GetSpacing(), 4).tolist()} but its image series "
+                         f"{np.round(image.GetSpacing(), 4).tolist()}.", status=422)
+    start = np.asarray(image.TransformPhysicalPointToContinuousIndex(seg.GetOrigin()))
+    end = start + np.asarray(seg.GetSize()) - 1
+    if not np.allclose(start, np.round(start), atol=1e-2) or np.any(np.round(start) < 0) or \
+            np.any(np.round(end) > np.asarray(image.GetSize()) - 1):
+        raise InputError(f"The DICOM SEG {name!r} frames are not on its image series' grid (they start at voxel "
+                         f"{np.round(start, 2).tolist()} of an image of size {list(image.GetSize())}).", status=422)
+
+
+class CheckedDICOMwebDatastore(DICOMWebDatastore):
+    """MONAI Label's ``DICOMWebDatastore`` with a fresh, multi-modality series list, SEG labels as support and checks.
+
+    Args:
+        client: a ``DICOMwebClient`` of the PACS's DICOMweb root.
+        labels: ``{name: label value}`` (``--conf labels``): SEG segment names.
+        modalities: series modalities listed as images.
+        cache_path: local cache of downloaded series (MONAI Label's).
+        list_ttl: seconds a series list is reused.
+    """
+
+    def __init__(self, client, labels: dict[str, int], modalities: Iterable[str] = ("CT", "MR"),
+                 cache_path: str | None = None, list_ttl: float = 5.0):
+        self.labels = dict(labels)
+        self.modalities = [str(m) for m in modalities]
+        self.list_ttl = float(list_ttl)
+        self._lists: dict[str, tuple[float, Any]] = {}
+        self._download_lock = threading.RLock()
+        try:
+            client.search_for_series(search_filters={"Modality": self.modalities[0]}, limit=1)
+        except Exception as e:  # noqa: BLE001 - any failure here means the server cannot use this PACS
+            raise ValueError(f"The DICOMweb server {client.base_url!r} (--studies) is not reachable or not DICOMweb: "
+                             f"{type(e).__name__}: {e}. Start the PACS (scripts/orthanc_server.py) or fix the URL.") from e
+        super().__init__(client, search_filter={"Modality": self.modalities[0]}, cache_path=cache_path,
+                         fetch_by_frame=False, convert_to_nifti=True)
+
+    # ------------------------------------------------------------------ lists
+    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        hit = self._lists.get(key)
+        if hit is None or now - hit[0] > self.list_ttl:
+            hit = (now, compute())
+            self._lists[key] = hit
+        return hit[1]
+
+    def _series(self, filters: dict[str, Any]) -> list[Dataset]:
+        return [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=filters)]
+
+    def list_images(self) -> list[str]:
+        def compute():
+            uids = []
+            for modality in self.modalities:
+                uids += [str(ds.SeriesInstanceUID) for ds in self._series({"Modality": modality})]
+            return sorted(set(uids))
+
+        return self._cached("images", compute)
+
+    def seg_links(self) -> dict[str, str]:
+        """``{image series UID: SEG series UID}`` of the SEGs that reference a listed image (the newest SEG wins)."""
+        def compute():
+            images, links, dates = set(self.list_images()), {}, {}
+            for seg in self._series({"Modality": "SEG"}):
+                meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
+                                                                               str(seg.SeriesInstanceUID))[0])
+                referenced = meta.get("ReferencedSeriesSequence")
+                target = str(referenced[0].SeriesInstanceUID) if referenced else None
+                if target not in images:
+                    logger.warning(f"SEG {seg.SeriesInstanceUID} references no listed image series ({target}); ignored.")
+                    continue
+                stamp = f"{meta.get('ContentDate', '')}{meta.get('ContentTime', '')}{meta.get('SeriesNumber', '')}"
+                if target not in links or stamp >= dates[target]:
+                    links[target], dates[target] = str(seg.SeriesInstanceUID), stamp
+            return links
+
+        return self._cached("segs", compute)
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(self.seg_links())
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(set(self.list_images()) - set(self.seg_links()))
+
+    def refresh(self) -> None:
+        self._lists.clear()
+        super().refresh()
+
+    # ------------------------------------------------------------------ files
+    def get_image_uri(self, image_id: str) -> str:
+        """The series as NIfTI (downloaded once), or "" when it is no listed image series.
+
+        Raises:
+            HTTPException: 422 the series is no volume (e.g. slices of mixed sizes), 502 the PACS did not answer.
+        """
+        try:
+            check_id(image_id, "image")
+        except InputError:
+            return ""
+        if image_id not in self.list_images():
+            return ""
+        with self._download_lock:
+            try:
+                return super().get_image_uri(image_id)
+            except Exception as e:  # noqa: BLE001 - said to the client, with the series and the cause
+                raise http_error(self._pacs_error(e, f"Series {image_id}")) from e
+
+    def _pacs_error(self, error: Exception, what: str) -> InputError:
+        import requests
+
+        if isinstance(error, requests.RequestException):
+            return InputError(f"{what}: the PACS at {self._client.base_url} did not answer ({type(error).__name__}: "
+                              f"{error}).", status=502)
+        return InputError(f"{what} cannot be read as a volume ({type(error).__name__}: {error}).", status=422)
+
+    def _label_of(self, image_id: str, seg_id: str, image: str) -> str:
+        """The SEG as a NIfTI label map on its image's grid, decoded once per SEG UID."""
+        folder = self._datastore.label_path(DefaultLabelTag.FINAL.value)
+        label = os.path.join(folder, f"{seg_id}.nii.gz")
+        if not os.path.exists(label):
+            seg_dir = os.path.join(folder, seg_id)
+            if not os.path.isdir(seg_dir) or not os.listdir(seg_dir):
+                dicom_web_download_series(None, seg_id, seg_dir, self._client, False)
+            tmp = f"{label}.{os.getpid()}.tmp.nii.gz"
+            info = seg_to_label(seg_dir, image, self.labels, tmp)
+            os.replace(tmp, label)
+            if info["ignored"]:
+                logger.warning(f"SEG {seg_id} of {image_id}: segments {info['ignored']} are not configured labels; left out.")
+        return label
+
+    def final_labels(self) -> list[dict[str, str]]:
+        """``[{"id", "image", "label"}]``: every image series with a SEG, both as NIfTI on the image's grid.
+
+        A SEG that cannot be used (undecodable, frames off its image's grid) comes back
+        with ``"problem"`` instead of a label, so it is skipped, not fatal.
+        """
+        out = []
+        for image_id, seg_id in self.seg_links().items():
+            with self._download_lock:
+                try:
+                    image = self.get_image_uri(image_id)
+                    out.append({"id": image_id, "image": image, "label": self._label_of(image_id, seg_id, image)})
+                except Exception as e:  # noqa: BLE001 - one bad SEG or series never takes the support set down
+                    problem = getattr(e, "detail", None) or str(self._pacs_error(e, f"SEG {seg_id}"))
+                    out.append({"id": image_id, "image": "", "label": "", "problem": str(problem)})
+        return out
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Training pairs: the usable final labels, decoded onto their images' grids (MONAI Label's own
+        ``datalist`` decodes SEGs without resampling, off-grid for dcmqi's SEGs, and unmapped to label values)."""
+        from lib.datastore import labelled_volumes
+
+        usable, _ = labelled_volumes(self, self.labels.values())
+        return [{"image": d["image"], "label": d["label"]} for d in usable]
+
+    # ------------------------------------------------------------------ writes
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        raise http_error(InputError("This server's images are the PACS's series: store new images in the PACS "
+                                    "(DICOM STOW-RS or C-STORE), not through MONAI Label.", status=405))
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
+                   label_id: str = "") -> str:
+        """A final label becomes a DICOM SEG in the PACS (segments named after ``--conf labels``); others stay local."""
+        try:
+            check_id(image_id, "image")
+            check_tag(label_tag, "tag")
+            image = self.get_image_uri(image_id)
+            if not image:
+                raise InputError(f"Image {image_id!r} is not a series of the PACS.", status=404)
+            values = check_label_volume(label_filename, image, self.labels.values())
+        except InputError as e:
+            logger.info(f"Rejected label for {image_id!r} ({label_tag!r}): {e}")
+            raise http_error(e) from e
+        names = {v: k for k, v in self.labels.items()}
+        label_info = dict(label_info or {})
+        # MONAI Label names the SEG's segments from label_info, in the order of the values present
+        label_info["label_info"] = [{"name": names[v], "description": names[v]} for v in values]
+        with self._download_lock:
+            saved = super().save_label(image_id, label_filename, label_tag, label_info)
+        self._lists.clear()  # the new SEG is support for the next request
+        return saved

@@ -6,7 +6,7 @@
     python scripts/make_dicom_study.py --orthanc http://127.0.0.1:8042/dicom-web --source phantoms   # STOW-RS
 
 ``--source phantoms`` writes ``cases`` phantom volumes (scripts/make_phantom_dataset.py) as CT
-series of one study, the first ``labelled`` with a DICOM SEG (segments blob, tube, block);
+series of one study (intensities as integer CT values, see :data:`HU_SCALE`; the app's default window fits), the first ``labelled`` with a DICOM SEG (segments blob, tube, block);
 ``--source mricron`` the three views of the Colin27 T1 (scripts/make_mricron_study.py, Debian
 ``mricron-data``) as MR series of one study sharing a frame of reference, the first ``labelled``
 (in the order support, lower, upper) with a SEG of the chosen AAL regions. The NIfTI files,
@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -519,6 +520,26 @@ def read_seg(seg_file: str | os.PathLike, labels: dict[str, int] | None = None) 
     return _ras_image(out, result.image.GetOrigin(), result.image.GetSpacing(), result.image.GetDirection())
 
 
+def wait_for_pacs(url: str, seconds: float = 60.0) -> None:
+    """Wait until the PACS answers HTTP at all (a server started in the background a moment ago).
+
+    Raises:
+        ValueError: nothing answered within ``seconds``.
+    """
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            requests.get(url, timeout=5)
+            return
+        except requests.RequestException as error:
+            if time.monotonic() > deadline:
+                raise ValueError(f"Nothing answers at {url} ({error}); is the PACS running "
+                                 "(python scripts/orthanc_server.py start ...)?") from error
+            time.sleep(0.5)
+
+
 def upload(orthanc_url: str, files: Sequence[str | os.PathLike], timeout: float = 60.0) -> list[dict]:
     """Store DICOM files in a PACS.
 
@@ -542,6 +563,7 @@ def upload(orthanc_url: str, files: Sequence[str | os.PathLike], timeout: float 
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"{f} is not a file.")
+    wait_for_pacs(url)
     results = []
     if url.endswith("/dicom-web"):
         from dicomweb_client import DICOMwebClient
@@ -580,6 +602,21 @@ def upload(orthanc_url: str, files: Sequence[str | os.PathLike], timeout: float 
     return results
 
 
+#: phantom intensity v in [0, 1] is stored as CT value round(v * HU_SCALE + HU_OFFSET): the app's default CT
+#: window [-200, 300] maps it back to v (to 1/500), and viewers show it as they show any CT
+HU_SCALE, HU_OFFSET = 500.0, -200.0
+
+
+def _to_hounsfield(path: Path) -> None:
+    """Rewrite a phantom volume (float in [0, 1]) as integer Hounsfield-like values (int16), in place."""
+    image = nib.load(str(path))
+    hu = np.rint(np.asarray(image.dataobj, dtype=np.float64) * HU_SCALE + HU_OFFSET).astype(np.int16)
+    out = nib.Nifti1Image(hu, image.affine)
+    out.set_qform(image.affine, code=1)
+    out.set_sform(image.affine, code=1)
+    nib.save(out, str(path))
+
+
 def _phantom_cases(nifti_dir: Path, cases: int, labelled: int, shape, seed: int) -> tuple[dict, list[dict]]:
     from make_phantom_dataset import make_dataset
 
@@ -589,6 +626,7 @@ def _phantom_cases(nifti_dir: Path, cases: int, labelled: int, shape, seed: int)
               [dict(e, labelled=False) for e in datalist["test"]]
     out = []
     for e in entries:
+        _to_hounsfield(nifti_dir / e["image"])
         label = nifti_dir / e["image"].replace("_image", "_label")
         out.append({"name": Path(e["image"]).name.split("_")[0], "image": str(nifti_dir / e["image"]),
                     "label": str(label) if label.is_file() else None, "labelled": e["labelled"]})

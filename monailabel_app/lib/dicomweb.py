@@ -144,7 +144,19 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         return hit[1]
 
     def _series(self, filters: dict[str, Any]) -> list[Dataset]:
-        return [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=filters)]
+        try:
+            return [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=filters)]
+        except Exception as e:  # noqa: BLE001 - the PACS went away or answered nonsense: a 502 that says so
+            raise http_error(self._pacs_error(e, "Listing series")) from e
+
+    def status(self) -> dict[str, Any]:
+        """MONAI Label's counts for /info; while the PACS does not answer, /info still does, and says why."""
+        from fastapi import HTTPException
+
+        try:
+            return super().status()
+        except HTTPException as e:
+            return {"total": 0, "completed": 0, "label_tags": {}, "error": str(e.detail)}
 
     def list_images(self) -> list[str]:
         def compute():
@@ -206,7 +218,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
     def _pacs_error(self, error: Exception, what: str) -> InputError:
         import requests
 
-        if isinstance(error, requests.RequestException):
+        if isinstance(error, (requests.RequestException, ConnectionError)):
             return InputError(f"{what}: the PACS at {self._client.base_url} did not answer ({type(error).__name__}: "
                               f"{error}).", status=502)
         return InputError(f"{what} cannot be read as a volume ({type(error).__name__}: {error}).", status=422)

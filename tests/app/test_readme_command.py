@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -21,7 +23,7 @@ def _commands(readme: str) -> list[str]:
     text = (ROOT / readme).read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     joined = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    return [line.strip() for line in joined if "scripts/start_server.py" in line]
+    return [line.strip() for line in joined if "scripts/start_server.py" in line and "/data/my_study" in line]
 
 
 @pytest.mark.parametrize("readme", ["README.md", "monailabel_app/README.md"])
@@ -52,3 +54,56 @@ def test_the_readmes_server_command_starts_on_loopback(readme, tmp_path):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         shutil.rmtree(studies, ignore_errors=True)
+
+
+def _block_after(readme: str, heading: str) -> list[str]:
+    """The lines of the first bash block after ``heading``."""
+    text = (ROOT / readme).read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(heading):], flags=re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path):
+    """"Use it from OHIF": Orthanc, the study, the server, as written (its folder and ports aside)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import orthanc_server
+
+    reason = orthanc_server.missing()
+    if reason:
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"Orthanc is not installable here (no apt-get): {reason}")
+        pytest.fail(reason)
+    pacs_port, server_port = free_port(), free_port()
+    lines = [line.replace("/tmp/pacs", str(tmp_path / "pacs")).replace("8042", str(pacs_port)) for line in
+             _block_after("README.md", "### Use it from OHIF")]
+    assert len(lines) == 3 and lines[0].endswith("&") and "start_server.py" in lines[2], lines
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+    started = []
+    try:
+        started.append(subprocess.Popen(["bash", "-c", lines[0].rstrip("&").strip()], cwd=ROOT, env=env,
+                                        stdout=open(tmp_path / "pacs.log", "w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+        study = subprocess.run(["bash", "-c", lines[1]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert study.returncode == 0, study.stderr[-3000:]
+        log = tmp_path / "server.log"
+        started.append(subprocess.Popen(["bash", "-c", f"{lines[2]} --port {server_port}"], cwd=ROOT, env=env,
+                                        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 180
+        while True:
+            assert started[-1].poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{server_port}/info/", timeout=10) as response:
+                    info = json.loads(response.read())
+                    break
+            except OSError:
+                assert time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        assert info["datastore"]["total"] == 4 and info["datastore"]["completed"] == 2  # make_study's defaults
+        with urllib.request.urlopen(f"http://127.0.0.1:{server_port}/ohif/", timeout=30) as page:
+            assert page.status == 200
+    finally:
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)

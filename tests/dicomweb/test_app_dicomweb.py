@@ -51,7 +51,7 @@ def site(pacs, tmp_path_factory):
     if make_mricron_study.available():
         mri = mds.make_study(pacs.dicomweb, "mricron", labelled=0, regions=["Precentral_L"], work_dir=root / "mr")
     server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
-                                         "device": "cpu", "window": "[0, 1]", "checkpoint": str(root / "none.pt")},
+                                         "device": "cpu", "checkpoint": str(root / "none.pt")},
                     root / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")})
     yield {"root": root, "pacs": pacs, "study": study, "mri": mri, "server": server, "url": server.url,
            "client": DICOMwebClient(url=pacs.dicomweb)}
@@ -159,3 +159,40 @@ def test_an_unreachable_pacs_stops_the_server_at_start_up_naming_it(tmp_path):
         Server(url, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu"},
                tmp_path / "server.log")
     assert f"The DICOMweb server '{url}' (--studies) is not reachable" in str(error.value)
+
+
+def test_a_series_that_is_no_volume_is_a_clear_4xx(site, tmp_path):
+    one = tmp_path / "one_slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.int16), np.eye(4)), str(one))
+    files, uid = mds.nifti_to_dicom_series(one, tmp_path / "one", modality="CT", patient_id="ONE",
+                                           study_uid=site["study"]["StudyInstanceUID"], series_number=50)
+    mds.upload(site["pacs"].url, files)
+    time.sleep(6)  # the series lists are reused for 5 s
+    response = _infer(site, uid)
+    assert response.status_code == 400 and "at least 4 voxels" in response.json()["detail"], response.text
+    assert requests.get(f"{site['url']}/info/", timeout=60).status_code == 200
+
+
+def test_a_pacs_that_goes_away_is_a_502_and_the_server_keeps_serving(tmp_path):
+    reason = orthanc_server.missing()
+    if reason:
+        pytest.skip(reason)
+    pacs = orthanc_server.Orthanc(tmp_path / "orthanc").start()
+    try:
+        study = mds.make_study(pacs.url, "phantoms", cases=1, labelled=0, shape=(8, 32, 32), seed=9, work_dir=tmp_path / "s")
+        server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
+                                        "device": "cpu", "dicomweb_list_ttl": "0"},
+                        tmp_path / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+    except BaseException:
+        pacs.stop()
+        raise
+    try:
+        pacs.stop()
+        response = requests.post(f"{server.url}/infer/icl_sam2_interactive",
+                                 params={"image": study["series"][0]["SeriesInstanceUID"]},
+                                 data={"params": json.dumps({"foreground": [[16, 16, 4]]})}, timeout=120)
+        assert response.status_code == 502 and f"the PACS at {pacs.dicomweb} did not answer" in response.json()["detail"]
+        info = requests.get(f"{server.url}/info/", timeout=60)
+        assert info.status_code == 200 and "did not answer" in info.json()["datastore"]["error"]
+    finally:
+        server.stop()

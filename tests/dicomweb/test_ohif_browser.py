@@ -53,7 +53,7 @@ def site(tmp_path_factory):
                                work_dir=root / "query")
         published = root / "models" / "model.pt"
         server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
-                                        "device": "cpu", "window": "[0, 1]", "checkpoint": str(published),
+                                        "device": "cpu", "checkpoint": str(published),
                                         "train_epochs": "1", "train_episodes": "2"},
                         root / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")})
         shots = env_shots(root / "shots")

@@ -25,7 +25,6 @@ import shutil
 import time
 from typing import Any, Iterable
 
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag

@@ -14,7 +14,6 @@ import shutil
 import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import nibabel as nib

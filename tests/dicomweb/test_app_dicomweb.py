@@ -8,8 +8,6 @@ the app with ``--studies <Orthanc>/dicom-web``.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,17 +28,6 @@ from monailabel_server import Server, free_port  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
 LABELS = {"blob": 1, "tube": 2, "block": 3}
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    reason = orthanc_server.missing()
-    if reason:
-        if shutil.which("apt-get") is None:
-            pytest.skip(f"Orthanc is not installable here (no apt-get): {reason}")
-        pytest.fail(f"{reason} (CI's .ci/run installs them; they are required where apt-get exists)")
-    with orthanc_server.Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

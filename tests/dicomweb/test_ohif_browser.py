@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 
+from .conftest import require_installed
 from .ohif import OHIF, chromium_missing, env_shots, nrrd_mask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,17 +34,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 
-def _require(reason: str) -> None:
-    if reason:
-        if shutil.which("apt-get") is None:
-            pytest.skip(f"not installable here (no apt-get): {reason}")
-        pytest.fail(f"{reason} (CI's .ci/run installs it; it is required where apt-get exists)")
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    _require(orthanc_server.missing())
-    _require(chromium_missing())
+    require_installed(orthanc_server.missing())
+    require_installed(chromium_missing())
     root = tmp_path_factory.mktemp("ohif")
     with orthanc_server.Orthanc(root / "orthanc") as pacs:
         support = mds.make_study(pacs.url, "phantoms", cases=2, labelled=1, shape=(16, 64, 64), seed=11,

@@ -7,7 +7,6 @@ at the end need no Orthanc.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))  # as tests/app/conftest.py does
 import make_dicom_study as mds  # noqa: E402
 import make_mricron_study  # noqa: E402
-import orthanc_server  # noqa: E402
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 CT_IMAGE, MR_IMAGE, SEGMENTATION = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
@@ -31,17 +29,6 @@ MRI_REGIONS = ["Precentral_L", "Precentral_R"]
 
 # Dataset.from_json of WADO-RS metadata: Orthanc gives the SEG's pixels as a BulkDataURI, which we do not need
 pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    reason = orthanc_server.missing()
-    if reason:
-        if shutil.which("apt-get") is None:
-            pytest.skip(f"Orthanc is not installable here (no apt-get): {reason}")
-        pytest.fail(f"{reason} (CI's .ci/run installs them; they are required where apt-get exists)")
-    with orthanc_server.Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,29 @@
+"""What the DICOMweb tests share: the scripts on the path, the rule for system packages, a real Orthanc."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import orthanc_server  # noqa: E402
+
+
+def require_installed(reason: str) -> None:
+    """Skip only where apt-get is absent; where it exists a missing system package is a failure."""
+    if reason:
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"not installable here (no apt-get): {reason}")
+        pytest.fail(f"{reason} (CI's .ci/run installs it; it is required where apt-get exists)")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Debian's Orthanc with DICOMweb, in a temporary folder, answering loopback clients only."""
+    require_installed(orthanc_server.missing())
+    with orthanc_server.Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server

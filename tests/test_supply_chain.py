@@ -131,7 +131,13 @@ def test_lock_has_the_pins_of_requirements_txt():
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    """The venv's installed distributions: its site-packages only, not what is on ``sys.path`` at the moment
+    (importing setuptools puts its vendored copies, e.g. ``setuptools/_vendor/zipp``, there)."""
+    import sysconfig
+
+    folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=folders)
+            if d.metadata["Name"]}
 
 
 def test_installed_versions_match_lock():

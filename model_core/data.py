@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.transforms import MapTransform
 
@@ -250,7 +251,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
         num_support, num_query, objects_per_episode: see :class:`EpisodeSampler`.
         image_size: model input size.
         episodes_per_epoch: dataset length.
-        seed: random seed (give each distributed rank its own).
+        seed: random seed (give each distributed rank its own); mixed into the seeds that
+            ``monai.data.DataLoader`` gives every worker (see :meth:`set_random_state`).
         label_merge: optional ``{new_value: [old values]}`` applied to labels (e.g.
             KiTS23 kidney + tumour as one class); other values become background.
         cache_dir: optional folder for memory-mapped preprocessed volumes.
@@ -310,12 +312,17 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.sampler.sample(1).items()}
 
+    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> "EpisodeDataset":
+        """Reseed the episodes (``monai.data.DataLoader`` does, per worker; see :meth:`EpisodeSampler.set_random_state`)."""
+        self.sampler.set_random_state(seed, state)
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """The episode random stream, so a resumed run draws new episodes rather than repeating the first ones."""
-        return {"rng": self.sampler.rng.bit_generator.state}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.rng.bit_generator.state = state["rng"]
+        self.sampler.load_state_dict(state)
 
 
 class EpisodePrepareBatch(PrepareBatch):
@@ -352,6 +359,14 @@ class EpisodePrepareBatch(PrepareBatch):
 class GradientClipHandler:
     """Clip the gradient norm between backward and the optimizer step of a MONAI trainer.
 
+    Under mixed precision ``SupervisedTrainer`` backpropagates the loss multiplied by
+    its ``GradScaler``'s scale (2**16 at start) and unscales only inside
+    ``scaler.step``; the gradients are unscaled here first (``scaler.unscale_``, as
+    sam2's own trainer does before clipping), so ``max_norm`` bounds the true gradient
+    and ``scaler.step`` does not unscale them again. ``engine.state.grad_norm`` is the
+    unscaled norm before clipping (inf or nan when the scaler found an overflow; that
+    step is then skipped by the scaler).
+
     Args:
         max_norm: maximum total norm (SAM2 fine-tuning uses 0.1).
         norm_type: the p of the p-norm.
@@ -361,8 +376,18 @@ class GradientClipHandler:
         self.max_norm, self.norm_type = float(max_norm), float(norm_type)
 
     def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._check)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
+    @staticmethod
+    def _check(engine) -> None:
+        if int(getattr(engine, "accumulation_steps", 1)) > 1:
+            raise ValueError("GradientClipHandler clips after every backward pass; with accumulation_steps > 1 it would "
+                             "clip (and unscale) partial sums. Use accumulation_steps 1 or clip elsewhere.")
+
     def __call__(self, engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled():
+            scaler.unscale_(engine.optimizer)
         params = [p for p in engine.network.parameters() if p.grad is not None]
         engine.state.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type))

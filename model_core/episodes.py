@@ -85,10 +85,17 @@ class EpisodeSampler:
             class (edge slices may lack it, which trains the object score).
         image_size: model input size.
         objects_per_episode: K classes per episode (at most ``len(classes)``).
-        seed: random seed.
+        seed: random seed; :meth:`set_random_state` mixes it into the seeds it is given,
+            so it keeps distributed ranks apart when every rank's loader seeds alike.
         channel_mode: how slices become 3 channels (see :func:`slice_channels`).
 
     Images are kept as given (e.g. memory-mapped) and only sampled slices are read.
+
+    Reseeding follows MONAI's ``Randomizable``: ``monai.data.DataLoader`` calls
+    :meth:`set_random_state` (through ``monai.data.utils.set_rnd``) in every worker
+    with that worker's seed, so workers draw different episodes, and with
+    ``num_workers=0`` once with a seed from torch's generator, so
+    ``monai.utils.set_determinism`` makes a run repeatable.
     """
 
     def __init__(
@@ -114,7 +121,9 @@ class EpisodeSampler:
         if not 1 <= objects_per_episode <= len(self.classes):
             raise ValueError(f"objects_per_episode must be between 1 and {len(self.classes)}, got {objects_per_episode}.")
         self.objects_per_episode = objects_per_episode
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed)
+        self.salt: list[int] = []  # set by load_state_dict: a resumed run's workers draw new episodes
+        self.rng = np.random.default_rng(self.seed)
         # slices containing each class, per volume
         self.present = {
             c: [np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0] for lab in self.labels] for c in self.classes
@@ -122,6 +131,34 @@ class EpisodeSampler:
         for c in self.classes:
             if sum(len(p) > 0 for p in self.present[c]) < 2:
                 raise ValueError(f"Class {c} appears in fewer than two volumes; it cannot make episodes.")
+
+    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> "EpisodeSampler":
+        """Reseed the episode stream (MONAI's ``Randomizable.set_random_state`` contract).
+
+        Args:
+            seed: combined with the sampler's own ``seed`` (and, after a resume, with the
+                restored stream) into a new stream.
+            state: a ``numpy.random.Generator`` to draw from instead.
+        """
+        if state is not None:
+            if not isinstance(state, np.random.Generator):
+                raise TypeError(f"state must be a numpy.random.Generator, got {type(state).__name__}.")
+            self.rng = state
+        elif seed is not None:
+            self.rng = np.random.default_rng([self.seed, int(seed) % 2**32, *self.salt])
+        else:
+            self.rng = np.random.default_rng()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The episode random stream, so a resumed run draws new episodes rather than repeating the first ones."""
+        return {"rng": self.rng.bit_generator.state, "salt": list(self.salt)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved stream (``num_workers=0``); loader workers, which reseed every
+        epoch, get seeds salted by it, so they do not repeat the first run's episodes."""
+        self.rng.bit_generator.state = state["rng"]
+        self.salt = [*state.get("salt", []), int(self.rng.integers(2**32))]
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A batch of episodes, each with ``objects_per_episode`` classes on the same slices.

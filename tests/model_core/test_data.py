@@ -159,3 +159,92 @@ def test_feature_cache_refuses_a_trainable_encoder():
     with pytest.raises(ValueError, match="needs a frozen image encoder"):
         model.cache_encoder_features(10)
     assert build_icl_sam2("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache is None
+
+
+# ---------------------------------------------------------------- gradient clipping under mixed precision
+def _clip_one_step(max_norm: float, scale: float):
+    """One SupervisedTrainer step with a GradScaler of a known scale; loss 100 * w gives the gradient 100."""
+    from monai.engines import SupervisedTrainer
+
+    from model_core.data import GradientClipHandler
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
+    batch = {"image": torch.ones(1, 1), "label": torch.zeros(1, 1)}
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=network,
+                                optimizer=optimizer, loss_function=lambda pred, _: 100.0 * pred.sum(), amp=True,
+                                train_handlers=[GradientClipHandler(max_norm=max_norm)])
+    # Trainer.run makes a CUDA GradScaler under amp (disabled without CUDA); a CPU one scales and unscales the same way
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", torch.amp.GradScaler("cpu", init_scale=scale)))
+    trainer.run()
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == scale
+    return trainer, float(network.weight.detach()[0, 0])
+
+
+def test_gradient_clipping_under_amp_clips_the_unscaled_gradient():
+    trainer, weight = _clip_one_step(max_norm=0.1, scale=2.0**16)
+    assert trainer.state.grad_norm == pytest.approx(100.0)  # the true norm, not 100 * 2**16
+    assert -weight == pytest.approx(0.1, rel=1e-5)  # SGD lr 1: the step is the clipped, unscaled gradient
+
+
+def test_gradient_clip_refuses_gradient_accumulation():
+    from monai.engines import SupervisedTrainer
+
+    from model_core.data import GradientClipHandler
+
+    network = torch.nn.Linear(1, 1)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, network=network,
+                                train_data_loader=[{"image": torch.ones(1, 1), "label": torch.zeros(1, 1)}],
+                                optimizer=torch.optim.SGD(network.parameters(), lr=1.0), loss_function=torch.nn.L1Loss(),
+                                accumulation_steps=2, train_handlers=[GradientClipHandler()])
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        trainer.run()
+
+
+# ---------------------------------------------------------------- episodes per loader worker
+def _episode_keys(dataset, num_workers: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """The query slice ids of every batch a ``monai.data.DataLoader`` yields, in order."""
+    from monai.data import DataLoader
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, shuffle=False)
+    return [tuple(batch["query_keys"].flatten().tolist()) for batch in loader]
+
+
+@pytest.mark.slow
+def test_loader_workers_draw_different_episodes_and_a_seed_repeats_the_run(datalist):
+    dataset = EpisodeDataset(load_datalist(datalist), _transform(), classes=[1, 2, 3], num_support=2, num_query=3,
+                             image_size=SIZE, episodes_per_epoch=8)
+    two_workers = _episode_keys(dataset, num_workers=2)
+    # torch's DataLoader hands batches round-robin: even batches are worker 0's, odd ones worker 1's
+    assert two_workers[0::2] != two_workers[1::2]
+    assert len(set(two_workers)) > len(two_workers) // 2
+    assert _episode_keys(dataset, num_workers=2) == two_workers  # the same seed, the same run
+    assert _episode_keys(dataset, num_workers=2, seed=1) != two_workers
+    in_process = _episode_keys(dataset, num_workers=0)
+    assert _episode_keys(dataset, num_workers=0) == in_process and len(set(in_process)) > 1
+
+
+def test_episode_sampler_follows_monai_set_rnd_and_keeps_its_seed_apart():
+    from monai.data.utils import set_rnd
+
+    volumes = [make_phantom((8, SIZE, SIZE), seed=i) for i in range(3)]
+
+    def draws(sampler_seed: int, loader_seed: int) -> list[int]:
+        sampler = EpisodeSampler(volumes, [1, 2, 3], 2, 3, SIZE, seed=sampler_seed)
+        set_rnd(sampler, seed=loader_seed)
+        return sampler.sample(4)["query_keys"].flatten().tolist()
+
+    assert draws(0, 7) == draws(0, 7)
+    assert draws(0, 7) != draws(0, 8)  # another worker
+    assert draws(0, 7) != draws(1, 7)  # another rank, same loader seed
+    sampler = EpisodeSampler(volumes, [1, 2, 3], 2, 3, SIZE).set_random_state(seed=3)
+    state = sampler.state_dict()
+    first = sampler.sample(2)["query_keys"]
+    resumed = EpisodeSampler(volumes, [1, 2, 3], 2, 3, SIZE)
+    resumed.load_state_dict(state)
+    assert resumed.salt and resumed.set_random_state(seed=3).sample(2)["query_keys"].tolist() != first.tolist()

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointSaver
 
-__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "TrainingCheckpointSaver", "find_resume_checkpoint",
+from model_core.files import atomic_path
+
+__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "write_checkpoint", "TrainingCheckpointSaver", "find_resume_checkpoint",
            "resume_training", "ArchitectureRecord", "ARCHITECTURE_KEYS", "checkpoint_record"]
 
 #: what a checkpoint says about how it was trained (its ``icl_sam2`` record); preset and image size fix the weights' shapes
@@ -92,17 +94,31 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
     return meta
 
 
+def write_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike, record: dict[str, Any],
+                     **extra: Any) -> None:
+    """Write ``{"model": state, "icl_sam2": record, **extra}`` atomically (:func:`model_core.files.atomic_path`).
+
+    A reader (a server loading the checkpoint it serves) sees the old file or the new one, never half of one.
+
+    Args:
+        state: the network's state dict.
+        path: the checkpoint file; its folder is created if missing.
+        record: the architecture record (preset, image size, classes, intensity settings...).
+        extra: more top-level entries (e.g. optimizer state).
+    """
+    with atomic_path(path) as tmp:
+        torch.save({"model": state, "icl_sam2": record, **extra}, tmp)
+
+
 def save_checkpoint(model: torch.nn.Module, path: str, record: dict[str, Any] | None = None, **extra: Any) -> None:
-    """Save ``{"model": state_dict, "icl_sam2": {...}}``; written to a temporary file, then renamed.
+    """Save ``{"model": state_dict, "icl_sam2": {...}}`` atomically (see :func:`write_checkpoint`).
 
     Args:
         record: more of the architecture record (classes, intensity settings); preset
             and image size are read from the model.
     """
     meta = {**(record or {}), "preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None)}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"model": model.state_dict(), "icl_sam2": meta, **extra}, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(model.state_dict(), path, meta, **extra)
 
 
 def checkpoint_record(path: str) -> dict[str, Any]:

@@ -12,16 +12,20 @@ label name        shape                                intensity (body 0.45)
 ====  ==========  ===================================  ======================
 
 Every structure is in every volume, so only the support set tells the model which
-one to segment.
+one to segment. :func:`write_phantom_dataset` writes phantoms as NIfTI files with an
+MSD-style datalist (the bundle's built-in data, ``scripts/make_phantom_dataset.py``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
-__all__ = ["PHANTOM_LABELS", "make_phantom"]
+from model_core.datalist import write_datalist
+
+__all__ = ["PHANTOM_LABELS", "make_phantom", "write_phantom_dataset"]
 
 PHANTOM_LABELS = {"blob": 1, "tube": 2, "block": 3}
 
@@ -80,3 +84,48 @@ def make_phantom(shape: tuple[int, int, int] = (32, 128, 128), seed: int = 0) ->
     image += rng.normal(0, 0.03, shape).astype(np.float32)
     image += 0.03 * np.sin(7 * x + rng.uniform(0, 6)) * np.cos(5 * y + rng.uniform(0, 6))
     return np.clip(image, 0, 1).astype(np.float32), label
+
+
+def write_phantom_dataset(
+    output_dir: str | os.PathLike,
+    train: int = 8,
+    validation: int = 2,
+    test: int = 2,
+    shape: tuple[int, int, int] = (24, 96, 96),
+    seed: int = 0,
+) -> str:
+    """Write phantom volumes as NIfTI files and ``datalist.json`` beside them.
+
+    Each case is ``caseNNN_image.nii.gz`` (float32 intensities in [0, 1], 1 mm voxels,
+    axial slices along the third axis, identity affine) and ``caseNNN_label.nii.gz``
+    (uint8 values of :data:`PHANTOM_LABELS`). The datalist's paths are relative to its folder.
+
+    Args:
+        output_dir: folder to write to (created).
+        train, validation, test: cases per split.
+        shape: ``(D, H, W)`` of each phantom.
+        seed: base seed (case i uses ``seed * 1000 + i``).
+
+    Returns:
+        The datalist's path.
+    """
+    import nibabel as nib
+
+    os.makedirs(output_dir, exist_ok=True)
+    splits = {"training": train, "validation": validation, "test": test}
+    datalist: dict = {"name": "ICL-SAM2 phantoms", "labels": dict(PHANTOM_LABELS)}
+    case = 0
+    for split, count in splits.items():
+        datalist[split] = []
+        for _ in range(int(count)):
+            image, label = make_phantom(tuple(shape), seed=seed * 1000 + case)
+            entry = {}
+            for key, array in (("image", image), ("label", label)):
+                name = f"case{case:03d}_{key}.nii.gz"
+                # (D, H, W) -> (H, W, D): axial slices along the third axis, identity affine (RAS, 1 mm)
+                volume = nib.Nifti1Image(np.ascontiguousarray(array.transpose(1, 2, 0)), np.eye(4))
+                nib.save(volume, os.path.join(output_dir, name))
+                entry[key] = name
+            datalist[split].append(entry)
+            case += 1
+    return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))

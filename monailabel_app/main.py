@@ -16,25 +16,22 @@ import os
 import sys
 import tempfile
 
-# the app's own lib/ and the repository (model_core) must stay importable after start-up
-APP_DIR = os.path.dirname(os.path.realpath(__file__))
-for path in (APP_DIR, os.path.dirname(APP_DIR)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+# MONAI Label puts the app's folder on sys.path while it loads this file, so `lib` imports here (as in its
+# sample apps) and stays in sys.modules afterwards;
+# model_core is the installed project (scripts/setup.sh installs it into the venv).
+import lib.configs.icl_sam2
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
 
-import lib.configs.icl_sam2  # noqa: E402
-from fastapi import HTTPException  # noqa: E402
-from monailabel.config import settings  # noqa: E402
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-from monailabel.tasks.activelearning.first import First  # noqa: E402
-
-from lib import routes  # noqa: E402
-from lib.activelearning.random import SafeRandom  # noqa: E402
-from lib.datastore import CheckedDatastore  # noqa: E402
-from lib.dicomweb import CheckedDICOMwebDatastore  # noqa: E402
-from lib.requests import check_id, http_error  # noqa: E402
-from lib.settings import OPTIONS, parse_labels, parse_modalities  # noqa: E402
-from model_core.validation import InputError  # noqa: E402
+from lib import routes
+from lib.activelearning.random import SafeRandom
+from lib.datastore import CheckedDatastore
+from lib.dicomweb import CheckedDICOMwebDatastore
+from lib.requests import check_id, http_error
+from lib.settings import OPTIONS, parse_labels, parse_modalities
+from model_core.validation import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ only), with the slices each one sent through the image encoder.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +21,12 @@ import fire
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from monailabel_server import Server  # noqa: E402
+from monailabel_server import Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
 
-from model_core.phantoms import PHANTOM_LABELS, make_phantom  # noqa: E402
+from model_core.phantoms import PHANTOM_LABELS, make_phantom
 
 
-def _study(folder: Path, shape: tuple[int, int, int]) -> None:
+def phantom_study(folder: Path, shape: tuple[int, int, int]) -> None:
     (folder / "labels" / "final").mkdir(parents=True)
     for i in range(3):
         image, label = make_phantom((shape[2], shape[0], shape[1]), seed=i)  # (D, H, W)
@@ -58,7 +55,7 @@ def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), de
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"
-        _study(studies, tuple(shape))
+        phantom_study(studies, tuple(shape))
         centre = [shape[0] // 2, shape[1] // 2, shape[2] // 2]
         for entry in presets:
             preset, size = entry.split(":")

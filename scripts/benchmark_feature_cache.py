@@ -11,7 +11,6 @@ epoch are printed. Validation is off so only training is timed.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +20,9 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from model_core.phantoms import write_phantom_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
 
 
 def _train(datalist: str, workdir: str, cache_slices: int, **overrides) -> tuple[list[float], float]:
@@ -58,7 +57,7 @@ def main(preset: str = "sam2.1_hiera_tiny", image_size: int = 256, epochs: int =
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        datalist = make_dataset(f"{tmp}/data", train=volumes, validation=1, test=0, shape=(depth, 96, 96))
+        datalist = write_phantom_dataset(f"{tmp}/data", train=volumes, validation=1, test=0, shape=(depth, 96, 96))
         settings = dict(preset=preset, image_size=image_size, classes=[1, 2, 3], objects_per_episode=3,
                         batch_size=2, episodes_per_epoch=2 * iterations, max_epochs=epochs, val_interval=10**6,
                         device=f"$torch.device('{device}')", **{"intensity#window": [0, 1]})

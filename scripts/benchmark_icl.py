@@ -4,7 +4,7 @@
 What is measured, for one preset at random weights (``torch.manual_seed``) on one device:
 
 - **Ours**: :meth:`InContextSAM2.build_support_memory` on ``S`` support slices with
-  ``K`` objects, then :meth:`InContextSAM2.init_state` and
+  ``K`` objects, then :meth:`VolumePredictor.init_state` and
   ``propagate(direction="forward")`` over a ``D``-slice query volume, collecting
   every slice's logits into a ``(K, D, H, W)`` float32 CPU tensor.
 - **Reference**: :func:`model_core.reference.reference_in_context`, i.e. the same
@@ -26,8 +26,9 @@ memory rule), so the script also reports the largest absolute logit difference
 and the IoU of the binarised masks (``logits > 0``), and prints
 ``masks agree: yes`` when that IoU is at least 0.999 (or both are empty).
 
-The inputs are a generated phantom: bright ellipses (one per object) that drift
-and change size across slices, over a smooth random background, in ``[0, 1]``.
+The inputs are the library's phantoms (:func:`model_core.phantoms.make_phantom`): the
+support slices come from one volume, the query from another; object ``k`` is the
+structure with label ``k + 1`` (blob, tube, block).
 Nothing here asserts on timings; the last line printed is a JSON record for CI logs.
 
 Example:
@@ -40,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import math
 import os
 import threading
 import time
@@ -51,77 +51,52 @@ from typing import Any, Callable
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import fire  # noqa: E402
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from model_core.phantoms import PHANTOM_LABELS, make_phantom  # noqa: E402
 
 AGREE_IOU = 0.999
 
 
 # ---------------------------------------------------------------- data
-def _phantom(
-    n: int, size: int, num_objects: int, phase: tuple[float, float], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices of a synthetic volume and the masks of its objects.
-
-    Object ``k`` is an ellipse whose centre and radii vary smoothly with the slice
-    parameter ``t`` (running over ``phase``), placed on its own position around
-    the image centre, drawn with its own brightness over a smooth random
-    background (low-resolution noise upsampled bicubically: cheap to generate).
-
-    Args:
-        n: number of slices.
-        size: square image size in pixels.
-        num_objects: K, the number of ellipses.
-        phase: ``(t0, t1)``, range of the slice parameter in [0, 1].
-        generator: source of randomness (deterministic results for a seed).
-
-    Returns:
-        ``(images, masks)``: ``(n, 3, size, size)`` float32 in [0, 1] and
-        ``(n, K, size, size)`` bool.
-    """
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
-    yy, xx = coords[:, None], coords[None, :]
-    t = torch.linspace(phase[0], phase[1], n) if n > 1 else torch.tensor([0.5 * (phase[0] + phase[1])])
-    noise = torch.rand(n, 1, 8, 8, generator=generator)
-    background = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    images = 0.15 + 0.25 * background.clamp(0, 1)
-    masks = torch.zeros(n, num_objects, size, size, dtype=torch.bool)
-    for k in range(num_objects):
-        angle = 2 * math.pi * k / max(num_objects, 1) + 0.3
-        jitter = torch.rand(4, generator=generator)
-        ring = 0.45 if num_objects > 1 else 0.0
-        cx = ring * math.cos(angle) + 0.1 * (jitter[0] - 0.5) + 0.08 * torch.sin(2 * math.pi * t)
-        cy = ring * math.sin(angle) + 0.1 * (jitter[1] - 0.5) + 0.08 * torch.cos(2 * math.pi * t)
-        base = 0.25 / max(1.0, math.sqrt(num_objects) / 1.5)
-        rx = base * (0.8 + 0.4 * jitter[2]) * (0.75 + 0.25 * torch.sin(math.pi * t))
-        ry = base * (0.8 + 0.4 * jitter[3]) * (0.75 + 0.25 * torch.sin(math.pi * t))
-        inside = ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 + ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 <= 1
-        masks[:, k] = inside
-        images = torch.where(inside, torch.full_like(images, 0.55 + 0.4 * (k + 1) / num_objects), images)
-    images = images.clamp(0, 1)
-    return images[:, None].expand(-1, 3, -1, -1).contiguous(), masks
-
-
 def make_inputs(
     size: int, depth: int, num_support: int, num_objects: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support images, support masks and a query volume of the same synthetic anatomy.
+    """Support slices of one phantom volume and a query volume from another (:mod:`model_core.phantoms`).
+
+    Object ``k`` is the phantom structure with label value ``k + 1`` (blob, tube, block). The
+    support slices are spread evenly over the slices of a ``max(16, S)``-slice phantom that show
+    every object (or, failing that, any object).
 
     Args:
         size: image size (the model's).
         depth: D, query slices.
         num_support: S, support slices.
-        num_objects: K, objects.
-        seed: seed of the ``torch.Generator``.
+        num_objects: K, objects, 1 to 3.
+        seed: phantom seed (the query uses ``seed``, the support volume ``seed + 1``).
 
     Returns:
-        ``(support_images (S,3,H,W), support_masks (S,K,H,W), query (D,3,H,W))``.
+        ``(support_images (S,3,H,W) float32 in [0, 1], support_masks (S,K,H,W) bool, query (D,3,H,W) float32)``.
     """
-    generator = torch.Generator().manual_seed(seed)
-    support_images, support_masks = _phantom(num_support, size, num_objects, (0.2, 0.8), generator)
-    query, _ = _phantom(depth, size, num_objects, (0.0, 1.0), generator)
-    return support_images, support_masks, query
+    if not 1 <= num_objects <= len(PHANTOM_LABELS):
+        raise ValueError(f"objects={num_objects}: the phantom has {len(PHANTOM_LABELS)} structures "
+                         f"({', '.join(PHANTOM_LABELS)}); pass 1 to {len(PHANTOM_LABELS)}.")
+    values = sorted(PHANTOM_LABELS.values())[:num_objects]
+    query, _ = make_phantom((depth, size, size), seed=seed)
+    volume, label = make_phantom((max(16, num_support), size, size), seed=seed + 1)
+    masks = np.stack([label == v for v in values], axis=1)  # (D', K, H, W)
+    shown = masks.any(axis=(2, 3))  # (D', K)
+    candidates = np.flatnonzero(shown.all(axis=1))
+    if len(candidates) < num_support:
+        candidates = np.flatnonzero(shown.any(axis=1))
+    picks = candidates[np.linspace(0, len(candidates) - 1, num_support).round().astype(int)]
+
+    def rgb(slices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(slices))[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    return rgb(volume[picks]), torch.from_numpy(masks[picks]), rgb(query)
 
 
 # ---------------------------------------------------------------- measurement
@@ -241,7 +216,7 @@ def main(
         image_size: model input size H = W (default: the preset's, 512 or 128 for ``tiny``).
         depth: D, slices of the query volume.
         support: S, support slices.
-        objects: K, objects segmented at once.
+        objects: K, objects segmented at once (1 to 3: the phantom's blob, tube, block).
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda if available, else cpu).
         warmup: untimed runs of each side before timing.
         repeats: timed runs of each side (the best time is reported).
@@ -252,11 +227,13 @@ def main(
     Returns:
         The JSON record (also printed as the last line).
     """
+    from model_core.predictor import VolumePredictor
     from model_core.presets import PRESETS, build_icl_sam2
     from model_core.reference import build_reference_predictor, reference_in_context
 
-    if int(depth) < 1 or int(support) < 1 or int(objects) < 1:
-        raise ValueError("depth, support and objects must all be at least 1.")
+    if int(depth) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
+        raise ValueError(f"depth and support must be at least 1 and objects 1 to {len(PHANTOM_LABELS)} "
+                         f"(the phantom's structures: {', '.join(PHANTOM_LABELS)}).")
     if int(repeats) < 1 or int(warmup) < 0:
         raise ValueError("repeats must be at least 1 and warmup at least 0.")
     if preset not in PRESETS:
@@ -274,9 +251,10 @@ def main(
 
     def run_ours() -> torch.Tensor:
         memory = model.build_support_memory(sup_images, sup_masks)
-        state = model.init_state(query, memory)
+        ours = VolumePredictor(model)
+        state = ours.init_state(query, memory)
         out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
-        for z, logits in model.propagate(state, direction="forward"):
+        for z, logits in ours.propagate(state, direction="forward"):
             out[:, z] = logits[:, 0].float().cpu()
         return out
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import fire
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from benchmark_app import _study  # noqa: E402
-from monailabel_server import Server  # noqa: E402
+from benchmark_app import phantom_study  # sibling scripts: `python scripts/x.py` puts scripts/ on sys.path
+from monailabel_server import Server
 
 APP_MAIN = '''
 import os
@@ -67,7 +64,7 @@ def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yam
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _study(tmp / "studies", tuple(shape))
+        phantom_study(tmp / "studies", tuple(shape))
         env = _prepare_app(tmp / "app", preset, yaml_name)
         server = Server(tmp / "studies", {}, tmp / "server.log", app=tmp / "app",
                         env={**env, "HOME": str(tmp)})  # its JPEG cache goes under $HOME/.cache

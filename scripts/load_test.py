@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -27,11 +26,10 @@ from pathlib import Path
 import fire
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_phantom_dataset import make_dataset  # noqa: E402
-from monailabel_server import APP, Server  # noqa: E402
+from monailabel_server import APP, Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
 
-LABELS = {"blob": 1, "tube": 2, "block": 3}
+from model_core.phantoms import PHANTOM_LABELS as LABELS
+from model_core.phantoms import write_phantom_dataset
 
 
 def _stats(values: list[float]) -> str:
@@ -61,7 +59,7 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"--url must be a loopback address (127.0.0.1, localhost, ::1), got {host!r}.")
     root = Path(workdir or tempfile.mkdtemp(prefix="icl_sam2_load_"))
-    datalist = json.loads(Path(make_dataset(str(root / "src"), train=images, validation=0, test=0, shape=shape)).read_text())
+    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0, shape=shape)).read_text())
     cases = datalist["training"]
     server = None
     if url is None:

@@ -618,9 +618,9 @@ def _to_hounsfield(path: Path) -> None:
 
 
 def _phantom_cases(nifti_dir: Path, cases: int, labelled: int, shape, seed: int) -> tuple[dict, list[dict]]:
-    from make_phantom_dataset import make_dataset
+    from model_core.phantoms import write_phantom_dataset
 
-    datalist = json.loads(Path(make_dataset(str(nifti_dir), train=labelled, validation=0, test=cases - labelled,
+    datalist = json.loads(Path(write_phantom_dataset(str(nifti_dir), train=labelled, validation=0, test=cases - labelled,
                                             shape=tuple(shape), seed=seed)).read_text())
     entries = [dict(e, labelled=True) for e in datalist["training"]] + \
               [dict(e, labelled=False) for e in datalist["test"]]
@@ -634,7 +634,10 @@ def _phantom_cases(nifti_dir: Path, cases: int, labelled: int, shape, seed: int)
 
 
 def _mricron_cases(nifti_dir: Path, labelled: int, regions) -> tuple[dict, list[dict]]:
-    from make_mricron_study import REGIONS, make_study as make_mricron
+    if __package__:  # imported as scripts.make_dicom_study (the tests)
+        from .make_mricron_study import REGIONS, make_study as make_mricron
+    else:  # run as `python scripts/make_dicom_study.py`: Python puts this folder first on sys.path
+        from make_mricron_study import REGIONS, make_study as make_mricron
 
     datalist = json.loads(Path(make_mricron(str(nifti_dir), regions=regions or REGIONS)).read_text())
     out = []

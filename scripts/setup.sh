@@ -45,7 +45,8 @@ fi
 
 stamp=.venv/.installed
 want=$(cat requirements.txt "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import model_core, monailabel" 2>/dev/null; then
+# -I: not from the current folder (the repository root), so model_core must be the installed project
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -I -c "import model_core, monailabel" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -77,6 +78,8 @@ hashed "$stages/1-build-tools.txt"
 # CUDA op (hole filling), which the project does not use.
 hashed "$stages/2-all-but-sam2.txt"
 SAM2_BUILD_CUDA=0 hashed "$stages/3-sam2.txt"
+# The project itself (model_core, editable): scripts, the bundle and the MONAI Label app import it as an
+# installed package, with no sys.path edits. The supply-chain test allows this one unlocked distribution.
 pip install -q --no-deps --no-build-isolation -e .
 # pip check's dependency checks: every installed package's requirements are installed, at versions
 # they accept. Not `pip check` itself: it also parses each wheel's platform tags and crashes on
@@ -95,5 +98,5 @@ if parsing_problems:
 if problems:
     sys.exit("setup: broken requirements (is requirements.lock incomplete?):\n  " + "\n  ".join(problems))
 EOF
-.venv/bin/python -c "import model_core, sam2, monai, monailabel, ignite; print('setup: ok', 'torch', __import__('torch').__version__)"
+.venv/bin/python -I -c "import model_core, sam2, monai, monailabel, ignite; print('setup: ok', 'torch', __import__('torch').__version__)"
 echo "$want" > "$stamp"

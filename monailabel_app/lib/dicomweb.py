@@ -35,6 +35,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
+from model_core.files import atomic_path
 from model_core.validation import InputError, check_label_volume
 
 logger = logging.getLogger(__name__)
@@ -231,9 +232,8 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             seg_dir = os.path.join(folder, seg_id)
             if not os.path.isdir(seg_dir) or not os.listdir(seg_dir):
                 dicom_web_download_series(None, seg_id, seg_dir, self._client, False)
-            tmp = f"{label}.{os.getpid()}.tmp.nii.gz"
-            info = seg_to_label(seg_dir, image, self.labels, tmp)
-            os.replace(tmp, label)
+            with atomic_path(label, suffix=".nii.gz") as tmp:
+                info = seg_to_label(seg_dir, image, self.labels, tmp)
             if info["ignored"]:
                 logger.warning(f"SEG {seg_id} of {image_id}: segments {info['ignored']} are not configured labels; left out.")
         return label

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from scripts.monailabel_server import Server  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from monailabel_server import Server  # noqa: E402, F401

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import requests
@@ -15,8 +14,7 @@ from model_core.service import SegmentationService, ServiceConfig
 
 from .conftest import ROOT, Server
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
+from model_core.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from .conftest import ROOT, Server
+from .conftest import Server
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
+from model_core.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)

@@ -14,8 +14,9 @@ import urllib.request
 
 import pytest
 
+from scripts.monailabel_server import free_port
+
 from .conftest import ROOT
-from monailabel_server import free_port
 
 
 def _commands(readme: str) -> list[str]:
@@ -65,8 +66,7 @@ def _block_after(readme: str, heading: str) -> list[str]:
 
 def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path):
     """"Use it from OHIF": Orthanc, the study, the server, as written (its folder and ports aside)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import orthanc_server
+    from scripts import orthanc_server
 
     reason = orthanc_server.missing()
     if reason:

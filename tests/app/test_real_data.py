@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from .conftest import ROOT, Server
+from .conftest import Server
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_mricron_study import available, make_study  # noqa: E402
+from scripts.make_mricron_study import available, make_study
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from .conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "monailabel_app"))
-from lib.infers import icl_sam2 as infers  # noqa: E402
-from model_core.service import Segmentation  # noqa: E402
-from model_core.validation import InputError  # noqa: E402
+from lib.infers import icl_sam2 as infers  # the app's lib: pytest's pythonpath (pyproject.toml) has the app folder
+from model_core.service import Segmentation
+from model_core.validation import InputError
 
 
 def _segmentation(value: int) -> Segmentation:

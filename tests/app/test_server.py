@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
 import urllib.request
@@ -16,10 +15,9 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from .conftest import ROOT, Server
+from .conftest import Server
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
+from model_core.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)  # i, j, k of the NIfTI files (axial slices along k)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from model_core.phantoms import write_phantom_dataset as make_dataset
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
 
 COMMON = ["--preset", "tiny", "--image_size", "64", "--intensity#window", "[0,1]",
           "--classes", "[1,2,3]"]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from model_core.phantoms import write_phantom_dataset as make_dataset
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
 
 CONFIGS = ["bundle/configs/train.json", "bundle/configs/multi_gpu_train.json"]
 MAX_EPOCHS = 2

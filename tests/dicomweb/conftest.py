@@ -1,16 +1,12 @@
-"""What the DICOMweb tests share: the scripts on the path, the rule for system packages, a real Orthanc."""
+"""What the DICOMweb tests share: the rule for system packages, a real Orthanc (scripts/orthanc_server.py)."""
 
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import orthanc_server  # noqa: E402
+from scripts import orthanc_server
 
 
 def require_installed(reason: str) -> None:

@@ -8,7 +8,6 @@ the app with ``--studies <Orthanc>/dicom-web``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,11 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
+from scripts import make_dicom_study as mds
+from scripts import make_mricron_study, orthanc_server
+from scripts.monailabel_server import Server, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_dicom_study as mds  # noqa: E402
-import make_mricron_study  # noqa: E402
-import orthanc_server  # noqa: E402
-from monailabel_server import Server, free_port  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
 LABELS = {"blob": 1, "tube": 2, "block": 3}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +20,12 @@ import numpy as np
 import pytest
 import requests
 
+from scripts import make_dicom_study as mds
+from scripts import orthanc_server
+from scripts.monailabel_server import Server
+
 from .conftest import require_installed
 from .ohif import OHIF, chromium_missing, env_shots, nrrd_mask
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_dicom_study as mds  # noqa: E402
-import orthanc_server  # noqa: E402
-from monailabel_server import Server  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
 LABELS = {"blob": 1, "tube": 2, "block": 3}

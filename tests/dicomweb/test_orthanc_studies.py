@@ -7,7 +7,6 @@ at the end need no Orthanc.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,10 +17,8 @@ import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))  # as tests/app/conftest.py does
-import make_dicom_study as mds  # noqa: E402
-import make_mricron_study  # noqa: E402
+from scripts import make_dicom_study as mds
+from scripts import make_mricron_study
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 CT_IMAGE, MR_IMAGE, SEGMENTATION = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"

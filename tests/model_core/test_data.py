@@ -4,7 +4,6 @@ multi-channel images, and the training feature cache of a frozen encoder."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,9 +17,7 @@ from model_core.data import EpisodeDataset, EpisodePrepareBatch, SelectChanneld,
 from model_core.episodes import EpisodeSampler, slice_channels, volume_to_slices
 from model_core.losses import ICLSAM2Loss
 from model_core.phantoms import make_phantom
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
+from model_core.phantoms import write_phantom_dataset as make_dataset
 
 SIZE = 32
 

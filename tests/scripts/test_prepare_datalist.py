@@ -1,8 +1,7 @@
-"""scripts/prepare_datalist.py on tiny generated datasets in every supported layout."""
+"""model_core.datalist (and its command line, scripts/prepare_datalist.py) on tiny generated datasets in every supported layout."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import model_core.datalist as pdl
+
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("prepare_datalist", ROOT / "scripts" / "prepare_datalist.py")
-pdl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pdl)
 
 
 def _nii(path: Path, shape=(8, 8, 4), values=(1,), dtype=np.uint8) -> Path:
@@ -289,3 +287,47 @@ def test_cli_writes_the_datalist_atomically(tmp_path):
     proc = subprocess.run(args + ["--output", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "--channel" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------- entries, writing, phantom datasets
+
+
+def test_normalise_entry_is_the_one_seg_to_label_rule():
+    assert pdl.normalise_entry("a.nii.gz") == {"image": "a.nii.gz"}
+    entry = {"image": "a.nii.gz", "seg": "a_seg.nii.gz", "channel": 0}
+    assert pdl.normalise_entry(entry) == {"image": "a.nii.gz", "label": "a_seg.nii.gz", "channel": 0}
+    assert "seg" in entry  # the caller's entry is left as it was
+    assert pdl.normalise_entry({"image": "a", "label": "l", "seg": "l"}) == {"image": "a", "label": "l"}
+    with pytest.raises(ValueError, match="both \"label\" and \"seg\" and they differ"):
+        pdl.normalise_entry({"image": "a", "label": "l", "seg": "s"}, "training[3]")
+    with pytest.raises(ValueError, match="training\\[3\\] has no \"image\""):
+        pdl.normalise_entry({"label": "l"}, "training[3]")
+    with pytest.raises(ValueError, match="expected an image path"):
+        pdl.normalise_entry(3)
+
+
+def test_write_datalist_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "sub" / "datalist.json"
+    assert pdl.write_datalist({"training": [{"image": "a"}]}, out) == out.resolve()
+    assert json.loads(out.read_text()) == {"training": [{"image": "a"}]}
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pdl.json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        pdl.write_datalist({"training": []}, out)
+    assert json.loads(out.read_text()) == {"training": [{"image": "a"}]}  # the old file, whole
+    assert sorted(p.name for p in out.parent.iterdir()) == ["datalist.json"]  # no temporary file left
+
+
+def test_phantom_dataset_reads_back_through_the_datalist(tmp_path):
+    from model_core.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_dataset
+
+    path = Path(write_phantom_dataset(tmp_path / "ph", train=2, validation=1, test=0, shape=(4, 16, 16), seed=3))
+    datalist = json.loads(path.read_text())
+    assert datalist["labels"] == PHANTOM_LABELS and [len(datalist[s]) for s in ("training", "validation", "test")] == [2, 1, 0]
+    image, label = make_phantom((4, 16, 16), seed=3 * 1000 + 2)  # the third case
+    entry = datalist["validation"][0]
+    np.testing.assert_allclose(nib.load(path.parent / entry["image"]).get_fdata(), image.transpose(1, 2, 0), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(nib.load(path.parent / entry["label"]).dataobj), label.transpose(1, 2, 0))

@@ -56,8 +56,7 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path):
     labels = sorted((tmp_path / "bundle" / "outputs" / "inference").glob("*_seg.nii.gz"))
     assert len(labels) == 2 and len(list(labels[0].parent.glob("*_confidence.json"))) == 2
     assert (tmp_path / "bundle" / "models" / "model_final.pt").exists()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_mricron_study import available
+    from scripts.make_mricron_study import available
 
     assert ("Real T1 MRI" in out) == available()
 

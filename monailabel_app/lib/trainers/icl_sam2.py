@@ -14,10 +14,9 @@ import os
 import time
 from typing import Any
 
-import torch
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from model_core.checkpoint import read_state_dict
+from model_core.checkpoint import read_state_dict, write_checkpoint
 from model_core.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
@@ -100,12 +99,9 @@ class ICLSAM2Train(BundleTrainTask):
             raise RuntimeError(f"Training wrote no checkpoint in {run_dir}; nothing to publish.")
         state, record = read_state_dict(source)  # {"model": ..., "icl_sam2": <architecture record>, ...}
         target = self.service_config.checkpoint
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         meta = {**record, "preset": self.service_config.preset, "image_size": int(self.service_config.image_size),
                 "labels": self.service_config.labels, "published": time.time(), "source": source}
-        tmp = f"{target}.{os.getpid()}.tmp"
-        torch.save({"model": state, "icl_sam2": meta}, tmp)
-        os.replace(tmp, target)
+        write_checkpoint(state, target, meta)
         logger.info(f"Published {source} -> {target}")
         return target
 

@@ -31,14 +31,10 @@ from pathlib import Path
 import fire
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_mricron_study import available as mricron_available  # noqa: E402
-from make_mricron_study import make_study  # noqa: E402
-from make_phantom_dataset import make_dataset  # noqa: E402
 
 TRAIN = "bundle/configs/train.json"
 EVALUATE = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
-INFER = "bundle/configs/inference.json"
+INFER = "['bundle/configs/train.json','bundle/configs/inference.json']"
 
 
 def _bundle(*args: str) -> float:
@@ -48,6 +44,13 @@ def _bundle(*args: str) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return time.perf_counter() - start
+
+
+def _script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the data scripts (``python scripts/...``); its last output line is the datalist path."""
+    cmd = [sys.executable, *args]
+    print("\n$ " + shlex.join(["python", *args]), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, check=check, capture_output=True, text=True)
 
 
 def _summary(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -83,7 +86,8 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     root = Path(bundle_root).resolve()
     phantoms = root / "data" / "phantoms" / "datalist.json"
     if not phantoms.exists():
-        make_dataset(str(phantoms.parent), train=8, validation=3, test=2, shape=(24, image_size, image_size))
+        _script("scripts/make_phantom_dataset.py", "--output_dir", str(phantoms.parent), "--train", "8", "--validation", "3",
+                "--test", "2", "--shape", f"[24,{image_size},{image_size}]")
     classes = json.loads(phantoms.read_text())["labels"]
     models, outputs = root / "models", root / "outputs"
     common = ["--bundle_root", str(root), "--ckpt_dir", str(models), "--preset", "tiny", "--image_size", str(image_size)]
@@ -97,21 +101,23 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
         "--episodes_per_epoch", str(episodes), "--max_epochs", str(epochs))
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     results = {}
-    for model, checkpoint in (("untrained", "$None"), ("trained", str(models / "model_final.pt"))):
+    # evaluation and inference load models/model.pt, the best-Dice weights of training (the bundle's convention)
+    for model, checkpoint in (("untrained", "$None"), ("trained", str(models / "model.pt"))):
         metrics = outputs / f"eval_{model}"
         _bundle("--config_file", EVALUATE, *phantom_args, "--checkpoint", checkpoint, "--output_dir", str(metrics))
         results[model] = _summary(metrics)
     infer_dir = outputs / "inference"
     _bundle("--config_file", INFER, *phantom_args, "--query_key", "test", "--output_dir", str(infer_dir),
             "--class_names", json.dumps(classes))
-    real = None
-    if real_data and mricron_available():
-        study = Path(make_study(str(root / "data" / "mricron")))
+    real, made = None, None
+    if real_data:
+        made = _script("scripts/make_mricron_study.py", "--output_dir", str(root / "data" / "mricron"), check=False)
+    if made is not None and made.returncode == 0:
+        study = Path(made.stdout.strip().splitlines()[-1])
         regions = json.loads(study.read_text())["labels"]
         metrics = outputs / "eval_mricron"
         _bundle("--config_file", EVALUATE, *common, "--datalist_file", str(study), "--modality", "MRI",
-                "--classes", json.dumps(list(regions.values())), "--checkpoint", str(models / "model_final.pt"),
-                "--output_dir", str(metrics))
+                "--classes", json.dumps(list(regions.values())), "--output_dir", str(metrics))
         real = ({"trained": _summary(metrics)}, list(regions))
 
     print(f"\n=== ICL-SAM2 bundle demo: tiny preset, {image_size} px, {steps} steps in {epochs} epochs, "
@@ -123,7 +129,8 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     if real is not None:
         _table("Real T1 MRI (Colin27 + AAL regions; the model has seen phantoms only)", *real)
     elif real_data:
-        print("\nReal MRI skipped: install Debian's mricron-data (apt-get install mricron-data).")
+        reason = (made.stderr.strip().splitlines() or [""])[-1] if made is not None else ""
+        print(f"\nReal MRI skipped ({reason}): install Debian's mricron-data (apt-get install mricron-data).")
     print(f"\nModels: {models}  Metrics: {outputs}")
 
 

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from model_core import build_icl_sam2, save_checkpoint
-from model_core.phantoms import make_phantom
-from model_core.phantoms import write_phantom_dataset as make_dataset
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_phantom_dataset import make_dataset  # noqa: E402
+
+from model_core import build_icl_sam2, save_checkpoint  # noqa: E402
+from model_core.phantoms import make_phantom  # noqa: E402
 
 pydicom = pytest.importorskip("pydicom")
 itk = pytest.importorskip("itk")
@@ -152,7 +153,7 @@ def inference(study):
         uid_series.append(folder)
     out = root / "out"
     queries = [series, same, unscaled, *uid_series]
-    result = _bundle("--config_file", "bundle/configs/inference.json", "--datalist_file", study["datalist"],
+    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']", "--datalist_file", study["datalist"],
                      "--preset", "tiny", "--image_size", str(SIZE), "--checkpoint", str(study["ckpt"]),
                      "--query_images", json.dumps([str(q) for q in queries]),
                      "--output_dir", str(out), "--intensity#window", WINDOW, "--classes", "[1,3]",

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model_core import build_icl_sam2, save_checkpoint
-from model_core.phantoms import make_phantom
-from model_core.phantoms import write_phantom_dataset as make_dataset
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_phantom_dataset import make_dataset  # noqa: E402
+
+from model_core import build_icl_sam2, save_checkpoint  # noqa: E402
+from model_core.phantoms import make_phantom  # noqa: E402
 
 SIZE = 64
 
@@ -40,7 +41,7 @@ def setup(tmp_path_factory):
 
 
 def _infer(datalist, ckpt, query, out, extra=()):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']",
            "--datalist_file", datalist, "--preset", "tiny", "--image_size", str(SIZE), "--checkpoint", str(ckpt),
            "--query_images", json.dumps([str(query)]), "--output_dir", str(out), "--intensity#window", "[0,1]",
            "--classes", "[1,3]", "--class_names", '{"blob": 1, "block": 3}', *extra]
@@ -91,10 +92,11 @@ def test_optional_resampling_to_a_spacing_is_inverted_to_the_original_grid(setup
     assert seg.shape == (80, 72, 10) and np.allclose(seg.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 3}
     # the model did see the resampled volume: the bundle's preprocessing gives 19 slices (9 gaps of 2.5 mm at 1.25 mm), not 10
-    from model_core.service import load_bundle_parser
+    from monai.bundle import ConfigParser
 
     for pixdim, depth in (([-1, -1, 1.25], 19), (None, 10)):
-        parser = load_bundle_parser(str(ROOT / "bundle"), "inference.json",
-                                    {"pixdim": pixdim, "image_size": SIZE, "intensity#window": [0, 1]})
+        parser = ConfigParser()  # the configs layered as on the command line, from any working directory
+        parser.read_config([str(ROOT / "bundle" / "configs" / name) for name in ("train.json", "inference.json")])
+        parser.update({"pixdim": pixdim, "image_size": SIZE, "intensity#window": [0, 1]})
         image = parser.get_parsed_content("preprocessing")({"image": str(query)})["image"]
         assert image.shape[-1] == depth

@@ -22,9 +22,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, make_study
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, make_study
 
 pytestmark = pytest.mark.skipif(
     not available(),
@@ -91,7 +91,7 @@ def test_evaluation_on_real_mri_writes_per_case_metrics(study):
 def test_inference_on_real_mri_writes_label_maps_in_query_space(study):
     out = study["root"] / "inference"
     queries = {n: study["cases"][n] for n in ("upper", "lower")}
-    result = _bundle("--config_file", "bundle/configs/inference.json", *study["common"],
+    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']", *study["common"],
                      "--class_names", json.dumps(study["class_names"]),
                      "--query_images", json.dumps([q["image"] for q in queries.values()]), "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

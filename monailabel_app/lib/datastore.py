@@ -25,11 +25,11 @@ import shutil
 import time
 from typing import Any, Iterable
 
-from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.requests import check_id, check_tag, http_error
+from model_core.files import atomic_path
 from model_core.validation import InputError, check_image_volume, check_label_volume, label_problem
 
 logger = logging.getLogger(__name__)
@@ -49,24 +49,34 @@ def _extension(filename: str, what: str) -> str:
 class CheckedDatastore(LocalDatastore):
     """``LocalDatastore`` whose ids, tags and uploads are validated and whose labels are replaced atomically.
 
+    Only MONAI Label's public datastore API is used: ``LocalDatastore``'s bookkeeping
+    (``refresh``, ``update_label_info``, ``remove_label``) is the parent's own; the one
+    thing done here is where the label file goes and how (``model_core.files.atomic_path``).
+
     Args:
-        datastore_path, **kwargs: as for ``LocalDatastore``.
+        datastore_path, labels_dir, extensions, **kwargs: as for ``LocalDatastore``; the
+            volume formats accepted for upload (``VOLUME_EXTENSIONS``) are added to
+            ``extensions``, so that every stored label is also found again on disk.
         label_values: the configured label values; a label may hold only these and 0.
     """
 
-    def __init__(self, datastore_path: str, label_values: Iterable[int] = (), **kwargs: Any):
+    def __init__(self, datastore_path: str, label_values: Iterable[int] = (), labels_dir: str = "labels",
+                 extensions: str | Iterable[str] = ("*.nii.gz", "*.nii"), **kwargs: Any):
         self.label_values = tuple(sorted(int(v) for v in label_values))
-        super().__init__(datastore_path, **kwargs)
+        #: the folder holding one folder per label tag (``LocalDatastore``'s layout: ``<labels_dir>/<tag>/<id><ext>``)
+        self.labels_root = os.path.realpath(os.path.join(datastore_path, labels_dir))
+        patterns = [extensions] if isinstance(extensions, str) else list(extensions)
+        patterns += [f"*{ext}" for ext in VOLUME_EXTENSIONS if f"*{ext}" not in patterns]
+        super().__init__(datastore_path, labels_dir=labels_dir, extensions=patterns, **kwargs)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         try:
             check_id(image_id, "image")
             ext = _extension(image_filename, "image")
             shape, _ = check_image_volume(image_filename)
-            existing = self._datastore.objects.get(image_id)
-            if existing is not None:
-                path = self.get_image_uri(image_id)
-                if existing.image.ext == ext and os.path.isfile(path) and filecmp.cmp(path, image_filename, shallow=False):
+            existing = self.get_image_uri(image_id)  # "" when there is none
+            if existing:
+                if existing.lower().endswith(ext) and os.path.isfile(existing) and filecmp.cmp(existing, image_filename, shallow=False):
                     return image_id  # the same file again
                 raise InputError(f"Image {image_id!r} is already in the datastore with other content; upload it under "
                                  "another id, or delete the existing one first.", status=409)
@@ -78,35 +88,42 @@ class CheckedDatastore(LocalDatastore):
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Check the upload, put it in place atomically, then record it with ``LocalDatastore``'s public API.
+
+        ``LocalDatastore.save_label`` copies the upload over the stored label in place, so a
+        reader (a support set being built, a download, a training run) can read half of a
+        label, and an interrupted copy leaves a half label that the next reconciliation
+        takes for a complete one. Here the file is written beside its final name and
+        renamed over it; then ``refresh()`` registers a label new to its tag,
+        ``update_label_info()`` records ``ts`` and ``name`` (merged into the previous info,
+        where ``LocalDatastore`` would start afresh), and a label stored before in another
+        format is removed with ``remove_label()`` once the new file is in place.
+
+        Returns:
+            the label id (the image id, as ``LocalDatastore`` does).
+        """
         try:
             check_id(image_id, "image")
             check_tag(label_tag, "tag")
-            obj = self._datastore.objects.get(image_id)
-            if not obj:
+            image = self.get_image_uri(image_id)
+            if not image:
                 raise InputError(f"Image {image_id!r} is not in the datastore.", status=404)
             label_ext = _extension(label_filename, "label")
-            values = check_label_volume(label_filename, self.get_image_uri(image_id), self.label_values)
+            values = check_label_volume(label_filename, image, self.label_values)
         except InputError as e:
             logger.info(f"Rejected label upload for {image_id!r} ({label_tag!r}): {e}")
             raise http_error(e) from e
 
-        label_path = self._datastore.label_path(label_tag)
-        dest = os.path.join(label_path, self._filename(image_id, label_ext))
-        with FileLock(self._lock_file):
-            os.makedirs(label_path, exist_ok=True)
-            tmp = f"{dest}.{os.getpid()}.uploading"
-            try:
-                shutil.copy(label_filename, tmp)
-                os.replace(tmp, dest)  # readers see the old label or the new one, never half of one
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            label_info = dict(label_info or {})
-            label_info["ts"] = int(time.time())
-            label_info["name"] = os.path.basename(dest)
-            obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
-            self._update_datastore_file(lock=False)
-        logger.info(f"Saved label {label_tag}/{os.path.basename(dest)} for {image_id} (values {list(values)})")
+        name = f"{image_id}{label_ext}"
+        dest = os.path.join(self.labels_root, label_tag, name)
+        previous = self.get_label_uri(image_id, label_tag)  # "" when there is none
+        with atomic_path(dest) as tmp:  # readers see the old label or the new one, never half of one
+            shutil.copyfile(label_filename, tmp)
+        if previous and os.path.realpath(previous) != os.path.realpath(dest):
+            self.remove_label(image_id, label_tag)  # the same label stored before in another format
+        self.refresh()
+        self.update_label_info(image_id, label_tag, {**(label_info or {}), "ts": int(time.time()), "name": name})
+        logger.info(f"Saved label {label_tag}/{name} for {image_id} (values {list(values)})")
         return image_id
 
     def final_labels(self) -> list[dict[str, str]]:

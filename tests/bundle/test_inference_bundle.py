@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_phantom_dataset import make_dataset  # noqa: E402
+from model_core import build_icl_sam2, save_checkpoint
+from model_core.phantoms import make_phantom
+from model_core.phantoms import write_phantom_dataset as make_dataset
 
-from model_core import build_icl_sam2, save_checkpoint  # noqa: E402
-from model_core.phantoms import make_phantom  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 SIZE = 64
 

@@ -22,9 +22,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scripts.make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, make_study
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, make_study
 
 pytestmark = pytest.mark.skipif(
     not available(),

@@ -2,7 +2,8 @@
 
 from model_core.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from model_core.memory import MemoryPolicy, SupportMemory
-from model_core.network import InContextSAM2, VolumePrediction, VolumeState
+from model_core.network import InContextSAM2
+from model_core.predictor import VolumePrediction, VolumePredictor, VolumeState
 from model_core.presets import PRESETS, build_icl_sam2, preset_config
 from model_core.prompts import PromptSampler, SlicePrompt
 
@@ -14,6 +15,7 @@ __all__ = [
     "SlicePrompt",
     "SupportMemory",
     "VolumePrediction",
+    "VolumePredictor",
     "VolumeState",
     "build_icl_sam2",
     "load_checkpoint",

@@ -21,6 +21,7 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.transforms import MapTransform
 
+from model_core.datalist import normalise_entry
 from model_core.episodes import EpisodeSampler
 from model_core.prompts import PromptSampler
 
@@ -86,11 +87,7 @@ def load_datalist(path: str, key: str = "training", base_dir: str | None = None,
     base = base_dir or os.path.dirname(os.path.abspath(path))
     out = []
     for i, item in enumerate(entries):
-        item = {"image": item} if isinstance(item, str) else dict(item)
-        if "seg" in item and "label" not in item:
-            item["label"] = item.pop("seg")
-        if "image" not in item:
-            raise ValueError(f"Entry {i} of {key!r} in {path!r} has no 'image'.")
+        item = normalise_entry(item, f"Entry {i} of {key!r} in {path!r}")
         for k in ("image", "label"):
             if isinstance(item.get(k), str) and not os.path.isabs(item[k]):
                 item[k] = os.path.normpath(os.path.join(base, item[k]))

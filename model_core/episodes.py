@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EpisodeSampler", "CHANNEL_MODES", "slice_channels", "volume_to_slices", "support_slices_for", "dice_3d", "evaluate_in_context"]
+__all__ = ["EpisodeSampler", "CHANNEL_MODES", "slice_channels", "volume_to_slices", "class_masks"]
 
 
 CHANNEL_MODES = ("replicate", "2.5d")
@@ -52,23 +52,13 @@ def volume_to_slices(volume: np.ndarray | torch.Tensor, image_size: int, mode: s
     return slice_channels(volume, range(volume.shape[0]), image_size, mode)
 
 
-def _masks(label: np.ndarray | torch.Tensor, classes: Sequence[int], image_size: int) -> torch.Tensor:
-    """``(D, H, W)`` label map to ``(D, K, image_size, image_size)`` bool, one channel per class."""
+def class_masks(label: np.ndarray | torch.Tensor, classes: Sequence[int], image_size: int) -> torch.Tensor:
+    """``(D, H, W)`` label map to ``(D, K, image_size, image_size)`` bool, one channel per class (nearest resize)."""
     lab = torch.as_tensor(np.asarray(label))
     m = torch.stack([lab == c for c in classes], dim=1).float()
     if tuple(m.shape[-2:]) != (image_size, image_size):
         m = F.interpolate(m, size=(image_size, image_size), mode="nearest")
     return m > 0.5
-
-
-def support_slices_for(label: np.ndarray | torch.Tensor, cls: int, count: int) -> list[int]:
-    """``count`` slices that contain ``cls``, evenly spread over its extent (deterministic)."""
-    present = np.nonzero(np.asarray(torch.as_tensor(np.asarray(label)).flatten(1).eq(cls).any(1)))[0]
-    if len(present) == 0:
-        raise ValueError(f"Class {cls} is absent from the support volume.")
-    n = len(present)
-    pos = [(i + 1) * n // (count + 1) for i in range(count)] if count < n else range(n)
-    return sorted({int(present[p]) for p in pos})
 
 
 class EpisodeSampler:
@@ -196,8 +186,8 @@ class EpisodeSampler:
             anchor = int(self.rng.choice(self.present[classes[self.rng.integers(len(classes))]][vq]))
             start = int(np.clip(anchor - self.rng.integers(self.num_query), 0, max(D - self.num_query, 0)))
             qry = np.arange(start, start + self.num_query).clip(max=D - 1)
-            masks_s = _masks(self.labels[vs][sup], classes, self.image_size)
-            masks_q = _masks(self.labels[vq][qry], classes, self.image_size)
+            masks_s = class_masks(self.labels[vs][sup], classes, self.image_size)
+            masks_q = class_masks(self.labels[vq][qry], classes, self.image_size)
             pad = self.objects_per_episode - len(classes)
             if pad:  # keep K fixed across the batch: repeat the first class
                 masks_s = torch.cat([masks_s] + [masks_s[:, :1]] * pad, dim=1)
@@ -209,49 +199,3 @@ class EpisodeSampler:
             out["support_keys"].append(torch.as_tensor(int(vs) * 2**32 + sup, dtype=torch.int64))
             out["query_keys"].append(torch.as_tensor(int(vq) * 2**32 + qry, dtype=torch.int64))
         return {k: torch.stack(v) for k, v in out.items()}
-
-
-def dice_3d(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Dice of two boolean volumes (1.0 when both are empty)."""
-    pred, target = pred.bool(), target.bool()
-    denom = pred.sum() + target.sum()
-    return 1.0 if denom == 0 else float(2 * (pred & target).sum() / denom)
-
-
-@torch.inference_mode()
-def evaluate_in_context(
-    model,
-    support_volume: tuple[Any, Any],
-    query_volumes: Sequence[tuple[Any, Any]],
-    classes: Sequence[int],
-    num_support: int,
-    policy=None,
-) -> dict[int, list[float]]:
-    """In-context Dice of whole query volumes, per class.
-
-    The support set is ``num_support`` evenly spread slices per class of
-    ``support_volume``; every slice of every query volume is segmented.
-
-    Returns:
-        ``{class: [Dice per query volume]}``.
-    """
-    s_img, s_lab = support_volume
-    s_slices = volume_to_slices(s_img, model.image_size)
-    s_masks = _masks(s_lab, classes, model.image_size)
-    scores: dict[int, list[float]] = {c: [] for c in classes}
-    # one support memory per class, so each class uses its own best support slices
-    supports = []
-    for k, c in enumerate(classes):
-        idx = support_slices_for(s_lab, c, num_support)
-        supports.append(model.build_support_memory(s_slices[idx], s_masks[idx][:, k : k + 1], object_ids=[c]))
-    for q_img, q_lab in query_volumes:
-        q = volume_to_slices(q_img, model.image_size)
-        q_lab = torch.as_tensor(np.asarray(q_lab))
-        for c, support in zip(classes, supports):
-            gt = (q_lab == c)[:, None]  # (D, 1, H, W): only the oracle policy reads it
-            oracle = policy is not None and policy.name == "oracle"
-            pred = model.segment_volume(
-                q, support, policy=policy, ground_truth=gt if oracle else None, output_size=tuple(q_lab.shape[-2:])
-            )
-            scores[c].append(dice_3d(pred.masks[0], q_lab == c))
-    return scores

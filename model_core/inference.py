@@ -21,8 +21,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from model_core.data import as_slices, load_case, merge_labels
-from model_core.episodes import volume_to_slices
+from model_core.episodes import class_masks, volume_to_slices
 from model_core.memory import MemoryPolicy, SupportMemory
+from model_core.predictor import VolumePredictor
 from model_core.validation import InputError
 
 __all__ = ["build_support", "InContextInferer", "InContextSliceNet", "ConfidenceSaver", "support_slice_choice"]
@@ -99,9 +100,7 @@ def build_support(
         labels.append(label.numpy())
     picks = support_slice_choice(labels, classes, num_support)
     sup_images = torch.stack([images[v][z] for v, z in picks])
-    masks = torch.stack([torch.stack([torch.as_tensor(labels[v][z] == c) for c in classes]) for v, z in picks])
-    if tuple(masks.shape[-2:]) != (network.image_size, network.image_size):
-        masks = torch.nn.functional.interpolate(masks.float(), size=(network.image_size,) * 2, mode="nearest") > 0.5
+    masks = torch.cat([class_masks(labels[v][z : z + 1], classes, network.image_size) for v, z in picks])
     memory = network.build_support_memory(sup_images, masks, object_ids=list(classes))
     if cache_file:
         os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
@@ -162,8 +161,9 @@ class InContextInferer(Inferer):
         for b in range(inputs.shape[0]):
             slices = volume_to_slices(as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
                                       network.image_size, self.channel_mode)
-            pred = network.segment_volume(slices, support, policy=self.policy, direction=self.direction,
-                                          output_size=tuple(inputs.shape[2:4]), return_logits=True)
+            pred = VolumePredictor(network).segment_volume(
+                slices, support, policy=self.policy, direction=self.direction,
+                output_size=tuple(inputs.shape[2:4]), return_logits=True)
             probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             background = 1 - probs.max(0, keepdim=True).values
             outs.append(torch.cat([background, probs]))
@@ -178,8 +178,8 @@ class InContextInferer(Inferer):
 class InContextSliceNet(torch.nn.Module):
     """The network as a plain ``image -> logits`` module, with its support set bound in.
 
-    ``InContextSAM2.forward`` takes whole episodes (support images, support masks,
-    query images, prompts) for training, so tools that call ``net(image)`` (MONAI's
+    The training network's ``forward`` takes whole episodes (support images, support
+    masks, query images, prompts) and the inference network has none, so tools that call ``net(image)`` (MONAI's
     ``verify_net_in_out``, exporters, generic inferers) get this view: the slices of a
     batch are segmented in order as one short volume, with the support memory.
 
@@ -204,7 +204,7 @@ class InContextSliceNet(torch.nn.Module):
         """
         if callable(self._support) and not isinstance(self._support, SupportMemory):
             self._support = self._support()
-        pred = self.network.segment_volume(images, self._support, policy=self.policy, return_logits=True)
+        pred = VolumePredictor(self.network).segment_volume(images, self._support, policy=self.policy, return_logits=True)
         return pred.logits.float().transpose(0, 1).to(images.device)
 
 

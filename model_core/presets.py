@@ -23,12 +23,29 @@ from omegaconf import OmegaConf
 __all__ = [
     "PRESETS",
     "MODEL_TARGET",
+    "TRAIN_TARGET",
+    "VIDEO_PREDICTOR_SETTINGS",
     "preset_config",
     "build_icl_sam2",
 ]
 
 #: Class that every preset instantiates (a subclass of sam2's SAM2Base).
 MODEL_TARGET = "model_core.network.InContextSAM2"
+#: Its training subclass, built when a model is built to train.
+TRAIN_TARGET = "model_core.training.InContextSAM2Train"
+
+#: What ``sam2.build_sam.build_sam2_video_predictor`` adds to the YAML for SAM2 users
+#: (its ``apply_postprocessing=True`` overrides; ``fill_hole_area`` lives on
+#: :class:`~model_core.predictor.VolumePredictor`). They act in eval mode only, so
+#: training is as sam2's trainer has it.
+VIDEO_PREDICTOR_SETTINGS: dict[str, Any] = {
+    "sam_mask_decoder_extra_args": {
+        "dynamic_multimask_via_stability": True,
+        "dynamic_multimask_stability_delta": 0.05,
+        "dynamic_multimask_stability_thresh": 0.98,
+    },
+    "binarize_mask_from_pts_for_mem_enc": True,
+}
 
 #: Preset name -> YAML file inside the installed ``sam2`` package.
 _OFFICIAL_YAML = {
@@ -187,13 +204,16 @@ def _sam2_package_dir() -> str:
     return os.path.dirname(sam2.__file__)
 
 
-def preset_config(preset: str, image_size: int | None = None) -> dict[str, Any]:
+def preset_config(preset: str, image_size: int | None = None, video_predictor_settings: bool = True) -> dict[str, Any]:
     """Return the model config of ``preset`` as a plain dict (``_target_`` style).
 
     Args:
         preset: one of ``PRESETS`` (e.g. ``"sam2.1_hiera_tiny"`` or ``"tiny"``).
         image_size: square input size in pixels, a multiple of 32 (default: the
             preset's default, 512 for the official ones, 128 for ``tiny``).
+        video_predictor_settings: add ``VIDEO_PREDICTOR_SETTINGS``, so the network
+            predicts what ``build_sam2_video_predictor`` gives SAM2 users; False gives
+            the YAML as it is (what the equivalence test hands to Meta's builder).
 
     Raises:
         ValueError: unknown preset or invalid image size.
@@ -217,6 +237,8 @@ def preset_config(preset: str, image_size: int | None = None) -> dict[str, Any]:
     layer = model["memory_attention"]["layer"]
     layer["self_attention"]["feat_sizes"] = [feat, feat]
     layer["cross_attention"]["feat_sizes"] = [feat, feat]
+    if video_predictor_settings:
+        model.update(copy.deepcopy(VIDEO_PREDICTOR_SETTINGS))
     return model
 
 
@@ -236,8 +258,10 @@ def build_icl_sam2(
         checkpoint: optional path of an official SAM2/SAM2.1, MedSAM2, Medical-SAM2
             or ICL-SAM2 training checkpoint, loaded strictly.
         device: where to put the model.
-        trainable: if given, ``set_trainable(trainable)`` (``frozen``, ``neck`` or ``all``
-            image encoder) and return the model in train mode.
+        trainable: if given, build the training subclass
+            (:class:`~model_core.training.InContextSAM2Train`), call
+            ``set_trainable(trainable)`` (``frozen``, ``neck`` or ``all`` image encoder)
+            and return it in train mode.
         model_kwargs: extra constructor arguments of ``InContextSAM2`` or
             ``SAM2Base`` (e.g. ``memory_storage_dtype``, ``encoder_batch_size``).
 
@@ -248,6 +272,8 @@ def build_icl_sam2(
 
     cfg = preset_config(preset, image_size)
     cfg.update(model_kwargs)
+    if trainable is not None:
+        cfg["_target_"] = TRAIN_TARGET
     model = instantiate(cfg, _recursive_=True, _convert_="all")
     model.preset = preset
     if checkpoint is not None:

@@ -1,7 +1,10 @@
-"""Meta's ``SAM2VideoPredictor`` driven on the same tensors as :class:`InContextSAM2`.
+"""Meta's ``SAM2VideoPredictor``, as ``build_sam2_video_predictor`` builds it, on the same tensors as ours.
 
 Used by the equivalence tests and ``scripts/benchmark_icl.py`` to prove that
-model_core's ``recent`` policy computes what SAM2 computes. The predictor only
+model_core's :class:`~model_core.predictor.VolumePredictor` with the ``recent`` policy
+computes what a SAM2 user gets. The reference is made by Meta's own builder from the
+preset's YAML as sam2 ships it (our additions left out), so the builder's
+post-processing defaults are part of what is compared. The predictor only
 reads videos from JPEG folders or MP4 files; :func:`init_reference_state` hands it
 an in-memory tensor instead, by calling its own ``init_state`` with sam2's frame
 loader swapped for the duration of the call.
@@ -13,7 +16,7 @@ from typing import Any, Sequence
 from unittest import mock
 
 import torch
-from hydra.utils import instantiate
+from hydra.core.config_store import ConfigStore
 
 from model_core.network import IMAGENET_MEAN, IMAGENET_STD, InContextSAM2
 from model_core.presets import preset_config
@@ -22,17 +25,23 @@ __all__ = ["build_reference_predictor", "init_reference_state", "reference_in_co
 
 
 def build_reference_predictor(model: InContextSAM2):
-    """A ``SAM2VideoPredictor`` with ``model``'s architecture and weights (eval mode, same device).
+    """``sam2.build_sam.build_sam2_video_predictor`` for ``model``'s preset, with its weights (eval mode, same device).
 
-    The predictor gets ``add_all_frames_to_correct_as_cond=True``: like model_core,
-    every slice that receives a prompt becomes a conditioning frame.
+    The config handed to Meta's builder is the preset's YAML as sam2 ships it, at the
+    model's image size (registered in Hydra's config store, so the builder's own
+    ``compose`` reads it). One setting is added: ``add_all_frames_to_correct_as_cond=True``,
+    since in model_core every slice that receives a prompt becomes a conditioning frame.
     """
-    cfg = preset_config(model.preset, model.image_size)
-    cfg["_target_"] = "sam2.sam2_video_predictor.SAM2VideoPredictor"
-    cfg["add_all_frames_to_correct_as_cond"] = True
-    predictor = instantiate(cfg, _recursive_=True, _convert_="all")
+    from sam2.build_sam import build_sam2_video_predictor
+
+    name = f"icl_sam2_reference_{model.preset}_{model.image_size}".replace(".", "_")
+    ConfigStore.instance().store(name=name, node={"model": preset_config(model.preset, model.image_size, False)})
+    predictor = build_sam2_video_predictor(
+        name, ckpt_path=None, device=str(model.device), mode="eval",
+        hydra_overrides_extra=["++model.add_all_frames_to_correct_as_cond=true"],
+    )
     predictor.load_state_dict(model.state_dict(), strict=True)
-    return predictor.to(model.device).eval()
+    return predictor
 
 
 def init_reference_state(predictor, frames: torch.Tensor) -> dict[str, Any]:

@@ -5,8 +5,8 @@ request; it has no notion of a support set built from the datastore's labels, no
 of an interactive session whose image features outlive a request. This module
 keeps both, and nothing server-specific: the app maps requests onto it.
 
-- Preprocessing and postprocessing are the bundle's own (``inference.json``, with
-  its ``%train.json`` macros), so intensities, orientation, resizing and the
+- Preprocessing and postprocessing are the bundle's own (``inference.json`` layered
+  on ``train.json``), so intensities, orientation, resizing and the
   inversion to the image's original space are exactly the bundle's.
 - The network is loaded lazily and reloaded when its checkpoint file changes (a
   newly published model); with no checkpoint it runs its initial weights and says so.
@@ -40,6 +40,7 @@ from model_core.data import as_slices, load_case
 from model_core.episodes import volume_to_slices
 from model_core.inference import InContextInferer, build_support
 from model_core.memory import SupportMemory
+from model_core.predictor import VolumePredictor
 from model_core.presets import build_icl_sam2
 from model_core.prompts import SlicePrompt
 from model_core.validation import InputError
@@ -48,26 +49,14 @@ __all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "load_bundle_
 
 
 def load_bundle_parser(bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None) -> ConfigParser:
-    """A ``ConfigParser`` of one of the bundle's configs, usable from any working directory.
+    """A ``ConfigParser`` of the bundle's ``train.json`` with ``config`` layered on top.
 
-    The bundle's configs refer to each other as ``%bundle/configs/<file>#key`` (paths
-    relative to the repository root, as ``python -m monai.bundle`` is run from there);
-    those macros are pointed at ``bundle_dir`` here.
+    The same layering as ``python -m monai.bundle run --config_file "['train.json', '<config>']"``;
+    the paths are absolute, so it works from any working directory.
     """
     configs = os.path.join(os.path.abspath(bundle_dir), "configs")
-    with open(os.path.join(configs, config)) as f:
-        content = json.load(f)
-
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value.startswith("%bundle/configs/"):
-            return "%" + configs + "/" + value[len("%bundle/configs/"):]
-        if isinstance(value, dict):
-            return {k: absolute(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [absolute(v) for v in value]
-        return value
-
-    parser = ConfigParser(absolute(content))
+    parser = ConfigParser()
+    parser.read_config([os.path.join(configs, name) for name in dict.fromkeys(["train.json", config])])
     parser["bundle_root"] = os.path.abspath(bundle_dir)
     for key, value in (overrides or {}).items():
         parser[key] = value
@@ -402,8 +391,9 @@ class SegmentationService:
                 objects = list(support.object_ids)
                 if value not in objects:
                     raise InputError(f"Label {label!r} is not in the support set {objects}.")
-            state = network.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
-                                       share_features_with=session.anchor)
+            predictor = VolumePredictor(network)
+            state = predictor.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
+                                         share_features_with=session.anchor)
             if session.anchor is None:
                 session.anchor = state
             for z, entry in sorted(prompts.items()):
@@ -412,11 +402,11 @@ class SegmentationService:
                     labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
                     box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
                 )
-                network.add_prompt(state, z, value, prompt)
+                predictor.add_prompt(state, z, value, prompt)
             H = W = network.image_size
             D = session.slices.shape[0]
             logits = torch.full((len(objects), D, H, W), -1.0)
-            for z, out in network.propagate(state, start_slice=min(prompts), direction="both"):
+            for z, out in predictor.propagate(state, start_slice=min(prompts), direction="both"):
                 logits[:, z] = out[:, 0].float().cpu()
             probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             if roi is not None:  # nothing outside the ROI's slices

@@ -97,6 +97,7 @@ def test_non_persistent_buffers_not_saved(source):
     assert {n for n, _ in source.named_buffers()} >= {"pixel_mean", "pixel_std"}
 
 
+@pytest.mark.slow
 def test_official_key_set_matches_sam2(tmp_path):
     """An official-style checkpoint (a state dict of sam2's own SAM2Base) loads strictly into our subclass."""
     from sam2.build_sam import build_sam2
@@ -129,6 +130,7 @@ def test_other_architecture_rejected(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_sam2_vs_sam21_key_difference(tmp_path):
     v21 = build_icl_sam2("sam2.1_hiera_tiny", image_size=64)
     v2 = build_icl_sam2("sam2_hiera_tiny", image_size=64)

@@ -123,6 +123,7 @@ def test_cache_dir_memory_maps_preprocessed_volumes_and_reuses_them(datalist, tm
 
 
 # ---------------------------------------------------------------- feature cache
+@pytest.mark.slow
 def test_feature_cache_gives_the_same_training_step_without_encoding_again():
     volumes = [make_phantom((8, 64, 64), seed=i) for i in range(3)]
     sampler = EpisodeSampler(volumes, [1, 2, 3], num_support=2, num_query=3, image_size=64, objects_per_episode=2, seed=0)

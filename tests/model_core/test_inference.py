@@ -12,6 +12,7 @@ from model_core.inference import InContextInferer, support_slice_choice
 SIZE = 64
 
 
+@pytest.mark.slow
 def test_support_is_built_once_and_rebuilt_after_weights_change():
     torch.manual_seed(0)
     model = build_icl_sam2("tiny", image_size=SIZE)

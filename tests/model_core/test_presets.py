@@ -141,6 +141,7 @@ def test_monailabel_sam2_task_resets_global_hydra():
     assert "build_sam2(self.config_path" in src
 
 
+@pytest.mark.slow
 def test_hydra_coexistence_with_sam2_and_monailabel(tmp_path, restore_hydra):
     from sam2.build_sam import build_sam2
 

@@ -7,6 +7,7 @@ import torch
 
 from model_core import MemoryPolicy, SlicePrompt, SupportMemory, build_icl_sam2
 from model_core.memory import FrameEntry, MemoryBank
+from model_core.predictor import VolumePredictor
 
 SIZE = 64
 
@@ -40,6 +41,7 @@ def support(model):
     return model.build_support_memory(_volume(2, 1), _masks(2, 3), object_ids=[4, 5, 6])
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_independent_of_depth(model, support, monkeypatch):
     sizes = []
     add = MemoryBank.add
@@ -53,8 +55,8 @@ def test_memory_is_bounded_independent_of_depth(model, support, monkeypatch):
     peaks = {}
     for depth in (10, 40):
         sizes.clear()
-        state = model.init_state(_volume(depth, 2), support)
-        for _ in model.propagate(state, direction="forward"):
+        state = VolumePredictor(model).init_state(_volume(depth, 2), support)
+        for _ in VolumePredictor(model).propagate(state, direction="forward"):
             assert len(state.features.cache) <= max(state.features.capacity, model.encoder_batch_size)
         peaks[depth] = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     assert peaks[40][0] <= model.max_obj_ptrs_in_encoder  # pointers: the last 15 slices + current
@@ -74,7 +76,7 @@ def test_objects_share_each_slice_features_and_encoder_is_batched(model, support
 
     monkeypatch.setattr(type(model.image_encoder), "forward", counting_forward)
     before = model.encoded_slices
-    pred = model.segment_volume(_volume(depth, 3), support)
+    pred = VolumePredictor(model).segment_volume(_volume(depth, 3), support)
     assert pred.masks.shape == (3, depth, SIZE, SIZE)  # three objects...
     assert model.encoded_slices - before == depth  # ...from one encoding of each slice
     assert calls == [4, 4, 2]  # batches of encoder_batch_size
@@ -83,32 +85,33 @@ def test_objects_share_each_slice_features_and_encoder_is_batched(model, support
 def test_directions_and_start_slice(model, support):
     depth, start = 12, 5
     images = _volume(depth, 4)
-    state = model.init_state(images, support)
-    order = [z for z, _ in model.propagate(state, start_slice=start, direction="forward")]
+    state = VolumePredictor(model).init_state(images, support)
+    order = [z for z, _ in VolumePredictor(model).propagate(state, start_slice=start, direction="forward")]
     assert order == list(range(start, depth))
     assert not state.tracked[:start].any() and state.tracked[start:].all()
-    state = model.init_state(images, support)
-    order = [z for z, _ in model.propagate(state, start_slice=start, direction="backward")]
+    state = VolumePredictor(model).init_state(images, support)
+    order = [z for z, _ in VolumePredictor(model).propagate(state, start_slice=start, direction="backward")]
     assert order == list(range(start, -1, -1))
-    state = model.init_state(images, support)
-    order = [z for z, _ in model.propagate(state, start_slice=start, direction="both")]
+    state = VolumePredictor(model).init_state(images, support)
+    order = [z for z, _ in VolumePredictor(model).propagate(state, start_slice=start, direction="both")]
     assert order == list(range(start, depth)) + list(range(start, -1, -1))
     assert state.tracked.all() and not state.tracked_reverse[start + 1 :].any() and state.tracked_reverse[:start].all()
 
 
+@pytest.mark.slow
 def test_support_memory_is_reusable_movable_and_savable(model, support, tmp_path):
     images = _volume(6, 5)
-    first = model.segment_volume(images, support, return_logits=True)
+    first = VolumePredictor(model).segment_volume(images, support, return_logits=True)
     path = tmp_path / "support.pt"
     support.save(str(path))
     loaded = SupportMemory.load(str(path)).to("cpu")
-    again = model.segment_volume(images, loaded, return_logits=True)
+    again = VolumePredictor(model).segment_volume(images, loaded, return_logits=True)
     assert torch.equal(first.logits, again.logits)
     # used for another volume without rebuilding
-    other = model.segment_volume(_volume(6, 6), loaded)
+    other = VolumePredictor(model).segment_volume(_volume(6, 6), loaded)
     assert other.masks.shape == first.masks.shape
     # a subset of objects, reordered
-    sub = model.segment_volume(images, support, object_ids=[6, 4], return_logits=True)
+    sub = VolumePredictor(model).segment_volume(images, support, object_ids=[6, 4], return_logits=True)
     assert sub.object_ids == [6, 4]
     assert torch.allclose(sub.logits[0].float(), first.logits[2].float(), atol=1e-2)
     with pytest.raises(ValueError, match="not an ICL-SAM2 support memory"):
@@ -116,11 +119,12 @@ def test_support_memory_is_reusable_movable_and_savable(model, support, tmp_path
         SupportMemory.load(str(tmp_path / "bad.pt"))
 
 
+@pytest.mark.slow
 def test_clicks_on_top_of_support_update_the_result(model, support):
     depth, z = 8, 3
     images = _volume(depth, 7)
-    state = model.init_state(images, support, object_ids=[4])
-    before = torch.stack([logits[0, 0] for _, logits in model.propagate(state)])
+    state = VolumePredictor(model).init_state(images, support, object_ids=[4])
+    before = torch.stack([logits[0, 0] for _, logits in VolumePredictor(model).propagate(state)])
     # a negative click where the object is predicted, then a positive one where it is not
     # (random weights: the direction of the change is not asserted, only that it happens)
     ys, xs = (before[z] > 0).nonzero(as_tuple=True)
@@ -128,13 +132,13 @@ def test_clicks_on_top_of_support_update_the_result(model, support):
     assert len(ys) and len(ny)
     neg = (float(xs[len(xs) // 2]), float(ys[len(ys) // 2]))
     pos = (float(nx[len(nx) // 2]), float(ny[len(ny) // 2]))
-    first = model.add_prompt(state, z, 4, SlicePrompt(points=[neg], labels=[0]))
+    first = VolumePredictor(model).add_prompt(state, z, 4, SlicePrompt(points=[neg], labels=[0]))
     assert not torch.allclose(first, before[z])  # the click changed this slice
-    second = model.add_prompt(state, z, 4, SlicePrompt(points=[pos], labels=[1]), replace=False)
+    second = VolumePredictor(model).add_prompt(state, z, 4, SlicePrompt(points=[pos], labels=[1]), replace=False)
     assert state.prompts[0][z].points.shape == (2, 2)  # clicks accumulate
     assert not torch.allclose(second, first)  # prompting the slice again updates it
     after = torch.zeros_like(before)
-    for s, logits in model.propagate(state, start_slice=z, direction="both"):
+    for s, logits in VolumePredictor(model).propagate(state, start_slice=z, direction="both"):
         after[s] = logits[0, 0]
     # the prompted slice keeps its prompted result; the change propagates in both directions
     assert torch.allclose(after[z], second, atol=1e-5)
@@ -142,15 +146,16 @@ def test_clicks_on_top_of_support_update_the_result(model, support):
     assert not torch.allclose(after[z - 1], before[z - 1])
 
 
+@pytest.mark.slow
 def test_scored_and_oracle_policies_choose_other_memories(model, support):
     depth = 20
     images = _volume(depth, 8)
-    recent = model.segment_volume(images, support, return_logits=True)
+    recent = VolumePredictor(model).segment_volume(images, support, return_logits=True)
     gt = torch.zeros(depth, 3, SIZE, SIZE, dtype=torch.bool)
     gt[:, :, 10:30, 10:30] = True
     for name in ("scored", "oracle"):
         policy = MemoryPolicy(name, pool_size=8, w_similarity=2.0)
-        pred = model.segment_volume(images, support, policy=policy, ground_truth=gt, return_logits=True)
+        pred = VolumePredictor(model).segment_volume(images, support, policy=policy, ground_truth=gt, return_logits=True)
         assert pred.masks.shape == recent.masks.shape
         # identical while fewer memories exist than slots, different once selection kicks in
         assert torch.equal(pred.logits[:, :2], recent.logits[:, :2])
@@ -192,7 +197,7 @@ def test_memory_bank_selection_rules():
 
 def test_prediction_outputs(model, support):
     depth = 5
-    pred = model.segment_volume(_volume(depth, 9), support, output_size=(40, 48), return_logits=True)
+    pred = VolumePredictor(model).segment_volume(_volume(depth, 9), support, output_size=(40, 48), return_logits=True)
     assert pred.masks.shape == (3, depth, 40, 48) and pred.logits.dtype == torch.float16
     assert pred.iou.shape == (depth, 3) and pred.object_score_logits.shape == (depth, 3)
     conf = pred.confidence()

@@ -13,9 +13,13 @@ import torch
 
 from model_core import SlicePrompt, build_icl_sam2
 from model_core.reference import build_reference_predictor, reference_in_context, reference_interactive
+from model_core.predictor import VolumePredictor
 
 SIZE = 64
 PRESETS = ["tiny", "sam2.1_hiera_tiny", "sam2_hiera_tiny"]
+
+
+pytestmark = pytest.mark.slow  # SAM2 Hiera-tiny on CPU: minutes
 
 
 def _volume(n: int, seed: int) -> torch.Tensor:
@@ -35,7 +39,7 @@ def _support_masks(s: int) -> torch.Tensor:
 
 def _ours(model, state, **kwargs) -> torch.Tensor:
     out = torch.zeros(state.num_objects, state.num_slices, SIZE, SIZE)
-    for z, logits in model.propagate(state, **kwargs):
+    for z, logits in VolumePredictor(model).propagate(state, **kwargs):
         out[:, z] = logits[:, 0].cpu()
     return out
 
@@ -76,13 +80,13 @@ def test_in_context_recent_equals_sam2_video_predictor(pair):
     support_images, masks, query = _volume(S, 1), _support_masks(S), _volume(D, 2)
     ref = reference_in_context(predictor, support_images, masks, query)
     support = model.build_support_memory(support_images, masks, object_ids=[0, 1])
-    ours = _ours(model, model.init_state(query, support), direction="forward")
+    ours = _ours(model, VolumePredictor(model).init_state(query, support), direction="forward")
     _assert_agree(ours, ref)
     assert ref.abs().max() > 1.0 and 0.05 < (ref > 0).float().mean() < 0.95  # decisive, non-trivial masks
 
     # the tolerance discriminates: a support set with one slice less moves the logits well beyond it
     fewer = model.build_support_memory(support_images[:2], masks[:2], object_ids=[0, 1])
-    other = _ours(model, model.init_state(query, fewer), direction="forward")
+    other = _ours(model, VolumePredictor(model).init_state(query, fewer), direction="forward")
     assert (other - ref).abs().max() > 1e-2
 
 
@@ -100,10 +104,10 @@ def test_interactive_points_box_and_correction_equal_sam2(pair):
     rounds = [(first, 3), (second, 7)]
     ref = reference_interactive(predictor, images, rounds)
 
-    state = model.init_state(images, object_ids=[0, 1])
+    state = VolumePredictor(model).init_state(images, object_ids=[0, 1])
     for prompts, start in rounds:
         for z, obj, kw in prompts:
-            model.add_prompt(state, z, obj, SlicePrompt(points=kw.get("points"), labels=kw.get("labels"), box=kw.get("box")))
+            VolumePredictor(model).add_prompt(state, z, obj, SlicePrompt(points=kw.get("points"), labels=kw.get("labels"), box=kw.get("box")))
         ours = _ours(model, state, start_slice=start, direction="both")
     # slices not re-written by the second round keep the first round's result in `state`
     for z in range(D):
@@ -118,7 +122,7 @@ def test_mask_prompt_equals_add_new_mask(pair):
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[12:40, 16:44] = True
     ref = reference_interactive(predictor, images, [([(2, 0, {"mask": mask})], 2)])
-    state = model.init_state(images, object_ids=[0])
-    model.add_prompt(state, 2, 0, SlicePrompt(mask=mask))
+    state = VolumePredictor(model).init_state(images, object_ids=[0])
+    VolumePredictor(model).add_prompt(state, 2, 0, SlicePrompt(mask=mask))
     ours = _ours(model, state, direction="both")
     _assert_agree(ours, ref)

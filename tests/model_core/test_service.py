@@ -60,6 +60,7 @@ def test_client_voxel_indices_map_onto_the_same_anatomy_on_the_model_grid(files)
     assert min(hits.values()) > 0.8, hits  # the same structure there (edges may move by resampling)
 
 
+@pytest.mark.slow
 def test_sessions_are_evicted_by_count_and_capped_by_memory(files):
     root, cases = files
     service = _service(root, max_sessions=1)
@@ -92,6 +93,32 @@ def test_a_new_checkpoint_is_loaded_on_the_next_request(files, tmp_path):
     assert service.model_info()["model_version"] != info["model_version"] and service.reloads == 2
 
 
+def test_a_checkpoint_published_mid_request_waits_for_the_next_request(files, tmp_path, monkeypatch):
+    """The support memory and the query of one request use the same weights (one network per request)."""
+    import model_core.service as service_module
+
+    root, cases = files
+    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(tmp_path / "m.pt"),
+                           preset="tiny", image_size=64, window=(0, 1))
+    service = SegmentationService(config)
+    before = service.model_info()["model_version"]
+    build = service_module.build_support
+
+    def build_then_publish(*args, **kwargs):
+        memory = build(*args, **kwargs)
+        torch.manual_seed(9)  # a training run publishes other weights between the two steps
+        save_checkpoint(build_icl_sam2("tiny", image_size=64), str(tmp_path / "m.pt"))
+        return memory
+
+    monkeypatch.setattr(service_module, "build_support", build_then_publish)
+    result = service.segment(cases[1]["image"], [cases[0]])  # raised "built by a different model" when read twice
+    assert result.info["model_version"] == before and result.label.shape == (1, 64, 48, 10)
+    monkeypatch.setattr(service_module, "build_support", build)
+    after = service.segment(cases[1]["image"], [cases[0]])
+    assert after.info["model_version"] != before and service.reloads == 1
+
+
+@pytest.mark.slow
 def test_support_is_cached_and_rebuilt_when_a_label_changes(files, tmp_path):
     root, cases = files
     service = _service(root)

@@ -19,9 +19,10 @@ def sampler():
     return EpisodeSampler(volumes, list(PHANTOM_LABELS.values()), num_support=2, num_query=3, image_size=SIZE, seed=0)
 
 
+@pytest.mark.slow
 def test_forward_returns_three_candidates_ious_and_object_scores(sampler):
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=SIZE).train()
+    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
     batch = sampler.sample(2)
     masks = torch.cat([batch["support_masks"], ~batch["support_masks"]], dim=2)  # K = 2 objects
     prompts = PromptSampler(box_probability=1.0, generator=torch.Generator().manual_seed(0))
@@ -36,8 +37,9 @@ def test_forward_returns_three_candidates_ious_and_object_scores(sampler):
     assert set(loss) == {"loss", "focal", "dice", "iou", "class"} and torch.isfinite(loss["loss"])
 
 
+@pytest.mark.slow
 def test_freezing_and_parameter_groups(sampler):
-    model = build_icl_sam2("tiny", image_size=SIZE).train()
+    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
     model.set_trainable("frozen")
     batch = sampler.sample(1)
     out = model(batch["support_images"], batch["support_masks"], batch["query_images"])
@@ -102,9 +104,10 @@ def test_prompt_sampler():
         PromptSampler(click_probability=0.8, box_probability=0.5)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_tiny_in_context_task(sampler):
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=SIZE).train()
+    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
     model.set_trainable("all")
     optimizer = torch.optim.AdamW(model.param_groups(1e-3), lr=1e-3)
     loss_fn = ICLSAM2Loss()

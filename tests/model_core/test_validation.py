@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model_core import MemoryPolicy, SlicePrompt, build_icl_sam2
+from model_core.predictor import VolumePredictor
 
 S = 64  # model grid
 
@@ -122,9 +123,9 @@ def test_uint8_images_equal_float_over_255(model):
 # ----------------------------------------------------------- init_state / segment_volume
 def test_query_wrong_size(model, support):
     with pytest.raises(ValueError, match=r"query images are 32x32 but this model takes 64x64"):
-        model.init_state(torch.rand(2, 3, 32, 32), support)
+        VolumePredictor(model).init_state(torch.rand(2, 3, 32, 32), support)
     with pytest.raises(ValueError, match=r"query images must be scaled to \[0, 1\]"):
-        model.segment_volume(torch.rand(2, 3, S, S) * 2, support)
+        VolumePredictor(model).segment_volume(torch.rand(2, 3, S, S) * 2, support)
 
 
 def test_support_from_other_architecture(model):
@@ -135,41 +136,41 @@ def test_support_from_other_architecture(model):
     masks[0, 0, 20:40, 20:40] = True
     foreign = other.build_support_memory(images, masks)
     with pytest.raises(ValueError, match=r"built by a different model .*'image_size': 96.*Rebuild it with this model"):
-        model.init_state(_images(2), foreign)
+        VolumePredictor(model).init_state(_images(2), foreign)
     with pytest.raises(ValueError, match=r"built by a different model"):
-        model.segment_volume(_images(2), foreign)
+        VolumePredictor(model).segment_volume(_images(2), foreign)
 
 
 def test_unknown_object_in_select(model, support):
     with pytest.raises(ValueError, match=r"Objects \[7\] are not in the support set \(it has \[3, 5\]\)"):
-        model.init_state(_images(2), support, object_ids=[5, 7])
+        VolumePredictor(model).init_state(_images(2), support, object_ids=[5, 7])
     with pytest.raises(ValueError, match=r"Objects \[1\] are not in the support set"):
         support.select_objects([1])
-    state = model.init_state(_images(2), support, object_ids=[5])
+    state = VolumePredictor(model).init_state(_images(2), support, object_ids=[5])
     assert state.object_ids == [5] and state.num_objects == 1
 
 
 def test_empty_object_ids(model, support):
     with pytest.raises(ValueError, match="Nothing to segment"):
-        model.init_state(_images(2), None, object_ids=[])
+        VolumePredictor(model).init_state(_images(2), None, object_ids=[])
 
 
 def test_propagate_needs_support_or_prompt(model):
     before = model.encoded_slices
     with pytest.raises(ValueError, match=r"Objects \[1\] have neither a support set nor a prompt"):
-        model.segment_volume(_images(2))
-    state = model.init_state(_images(2), None, object_ids=[1, 2])
+        VolumePredictor(model).segment_volume(_images(2))
+    state = VolumePredictor(model).init_state(_images(2), None, object_ids=[1, 2])
     with pytest.raises(ValueError, match=r"Objects \[1, 2\] have neither a support set nor a prompt; add one first"):
-        next(model.propagate(state))
+        next(VolumePredictor(model).propagate(state))
     assert model.encoded_slices == before
 
 
 def test_oracle_needs_ground_truth(model, support):
     before = model.encoded_slices
     with pytest.raises(ValueError, match=r"oracle policy .* needs ground_truth"):
-        model.segment_volume(_images(2), support, policy=MemoryPolicy("oracle"))
+        VolumePredictor(model).segment_volume(_images(2), support, policy=MemoryPolicy("oracle"))
     with pytest.raises(ValueError, match=r"ground_truth must be \(D, K, H, W\) with \(D, K\) = \(2, 2\)"):
-        model.segment_volume(
+        VolumePredictor(model).segment_volume(
             _images(2), support, policy=MemoryPolicy("oracle"), ground_truth=torch.zeros(3, 2, S, S, dtype=torch.bool)
         )
     assert model.encoded_slices == before
@@ -184,17 +185,17 @@ def test_unknown_policy():
 
 def test_bad_direction(model, support):
     with pytest.raises(ValueError, match=r"direction must be 'forward', 'backward' or 'both', got 'up'"):
-        model.segment_volume(_images(2), support, direction="up")
-    state = model.init_state(_images(2), support)
+        VolumePredictor(model).segment_volume(_images(2), support, direction="up")
+    state = VolumePredictor(model).init_state(_images(2), support)
     with pytest.raises(ValueError, match="direction must be"):
-        next(model.propagate(state, direction="sideways"))
+        next(VolumePredictor(model).propagate(state, direction="sideways"))
 
 
 @pytest.mark.parametrize("start", [2, 5, -1])
 def test_start_slice_out_of_range(model, support, start):
     before = model.encoded_slices
     with pytest.raises(ValueError, match=rf"Slice {start} is outside the volume \(slices 0\.\.1\)"):
-        model.segment_volume(_images(2), support, start_slice=start)
+        VolumePredictor(model).segment_volume(_images(2), support, start_slice=start)
     assert model.encoded_slices == before
 
 
@@ -242,19 +243,19 @@ def test_slice_prompt_valid_is_normalised():
 
 
 def test_add_prompt_bad_slice_and_object(model, support):
-    state = model.init_state(_images(2), support)
+    state = VolumePredictor(model).init_state(_images(2), support)
     prompt = SlicePrompt(points=[[10.0, 10.0]], labels=[1])
     before = model.encoded_slices
     with pytest.raises(ValueError, match=r"Slice 2 is outside the volume \(slices 0\.\.1\)"):
-        model.add_prompt(state, 2, 3, prompt)
+        VolumePredictor(model).add_prompt(state, 2, 3, prompt)
     with pytest.raises(ValueError, match=r"Slice -1 is outside the volume"):
-        model.add_prompt(state, -1, 3, prompt)
+        VolumePredictor(model).add_prompt(state, -1, 3, prompt)
     with pytest.raises(ValueError, match=r"Unknown object 7; this volume's objects are \[3, 5\]"):
-        model.add_prompt(state, 0, 7, prompt)
+        VolumePredictor(model).add_prompt(state, 0, 7, prompt)
     with pytest.raises(ValueError, match=r"lies outside the 64x64 image"):
-        model.add_prompt(state, 0, 3, SlicePrompt(points=[[100.0, 10.0]], labels=[1]))
+        VolumePredictor(model).add_prompt(state, 0, 3, SlicePrompt(points=[[100.0, 10.0]], labels=[1]))
     with pytest.raises(ValueError, match=r"Unknown object 9"):
-        model.segment_volume(_images(2), support, prompts={(0, 9): prompt})
+        VolumePredictor(model).segment_volume(_images(2), support, prompts={(0, 9): prompt})
     assert model.encoded_slices == before
     assert all(not p for p in state.prompts)
 
@@ -265,10 +266,10 @@ def test_support_from_same_architecture_with_other_weights(model):
     other = build_icl_sam2("tiny", image_size=S)  # same preset and size, other weights
     foreign = other.build_support_memory(_images(1), _masks(1))
     with pytest.raises(ValueError, match=r"built by a different model"):
-        model.init_state(_images(2), foreign)
+        VolumePredictor(model).init_state(_images(2), foreign)
     big = build_icl_sam2("sam2_hiera_tiny", image_size=S)
     with pytest.raises(ValueError, match=r"'preset': 'sam2_hiera_tiny'"):
-        model.init_state(_images(2), big.build_support_memory(_images(1), _masks(1)))
+        VolumePredictor(model).init_state(_images(2), big.build_support_memory(_images(1), _masks(1)))
 
 
 def test_label_map_is_not_taken_for_a_mask(model):
@@ -280,6 +281,6 @@ def test_label_map_is_not_taken_for_a_mask(model):
 
 
 def test_propagate_checks_arguments_when_called(model, support):
-    state = model.init_state(_images(2), support)
+    state = VolumePredictor(model).init_state(_images(2), support)
     with pytest.raises(ValueError, match="direction must be"):
-        model.propagate(state, direction="bad")  # no next(): the error comes at the call
+        VolumePredictor(model).propagate(state, direction="bad")  # no next(): the error comes at the call

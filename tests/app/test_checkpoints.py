@@ -19,6 +19,9 @@ from model_core.phantoms import write_phantom_dataset as make_dataset
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 
+pytestmark = pytest.mark.slow  # starts real MONAI Label servers
+
+
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")

@@ -28,6 +28,9 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)
 
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server per module
+
+
 def _tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its SHA-256."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

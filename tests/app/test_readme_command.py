@@ -19,6 +19,9 @@ from scripts.monailabel_server import free_port
 from .conftest import ROOT
 
 
+pytestmark = pytest.mark.slow  # starts the README's servers
+
+
 def _commands(readme: str) -> list[str]:
     """The ``scripts/start_server.py`` commands of a README's bash blocks, continuation lines joined."""
     text = (ROOT / readme).read_text()

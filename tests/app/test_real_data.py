@@ -14,7 +14,7 @@ from .conftest import Server
 
 from scripts.make_mricron_study import available, make_study
 
-pytestmark = pytest.mark.skipif(not available(), reason="needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not available(), reason="needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")]
 
 
 @pytest.fixture(scope="module")

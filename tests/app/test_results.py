@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -28,10 +29,12 @@ def _results() -> set[str]:
 def test_a_failed_write_leaves_no_file(monkeypatch):
     before = _results()
 
-    def broken(*args, **kwargs):
+    def broken(image, path, *args, **kwargs):  # the writer gets half way, then the disk is full
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 10)
         raise OSError("disk full")
 
-    monkeypatch.setattr(infers, "_write", broken)
+    monkeypatch.setattr(nib, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         infers.write_label(_segmentation(2), ".nii.gz")
     assert _results() == before

@@ -23,6 +23,9 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)  # i, j, k of the NIfTI files (axial slices along k)
 
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server per module
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")

@@ -39,6 +39,9 @@ SPACING = (0.7, 0.8, 2.5)  # column spacing (x), row spacing (y), slice spacing 
 ORIGIN = (-20.0, 30.0, 100.0)  # ImagePositionPatient of the first slice (LPS, mm)
 
 
+pytestmark = pytest.mark.slow  # monai.bundle runs in subprocesses
+
+
 def to_hu(image: np.ndarray) -> np.ndarray:
     """Phantom intensities in [0, 1] as integer Hounsfield units in [-500, 500]."""
     return np.round(image * 1000.0 - 500.0).astype(np.int16)

@@ -20,6 +20,9 @@ COMMON = ["--preset", "tiny", "--image_size", "64", "--intensity#window", "[0,1]
 CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
 
 
+pytestmark = pytest.mark.slow  # monai.bundle runs in subprocesses
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=ROOT, capture_output=True,
                           text=True, check=check, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})

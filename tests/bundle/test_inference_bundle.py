@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 
 
+pytestmark = pytest.mark.slow  # monai.bundle runs in subprocesses
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")

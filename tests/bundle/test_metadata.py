@@ -62,6 +62,7 @@ def test_metadata_values(metadata):
     assert pred["num_channels"] == len(pred["channel_def"]) == 1
 
 
+@pytest.mark.slow
 def test_verify_metadata_cli_offline(schema_file, tmp_path):
     pytest.importorskip("jsonschema", reason="monai's verify_metadata needs jsonschema")
     local_schema = tmp_path / "schema.json"
@@ -122,6 +123,7 @@ def test_logging_conf_parses():
         root.setLevel(saved[0])
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_on_the_declared_input_and_output(tmp_path):
     """MONAI's verify_net_in_out builds ``slice_network`` (the network with its support set bound in)
     and checks a forward pass on fake data of metadata.json's declared input shape and dtype."""

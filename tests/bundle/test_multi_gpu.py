@@ -88,6 +88,7 @@ def ddp_run(tmp_path_factory):
     return tmp, datalist, log, probes
 
 
+@pytest.mark.slow
 def test_ranks_train_on_different_episodes_and_stay_in_sync(ddp_run):
     _, _, _, (r0, r1) = ddp_run
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
@@ -104,6 +105,7 @@ def test_ranks_train_on_different_episodes_and_stay_in_sync(ddp_run):
     assert r0["after"] == r1["after"]
 
 
+@pytest.mark.slow
 def test_rank0_alone_writes_checkpoints_and_logs(ddp_run):
     tmp, _, log, (r0, r1) = ddp_run
     writers = {"TrainingCheckpointSaver", "StatsHandler", "TensorBoardStatsHandler"}
@@ -123,6 +125,7 @@ def test_rank0_alone_writes_checkpoints_and_logs(ddp_run):
     assert len(list((tmp / "eval").glob("events.out.tfevents*"))) == 1  # rank 1 does not even create one
 
 
+@pytest.mark.slow
 def test_validation_metrics_cover_every_case_once(ddp_run):
     tmp, datalist, _, _ = ddp_run
     cases = {str(Path(datalist).parent / e["image"]) for e in json.loads(Path(datalist).read_text())["validation"]}

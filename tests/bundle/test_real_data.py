@@ -26,11 +26,11 @@ from scripts.make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, mak
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not available(),
     reason=f"real-data test needs the Debian package mricron-data ({T1}, {ATLAS}, {NAMES}); "
            "install it with `apt-get install mricron-data` (.ci/run does)",
-)
+)]
 
 SIZE = 64
 

@@ -31,6 +31,9 @@ SMALL = {
 }
 
 
+pytestmark = pytest.mark.slow  # monai.bundle runs in subprocesses
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> str:
     return make_dataset(str(tmp_path_factory.mktemp("phantoms")), train=3, validation=1, test=0, shape=(12, 64, 64))

@@ -24,7 +24,7 @@ from scripts.monailabel_server import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:No bulk data URI handler")]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 

@@ -27,7 +27,7 @@ from scripts.monailabel_server import Server
 from .conftest import require_installed
 from .ohif import OHIF, chromium_missing, env_shots, nrrd_mask
 
-pytestmark = pytest.mark.filterwarnings("ignore:No bulk data URI handler")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:No bulk data URI handler")]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 

@@ -111,6 +111,7 @@ def _check_seg(client, study, entry, labels, image, folder, keep_only_named=Fals
     np.testing.assert_allclose(result.image.GetDirection(), image.GetDirection(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_qido_lists_the_phantom_study_its_ct_series_and_segs(client, phantoms):
     study = phantoms["StudyInstanceUID"]
     assert study in [Dataset.from_json(s).StudyInstanceUID for s in client.search_for_studies()]
@@ -127,6 +128,7 @@ def test_qido_lists_the_phantom_study_its_ct_series_and_segs(client, phantoms):
     assert len(instances) == 16 and {Dataset.from_json(i).SOPClassUID for i in instances} == {CT_IMAGE}
 
 
+@pytest.mark.slow
 def test_phantom_series_and_segs_round_trip_over_dicomweb(client, phantoms, tmp_path):
     study = phantoms["StudyInstanceUID"]
     for i, entry in enumerate(phantoms["series"]):
@@ -137,12 +139,14 @@ def test_phantom_series_and_segs_round_trip_over_dicomweb(client, phantoms, tmp_
             assert i == 2
 
 
+@pytest.mark.slow
 def test_uploading_again_stores_nothing_new(pacs, phantoms):
     entry = phantoms["series"][0]
     replies = mds.upload(pacs.url, entry["files"][:2] + [entry["seg_file"]])
     assert {r["status"] for r in replies} == {"AlreadyStored"}
 
 
+@pytest.mark.slow
 def test_monailabel_dicomweb_datastore_finds_the_segs_as_labels_of_their_series(client, phantoms, tmp_path):
     from monailabel.datastore.dicom import DICOMWebDatastore
 
@@ -165,6 +169,7 @@ def test_monailabel_dicomweb_datastore_finds_the_segs_as_labels_of_their_series(
         np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mri_series_and_segs_round_trip_over_dicomweb(client, mri, tmp_path):
     study = mri["StudyInstanceUID"]
     series = {s.SeriesInstanceUID: s for s in map(Dataset.from_json, client.search_for_series(study))}

@@ -87,6 +87,7 @@ def test_support_object_without_foreground(model):
         model.build_support_memory(_images(2), masks, object_ids=["spleen", "liver", "kidney"])
 
 
+@pytest.mark.slow
 def test_support_foreground_on_one_slice_is_enough(model):
     masks = _masks(2, 1)
     masks[0] = False
@@ -260,6 +261,7 @@ def test_add_prompt_bad_slice_and_object(model, support):
     assert all(not p for p in state.prompts)
 
 
+@pytest.mark.slow
 def test_support_from_same_architecture_with_other_weights(model):
     """Presets share sizes; the fingerprint also covers preset and weights."""
     torch.manual_seed(1)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,6 +18,7 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, env=env, check=check, timeout=600)
 
 
+@pytest.mark.slow
 def test_benchmark_compares_with_sam2_and_agrees():
     out = _run(sys.executable, "scripts/benchmark_icl.py", "--preset", "tiny", "--image_size", "64", "--depth", "6",
                "--support", "2", "--objects", "2", "--warmup", "0").stdout
@@ -34,6 +37,7 @@ def test_download_script_lists_every_checkpoint_and_rejects_unknown_names():
     assert bad.returncode == 2 and "sam2.1_hiera_tiny" in bad.stderr + bad.stdout
 
 
+@pytest.mark.slow
 def test_main_job_runs_the_bundle_end_to_end(tmp_path):
     """The README's first command (short settings): train, evaluate, infer and the real-MRI evaluation."""
     out = _run(sys.executable, "scripts/run_bundle_demo.py", "--steps", "4", "--epochs", "2", "--image_size", "64",
@@ -52,6 +56,7 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path):
     assert ("Real T1 MRI" in out) == available()
 
 
+@pytest.mark.slow
 def test_load_test_is_bounded_and_reports_every_figure(tmp_path):
     out = _run(sys.executable, "scripts/load_test.py", "--clients", "3", "--requests_per_client", "2", "--images", "2",
                "--shape", "[8,64,64]", "--deadline", "300", "--workdir", str(tmp_path)).stdout

@@ -23,6 +23,7 @@ from monai.transforms import MapTransform
 
 from model_core.datalist import normalise_entry
 from model_core.episodes import EpisodeSampler
+from model_core.files import atomic_path
 from model_core.prompts import PromptSampler
 
 __all__ = ["intensity_scaling", "load_datalist", "check_case", "SelectChanneld", "EpisodeDataset", "EpisodePrepareBatch", "GradientClipHandler", "as_slices", "merge_labels"]
@@ -297,9 +298,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
             os.makedirs(self.cache_dir, exist_ok=True)
             image, label = self._preprocess(item)
             for path, array in zip(paths, (image.astype(np.float16), label)):
-                tmp = f"{path}.{os.getpid()}.tmp.npy"  # atomic: an interrupted write never looks complete
-                np.save(tmp, array)
-                os.replace(tmp, path)
+                with atomic_path(path, suffix=".npy") as tmp:  # an interrupted write never looks complete
+                    np.save(tmp, array)
             del image, label
         return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
 

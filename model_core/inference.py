@@ -22,6 +22,7 @@ from monai.inferers import Inferer
 
 from model_core.data import as_slices, load_case, merge_labels
 from model_core.episodes import class_masks, volume_to_slices
+from model_core.files import atomic_path
 from model_core.memory import MemoryPolicy, SupportMemory
 from model_core.predictor import VolumePredictor
 from model_core.validation import InputError
@@ -103,10 +104,8 @@ def build_support(
     masks = torch.cat([class_masks(labels[v][z : z + 1], classes, network.image_size) for v, z in picks])
     memory = network.build_support_memory(sup_images, masks, object_ids=list(classes))
     if cache_file:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
-        tmp = f"{cache_file}.tmp"
-        memory.save(tmp)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file) as tmp:
+            memory.save(tmp)
     return memory
 
 
@@ -239,6 +238,5 @@ class ConfidenceSaver:
             stem = name if os.path.isdir(source) else name[:-7] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
             values = {self.names.get(int(c), str(c)): round(float(v), 4) for c, v in zip(self.inferer.support.object_ids, confidence)}
             path = os.path.join(self.output_dir, f"{stem}_confidence.json")
-            with open(f"{path}.tmp", "w") as f:
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump({"image": source, "confidence": values}, f, indent=2)
-            os.replace(f"{path}.tmp", path)

@@ -11,12 +11,8 @@ Input contract (the one place it is defined; the bundle and the app resize and s
 - Outputs: mask logits at the model grid (or any ``output_size``), SAM2's predicted
   IoU and object-score logits per slice and object.
 
-A query volume is handled like one of SAM2's videos. Support slices are
-conditioning frames placed before the query (frame indices ``0..S-1``; query slice
-``z`` is frame ``S + z``), exactly as if the support slices had been given to
-``SAM2VideoPredictor.add_new_mask`` and the query frames tracked by
-``propagate_in_video``. Propagation towards lower slices runs on the mirrored
-timeline (``S + D - 1 - z``), which is what sam2's ``track_in_reverse`` computes.
+A query volume is handled like one of SAM2's videos, support slices first
+(:class:`~model_core.predictor.PassGeometry` maps slices to frames).
 
 Where things are (sam2's own seams):
 

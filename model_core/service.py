@@ -15,6 +15,32 @@ keeps both, and nothing server-specific: the app maps requests onto it.
 - Interactive sessions are keyed by (client, image): the slice features of each
   image stay in an LRU under a memory cap, so a follow-up click runs the decoder and
   propagation only.
+
+Request flow (where each step happens):
+
+1. A click or box in 3D Slicer / OHIF arrives as ``POST /infer/<model>?image=<id>``:
+   ``monailabel_app/lib/routes.py`` (ids checked, off the event loop) ->
+   ``monailabel_app/main.py`` ``ICLSAM2App.infer`` (id resolved to a datastore file) ->
+   ``monailabel_app/lib/infers/icl_sam2.py`` (params typed by ``lib/requests.py``).
+2. Voxel ``[i, j, k]`` of the image file -> model grid ``(x, y, slice)``:
+   :meth:`SegmentationService.to_model_grid`, through the bundle's own preprocessing
+   (:meth:`SegmentationService._session` loads and preprocesses the volume once per client and image).
+3. Prompt: :meth:`SegmentationService.interact` groups clicks per slice into
+   :class:`~model_core.prompts.SlicePrompt` (a ROI becomes a box on its middle slice).
+4. Support memory (in-context and ``from_in_context``): the datastore's checked labels
+   (``lib/datastore.py`` ``labelled_volumes``) -> :meth:`SegmentationService.support_memory`
+   -> :func:`~model_core.inference.build_support` -> ``InContextSAM2.build_support_memory``
+   (``model_core/network.py``), cached until a label or the weights change.
+5. Tracking step on the prompted slice: ``VolumePredictor.add_prompt``
+   (``model_core/predictor.py``), which calls sam2's ``track_step`` on the network.
+6. Propagation through the volume, both directions: ``VolumePredictor.propagate``.
+7. Probabilities ``(K + 1, H, W, D)``: sigmoid of the logits, background first
+   (:meth:`SegmentationService.interact` / :meth:`SegmentationService.segment` via
+   :class:`~model_core.inference.InContextInferer`).
+8. Postprocessing to the image's space: :meth:`SegmentationService._to_original`
+   (the bundle's postprocessing, inverted transforms, argmax to label values).
+9. Label file: ``lib/infers/icl_sam2.py`` ``write_label`` (NIfTI/NRRD, the image's
+   affine), returned to the viewer; ``save_label`` stores it through the checked datastore.
 """
 
 from __future__ import annotations
@@ -245,7 +271,9 @@ class SegmentationService:
         self._support = None
 
     # ------------------------------------------------------------------ helpers
-    def _preprocess(self, image_path: str, network) -> tuple[MetaTensor, torch.Tensor]:
+    def preprocess(self, image_path: str, network) -> tuple[MetaTensor, torch.Tensor]:
+        """The image through the bundle's preprocessing ``(1, H, W, D)`` (its meta maps back to the
+        file's voxels) and the network's input slices ``(D, 3, S, S)``."""
         item = load_case({"image": image_path}, self.preprocessing)
         image = item["image"]
         slices = volume_to_slices(as_slices(image).float().clamp(0, 1), network.image_size, self.config.channel_mode)
@@ -273,7 +301,7 @@ class SegmentationService:
             network = self.network
             start, encoded = time.perf_counter(), network.encoded_slices
             support = self.support_memory(labelled, network)
-            image, _ = self._preprocess(image_path, network)
+            image, _ = self.preprocess(image_path, network)
             inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
             probabilities = inferer(image[None].to(self.device), network)[0]
             label = self._to_original(image, probabilities.cpu(), self.classes)
@@ -287,7 +315,7 @@ class SegmentationService:
         key = (str(client), os.path.abspath(image_path))
         session = self._sessions.get(key)
         if session is None:
-            image, slices = self._preprocess(image_path, network)
+            image, slices = self.preprocess(image_path, network)
             session = _Session(image, slices)
             self._sessions[key] = session
         self._sessions.move_to_end(key)

@@ -5,22 +5,8 @@
     python scripts/prepare_datalist.py --dataset_dir /data/own --preset generic --labels '{"kidney": 1}' --output g.json
     python scripts/prepare_datalist.py --dataset_dir /data --preset json --datalist medsam2.json --output out.json
 
-The output reads with :func:`monai.data.load_decathlon_datalist` (paths are relative
-to the output file's folder unless ``--relative false``)::
-
-    {
-      "name": "kits23", "preset": "kits23",
-      "labels": {"kidney": 1},                 # class name -> class value in the label the model sees
-      "label_merge": {"1": [1, 2]},            # only when source values must be remapped (below)
-      "modality": {"0": "FLAIR", ...},         # MSD only, when dataset.json has it
-      "channel": 0,                            # only with --channel
-      "num_training": 391, "num_validation": 98, "num_test": 0, "seed": 0, ...
-      "training":   [{"image": "case_00000/imaging.nii.gz", "label": "case_00000/segmentation.nii.gz"}, ...],
-      "validation": [...],
-      "test":       [{"image": ...}, ...]      # may have no "label"
-    }
-
-The presets (folder layouts), label merges and multi-channel images are described in
+The output format (MSD form, read by :func:`monai.data.load_decathlon_datalist`), the
+presets (folder layouts), label merges and multi-channel images are described in
 :mod:`model_core.datalist`, which builds and writes the datalist; this is its command line.
 """
 

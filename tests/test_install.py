@@ -49,6 +49,7 @@ def test_monailabel_app_class_and_torchvision_ops():
     assert keep.tolist() == [0]
 
 
+@pytest.mark.slow
 def test_model_core_is_the_installed_project_of_this_checkout(tmp_path):
     """Scripts import model_core because setup.sh installs the project (icl-sam2), not by editing sys.path:
     from another folder, a plain interpreter finds this checkout's model_core and no other of its folders."""

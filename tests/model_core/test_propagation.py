@@ -65,6 +65,7 @@ def test_memory_is_bounded_independent_of_depth(model, support, monkeypatch):
     assert peaks[10][0] == 10  # short volume: everything fits
 
 
+@pytest.mark.slow
 def test_objects_share_each_slice_features_and_encoder_is_batched(model, support, monkeypatch):
     depth = 10
     calls = []
@@ -82,6 +83,7 @@ def test_objects_share_each_slice_features_and_encoder_is_batched(model, support
     assert calls == [4, 4, 2]  # batches of encoder_batch_size
 
 
+@pytest.mark.slow
 def test_directions_and_start_slice(model, support):
     depth, start = 12, 5
     images = _volume(depth, 4)
@@ -195,6 +197,7 @@ def test_memory_bank_selection_rules():
     assert [s for s, e in sorted(recent.entries.items()) if e.maskmem_features is not None] == [3, 4, 5]
 
 
+@pytest.mark.slow
 def test_prediction_outputs(model, support):
     depth = 5
     pred = VolumePredictor(model).segment_volume(_volume(depth, 9), support, output_size=(40, 48), return_logits=True)

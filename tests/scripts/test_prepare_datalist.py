@@ -269,6 +269,7 @@ def test_image_without_label_is_named(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_writes_the_datalist_atomically(tmp_path):
     data = _msd(tmp_path / "Task01_BrainTumour", four_d=True)
     out = tmp_path / "lists" / "brats.json"

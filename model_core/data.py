@@ -323,7 +323,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
 
 class EpisodePrepareBatch(PrepareBatch):
-    """Hands a collated episode batch to :meth:`InContextSAM2.forward` inside ``SupervisedTrainer``.
+    """Hands a collated episode batch to :meth:`InContextSAM2Train.forward <model_core.training.InContextSAM2Train.forward>` inside ``SupervisedTrainer``.
 
     Returns ``(support_images, query_masks, (support_masks, query_images, prompts), keys)``:
     the trainer calls ``network(support_images, support_masks, query_images, prompts, **keys)``

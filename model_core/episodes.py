@@ -1,4 +1,4 @@
-"""In-context episodes from labelled volumes, and in-context evaluation of whole volumes.
+"""In-context episodes from labelled volumes, and the slice and mask inputs the network takes.
 
 An episode is what one training step sees: for a class, S support slices with
 their ground truth from one volume and Q consecutive query slices from another.

@@ -53,7 +53,7 @@ class ICLSAM2Loss(torch.nn.Module):
         """Loss of an episode batch.
 
         Args:
-            outputs: :meth:`InContextSAM2.forward` output (lists over Q query slices).
+            outputs: :meth:`model_core.training.InContextSAM2Train.forward` output (lists over Q query slices).
             query_masks: ``(B, Q, K, H, W)`` ground truth of the query slices.
 
         Returns:

@@ -326,10 +326,12 @@ class VolumePredictor:
             return {}
         return {j: state.support.entry(j, objects) for j in range(state.num_support)}
 
-    def _prompt_cond(self, state: VolumeState, objects: list[int], geometry: PassGeometry) -> dict[int, dict[str, Any]]:
-        """Conditioning outputs of prompted slices (the same slices for every object in ``objects``)."""
+    def _prompt_cond(self, state: VolumeState, objects: list[int], geometry: PassGeometry,
+                     slices: Any = None) -> dict[int, dict[str, Any]]:
+        """Conditioning outputs of prompted slices (the same slices for every object in ``objects``;
+        ``slices`` limits them)."""
         out = {}
-        for c in sorted(state.cond_outputs[objects[0]]):
+        for c in sorted(state.cond_outputs[objects[0]] if slices is None else slices):
             rows = [state.cond_outputs[k][c] for k in objects]
             out[geometry.frame_of(c)] = {
                 key: (
@@ -361,7 +363,8 @@ class VolumePredictor:
     # ------------------------------------------------------------ prompts
     @torch.inference_mode()
     def add_prompt(
-        self, state: VolumeState, slice_index: int, obj: Any, prompt: SlicePrompt, replace: bool = True
+        self, state: VolumeState, slice_index: int, obj: Any, prompt: SlicePrompt, replace: bool = True,
+        as_first_pass: bool = False,
     ) -> torch.Tensor:
         """Add clicks, a box or a mask for one object on one slice (like ``add_new_points_or_box`` / ``add_new_mask``).
 
@@ -377,6 +380,10 @@ class VolumePredictor:
             obj: an object id of the state.
             prompt: the user's input (model-grid pixels).
             replace: replace earlier clicks on this slice (True) or add to them.
+            as_first_pass: segment the slice as a new state would (no previous mask, no
+                memories of tracked neighbours, not its own earlier prompt), so that a
+                click list replayed onto a used state gives what replaying it from scratch
+                gives (incremental corrections, see ``SegmentationService.interact``).
 
         Returns:
             ``(H, W)`` mask logits of the object on this slice at the model grid.
@@ -391,17 +398,19 @@ class VolumePredictor:
             points = torch.cat([old.points, prompt.points]) if old.points is not None else prompt.points
             labels = torch.cat([old.labels, prompt.labels]) if old.labels is not None else prompt.labels
             prompt = SlicePrompt(points, labels, old.box).validate(self.network.image_size)
-        tracked = bool(state.tracked[z, k]) or z in state.cond_outputs[k]
-        is_init_cond = not bool(state.tracked[z, k]) and state.support is None
+        tracked = not as_first_pass and (bool(state.tracked[z, k]) or z in state.cond_outputs[k])
+        is_init_cond = (as_first_pass or not bool(state.tracked[z, k])) and state.support is None
         reverse = bool(state.tracked_reverse[z, k])
         geometry = PassGeometry(z, reverse, state.num_support, state.num_slices)
         output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         if not is_init_cond:
             bank = self._new_bank(MemoryPolicy())
-            self._warm_bank(state, bank, geometry, exclude_objects=[k])
+            if not as_first_pass:
+                self._warm_bank(state, bank, geometry, exclude_objects=[k])
+            prompted = {c: out for c, out in state.cond_outputs[k].items() if not (as_first_pass and c == z)}
             output_dict["cond_frame_outputs"] = {
                 **self._support_cond(state, [k]),
-                **(self._prompt_cond(state, [k], geometry) if state.cond_outputs[k] else {}),
+                **(self._prompt_cond(state, [k], geometry, prompted) if prompted else {}),
             }
             output_dict["non_cond_frame_outputs"] = bank.view(0, tuple(bank.entries), [k], geometry.frame_at)
         feats, pos, sizes = state.features.get(z, 1)
@@ -493,6 +502,7 @@ class VolumePredictor:
         policy: MemoryPolicy | None = None,
         ground_truth: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
+        warm_start: bool = True,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Segment the volume slice by slice, streaming results.
 
@@ -504,6 +514,10 @@ class VolumePredictor:
             policy: memory selection (default ``recent``, SAM2's rule).
             ground_truth: ``(D, K, H, W)`` bool, required by the ``oracle`` policy.
             output_size: ``(H, W)`` of the yielded logits (default the model grid).
+            warm_start: the first pass attends to memories of slices tracked earlier behind
+                its start (rebuilt from stored results), as SAM2's predictor does; False
+                starts it from prompts and support only, as on a new state (a replay).
+                A ``both`` run's second pass always uses the first pass's slices.
 
         Yields:
             ``(slice_index, logits)`` with logits ``(K, 1, H, W)`` float32, in processing order.
@@ -528,19 +542,20 @@ class VolumePredictor:
         output_size = tuple(output_size or (self.network.image_size, self.network.image_size))
         passes = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
         # arguments are checked above, when propagate() is called; the work runs lazily
-        return self._propagate_passes(state, start, passes, policy, ground_truth, output_size)
+        return self._propagate_passes(state, start, passes, policy, ground_truth, output_size, warm_start)
 
     @torch.inference_mode()
-    def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size):
-        for reverse in passes:
-            yield from self._propagate_pass(state, start, reverse, policy, ground_truth, output_size)
+    def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size, warm_start):
+        for i, reverse in enumerate(passes):
+            yield from self._propagate_pass(state, start, reverse, policy, ground_truth, output_size, warm_start or i > 0)
 
-    def _propagate_pass(self, state, start, reverse, policy, ground_truth, output_size):
+    def _propagate_pass(self, state, start, reverse, policy, ground_truth, output_size, warm_start=True):
         K = state.num_objects
         geometry = PassGeometry(start, reverse, state.num_support, state.num_slices)
         order = geometry.order()
         bank = self._new_bank(policy)
-        self._warm_bank(state, bank, geometry, ground_truth)
+        if warm_start:
+            self._warm_bank(state, bank, geometry, ground_truth)
         for i, z in enumerate(order):
             state.features.prefetch(order[i : i + self.network.encoder_batch_size])
             step = geometry.step_of(z)

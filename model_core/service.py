@@ -66,7 +66,7 @@ from model_core.data import as_slices, load_case
 from model_core.episodes import volume_to_slices
 from model_core.inference import InContextInferer, build_support
 from model_core.memory import SupportMemory
-from model_core.predictor import VolumePredictor
+from model_core.predictor import VolumePredictor, VolumeState
 from model_core.presets import build_icl_sam2
 from model_core.prompts import SlicePrompt
 from model_core.validation import InputError
@@ -106,6 +106,11 @@ class ServiceConfig:
         session_cache_mb: memory cap of the interactive sessions' image features.
         max_sessions: at most this many interactive sessions are kept.
         seed: seed of the initial weights when there is no checkpoint, so two starts give the same results.
+        incremental: a follow-up click re-runs only the changed slices and propagates outward
+            while the result still changes (False: every request replays all clicks over the
+            whole volume, the exact mode).
+        incremental_patience, incremental_iou: an incremental pass stops after this many
+            consecutive slices whose mask agrees with the previous result (IoU at least this).
     """
 
     bundle_dir: str
@@ -123,6 +128,9 @@ class ServiceConfig:
     session_cache_mb: float = 2048.0
     max_sessions: int = 32
     seed: int = 0
+    incremental: bool = True
+    incremental_patience: int = 3
+    incremental_iou: float = 0.98
 
 
 @dataclass
@@ -140,12 +148,48 @@ class Segmentation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _slice_prompt(entry: dict[str, Any]) -> SlicePrompt:
+    """A slice's clicks and box (``{"points", "labels", "box"}`` on the model grid) as a :class:`SlicePrompt`."""
+    return SlicePrompt(
+        points=torch.tensor(entry["points"]) if entry["points"] else None,
+        labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
+        box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
+    )
+
+
+class _Track:
+    """One structure's interactive result in a session: the clicks it answers and the volume state.
+
+    ``prompts`` is ``{slice: {"points": [[x, y], ...], "labels": [...], "box": [...] | None}}``
+    on the model grid, as the last request sent them (the plugins send the whole list).
+    """
+
+    def __init__(self, state: VolumeState, prompts: dict[int, dict[str, Any]], support: SupportMemory | None):
+        self.state, self.prompts, self.support = state, prompts, support
+
+    def changed_slices(self, prompts: dict[int, dict[str, Any]]) -> list[int] | None:
+        """Slices whose clicks grew since the last request; None when a click or box was removed
+        or changed (then only a full pass gives the right answer)."""
+        changed = []
+        for z, old in self.prompts.items():
+            new = prompts.get(z)
+            n = len(old["points"])
+            if new is None or new["box"] != old["box"] or new["points"][:n] != old["points"] or new["labels"][:n] != old["labels"]:
+                return None
+        for z, new in prompts.items():
+            if z not in self.prompts or new != self.prompts[z]:
+                changed.append(z)
+        return sorted(changed)
+
+
 class _Session:
-    """One client's interactive work on one image: the preprocessed volume and its feature cache."""
+    """One client's interactive work on one image: the preprocessed volume, its feature cache
+    and, per structure, the last result (:class:`_Track`)."""
 
     def __init__(self, image: MetaTensor, slices: torch.Tensor):
         self.image, self.slices = image, slices
         self.anchor = None  # the VolumeState whose feature cache later states share
+        self.tracks: dict[tuple[int, bool], _Track] = {}
         self.used = time.monotonic()
 
     @property
@@ -332,6 +376,44 @@ class SegmentationService:
         if current.anchor is not None and current.nbytes > cap:
             current.anchor.features.shrink(cap)
 
+    def _correct(self, predictor: VolumePredictor, state: VolumeState, value: int,
+                 prompts: dict[int, dict[str, Any]], changed: list[int]) -> int:
+        """Apply the clicks of ``changed`` slices to a used state and propagate outward while the result changes.
+
+        Each changed slice is segmented as a replay from scratch would segment it
+        (``as_first_pass``). Propagation then follows the replay's order: a forward pass
+        from the nearest prompted slice below the changes (the replay passes through
+        those slices upward) and a backward pass from the same slice. Slices up to the
+        highest change always run; beyond the changes a pass stops after
+        ``incremental_patience`` consecutive slices that agree with the previous result
+        (IoU at least ``incremental_iou``). Slices not reached keep their result.
+
+        Returns:
+            The number of slices propagated.
+        """
+        k = state.object_ids.index(value)
+        before = state.low_res_logits[:, k, 0] > 0  # (D, h, w) the previous masks
+        for z in changed:
+            predictor.add_prompt(state, z, value, _slice_prompt(prompts[z]), as_first_pass=True)
+        start = max((z for z in prompts if z < changed[0]), default=changed[0])
+        ran = 0
+        for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
+            agreeing = 0
+            # the replay's forward pass starts with no memories behind it; its backward pass has the forward pass's
+            for z, _ in predictor.propagate(state, start_slice=start, direction=direction, warm_start=direction == "backward"):
+                if z == start:
+                    continue  # a prompted slice: not tracked again
+                ran += 1
+                if not beyond(z):
+                    continue
+                now = state.low_res_logits[z, k, 0] > 0
+                union = int((now | before[z]).sum())
+                iou = 1.0 if union == 0 else int((now & before[z]).sum()) / union
+                agreeing = agreeing + 1 if iou >= float(self.config.incremental_iou) else 0
+                if agreeing >= int(self.config.incremental_patience):
+                    break
+        return ran
+
     def to_model_grid(self, image: MetaTensor, points: Sequence[Sequence[float]]) -> np.ndarray:
         """Voxel indices ``[i, j, k]`` of the image file (as Slicer and OHIF send them) to
         ``(x, y, slice)`` on the model grid, through the original and preprocessed affines."""
@@ -420,22 +502,31 @@ class SegmentationService:
                 if value not in objects:
                     raise InputError(f"Label {label!r} is not in the support set {objects}.")
             predictor = VolumePredictor(network)
-            state = predictor.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
-                                         share_features_with=session.anchor)
-            if session.anchor is None:
-                session.anchor = state
-            for z, entry in sorted(prompts.items()):
-                prompt = SlicePrompt(
-                    points=torch.tensor(entry["points"]) if entry["points"] else None,
-                    labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
-                    box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
-                )
-                predictor.add_prompt(state, z, value, prompt)
+            track_key = (value, bool(from_in_context))
+            track = session.tracks.get(track_key)
+            changed = None
+            if self.config.incremental and track is not None and track.support is support:
+                changed = track.changed_slices(prompts)
+            if changed == []:  # the same clicks again: the same answer
+                state, ran, mode = track.state, 0, "unchanged"
+            elif changed is not None:
+                state, mode = track.state, "incremental"
+                ran = self._correct(predictor, state, value, prompts, changed)
+                track.prompts = prompts
+            else:
+                state = predictor.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
+                                             share_features_with=session.anchor)
+                if session.anchor is None:
+                    session.anchor = state
+                for z, entry in sorted(prompts.items()):
+                    predictor.add_prompt(state, z, value, _slice_prompt(entry))
+                ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
+                session.tracks[track_key] = _Track(state, prompts, support)
+                mode = "full"
             H = W = network.image_size
             D = session.slices.shape[0]
-            logits = torch.full((len(objects), D, H, W), -1.0)
-            for z, out in predictor.propagate(state, start_slice=min(prompts), direction="both"):
-                logits[:, z] = out[:, 0].float().cpu()
+            logits = torch.nn.functional.interpolate(state.low_res_logits[:, :, 0].transpose(0, 1).float(), size=(H, W),
+                                                     mode="bilinear", align_corners=False)  # (K, D, H, W)
             probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             if roi is not None:  # nothing outside the ROI's slices
                 k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
@@ -448,6 +539,7 @@ class SegmentationService:
             self._enforce_cache_limits(session)
             info = {**self.model_info(network), "encoded_slices": network.encoded_slices - encoded,
                     "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
+                    "mode": mode, "propagated_slices": ran,
                     "session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
                     "sessions": len(self._sessions)}
             return Segmentation(result, {}, info)

@@ -1,0 +1,113 @@
+"""Incremental corrections: a follow-up click re-runs the changed slices and stops where the result stops changing.
+
+The same click lists go to a service in exact mode (every request replays all clicks
+over the whole volume) and to one in incremental mode; both serve the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from model_core import build_icl_sam2, save_checkpoint
+from model_core.phantoms import make_phantom
+from model_core.service import SegmentationService, ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LABELS = {"blob": 1, "tube": 2, "block": 3}
+DEPTH = 24
+
+pytestmark = pytest.mark.slow  # a few dozen tracked slices per request on CPU
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A phantom volume and its label as files, and decisive random weights (see test_reference_equivalence)."""
+    root = tmp_path_factory.mktemp("incremental")
+    image, label = make_phantom((DEPTH, 64, 64), seed=3)  # (D, H, W)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    paths = {}
+    for key, array in (("image", image.astype(np.float32)), ("label", label.astype(np.uint8))):
+        paths[key] = str(root / f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(1, 2, 0)), affine), paths[key])
+    torch.manual_seed(0)
+    model = build_icl_sam2("tiny", image_size=64)
+    with torch.no_grad():
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(40.0)
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(4.0)
+    save_checkpoint(model, str(root / "model.pt"))
+    return root, paths, label
+
+
+def _service(root, incremental: bool) -> SegmentationService:
+    return SegmentationService(ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "model.pt"),
+                                             preset="tiny", image_size=64, window=(0, 1), incremental=incremental))
+
+
+def _voxels(label: np.ndarray, value: int, z: int, n: int) -> list[list[int]]:
+    """``n`` voxel indices ``[i, j, k]`` (file order: x, y, slice) inside structure ``value`` on slice ``z``."""
+    ys, xs = np.nonzero(label[z] == value)
+    pick = np.linspace(0, len(ys) - 1, n).astype(int)
+    return [[int(xs[p]), int(ys[p]), z] for p in pick]
+
+
+def _dice(a, b) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def test_follow_up_clicks_agree_with_the_exact_replay_and_run_fewer_slices(study):
+    root, paths, label = study
+    exact, fast, patient = (_service(root, incremental=v) for v in (False, True, True))
+    patient.config.incremental_patience = DEPTH  # never stops early: the replay's order gives the replay's result
+    mid = DEPTH // 2
+    rounds = [
+        {"foreground": _voxels(label, 1, mid, 1)},
+        {"foreground": _voxels(label, 1, mid, 1) + _voxels(label, 1, mid + 2, 1)},  # a click on another slice
+        {"foreground": _voxels(label, 1, mid, 1) + _voxels(label, 1, mid + 2, 1),
+         "background": [[2, 2, mid + 2]]},  # a correction on that slice
+    ]
+    for i, clicks in enumerate(rounds):
+        a = exact.interact("ann", paths["image"], "blob", **clicks)
+        b = fast.interact("ann", paths["image"], "blob", **clicks)
+        assert a.info["mode"] == "full" and a.info["propagated_slices"] >= DEPTH
+        assert b.info["mode"] == ("full" if i == 0 else "incremental")
+        dice = _dice(b.label, a.label)
+        assert dice >= 0.99, (i, dice, b.info)
+        if i:
+            assert b.info["propagated_slices"] < a.info["propagated_slices"], (a.info, b.info)
+        c = patient.interact("ann", paths["image"], "blob", **clicks)
+        assert torch.equal(torch.as_tensor(c.label), torch.as_tensor(a.label)), i
+
+
+def test_a_removed_click_or_another_label_starts_a_full_pass_and_a_repeat_runs_nothing(study):
+    root, paths, label = study
+    service = _service(root, incremental=True)
+    mid = DEPTH // 2
+    two = _voxels(label, 1, mid, 2)
+    assert service.interact("bob", paths["image"], "blob", foreground=two).info["mode"] == "full"
+    again = service.interact("bob", paths["image"], "blob", foreground=two)
+    assert again.info["mode"] == "unchanged" and again.info["propagated_slices"] == 0
+    assert service.interact("bob", paths["image"], "blob", foreground=two[:1]).info["mode"] == "full"  # removed
+    assert service.interact("bob", paths["image"], "tube", foreground=_voxels(label, 2, mid, 1)).info["mode"] == "full"
+
+
+def test_an_incremental_pass_stops_after_the_configured_agreeing_slices(study, monkeypatch):
+    """With an IoU threshold of 0 every slice agrees: each pass stops `patience` slices past the changes."""
+    root, paths, label = study
+    service = _service(root, incremental=True)
+    service.config.incremental_iou, service.config.incremental_patience = 0.0, 2
+    mid = DEPTH // 2
+    first = _voxels(label, 1, mid, 1)
+    service.interact("cy", paths["image"], "blob", foreground=first)
+    out = service.interact("cy", paths["image"], "blob", foreground=first + _voxels(label, 1, mid + 4, 1))
+    # as the replay: forward from the prompt below the change (mid): mid+1 .. mid+4 always, then mid+5, mid+6;
+    # backward from mid: mid-1, mid-2
+    assert out.info["mode"] == "incremental" and out.info["propagated_slices"] == 4 + 2 + 2

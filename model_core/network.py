@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import SAM2Base
 
 from model_core.memory import SupportMemory
+from model_core.precision import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["InContextSAM2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -44,6 +45,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _as_float32(value: Any) -> Any:
+    """``value`` with every reduced-precision floating tensor (nested in dicts, lists, tuples) cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
+    if isinstance(value, dict):
+        return {k: _as_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_float32(v) for v in value)
+    return value
 
 
 class InContextSAM2(SAM2Base):
@@ -56,6 +68,12 @@ class InContextSAM2(SAM2Base):
             CPU, where batching measured slower per slice (Hiera-tiny at 512, 2 cores:
             0.34 s/slice at batch 1, 0.42 s at batch 8) and costs memory.
         feature_cache_slices: default LRU size (in slices) of a volume's image features.
+        precision: ``"fp32"`` (default: bit-faithful to SAM2), ``"bf16"`` (bfloat16 autocast
+            over the image encoder, memory attention, mask decoder and memory encoder, inside
+            :meth:`encode_slices`, :meth:`track_step` and :meth:`encode_memory`; what they return
+            for callers to keep stays float32) or ``"auto"`` (``bf16`` where the device
+            computes it natively, resolved against the current device at each call; see
+            :mod:`model_core.precision`). Settable later (``model.precision = "bf16"``).
         kwargs: :class:`SAM2Base` arguments (from a preset).
     """
 
@@ -64,9 +82,11 @@ class InContextSAM2(SAM2Base):
         memory_storage_dtype: str | torch.dtype = "bfloat16",
         encoder_batch_size: int | None = None,
         feature_cache_slices: int = 16,
+        precision: str = "fp32",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.precision = precision
         self.memory_storage_dtype = _as_dtype(memory_storage_dtype)
         self._encoder_batch_size = encoder_batch_size
         self.feature_cache_slices = int(feature_cache_slices)
@@ -78,6 +98,26 @@ class InContextSAM2(SAM2Base):
         self.encoded_slices = 0
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def precision(self) -> str:
+        """The precision option as set (``"fp32"``, ``"bf16"`` or ``"auto"``; see :attr:`compute_precision`)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        value = "auto" if value is None else str(value).strip().lower()
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {value!r}.")
+        self._precision = value
+
+    @property
+    def compute_precision(self) -> str:
+        """The precision the network computes in on its current device: ``"fp32"`` or ``"bf16"``."""
+        return resolve_precision(self._precision, self.device)
+
+    def _autocast(self):
+        return autocast(self.compute_precision, self.device)
+
     @property
     def encoder_batch_size(self) -> int:
         """Slices per image-encoder batch (see the constructor)."""
@@ -162,13 +202,16 @@ class InContextSAM2(SAM2Base):
             images: ``(N, 3, H, W)`` float in [0, 1] or uint8 (any device).
 
         Returns:
-            sam2's ``backbone_out`` dict (``backbone_fpn``, ``vision_pos_enc`` lists of ``(N, C, h, w)``).
+            sam2's ``backbone_out`` dict (``backbone_fpn``, ``vision_pos_enc`` lists of ``(N, C, h, w)``);
+            float32, or bfloat16 under ``precision="bf16"`` (the features only go back into the
+            network, and stored at half the size).
         """
         x = images.to(self.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = (x - self.pixel_mean) / self.pixel_std
         self.encoded_slices += x.shape[0]
-        return self.forward_image(x)
+        with self._autocast():
+            return self.forward_image(x)
 
     def slice_features(self, backbone_out: dict[str, list[torch.Tensor]]) -> tuple[list, list, list]:
         """``(vision_feats, vision_pos_embeds, feat_sizes)`` as ``track_step`` takes them.
@@ -179,6 +222,19 @@ class InContextSAM2(SAM2Base):
         """
         _, feats, pos, sizes = self._prepare_backbone_features(backbone_out)
         return feats, pos, sizes
+
+    def track_step(self, *args, **kwargs) -> dict[str, Any]:
+        """sam2's ``SAM2Base.track_step`` (memory attention, mask decoder and, with
+        ``run_mem_encoder``, the memory encoder), computed in the network's precision.
+
+        Under ``bf16`` every tensor of the returned dict (logits, ``obj_ptr``, scores, IoUs,
+        memories) is cast back to float32, so callers store what they stored in fp32.
+        """
+        if self.compute_precision == "fp32":
+            return super().track_step(*args, **kwargs)
+        with self._autocast():
+            out = super().track_step(*args, **kwargs)
+        return _as_float32(out)
 
     def _track_step(self, *args, **kwargs):
         # keep the three candidates, their IoU predictions and object scores, which
@@ -214,11 +270,17 @@ class InContextSAM2(SAM2Base):
                 ``binarize_mask_from_pts_for_mem_enc`` is set, as SAM2's video predictor does).
 
         Returns:
-            ``(maskmem_features (N, C, h, w), maskmem_pos_enc)``.
+            ``(maskmem_features (N, C, h, w), maskmem_pos_enc)``, float32 in either precision.
         """
-        return self._encode_new_memory(
-            vision_feats, feat_sizes, self.upsample(low_res_logits), object_score_logits, is_mask_from_pts=from_points
-        )
+        if self.compute_precision == "fp32":
+            return self._encode_new_memory(
+                vision_feats, feat_sizes, self.upsample(low_res_logits), object_score_logits, is_mask_from_pts=from_points
+            )
+        with self._autocast():
+            out = self._encode_new_memory(
+                vision_feats, feat_sizes, self.upsample(low_res_logits.float()), object_score_logits, is_mask_from_pts=from_points
+            )
+        return _as_float32(out)
 
     def memory_pos_enc(self) -> torch.Tensor:
         """``(1, C, h, w)`` positional encoding of spatial memories (the same for every slice)."""

@@ -248,6 +248,7 @@ def build_icl_sam2(
     checkpoint: str | None = None,
     device: str | torch.device = "cpu",
     trainable: str | None = None,
+    precision: str = "fp32",
     **model_kwargs: Any,
 ):
     """Build an :class:`~model_core.network.InContextSAM2` from a preset.
@@ -262,6 +263,11 @@ def build_icl_sam2(
             (:class:`~model_core.training.InContextSAM2Train`), call
             ``set_trainable(trainable)`` (``frozen``, ``neck`` or ``all`` image encoder)
             and return it in train mode.
+        precision: ``"fp32"`` (default, bit-faithful to SAM2), ``"bf16"`` (bfloat16 autocast
+            inside the network) or ``"auto"``, resolved here for ``device`` to ``bf16`` where it
+            is native (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16) and ``fp32``
+            elsewhere (:func:`~model_core.precision.resolve_precision`). The model's
+            ``precision`` attribute holds the resolved value.
         model_kwargs: extra constructor arguments of ``InContextSAM2`` or
             ``SAM2Base`` (e.g. ``memory_storage_dtype``, ``encoder_batch_size``).
 
@@ -270,8 +276,12 @@ def build_icl_sam2(
     """
     from hydra.utils import instantiate  # stateless; does not touch GlobalHydra
 
+    from model_core.precision import resolve_precision
+
+    precision = resolve_precision(precision, device)  # a bad value fails before the model is built
     cfg = preset_config(preset, image_size)
     cfg.update(model_kwargs)
+    cfg["precision"] = precision
     if trainable is not None:
         cfg["_target_"] = TRAIN_TARGET
     model = instantiate(cfg, _recursive_=True, _convert_="all")

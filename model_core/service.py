@@ -111,6 +111,7 @@ class ServiceConfig:
             whole volume, the exact mode).
         incremental_patience, incremental_iou: an incremental pass stops after this many
             consecutive slices whose mask agrees with the previous result (IoU at least this).
+        precision: ``fp32``, ``bf16`` or ``auto`` (:mod:`model_core.precision`), passed to the network.
     """
 
     bundle_dir: str
@@ -131,6 +132,7 @@ class ServiceConfig:
     incremental: bool = True
     incremental_patience: int = 3
     incremental_iou: float = 0.98
+    precision: str = "fp32"
 
 
 @dataclass
@@ -256,7 +258,8 @@ class SegmentationService:
             if self._network is None or stamp != self._loaded_stamp:
                 with torch.random.fork_rng(devices=[]):  # untrained weights: the same at every start
                     torch.manual_seed(int(self.config.seed))
-                    network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device)
+                    network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device,
+                                             precision=self.config.precision)
                 if stamp is not None:
                     load_checkpoint(network, stamp[0])
                     self.reloads += 1

@@ -29,11 +29,17 @@ and the IoU of the binarised masks (``logits > 0``), and prints
 The inputs are the library's phantoms (:func:`model_core.phantoms.make_phantom`): the
 support slices come from one volume, the query from another; object ``k`` is the
 structure with label ``k + 1`` (blob, tube, block).
+``--precision`` sets model_core's precision (``fp32``, ``bf16`` or ``auto``, see
+:mod:`model_core.precision`); the reference always runs in float32 without autocast, as
+Meta's predictor runs on CPU, so the ratio is ours-in-that-precision vs SAM2 in fp32.
+With ``bf16`` the logits are not expected to match the reference bit for bit; the mask
+IoU says how close they are.
 Nothing here asserts on timings; the last line printed is a JSON record for CI logs.
 
 Example:
     python scripts/benchmark_icl.py --depth 32 --support 4 --objects 2 \\
         --image_size 512 --preset sam2.1_hiera_tiny --device cpu --warmup 1
+    python scripts/benchmark_icl.py --depth 16 --support 2 --objects 2 --warmup 0 --precision bf16
 """
 
 from __future__ import annotations
@@ -208,6 +214,7 @@ def main(
     repeats: int = 1,
     seed: int = 0,
     encoder_batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Time in-context segmentation of a generated volume, model_core vs ``SAM2VideoPredictor``.
 
@@ -223,10 +230,13 @@ def main(
         seed: seed of the weights (``torch.manual_seed``) and of the data generator.
         encoder_batch_size: slices per image-encoder batch of model_core (default: 8 on
             CUDA, 1 on CPU; the predictor always encodes one frame at a time).
+        precision: model_core's precision, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where
+            the device computes it natively); the reference always runs in float32.
 
     Returns:
         The JSON record (also printed as the last line).
     """
+    from model_core.precision import cpu_bf16_capability, resolve_precision
     from model_core.predictor import VolumePredictor
     from model_core.presets import PRESETS, build_icl_sam2
     from model_core.reference import build_reference_predictor, reference_in_context
@@ -242,9 +252,12 @@ def main(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    resolved = resolve_precision(precision, dev)
 
     torch.manual_seed(seed)
-    model = build_icl_sam2(preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size)
+    # the reference is built from the float32 weights (the network's precision only sets autocast)
+    model = build_icl_sam2(preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size,
+                           precision=resolved)
     predictor = build_reference_predictor(model)
     size = model.image_size
     sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
@@ -286,6 +299,10 @@ def main(
         "repeats": repeats,
         "seed": seed,
         "encoder_batch_size": model.encoder_batch_size,
+        "precision": resolved,
+        "precision_requested": precision,
+        "reference_precision": "fp32",
+        "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
         "memory_measure": "cuda max_memory_allocated above baseline" if dev.type == "cuda" else "peak RSS above baseline",
         "ours": side(ours),
         "reference": side(ref),
@@ -306,10 +323,16 @@ def _print_table(r: dict[str, Any]) -> None:
         f"| device {r['device']} ({r['device_name']}, {r['torch_threads']} threads) "
         f"| warmup {r['warmup']}, best of {r['repeats']}"
     )
+    cpu = r["cpu_bf16"]
+    print(
+        f"precision: ours {r['precision']} (asked {r['precision_requested']}), reference {r['reference_precision']} "
+        f"| CPU {cpu['processor']}: AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
+        f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}"
+    )
     header = f"{'':<22}{'wall time (s)':>15}{'slices/s':>12}{'peak mem (MiB)':>17}"
     print(header)
     print("-" * len(header))
-    for name, key in (("ours (model_core)", "ours"), ("SAM2VideoPredictor", "reference")):
+    for name, key in ((f"ours ({r['precision']})", "ours"), ("SAM2VideoPredictor", "reference")):
         s = r[key]
         print(f"{name:<22}{s['seconds']:>15.3f}{s['slices_per_s']:>12.2f}{s['peak_mib']:>17.1f}")
     mem_ratio = r["memory_ratio_reference_over_ours"]

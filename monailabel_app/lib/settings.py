@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from model_core.checkpoint import checkpoint_record, load_checkpoint
+from model_core.precision import cpu_bf16_capability, resolve_precision
 from model_core.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "image_size": (512, "model input size (a multiple of 32)"),
     "checkpoint": (None, "weights; training publishes here (default: <bundle>/models/model.pt)"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
+    "precision": ("auto", "fp32, bf16 or auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32)"),
     "labels": ('{"kidney": 1}', "JSON {name: label value} of the structures to segment"),
     "modality": ("CT", "CT (HU window) or MRI (percentiles)"),
     "window": ("[-200, 300]", "CT window in HU"),
@@ -70,6 +72,15 @@ def parse_labels(conf: dict[str, str]) -> dict[str, int]:
             isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**15 for v in labels.values()):
         raise ValueError(f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}.")
     return {str(k): int(v) for k, v in labels.items()}
+
+
+def parse_precision(conf: dict[str, str], device: str) -> str:
+    """``--conf precision`` resolved for ``device`` to ``fp32`` or ``bf16`` (:mod:`model_core.precision`)."""
+    value = conf.get("precision") or OPTIONS["precision"][0]
+    try:
+        return resolve_precision(value, device)
+    except ValueError as e:
+        raise ValueError(f"--conf precision: {e}") from e
 
 
 def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
@@ -127,6 +138,11 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
     device = get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--conf device cuda, but no CUDA device is available; use --conf device cpu.")
+    precision = parse_precision(conf, device)
+    if device.startswith("cpu"):
+        cpu = cpu_bf16_capability()
+        logger.info(f"Precision {precision} (--conf precision {conf.get('precision') or OPTIONS['precision'][0]}); "
+                    f"CPU {cpu['processor']}: AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 {cpu['avx512_bf16']}.")
     checkpoint = os.path.abspath(get("checkpoint") or os.path.join(bundle, "models", "model.pt"))
     arch = _architecture(conf, checkpoint)
     if arch["record"]:
@@ -148,4 +164,5 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         session_cache_mb=float(get("session_cache_mb")),
         max_sessions=int(get("max_sessions")),
         seed=int(get("seed")),
+        precision=precision,
     )

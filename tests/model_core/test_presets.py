@@ -81,6 +81,18 @@ def test_model_kwargs_are_forwarded():
     assert model.memory_storage_dtype == torch.float32
 
 
+def test_precision_is_passed_through_and_auto_resolved(monkeypatch):
+    import model_core.precision as precision
+
+    assert build_icl_sam2("tiny", image_size=64).precision == "fp32"  # the default: bit-faithful to SAM2
+    assert build_icl_sam2("tiny", image_size=64, precision="bf16").precision == "bf16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_bf16_capability", lambda native=native: {"bf16": native})
+        assert build_icl_sam2("tiny", image_size=64, precision="auto").precision == expected
+    with pytest.raises(ValueError, match=r"precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"):
+        build_icl_sam2("tiny", image_size=64, precision="fp16")
+
+
 def test_unknown_preset_names_valid_ones():
     with pytest.raises(ValueError, match=r"Unknown preset 'sam3'.*sam2\.1_hiera_tiny.*tiny"):
         build_icl_sam2("sam3", image_size=64)

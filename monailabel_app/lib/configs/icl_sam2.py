@@ -15,6 +15,7 @@ from lib.scoring.confidence import InContextConfidence
 from lib.settings import OPTIONS, service_config, verify_checkpoint
 from lib.trainers.icl_sam2 import ICLSAM2Train
 from model_core.checkpoint import checkpoint_record
+from model_core.precision import cpu_bf16_capability
 from model_core.service import SegmentationService
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,27 @@ class ICLSAM2(TaskConfig):
                     logger.warning(f"Cannot read the record of {path}: {e}")
             status = {"checkpoint": path if stamp else None, "trained": stamp is not None,
                       "preset": self.settings.preset, "image_size": int(self.settings.image_size),
-                      "trained_as": {k: record.get(k) for k in ("preset", "image_size", "classes", "modality")} if record else None}
+                      "trained_as": {k: record.get(k) for k in ("preset", "image_size", "classes", "modality")} if record else None,
+                      **self.compute()}
             self._status = (stamp, status)
         return self._status[1]
+
+    def compute(self) -> dict[str, Any]:
+        """Device and precision served (``--conf device``/``precision``), with the CPU's bfloat16 support."""
+        cpu = cpu_bf16_capability()
+        return {"device": str(self.settings.device), "precision": self.settings.precision,
+                "cpu_bf16": {k: cpu[k] for k in ("amx_bf16", "avx512_bf16", "processor")}}
 
     def describe(self) -> str:
         """One line for the model's description, which Slicer and OHIF display."""
         s = self.status()
         arch = f"preset {s['preset']} at {s['image_size']} px"
+        cpu = s["cpu_bf16"]
+        compute = (f"; {s['precision']} on {s['device']} (CPU AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
+                   f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'})")
         if s["trained"]:
-            return f"weights: {os.path.basename(s['checkpoint'])} ({arch})"
-        return f"weights: UNTRAINED, random initial weights (seed {self.settings.seed}; {arch}): train from the app first"
+            return f"weights: {os.path.basename(s['checkpoint'])} ({arch}){compute}"
+        return f"weights: UNTRAINED, random initial weights (seed {self.settings.seed}; {arch}): train from the app first{compute}"
 
     def service(self) -> SegmentationService:
         with self._lock:

@@ -41,6 +41,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "session_cache_mb": (2048, "memory cap of the interactive sessions' image features (MiB)"),
     "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
     "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
+    "incremental": ("true", "a follow-up click re-runs the changed slices and propagates while the result changes "
+                            "(false: every click replays all clicks over the volume)"),
+    "incremental_patience": (3, "an incremental pass stops after this many slices that agree with the previous result"),
+    "incremental_iou": (0.98, "IoU with the previous result at which a slice agrees"),
     "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
     "train_episodes": (100, "episodes per epoch of such a run"),
     "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
@@ -72,6 +76,16 @@ def parse_labels(conf: dict[str, str]) -> dict[str, int]:
             isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**15 for v in labels.values()):
         raise ValueError(f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}.")
     return {str(k): int(v) for k, v in labels.items()}
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"--conf {name} must be true or false, got {value!r}.")
 
 
 def parse_precision(conf: dict[str, str], device: str) -> str:
@@ -165,4 +179,27 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         max_sessions=int(get("max_sessions")),
         seed=int(get("seed")),
         precision=precision,
+        incremental=_flag("incremental", get("incremental")),
+        incremental_patience=_positive_int("incremental_patience", get("incremental_patience")),
+        incremental_iou=_fraction("incremental_iou", get("incremental_iou")),
     )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ValueError(f"--conf {name} must be a whole number of at least 1, got {value!r}.")
+    return number
+
+
+def _fraction(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"--conf {name} must be a number from 0 to 1, got {value!r}.")
+    return number

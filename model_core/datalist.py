@@ -1,9 +1,9 @@
 """Datalists in Medical Segmentation Decathlon form: build one for a dataset folder, write it, read its keys.
 
 :func:`make_datalist` builds the datalist of a folder in one of the layouts below,
-:func:`write_datalist` writes it atomically, :func:`normalise_entry` is the one place that
-turns an entry's ``"seg"`` key into ``"label"`` (readers and builders call it), and
-:func:`apply_label_merge` applies a datalist's ``label_merge`` to a label volume.
+:func:`write_datalist` writes it atomically, and :func:`normalise_entry` is the one place that
+turns an entry's ``"seg"`` key into ``"label"`` (readers and builders call it).
+:func:`model_core.data.merge_labels` applies a datalist's ``label_merge`` to a label volume.
 ``scripts/prepare_datalist.py`` is the command line over :func:`make_datalist`::
 
     python scripts/prepare_datalist.py --dataset_dir /data/kits23/dataset --preset kits23 --output datalist.json
@@ -50,7 +50,7 @@ research code, kidney and tumour become one class and cysts background, so the
 datalist says ``"labels": {"kidney": 1}`` and ``"label_merge": {"1": [1, 2]}``.
 A consumer must remap every label volume before use: a voxel whose source value
 is listed under class ``c`` becomes ``c``; every other voxel (here value 3, cyst)
-becomes 0. :func:`apply_label_merge` does exactly that. ``--labels`` takes the same
+becomes 0. :func:`model_core.data.merge_labels` does exactly that. ``--labels`` takes the same
 form for other datasets: ``'{"kidney": [1, 2]}'`` writes a merge, ``'{"kidney": 1}'``
 keeps the values as they are.
 
@@ -79,7 +79,6 @@ __all__ = [
     "KITS23_LABELS",
     "KITS23_LABEL_MERGE",
     "PRESETS",
-    "apply_label_merge",
     "make_datalist",
     "normalise_entry",
     "write_datalist",
@@ -116,24 +115,6 @@ Case = dict[str, Any]  # {"image": Path, "label": Path | None, ...extra keys kep
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def apply_label_merge(label: np.ndarray, label_merge: dict[str, list[int]] | None) -> np.ndarray:
-    """Remap a source label volume with a datalist's ``label_merge``.
-
-    Args:
-        label: integer label volume with the dataset's own values.
-        label_merge: ``{"class value": [source values]}``; ``None`` or empty returns ``label`` unchanged.
-
-    Returns:
-        A volume of the same shape and dtype: voxels with a listed source value become that class, all others 0.
-    """
-    if not label_merge:
-        return label
-    out = np.zeros_like(label)
-    for cls, values in label_merge.items():
-        out[np.isin(label, values)] = int(cls)
-    return out
 
 
 def normalise_entry(entry: str | dict[str, Any], where: str = "datalist entry") -> dict[str, Any]:

@@ -450,7 +450,10 @@ class SegmentationService:
         """Segment from clicks and a box, propagated through the volume in both directions.
 
         Each request carries all of the current clicks (as the Slicer and OHIF plugins
-        send them); the session keeps the image's features, not the clicks.
+        send them). The session keeps the image's features and, per structure, the clicks
+        it answered with their result: when clicks were only added, just the changed
+        slices and their surroundings run again (``incremental``, see :meth:`_correct`);
+        otherwise the whole volume is propagated.
 
         Args:
             client: the client session (two clients never share results).

@@ -187,6 +187,13 @@ class VolumeState:
         self.features = _SliceFeatures(model, images, feature_cache_slices)
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by the per-slice results and prompted slices' memories (not the images or the feature cache)."""
+        tensors = [self.low_res_logits, self.obj_ptr, self.object_score_logits, self.iou]
+        tensors += [t for outputs in self.cond_outputs for out in outputs.values() for t in (out["maskmem_features"], out["obj_ptr"])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def num_support(self) -> int:
         return 0 if self.support is None else self.support.num_slices
 

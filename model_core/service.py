@@ -196,7 +196,9 @@ class _Session:
 
     @property
     def nbytes(self) -> int:
-        return self.anchor.features.nbytes if self.anchor is not None else 0
+        """The image features and each structure's kept results: what ``session_cache_mb`` caps."""
+        features = self.anchor.features.nbytes if self.anchor is not None else 0
+        return features + sum(track.state.nbytes for track in self.tracks.values())
 
 
 class SegmentationService:

@@ -204,9 +204,12 @@ class _Session:
 class SegmentationService:
     """In-context and interactive segmentation of volume files with one network.
 
-    Thread-safe: requests are serialized by a lock (one network, one device). Each
-    request binds the network once, so a checkpoint published mid-request never mixes
-    two sets of weights in one answer.
+    Thread-safe. Model work (loading weights, the support memory, encoding and tracking)
+    is serialized by one lock: one network, one device. Reading and preprocessing a
+    volume and mapping the result back to its file run outside it, so clients working on
+    other images do not wait for one another's file work; the session table has its own
+    short lock. Each request binds the network once, so a checkpoint published
+    mid-request never mixes two sets of weights in one answer.
 
     Args:
         config: see :class:`ServiceConfig`.
@@ -236,7 +239,8 @@ class SegmentationService:
         # the bundle's postprocessing ends with SaveImaged; a server writes its own files
         self.postprocessing = Compose([t for t in post.transforms if type(t).__name__ != "SaveImaged"])
         self.device = torch.device(config.device)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # model work
+        self._sessions_lock = threading.Lock()  # the session table (never held while waiting for _lock)
         self._network = None
         self._loaded_stamp: tuple | None = None
         self._support: tuple[str, SupportMemory] | None = None
@@ -254,7 +258,14 @@ class SegmentationService:
 
     @property
     def network(self):
-        """The network, (re)loaded when the checkpoint file appeared or changed since the last request."""
+        """The network, (re)loaded when the checkpoint file appeared or changed since the last request.
+
+        Without the model lock when nothing changed, so a request can start its file work
+        while another one runs the model; a reload waits for the running model work.
+        """
+        network, stamp = self._network, self._checkpoint_stamp()
+        if network is not None and stamp == self._loaded_stamp:
+            return network
         with self._lock:
             stamp = self._checkpoint_stamp()
             if self._network is None or stamp != self._loaded_stamp:
@@ -265,9 +276,10 @@ class SegmentationService:
                 if stamp is not None:
                     load_checkpoint(network, stamp[0])
                     self.reloads += 1
+                with self._sessions_lock:
+                    self._sessions.clear()  # their features came from the old weights
                 self._network = network.eval()
                 self._loaded_stamp = stamp
-                self._sessions.clear()  # their features came from the old weights
             return self._network
 
     def model_info(self, network=None) -> dict[str, Any]:
@@ -346,32 +358,48 @@ class SegmentationService:
     @torch.inference_mode()
     def segment(self, image_path: str, labelled: Sequence[dict[str, str]]) -> Segmentation:
         """Segment every configured class of a volume in context of the labelled volumes."""
+        network = self.network
+        start = time.perf_counter()
+        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
         with self._lock:
-            network = self.network
-            start, encoded = time.perf_counter(), network.encoded_slices
+            encoded = network.encoded_slices
             support = self.support_memory(labelled, network)
-            image, _ = self.preprocess(image_path, network)
             inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
-            probabilities = inferer(image[None].to(self.device), network)[0]
-            label = self._to_original(image, probabilities.cpu(), self.classes)
-            confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
-            info = {**self.model_info(network), "encoded_slices": network.encoded_slices - encoded,
-                    "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
-            return Segmentation(label, confidence, info)
+            probabilities = inferer(image[None].to(self.device), network)[0].cpu()
+            encoded = network.encoded_slices - encoded
+        label = self._to_original(image, probabilities, self.classes)
+        confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
+        info = {**self.model_info(network), "encoded_slices": encoded,
+                "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
+        return Segmentation(label, confidence, info)
 
     # ------------------------------------------------------------------ interactive
     def _session(self, client: str, image_path: str, network) -> _Session:
+        """The client's session on this image; a new one reads and preprocesses the file outside every lock."""
         key = (str(client), os.path.abspath(image_path))
-        session = self._sessions.get(key)
+        with self._sessions_lock:
+            session = self._sessions.get(key)
         if session is None:
-            image, slices = self.preprocess(image_path, network)
-            session = _Session(image, slices)
-            self._sessions[key] = session
-        self._sessions.move_to_end(key)
-        session.used = time.monotonic()
+            fresh = _Session(*self.preprocess(image_path, network))
+            with self._sessions_lock:  # a concurrent request of the same client may have made one meanwhile
+                session = self._sessions.setdefault(key, fresh)
+        with self._sessions_lock:
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+            session.used = time.monotonic()
         return session
 
     def _enforce_cache_limits(self, current: _Session) -> None:
+        """Evict the least recently used sessions over ``max_sessions`` or ``session_cache_mb`` (under the model lock)."""
+        with self._sessions_lock:
+            self._evict(current)
+
+    def _session_totals(self) -> dict[str, Any]:
+        with self._sessions_lock:
+            return {"session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
+                    "sessions": len(self._sessions)}
+
+    def _evict(self, current: _Session) -> None:
         cap = int(float(self.config.session_cache_mb) * 2**20)
         while len(self._sessions) > max(int(self.config.max_sessions), 1) or (
             sum(s.nbytes for s in self._sessions.values()) > cap and len(self._sessions) > 1
@@ -474,35 +502,36 @@ class SegmentationService:
             raise InputError(f"Unknown label {label!r}; this model segments {sorted(self.labels)}.")
         if not foreground and not background and roi is None:
             raise InputError("Nothing to segment from: give foreground/background points or an ROI box.")
-        with self._lock:
-            network = self.network
-            start, encoded = time.perf_counter(), network.encoded_slices
-            session = self._session(client, image_path, network)
-            image = session.image
-            self._check_points(image, foreground, "Foreground")
-            self._check_points(image, background, "Background")
-            value = self.labels[label]
-            prompts: dict[int, dict[str, list]] = {}
-            for points, positive in ((foreground, 1), (background, 0)):
-                for x, y, z in self.to_model_grid(image, points) if len(points) else []:
-                    z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
-                    entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
-                    entry["points"].append([float(x), float(y)])
-                    entry["labels"].append(positive)
-            if roi is not None:
-                roi = [float(v) for v in roi]
-                if len(roi) != 6:
-                    raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
-                lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
-                if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
-                    raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
-                self._check_points(image, [lo, hi], "ROI corner")
-                corners = self.to_model_grid(image, [lo, hi])
-                x0, x1 = sorted(corners[:, 0])
-                y0, y1 = sorted(corners[:, 1])
-                z = int(np.clip(round(corners[:, 2].mean()), 0, session.slices.shape[0] - 1))
+        network = self.network
+        start = time.perf_counter()
+        session = self._session(client, image_path, network)  # file work: outside the model lock
+        image = session.image
+        self._check_points(image, foreground, "Foreground")
+        self._check_points(image, background, "Background")
+        value = self.labels[label]
+        prompts: dict[int, dict[str, list]] = {}
+        for points, positive in ((foreground, 1), (background, 0)):
+            for x, y, z in self.to_model_grid(image, points) if len(points) else []:
+                z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
                 entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
-                entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+                entry["points"].append([float(x), float(y)])
+                entry["labels"].append(positive)
+        if roi is not None:
+            roi = [float(v) for v in roi]
+            if len(roi) != 6:
+                raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
+            lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
+            if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
+                raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
+            self._check_points(image, [lo, hi], "ROI corner")
+            corners = self.to_model_grid(image, [lo, hi])
+            x0, x1 = sorted(corners[:, 0])
+            y0, y1 = sorted(corners[:, 1])
+            z = int(np.clip(round(corners[:, 2].mean()), 0, session.slices.shape[0] - 1))
+            entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+            entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+        with self._lock:
+            encoded = network.encoded_slices
             support, objects = None, [value]
             if from_in_context:
                 support = self.support_memory(labelled, network)
@@ -531,23 +560,23 @@ class SegmentationService:
                 ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
                 session.tracks[track_key] = _Track(state, prompts, support)
                 mode = "full"
-            H = W = network.image_size
-            D = session.slices.shape[0]
-            logits = torch.nn.functional.interpolate(state.low_res_logits[:, :, 0].transpose(0, 1).float(), size=(H, W),
-                                                     mode="bilinear", align_corners=False)  # (K, D, H, W)
-            probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
-            if roi is not None:  # nothing outside the ROI's slices
-                k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
-                outside = torch.ones(D, dtype=torch.bool)
-                outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
-                probs[objects.index(value), :, :, outside] = 0
-            probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
-            result = self._to_original(image, probabilities, objects) if from_in_context else \
-                self._to_original(image, probabilities, [value])
+            low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()  # (K, D, h, w), this request's copy
+            encoded = network.encoded_slices - encoded
             self._enforce_cache_limits(session)
-            info = {**self.model_info(network), "encoded_slices": network.encoded_slices - encoded,
-                    "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
-                    "mode": mode, "propagated_slices": ran,
-                    "session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
-                    "sessions": len(self._sessions)}
-            return Segmentation(result, {}, info)
+        H = W = network.image_size
+        D = session.slices.shape[0]
+        logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)  # (K, D, H, W)
+        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+        if roi is not None:  # nothing outside the ROI's slices
+            k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
+            outside = torch.ones(D, dtype=torch.bool)
+            outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
+            probs[objects.index(value), :, :, outside] = 0
+        probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+        result = self._to_original(image, probabilities, objects) if from_in_context else \
+            self._to_original(image, probabilities, [value])
+        info = {**self.model_info(network), "encoded_slices": encoded,
+                "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
+                "mode": mode, "propagated_slices": ran,
+                **self._session_totals()}
+        return Segmentation(result, {}, info)

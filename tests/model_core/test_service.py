@@ -134,3 +134,29 @@ def test_support_is_cached_and_rebuilt_when_a_label_changes(files, tmp_path):
         service.segment(cases[1]["image"], [])
 
 
+
+
+def test_file_work_runs_while_another_request_holds_the_model(files, monkeypatch):
+    """Reading, preprocessing and writing back a volume wait for no other client's model work."""
+    import threading
+
+    root, cases = files
+    service = _service(root)
+    network = service.network  # loaded before the lock is taken
+    steps = []
+    real_preprocess, real_to_original = service.preprocess, service._to_original
+    monkeypatch.setattr(service, "preprocess", lambda *a, **k: (steps.append("preprocess"), real_preprocess(*a, **k))[1])
+    monkeypatch.setattr(service, "_to_original", lambda *a, **k: (steps.append("to_original"), real_to_original(*a, **k))[1])
+    results = {}
+    with service._lock:  # another request's model work
+        request = threading.Thread(target=lambda: results.update(
+            reply=service.interact("bob", cases[1]["image"], "blob", foreground=[[30, 20, 5]])))
+        request.start()
+        deadline = time.monotonic() + 120
+        while "preprocess" not in steps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert steps == ["preprocess"]  # the file was read and preprocessed meanwhile; the model part waits
+        assert "reply" not in results
+    request.join(timeout=300)
+    assert steps == ["preprocess", "to_original"] and results["reply"].info["encoded_slices"] == 10
+    assert service.network is network

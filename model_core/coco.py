@@ -39,6 +39,11 @@ polygons (``encoding="polygon"``: outer and hole contours at pixel precision; CO
 polygon list by union, so holes are filled and polygons are lossy where a region has holes).
 ``area`` and ``bbox`` are those of the true region; ``iscrowd`` is 0.
 
+A label value that is no category is an error by default (a datalist's ``labels`` usually lists every
+value; a stray one is a mistake). ``unlisted="background"`` treats such values as background instead, for
+datalists that name a few structures of a larger atlas (the Colin27 + AAL study names 4 of 116 regions);
+:func:`verify_coco` applies the same rule, recorded in the file's ``info``.
+
 By default only slices with foreground are written (``include_empty`` writes every slice).
 """
 
@@ -62,6 +67,7 @@ __all__ = ["AXES", "ENCODINGS", "INSTANCES", "IMAGE_ID_STRIDE", "export_coco", "
 #: RAS axis names and indices
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 ENCODINGS = ("rle", "polygon")
+UNLISTED = ("error", "background")
 INSTANCES = ("region", "label")
 #: image id = volume id * stride + slice index
 IMAGE_ID_STRIDE = 100_000
@@ -337,6 +343,7 @@ def export_coco(
     window: Sequence[float] = (-200.0, 300.0),
     percentiles: Sequence[float] = (0.5, 99.5),
     labels: dict | str | None = None,
+    unlisted: str = "error",
 ) -> dict[str, dict[str, Any]]:
     """Write the labelled volumes of a datalist as COCO datasets of PNG slices (this module's docstring).
 
@@ -353,6 +360,7 @@ def export_coco(
         modality, window, percentiles: intensity scaling, as :func:`model_core.data.intensity_scaling`
             (the bundle's ``modality`` and ``intensity`` settings; ``window=(0, 1)`` for the phantoms).
         labels: categories ``{"name": value}`` (dict or JSON) instead of the datalist's ``labels``.
+        unlisted: what a label value that is no category means: ``error`` (default) or ``background``.
 
     Returns:
         Per split: ``{"json": path, "volumes": n, "images": n, "annotations": n, "categories": n}``.
@@ -370,6 +378,7 @@ def export_coco(
     encoding = _choice(encoding, "encoding", ENCODINGS)
     instances = _choice(instances, "instances", INSTANCES)
     include_empty = _as_bool(include_empty, "include_empty")
+    unlisted = _choice(unlisted, "unlisted", UNLISTED)
     categories = _categories(content, labels, datalist)
     label_merge = _label_merge(content, datalist)
     window, percentiles = _pair(window, "window", "(-200, 300)"), _pair(percentiles, "percentiles", "(0.5, 99.5)")
@@ -385,6 +394,7 @@ def export_coco(
             "info": {"description": f"{content.get('name') or Path(datalist).stem} {split}, {axis_name} slices",
                      "datalist": datalist, "split": split, "axis": axis_name, "orientation": "RAS",
                      "encoding": encoding, "instances": instances, "include_empty": include_empty,
+                     "unlisted": unlisted,
                      "label_merge": {str(k): v for k, v in (label_merge or {}).items()} or None,
                      "intensity": {"modality": str(modality), "window": [float(v) for v in window],
                                    "percentiles": [float(v) for v in percentiles], "png": "round(255 * scaled)"},
@@ -398,9 +408,12 @@ def export_coco(
             where = f"Entry {index} of {split!r} in {datalist!r}"
             label, original_affine = loader.label(entry, where)
             unknown = sorted(set(np.unique(label).tolist()) - {0, *categories.values()})
-            if unknown:
+            if unknown and unlisted == "background":
+                label[~np.isin(label, list(categories.values()))] = 0
+            elif unknown:
                 raise ValueError(f"{where}: \"label\" {entry['label']!r} holds values {unknown} that are no category "
-                                 f"(labels: {categories}); add them to \"labels\" or a \"label_merge\"")
+                                 f"(labels: {categories}); add them to \"labels\" or a \"label_merge\", or pass "
+                                 f"unlisted='background'")
             image = loader.image(entry, where)
             if image.shape != label.shape:
                 raise ValueError(f"{where}: image {image.shape} and label {label.shape} differ after loading")
@@ -446,7 +459,8 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
 
     Every slice of every volume is compared, including slices the export left out (they must be empty).
     A voxel mismatches for category ``c`` when the annotations of ``c`` cover it and the label is not ``c``,
-    or the other way round; label values that are no category count under ``"value <v>"``.
+    or the other way round; label values that are no category count under ``"value <v>"`` (unless the
+    export was made with ``unlisted="background"``: then they are background, as there).
 
     Args:
         coco_json: the ``instances_<split>.json`` to check.
@@ -504,6 +518,8 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
             raise ValueError(f"{where} is {found!r}, but {coco_json!r} was made from {volume['label_file']!r}: "
                              f"pass the datalist it was exported from")
         label, _ = loader.label(entries[index], where)
+        if info.get("unlisted") == "background":  # as the export did: values that are no category are background
+            label[~np.isin(label, list(categories))] = 0
         if list(label.shape) != list(volume["shape"]):
             raise ValueError(f"{where}: label shape {list(label.shape)} differs from the exported {volume['shape']}")
         for k in range(label.shape[axis_index]):

@@ -32,11 +32,12 @@ def export(
     window: list[float] | tuple[float, float] = (-200.0, 300.0),
     percentiles: list[float] | tuple[float, float] = (0.5, 99.5),
     labels: dict | str | None = None,
+    unlisted: str = "error",
 ) -> None:
     """Export (arguments as :func:`model_core.coco.export_coco`) and print a summary line."""
     summary = export_coco(datalist, output_dir, splits=splits, axis=axis, encoding=encoding, instances=instances,
                           include_empty=include_empty, modality=modality, window=window, percentiles=percentiles,
-                          labels=labels)
+                          labels=labels, unlisted=unlisted)
     print(json.dumps(summary))
 
 

@@ -229,3 +229,17 @@ def test_label_merge_is_applied_and_verify_needs_the_same_datalist(tmp_path):
     other = _write(tmp_path / "other", label, {"labels": {"kidney": 1}, "training": [entry]})
     with pytest.raises(ValueError, match="Entry 0 of 'training'.*pass the datalist it was exported from"):
         verify_coco(summary["json"], other)
+
+
+def test_unlisted_values_as_background_when_asked(tmp_path):
+    label = np.zeros((8, 8, 4), np.uint8)
+    label[1:3, 1:3, 1], label[4:6, 4:6, 2] = 1, 5  # 5 is an atlas region the datalist does not name
+    entry = {"image": "img.nii.gz", "label": "lab.nii.gz"}
+    datalist = _write(tmp_path / "atlas", label, {"labels": {"a": 1}, "training": [entry]})
+    with pytest.raises(ValueError, match=r"holds values \[5\].*or pass unlisted='background'"):
+        export_coco(datalist, tmp_path / "out")
+    summary = export_coco(datalist, tmp_path / "out", unlisted="background")["training"]
+    assert summary["images"] == 1 and summary["annotations"] == 1
+    assert verify_coco(summary["json"])["ok"]  # the check applies the same rule
+    with pytest.raises(ValueError, match="unlisted='zero' is unknown: pass one of error, background"):
+        export_coco(datalist, tmp_path / "out", unlisted="zero")

@@ -299,6 +299,12 @@ def _check_slice_index(value: int, depth: int, name: str) -> int:
     return value
 
 
+def _min_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1] by the tensor's own minimum and maximum (a constant tensor becomes 0)."""
+    low, high = tensor.min(), tensor.max()
+    return (tensor - low) / torch.clamp(high - low, min=1e-8)
+
+
 def box_from_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, x1, y1)`` of a 2D mask's foreground in pixel indices (inclusive), None if empty."""
     rows, cols = np.nonzero(mask)
@@ -355,10 +361,10 @@ class LiteMedSAM:
         scale = MODEL_SIZE / max(H, W)
         h, w = int(H * scale + 0.5), int(W * scale + 0.5)  # the baseline's rounding
         tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
-        if (h, w) != (H, W):
+        tensor = _min_max(tensor)  # first on the original values, so that float rounding in the resize of a
+        if (h, w) != (H, W):       # flat slice is not stretched to [0, 1] below
             tensor = F.interpolate(tensor, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        low, high = tensor.min(), tensor.max()
-        tensor = (tensor - low) / torch.clamp(high - low, min=1e-8)
+        tensor = _min_max(tensor)  # the baseline's scaling, after resizing
         tensor = F.pad(tensor, (0, MODEL_SIZE - w, 0, MODEL_SIZE - h))
         return tensor.contiguous(), (H, W), (h, w)
 

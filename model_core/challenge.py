@@ -383,7 +383,8 @@ def _read_timing(path: Path) -> dict[str, dict[str, str]]:
 
 
 def summarize(scores: Sequence[CaseScore]) -> dict:
-    """Counts and mean/median of DSC, NSD and seconds over the scored cases; failed cases listed with their reasons."""
+    """Counts, mean/median of DSC, NSD and seconds over the scored cases (``total`` seconds over all cases), and
+    the failed cases with their reasons."""
     ok = [s for s in scores if s.status == "ok"]
 
     def stats(values: list[float]) -> dict[str, float | None]:
@@ -394,7 +395,7 @@ def summarize(scores: Sequence[CaseScore]) -> dict:
 
     return {"cases": len(scores), "scored": len(ok), "failed": len(scores) - len(ok),
             "DSC": stats([s.DSC for s in ok]), "NSD": stats([s.NSD for s in ok]),
-            "seconds": {**stats([s.seconds for s in scores if s.seconds is not None]),
+            "seconds": {**stats([s.seconds for s in ok if s.seconds is not None]),
                         "total": round(sum(s.seconds or 0.0 for s in scores), 3)},
             "failed_cases": {s.case: s.error for s in scores if s.status != "ok"}}
 

@@ -171,4 +171,11 @@ def test_3d_propagation_stops_where_the_structure_ends(model):
     assert bounded.start_slice == 4 and bounded.slices == [4, 5, 3]
     assert bounded.stopped == {"up": "range", "down": "range"}
     assert np.array_equal(bounded.mask, result.mask)
+
+    # the baseline's rule (no stop inside the z-range): the model still finds blobs in the noise past the disk,
+    # which is why min_iou exists
+    baseline = model.segment_volume(volume, box_from_mask(gt[4]), z_range=(2, 6), on_empty="box", embeddings=embeddings)
+    assert baseline.slices == [4, 5, 6, 3, 2] and baseline.stopped == {"up": "range", "down": "range"}
+    assert np.array_equal(baseline.mask[3:6], result.mask[3:6])
+    assert baseline.mask[[2, 6]].any(axis=(1, 2)).all() and (baseline.iou[[2, 6]] < STOP_IOU).all()
     assert model.encoded_slices - before == 5

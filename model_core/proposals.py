@@ -58,6 +58,7 @@ from model_core.files import atomic_path
 
 __all__ = [
     "ProposalSettings",
+    "Region",
     "SliceMask",
     "Candidate",
     "Proposals",
@@ -192,23 +193,103 @@ class ProposalSettings:
 
 
 @dataclass
+class Region:
+    """A bool mask on an ``(H, W)`` slice, stored as the crop of its bounding box.
+
+    A volume's generator masks are many (tens per slice, hundreds of slices); kept as
+    crops they cost memory in proportion to the masks' boxes, not to the slices.
+
+    Attributes:
+        top, left: the crop's first row and column on the slice.
+        crop: ``(h, w)`` bool.
+        shape: ``(H, W)`` of the slice.
+    """
+
+    top: int
+    left: int
+    crop: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> "Region":
+        """The region of an ``(H, W)`` bool mask."""
+        mask = np.asarray(mask, dtype=bool)
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        if rows.size == 0:
+            return cls(0, 0, np.zeros((0, 0), bool), tuple(mask.shape))
+        return cls(int(rows[0]), int(cols[0]), mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].copy(), tuple(mask.shape))
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.crop.shape[0]
+
+    @property
+    def right(self) -> int:
+        return self.left + self.crop.shape[1]
+
+    @property
+    def area(self) -> int:
+        return int(self.crop.sum())
+
+    def full(self) -> np.ndarray:
+        """``(H, W)`` bool."""
+        out = np.zeros(self.shape, bool)
+        out[self.top: self.bottom, self.left: self.right] = self.crop
+        return out
+
+    def intersection(self, other: "Region") -> int:
+        r0, r1 = max(self.top, other.top), min(self.bottom, other.bottom)
+        c0, c1 = max(self.left, other.left), min(self.right, other.right)
+        if r0 >= r1 or c0 >= c1:
+            return 0
+        a = self.crop[r0 - self.top: r1 - self.top, c0 - self.left: c1 - self.left]
+        b = other.crop[r0 - other.top: r1 - other.top, c0 - other.left: c1 - other.left]
+        return int((a & b).sum())
+
+    def union(self, other: "Region") -> "Region":
+        if other.crop.size == 0:
+            return Region(self.top, self.left, self.crop.copy(), self.shape)
+        if self.crop.size == 0:
+            return Region(other.top, other.left, other.crop.copy(), self.shape)
+        top, left = min(self.top, other.top), min(self.left, other.left)
+        crop = np.zeros((max(self.bottom, other.bottom) - top, max(self.right, other.right) - left), bool)
+        for r in (self, other):
+            crop[r.top - top: r.bottom - top, r.left - left: r.right - left] |= r.crop
+        return Region(top, left, crop, self.shape)
+
+    def window(self, full: np.ndarray) -> np.ndarray:
+        """The part of an ``(H, W)`` array under this region's box."""
+        return full[self.top: self.bottom, self.left: self.right]
+
+
+@dataclass
 class SliceMask:
     """One mask of sam2's generator on one slice.
 
     Attributes:
         slice: the slice index on the model grid.
-        mask: ``(H, W)`` bool on the model grid.
+        region: the mask (:class:`Region`, on the model grid).
         predicted_iou, stability_score: sam2's scores of the mask.
     """
 
     slice: int
-    mask: np.ndarray
+    region: Region
     predicted_iou: float
     stability_score: float
 
+    @classmethod
+    def from_mask(cls, slice: int, mask: np.ndarray, predicted_iou: float, stability_score: float) -> "SliceMask":
+        """From an ``(H, W)`` bool mask."""
+        return cls(int(slice), Region.from_mask(mask), float(predicted_iou), float(stability_score))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(H, W)`` bool (built on demand)."""
+        return self.region.full()
+
     @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return self.region.area
 
 
 @dataclass
@@ -218,16 +299,21 @@ class Candidate:
     Attributes:
         members: ``[(slice, index in that slice's mask list)]`` of its generator masks.
         sources: those masks themselves.
-        masks: ``{slice: (H, W) bool}`` the union of its masks per slice (after overlap
+        regions: ``{slice: Region}`` the union of its masks per slice (after overlap
             resolution: minus the voxels of better candidates).
         predicted_iou, stability_score: means over its masks; ``score`` is their product.
     """
 
     members: list[tuple[int, int]]
     sources: list[SliceMask]
-    masks: dict[int, np.ndarray]
+    regions: dict[int, Region]
     predicted_iou: float
     stability_score: float
+
+    @property
+    def masks(self) -> dict[int, np.ndarray]:
+        """``{slice: (H, W) bool}`` (built on demand)."""
+        return {z: r.full() for z, r in self.regions.items()}
 
     @property
     def score(self) -> float:
@@ -235,16 +321,16 @@ class Candidate:
 
     @property
     def voxels(self) -> int:
-        return int(sum(int(m.sum()) for m in self.masks.values()))
+        return int(sum(r.area for r in self.regions.values()))
 
     @property
     def slices(self) -> list[int]:
-        return sorted(z for z, m in self.masks.items() if m.any())
+        return sorted(z for z, r in self.regions.items() if r.area)
 
     def summary(self) -> dict[str, Any]:
         """The candidate on the model grid, as JSON-able numbers (``model_bbox`` is ``[[row0, col0, z0], [row1, col1, z1]]``)."""
-        rows = [np.nonzero(m.any(1))[0] for m in self.masks.values() if m.any()]
-        cols = [np.nonzero(m.any(0))[0] for m in self.masks.values() if m.any()]
+        rows = [np.nonzero(r.crop.any(1))[0] + r.top for r in self.regions.values() if r.area]
+        cols = [np.nonzero(r.crop.any(0))[0] + r.left for r in self.regions.values() if r.area]
         slices = self.slices
         bbox = [[int(min(r.min() for r in rows)), int(min(c.min() for c in cols)), slices[0]],
                 [int(max(r.max() for r in rows)), int(max(c.max() for c in cols)), slices[-1]]] if slices else None
@@ -294,7 +380,7 @@ def generate_slice_masks(network, slices: torch.Tensor, settings: ProposalSettin
     """Run sam2's automatic mask generator on every slice.
 
     Args:
-        network: an :class:`~model_core.network.InContextSAM2` (or any ``SAM2Base``).
+        network: an :class:`~model_core.network.InContextSAM2`.
         slices: ``(D, 3, S, S)`` float in [0, 1] at the model size (the network's input contract).
         settings: generator settings.
 
@@ -311,23 +397,27 @@ def generate_slice_masks(network, slices: torch.Tensor, settings: ProposalSettin
         image = slices[z].permute(1, 2, 0).cpu().numpy()
         with network._autocast():
             records = generator.generate(image)
-        out.append([SliceMask(z, np.asarray(r["segmentation"], dtype=bool), float(r["predicted_iou"]), float(r["stability_score"]))
+        out.append([SliceMask.from_mask(z, r["segmentation"], r["predicted_iou"], r["stability_score"])
                     for r in records if 0 < int(r["area"]) <= limit])
     return out
 
 
 # ---------------------------------------------------------------------------- 3D merging
-def _overlaps(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(len(a), len(b))`` intersections and IoUs of two lists of ``(H, W)`` bool masks, and their areas."""
+def _overlaps(a: Sequence[SliceMask], b: Sequence[SliceMask]) -> tuple[np.ndarray, np.ndarray]:
+    """``(len(a), len(b))`` IoU, and intersection over the smaller area, of two slices' masks."""
+    iou, contained = np.zeros((len(a), len(b))), np.zeros((len(a), len(b)))
     if not a or not b:
-        return np.zeros((len(a), len(b))), np.zeros((len(a), len(b)))
-    fa = torch.from_numpy(np.stack([m.reshape(-1) for m in a])).float()
-    fb = torch.from_numpy(np.stack([m.reshape(-1) for m in b])).float()
-    inter = (fa @ fb.T).double().numpy()
-    area_a, area_b = fa.sum(1).double().numpy()[:, None], fb.sum(1).double().numpy()[None, :]
-    union = area_a + area_b - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    contained = np.where(inter > 0, inter / np.maximum(np.minimum(area_a, area_b), 1), 0.0)
+        return iou, contained
+    boxes_a = np.array([[m.region.top, m.region.left, m.region.bottom, m.region.right] for m in a])
+    boxes_b = np.array([[m.region.top, m.region.left, m.region.bottom, m.region.right] for m in b])
+    touch = ((np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0]) < np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2]))
+             & (np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1]) < np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3])))
+    for i, j in zip(*np.nonzero(touch)):  # only masks whose boxes meet can overlap
+        inter = a[i].region.intersection(b[j].region)
+        if inter:
+            area_a, area_b = a[i].area, b[j].area
+            iou[i, j] = inter / (area_a + area_b - inter)
+            contained[i, j] = inter / min(area_a, area_b)
     return iou, contained
 
 
@@ -362,7 +452,7 @@ def link_slice_masks(per_slice: Sequence[Sequence[SliceMask]], link_iou: float, 
         return n
 
     for z in range(len(per_slice) - 1):
-        iou, contained = _overlaps([m.mask for m in per_slice[z]], [m.mask for m in per_slice[z + 1]])
+        iou, contained = _overlaps(per_slice[z], per_slice[z + 1])
         if iou.size == 0:
             continue
         links = iou >= float(link_iou)
@@ -385,11 +475,11 @@ def build_candidates(per_slice: Sequence[Sequence[SliceMask]], groups: Sequence[
     """One :class:`Candidate` per group: the union of its masks per slice and its mean scores."""
     out = []
     for group in groups:
-        masks: dict[int, np.ndarray] = {}
+        regions: dict[int, Region] = {}
         members = [per_slice[z][i] for z, i in group]
         for m in members:
-            masks[m.slice] = masks[m.slice] | m.mask if m.slice in masks else m.mask.copy()
-        out.append(Candidate(list(group), members, masks, float(np.mean([m.predicted_iou for m in members])),
+            regions[m.slice] = regions[m.slice].union(m.region) if m.slice in regions else m.region
+        out.append(Candidate(list(group), members, regions, float(np.mean([m.predicted_iou for m in members])),
                              float(np.mean([m.stability_score for m in members]))))
     return out
 
@@ -411,20 +501,20 @@ def select_candidates(candidates: Sequence[Candidate], settings: ProposalSetting
                 and len(c.slices) >= settings.min_slices and c.voxels > 0)
 
     ranked = sorted((c for c in candidates if fits(c)), key=lambda c: (-c.score, -c.voxels, c.members[0]))
-    claimed: dict[int, np.ndarray] = {}
+    claimed: dict[int, np.ndarray] = {}  # (H, W) bool per slice: the voxels of the kept candidates
     kept: list[Candidate] = []
     for c in ranked:
         if len(kept) >= settings.max_candidates:
             break
-        shared = sum(int((m & claimed[z]).sum()) for z, m in c.masks.items() if z in claimed)
+        shared = sum(int((r.crop & r.window(claimed[z])).sum()) for z, r in c.regions.items() if z in claimed)
         if shared > settings.max_overlap * c.voxels:
             continue
-        own = Candidate(c.members, c.sources, {z: m & ~claimed[z] if z in claimed else m.copy() for z, m in c.masks.items()},
-                        c.predicted_iou, c.stability_score)
+        own = Candidate(c.members, c.sources, {z: Region(r.top, r.left, r.crop & ~r.window(claimed[z]), r.shape) if z in claimed else r
+                                               for z, r in c.regions.items()}, c.predicted_iou, c.stability_score)
         if not fits(own):
             continue
-        for z, m in own.masks.items():
-            claimed[z] = claimed[z] | m if z in claimed else m.copy()
+        for z, r in own.regions.items():
+            r.window(claimed.setdefault(z, np.zeros(r.shape, bool)))[...] |= r.crop
         kept.append(own)
     return kept
 
@@ -433,8 +523,8 @@ def paint_candidates(candidates: Sequence[Candidate], shape: tuple[int, int, int
     """``(H, W, D)`` int32 label map of disjoint candidates: candidate ``n`` (0-based) gets value ``n + 1``."""
     label = torch.zeros(shape, dtype=torch.int32)
     for n, c in enumerate(candidates, start=1):
-        for z, m in c.masks.items():
-            label[:, :, z][torch.from_numpy(m)] = n
+        for z, r in c.regions.items():
+            label[r.top: r.bottom, r.left: r.right, z][torch.from_numpy(r.crop)] = n
     return label
 
 

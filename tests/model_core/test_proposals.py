@@ -54,13 +54,13 @@ def test_two_spheres_give_two_components_with_their_slices_and_boxes():
     speck[0, 31] = True
     per_slice = []
     for z in range(shape[2]):
-        masks = [SliceMask(z, body, 0.9, 0.9)]
+        masks = [SliceMask.from_mask(z, body, 0.9, 0.9)]
         if z in b:
-            masks.append(SliceMask(z, b[z], 0.7, 0.8))
+            masks.append(SliceMask.from_mask(z, b[z], 0.7, 0.8))
         if z in a:
-            masks.append(SliceMask(z, a[z], 0.95, 0.97))
+            masks.append(SliceMask.from_mask(z, a[z], 0.95, 0.97))
         if z == 10:
-            masks.append(SliceMask(z, speck, 0.99, 0.99))
+            masks.append(SliceMask.from_mask(z, speck, 0.99, 0.99))
         per_slice.append(masks)
 
     # by IoU alone a sphere's one-voxel end caps are cut off (IoU 1/21 with the disk next to them)
@@ -103,7 +103,7 @@ def test_overlapping_candidates_are_dropped_or_carved():
     part[8:12, 2:10] = True  # 32 per slice, 16 of them inside `big`
     inside = np.zeros(shape[:2], bool)
     inside[3:5, 3:5] = True  # entirely inside `big`
-    per_slice = [[SliceMask(z, big, 0.9, 0.9), SliceMask(z, part, 0.5, 0.5), SliceMask(z, inside, 0.4, 0.4)] for z in range(2)]
+    per_slice = [[SliceMask.from_mask(z, big, 0.9, 0.9), SliceMask.from_mask(z, part, 0.5, 0.5), SliceMask.from_mask(z, inside, 0.4, 0.4)] for z in range(2)]
     candidates = build_candidates(per_slice, link_slice_masks(per_slice, 0.5))
     assert len(candidates) == 3
     kept = select_candidates(candidates, ProposalSettings(max_overlap=0.6), 1.0)
@@ -184,14 +184,29 @@ def test_real_generator_on_a_lesion_phantom(network, tmp_path):
 def test_finalize_drops_lost_candidates_and_renumbers():
     from monai.data import MetaTensor
 
-    from model_core.proposals import Candidate
+    from model_core.proposals import Candidate, Region
 
     array = np.zeros((1, 6, 6, 3), np.int16)
     array[0, 1:3, 1:3, 0] = 1
     array[0, 4, 4, 2] = 3  # candidate 2 vanished (e.g. on a coarser grid)
     label = MetaTensor(torch.from_numpy(array), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
-    dummy = [Candidate([(0, 0)], [], {0: np.ones((2, 2), bool)}, 0.5, 0.5) for _ in range(3)]
+    dummy = [Candidate([(0, 0)], [], {0: Region.from_mask(np.ones((2, 2), bool))}, 0.5, 0.5) for _ in range(3)]
     relabelled, out = finalize_candidates(label, dummy, axis=2)
     assert [c["label"] for c in out] == [1, 2]
     assert out[0]["voxels"] == 4 and out[0]["volume_mm3"] == 48.0 and out[0]["bbox"] == [[1, 1, 0], [2, 2, 0]]
     assert out[1]["slices"] == [2] and set(np.unique(np.asarray(relabelled)).tolist()) == {0, 1, 2}
+
+
+def test_regions_match_full_masks():
+    from model_core.proposals import Region
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = (np.zeros((20, 24), bool) for _ in range(2))
+        for m in (a, b):
+            r0, c0 = rng.integers(0, 15, 2)
+            m[r0: r0 + rng.integers(1, 8), c0: c0 + rng.integers(1, 8)] = rng.random() < 0.9
+        ra, rb = Region.from_mask(a), Region.from_mask(b)
+        assert np.array_equal(ra.full(), a) and ra.area == int(a.sum())
+        assert ra.intersection(rb) == int((a & b).sum())
+        assert np.array_equal(ra.union(rb).full(), a | b)

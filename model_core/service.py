@@ -373,6 +373,29 @@ class SegmentationService:
                 "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
         return Segmentation(label, confidence, info)
 
+    # ------------------------------------------------------------------ proposals
+    @torch.inference_mode()
+    def propose(self, image_path: str, settings):
+        """Automatic lesion proposals of a volume (:func:`model_core.proposals.propose_image`): sam2's
+        automatic mask generator on its slices, merged into 3D, in the image's original space.
+
+        Args:
+            image_path: the image file.
+            settings: a :class:`~model_core.proposals.ProposalSettings`.
+
+        Returns:
+            :class:`~model_core.proposals.Proposals` (label values 1..N, one dict per candidate).
+        """
+        from model_core.proposals import propose_image
+
+        with self._lock:
+            network = self.network
+            start = time.perf_counter()
+            image, _ = self.preprocess(image_path, network)
+            result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
+            result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
+            return result
+
     # ------------------------------------------------------------------ interactive
     def _session(self, client: str, image_path: str, network) -> _Session:
         """The client's session on this image; a new one reads and preprocesses the file outside every lock."""

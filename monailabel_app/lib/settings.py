@@ -49,6 +49,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "train_episodes": (100, "episodes per epoch of such a run"),
     "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
     "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
+    "proposal_settings": ("{}", "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)"),
+    "proposal_label": (None, "lesion_proposals: the label accepted candidates become (default: the first of labels)"),
 }
 
 

@@ -388,13 +388,13 @@ class SegmentationService:
         """
         from model_core.proposals import propose_image
 
+        network = self.network
+        start = time.perf_counter()
+        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
         with self._lock:
-            network = self.network
-            start = time.perf_counter()
-            image, _ = self.preprocess(image_path, network)
             result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
-            result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
-            return result
+        result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
+        return result
 
     # ------------------------------------------------------------------ interactive
     def _session(self, client: str, image_path: str, network) -> _Session:

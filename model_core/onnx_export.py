@@ -64,6 +64,8 @@ __all__ = [
     "export_slice_path",
     "TorchSlicePredictor",
     "OnnxSlicePredictor",
+    "BF16_MODES",
+    "time_slice_path",
 ]
 
 #: ONNX opset of every export (see the module docstring for why 18).
@@ -465,6 +467,9 @@ class OnnxSlicePredictor(_SliceRunner):
         encoder_file, decoder_file: the exported models.
         providers: onnxruntime execution providers (CPU by default).
         intra_op_num_threads: threads per operator (None: onnxruntime's default, one per core).
+        log_severity_level: onnxruntime's session log level (3: errors only). At 2 it warns, once per
+            session, that shape inference merged Hiera's padded window shapes leniently; the
+            agreement tests show the outputs are right.
     """
 
     def __init__(
@@ -473,6 +478,7 @@ class OnnxSlicePredictor(_SliceRunner):
         decoder_file: str | os.PathLike,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_num_threads: int | None = None,
+        log_severity_level: int = 3,
     ):
         import onnxruntime as ort
 
@@ -480,6 +486,7 @@ class OnnxSlicePredictor(_SliceRunner):
             if not os.path.isfile(file):
                 raise ValueError(f"{label} {os.fspath(file)!r} does not exist; export it with export_slice_path.")
         options = ort.SessionOptions()
+        options.log_severity_level = int(log_severity_level)
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = int(intra_op_num_threads)
         self.encoder = ort.InferenceSession(os.fspath(encoder_file), options, providers=list(providers))
@@ -513,3 +520,89 @@ class OnnxSlicePredictor(_SliceRunner):
             feeds[name] = np.ascontiguousarray(value.astype(self._prompt_types[name], copy=False))
         logits, iou = self.decoder.run(list(OUTPUT_NAMES), feeds)
         return torch.from_numpy(logits), torch.from_numpy(iou)
+
+
+# --------------------------------------------------------------------------- timing
+#: accepted values of :func:`time_slice_path`'s ``bf16``
+BF16_MODES = ("native", "force", "off")
+
+
+def _median_ms(fn, runs: int, warmup: int) -> float:
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_slice_path(
+    path: SlicePath,
+    folder: str | os.PathLike,
+    prompts: Mapping[str, Any],
+    runs: int = 10,
+    warmup: int = 2,
+    bf16: str = "native",
+    threads: int | None = None,
+    dynamo: bool = False,
+) -> dict[str, Any]:
+    """Median encoder and decoder times of ``path`` (one image, batch 1) on torch fp32, torch bf16 and onnxruntime.
+
+    Args:
+        path: the model to time; it is exported to ``folder`` first.
+        prompts: the decoder's prompts (names ``path.prompt_names``), e.g. one box.
+        runs, warmup: timed runs (the median is reported) after ``warmup`` untimed ones.
+        bf16: ``"native"`` times torch bf16 autocast only where the CPU computes bfloat16
+            natively (:func:`model_core.precision.cpu_bf16_capability`), ``"force"`` times it
+            anyway (emulated: usually slower than fp32), ``"off"`` never.
+        threads: CPU threads for torch and onnxruntime alike (None: each library's default).
+        dynamo: exporter (see :func:`export_slice_path`).
+
+    Returns:
+        ``{"encoder_ms": {backend: ms or None}, "decoder_ms": {...}, "skipped": {backend: why},
+        "max_abs_logit_diff_onnx_vs_torch": float, "threads": {...}, "runs": ..., "warmup": ...}``.
+    """
+    from model_core.precision import cpu_bf16_capability
+
+    if bf16 not in BF16_MODES:
+        raise ValueError(f"bf16 must be one of {', '.join(BF16_MODES)}, got {bf16!r}.")
+    if int(runs) < 1 or int(warmup) < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}.")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    files = export_slice_path(path, folder, dynamic_batch=False, dynamo=dynamo)
+    backends: dict[str, _SliceRunner] = {"torch fp32": TorchSlicePredictor(path, "fp32")}
+    skipped: dict[str, str] = {}
+    native = bool(cpu_bf16_capability()["bf16"])
+    bf16_name = "torch bf16" if native else "torch bf16 (emulated)"
+    if bf16 == "force" or (bf16 == "native" and native):
+        backends[bf16_name] = TorchSlicePredictor(path, "bf16")
+    else:
+        skipped["torch bf16"] = "not supported on this CPU" if not native else "not asked for"
+    backends["onnxruntime"] = OnnxSlicePredictor(files["encoder"], files["decoder"], intra_op_num_threads=threads)
+    image = torch.rand(1, 3, path.image_size, path.image_size)
+    encoder_ms, decoder_ms, logits = {}, {}, {}
+    for name, runner in backends.items():
+        features = runner.encode(image)
+        encoder_ms[name] = _median_ms(lambda: runner.encode(image), int(runs), int(warmup))
+        decoder_ms[name] = _median_ms(lambda: runner.decode(features, **prompts), int(runs), int(warmup))
+        logits[name] = runner.decode(features, **prompts)[0]
+    for name in skipped:
+        encoder_ms[name] = decoder_ms[name] = None
+    return {
+        "model": path.name,
+        "image_size": path.image_size,
+        "encoder_ms": encoder_ms,
+        "decoder_ms": decoder_ms,
+        "skipped": skipped,
+        "max_abs_logit_diff_onnx_vs_torch": float((logits["onnxruntime"] - logits["torch fp32"]).abs().max()),
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default (one per core)"},
+        "runs": int(runs),
+        "warmup": int(warmup),
+        "files": files,
+    }

@@ -28,8 +28,17 @@ def test_export_script_writes_a_pair_that_agrees(tmp_path):
     assert result["opset"] == 18 and result["max_abs_logit_diff"] < 1e-3
     assert Path(result["encoder"]).is_file() and Path(result["decoder"]).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_decoder.onnx", "tiny_encoder.onnx"]
-    bad = _run("scripts/export_onnx.py", "--model", "medsam2", "--output_dir", str(tmp_path), check=False)
-    assert bad.returncode != 0 and "model must be one of sam2, medsam_lite, got 'medsam2'" in bad.stderr
+
+
+def test_scripts_reject_unknown_models(tmp_path):
+    from scripts.benchmark_onnx import main as benchmark
+    from scripts.export_onnx import main as export
+
+    with pytest.raises(ValueError, match="model must be one of sam2, medsam_lite, got 'medsam2'"):
+        export(model="medsam2", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="models must name sam2 and/or medsam_lite"):
+        benchmark(models="sam2,lite", output=str(tmp_path / "b.json"))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

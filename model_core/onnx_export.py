@@ -298,7 +298,8 @@ def medsam_lite_slice_path(net: nn.Module | None = None, name: str = "medsam_lit
         decoder=LiteMedSAMPromptMaskDecoder(net).eval(),
         image_size=256,
         feature_names=("image_embed",),
-        example_prompts={"boxes": torch.tensor([[64.0, 64.0, 160.0, 192.0], [32.0, 48.0, 96.0, 128.0]])},  # 2: no 0/1 specialisation,
+        # two boxes: an exporter traced on one would fix the box axis to 1 (0/1 specialisation)
+        example_prompts={"boxes": torch.tensor([[64.0, 64.0, 160.0, 192.0], [32.0, 48.0, 96.0, 128.0]])},
         prompt_axes={"boxes": {0: "num_boxes"}},
     )
 

@@ -88,6 +88,51 @@ STOP_IOU = 0.9
 
 
 # ------------------------------------------------------------------------------------------- backends
+class LiteMedSAMImageEncoder(torch.nn.Module):
+    """LiteMedSAM's TinyViT image encoder.
+
+    Forward:
+        image: ``(B, 3, 256, 256)`` float32 in [0, 1] (MedSAM's preprocessing: longest side to 256, padded).
+
+    Returns:
+        ``(image_embed (B, 256, 64, 64),)``.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.image_encoder = net.image_encoder
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.image_encoder(image),)
+
+
+class LiteMedSAMPromptMaskDecoder(torch.nn.Module):
+    """LiteMedSAM's prompt encoder + mask decoder for boxes on one image (``MedSAMLite.forward``'s prompt half).
+
+    Forward:
+        image_embed: ``(1, 256, 64, 64)`` from :class:`LiteMedSAMImageEncoder`.
+        boxes: ``(K, 4)`` float32 ``(x0, y0, x1, y1)`` in the 256-pixel model grid, one per structure.
+
+    Returns:
+        ``low_res_logits (K, 1, 256, 256)``, ``iou (K, 1)``.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder = net.prompt_encoder
+        self.mask_decoder = net.mask_decoder
+
+    def forward(self, image_embed: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        return self.mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
+
 class LiteMedSAMBackend(Protocol):
     """The two network steps, on the model grid. Implement both to put another runtime behind :class:`LiteMedSAM`.
 
@@ -167,23 +212,21 @@ class TorchBackend:
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.network = network.to(self.device).eval()
+        self.encoder = LiteMedSAMImageEncoder(self.network)
+        self.decoder = LiteMedSAMPromptMaskDecoder(self.network)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32."""
         with autocast(self.precision, self.device):
-            return self.network.image_encoder(images.to(self.device, torch.float32)).float()
+            return self.encoder(images.to(self.device, torch.float32))[0].float()
 
     @torch.inference_mode()
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings ``(B, 256, 64, 64)``, boxes ``(B, 4)`` on the 256 grid -> logits ``(B, 1, 256, 256)``, iou ``(B, 1)``."""
-        net = self.network
-        boxes = boxes.to(self.device, torch.float32).reshape(-1, 1, 4)
+        boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
         with autocast(self.precision, self.device):
-            sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-            logits, iou = net.mask_decoder(image_embeddings=embeddings.to(self.device), image_pe=net.prompt_encoder.get_dense_pe(),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                           multimask_output=False)
+            logits, iou = self.decoder(embeddings.to(self.device), boxes)
         return logits.float(), iou.float()
 
 

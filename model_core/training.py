@@ -219,6 +219,9 @@ class InContextSAM2Train(InContextSAM2):
                 are new weights, so they take ``lr`` wherever they sit).
             encoder_lr: learning rate of the image encoder (default ``lr``).
             weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+
+        Raises:
+            ValueError: nothing trains (an optimizer needs parameters).
         """
         from model_core.lora import adapter_parameter_names
 
@@ -230,6 +233,9 @@ class InContextSAM2Train(InContextSAM2):
             part = "lora" if name in adapters else "image_encoder" if name.startswith("image_encoder.") else "rest"
             no_decay = p.ndim <= 1 or "pos_embed" in name or name.endswith("_embed") or "tpos_enc" in name
             groups.setdefault((part, no_decay), []).append(p)
+        if not groups:
+            raise ValueError(f"Nothing to train: trainable is {list(getattr(self, 'trainable', ()))} and there are no LoRA "
+                             "adapters. Name groups to train (e.g. 'frozen', ['mask_decoder']) or set lora_rank > 0.")
         out = []
         for (part, no_decay), params in sorted(groups.items()):
             out.append(

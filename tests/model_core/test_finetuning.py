@@ -88,7 +88,9 @@ def test_aliases_and_lists(model):
     assert not any(p.requires_grad for p in model.image_encoder.trunk.parameters())
     assert all(p.requires_grad for p in model.image_encoder.neck.parameters())
     model.set_trainable("none")
-    assert not any(p.requires_grad for p in model.parameters()) and model.param_groups(1e-4) == []
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="Nothing to train: trainable is \\[\\] and there are no LoRA adapters"):
+        model.param_groups(1e-4)
 
 
 def test_unknown_names_are_errors_that_list_the_valid_ones(model, caplog):

@@ -76,8 +76,23 @@ def _evaluate(workdir: str, **overrides) -> float:
     return float(evaluator.state.metrics["val_mean_dice"])
 
 
+def _report(result: dict) -> None:
+    """The table and the JSON of a run."""
+    c = result["settings"]
+    print(f"\nFine-tuning on phantoms: tiny preset at {c['image_size']} px on {c['device']}, base pretrained "
+          f"{c['pretrain_steps']} steps on blob+tube, then {c['steps']} steps (batch {c['batch_size']}, {c['num_support']} "
+          f"support + {c['num_query']} query slices) on block; held-out Dice of block on {c['validation']} volumes "
+          f"(base before fine-tuning: {result['base_dice']:.3f})")
+    print(f"  {'method':<18} {'trainable params':>17} {'share':>7} {'s/step':>7} {'Dice':>6}")
+    for r in result["rows"]:
+        share = r["trainable_parameters"] / (r["total_parameters"] - r["lora_parameters"])
+        print(f"  {r['method']:<18} {r['trainable_parameters']:>17,} {share:>7.1%} {r['step_s']:>7.3f} {r['dice']:>6.3f}")
+    print(json.dumps(result, indent=1))
+
+
 def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volumes: int = 4, validation: int = 2,
          depth: int = 16, learning_rate: float = 3e-4, lora_learning_rate: float = 3e-3, batch_size: int = 2,
+         num_query: int = 3,
          device: str = "cpu", output: str | None = None) -> list[dict]:
     """Args:
         steps: fine-tuning iterations of every method (batches of ``batch_size`` episodes).
@@ -87,10 +102,11 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
         learning_rate: of full and frozen-encoder fine-tuning (and of pretraining).
         lora_learning_rate: of the LoRA adapters.
         batch_size: episodes per iteration.
+        num_query: query slices per episode (2 support slices).
         device: ``cpu`` or ``cuda``.
         output: also write the rows as JSON to this file.
     """
-    common = {"preset": "tiny", "image_size": image_size, "intensity#window": [0, 1], "num_support": 2, "num_query": 3,
+    common = {"preset": "tiny", "image_size": image_size, "intensity#window": [0, 1], "num_support": 2, "num_query": num_query,
               "objects_per_episode": 1, "batch_size": batch_size, "grad_clip": 1.0, "warmup_fraction": 0.05,
               "device": f"$torch.device('{device}')", "num_workers": 0}
     new_class = [PHANTOM_LABELS["block"]]
@@ -119,18 +135,13 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
             result = _train(f"{tmp}/{name.replace(' ', '_')}", **tuned, **options)
             rows.append({"method": name, **{k: v for k, v in options.items() if k != "lora_targets"}, **result})
             print(f"  {result['step_s']:.3f} s/step, Dice {result['dice']:.3f}", flush=True)
-    print(f"\nFine-tuning on phantoms: tiny preset at {image_size} px on {device}, base pretrained {pretrain_steps} steps on "
-          f"blob+tube, then {steps} steps (batch {batch_size}, 2 support + 3 query slices) on block; held-out Dice "
-          f"of block on {validation} volumes (base before fine-tuning: {base_dice:.3f})")
-    print(f"  {'method':<18} {'trainable params':>17} {'share':>7} {'s/step':>7} {'Dice':>6}")
-    for r in rows:
-        share = r["trainable_parameters"] / (r["total_parameters"] - r["lora_parameters"])
-        print(f"  {r['method']:<18} {r['trainable_parameters']:>17,} {share:>7.1%} {r['step_s']:>7.3f} {r['dice']:>6.3f}")
     result = {"settings": {"preset": "tiny", "image_size": image_size, "steps": steps, "pretrain_steps": pretrain_steps,
-                           "batch_size": batch_size, "volumes": volumes, "validation": validation, "depth": depth,
-                           "device": device, "lora_targets": LORA_TARGETS, "torch_threads": torch.get_num_threads()},
+                           "batch_size": batch_size, "num_support": 2, "num_query": num_query, "volumes": volumes,
+                           "validation": validation, "depth": depth, "device": device, "learning_rate": learning_rate,
+                           "lora_learning_rate": lora_learning_rate, "lora_targets": LORA_TARGETS,
+                           "torch_threads": torch.get_num_threads()},
               "base_dice": base_dice, "rows": rows}
-    print(json.dumps(result, indent=1))
+    _report(result)
     if output:
         Path(output).write_text(json.dumps(result, indent=1))
     return rows

@@ -24,6 +24,7 @@ Methods (the ``--trainable`` / ``--lora_*`` options of ``monai.bundle run traini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -93,7 +94,7 @@ def _report(result: dict) -> None:
 def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volumes: int = 4, validation: int = 2,
          depth: int = 16, learning_rate: float = 3e-4, lora_learning_rate: float = 3e-3, batch_size: int = 2,
          num_query: int = 3,
-         device: str = "cpu", output: str | None = None) -> list[dict]:
+         device: str = "cpu", output: str | None = None, workdir: str | None = None) -> dict:
     """Args:
         steps: fine-tuning iterations of every method (batches of ``batch_size`` episodes).
         pretrain_steps: iterations that make the base (two structures, everything trains).
@@ -104,7 +105,11 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
         batch_size: episodes per iteration.
         num_query: query slices per episode (2 support slices).
         device: ``cpu`` or ``cuda``.
-        output: also write the rows as JSON to this file.
+        output: also write the result as JSON to this file.
+        workdir: where data and models go (default a temporary folder, removed afterwards).
+
+    Returns:
+        ``{"settings", "base_dice", "rows"}`` (what the JSON holds).
     """
     common = {"preset": "tiny", "image_size": image_size, "intensity#window": [0, 1], "num_support": 2, "num_query": num_query,
               "objects_per_episode": 1, "batch_size": batch_size, "grad_clip": 1.0, "warmup_fraction": 0.05,
@@ -117,7 +122,7 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
                                "learning_rate": lora_learning_rate} for r in (4, 16)},
     }
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if workdir is None else contextlib.nullcontext(workdir) as tmp:
         datalist = write_phantom_dataset(f"{tmp}/data", train=volumes, validation=validation, test=0,
                                          shape=(depth, image_size, image_size))
         print(f"pretraining the base: {pretrain_steps} steps on blob and tube ...", flush=True)
@@ -144,7 +149,7 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
     _report(result)
     if output:
         Path(output).write_text(json.dumps(result, indent=1))
-    return rows
+    return result
 
 
 if __name__ == "__main__":

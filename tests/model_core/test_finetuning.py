@@ -153,6 +153,10 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _train_steps(model, batch)
     after = model.state_dict()
+    adapted_file = tmp_path / "adapted.pt"
+    torch.save({"model": after}, adapted_file)
+    with pytest.raises(ValueError, match="It holds LoRA adapters"):
+        load_checkpoint(build_icl_sam2("tiny", image_size=SIZE), str(adapted_file))
     base_keys = [k for k in before if k not in adapters]
     assert all(torch.equal(before[k], after[k]) for k in base_keys)  # base weights bit-identical
     assert any(not torch.equal(before[k], after[k]) for k in adapters if "lora_B" in k)  # adapters trained

@@ -70,3 +70,23 @@ def test_unknown_trainable_group_stops_the_run(data, tmp_path):
     out = _run("--datalist_file", data, "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path), "--trainable", "['mask_decoder','decoder']", check=False)
     assert out.returncode != 0 and "Unknown trainable group 'decoder'" in out.stderr and "memory_encoder" in out.stderr
     assert not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.parametrize("layer", ["evaluate.json", "inference.json"])
+def test_evaluation_and_inference_build_a_plain_network_for_the_merged_model(tmp_path, layer):
+    """``--lora_rank`` left on the command line does not stop evaluation or inference from loading model.pt."""
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(3)
+    best = build_icl_sam2("tiny", image_size=64)
+    save_checkpoint(best, str(tmp_path / "model.pt"))
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "bundle/configs/train.json"), str(ROOT / "bundle/configs" / layer)])
+    parser.update({"bundle_root": str(tmp_path), "ckpt_dir": str(tmp_path), "preset": "tiny", "image_size": 64,
+                   "device": "$torch.device('cpu')", "lora_rank": 4})
+    parser.parse()
+    for i in range(len(parser["initialize"])):
+        parser.get_parsed_content(f"initialize#{i}")
+    network = parser.get_parsed_content("network")
+    assert getattr(network, "lora", None) is None
+    assert all(torch.equal(v, best.state_dict()[k]) for k, v in network.state_dict().items())

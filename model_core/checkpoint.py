@@ -84,6 +84,9 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
         hint = f" It was saved for preset {meta.get('preset')!r}." if meta.get("preset") else ""
+        if any(".lora_A." in k or ".base_layer." in k for k in unexpected):
+            hint += (" It holds LoRA adapters (a training checkpoint of a run with lora_rank > 0): load the merged "
+                     "model.pt of that run, or merge with model_core.lora.merge_adapter_file.")
         raise ValueError(
             f"Checkpoint {path!r} does not match this model (preset {getattr(model, 'preset', '?')!r}, "
             f"image size {getattr(model, 'image_size', '?')}).{hint} "

@@ -247,8 +247,11 @@ def build_icl_sam2(
     image_size: int | None = None,
     checkpoint: str | None = None,
     device: str | torch.device = "cpu",
-    trainable: str | None = None,
+    trainable: str | list[str] | None = None,
     precision: str = "fp32",
+    lora_rank: int = 0,
+    lora_targets: str | list[str] = ("image_encoder.attn",),
+    lora_alpha: float | None = None,
     **model_kwargs: Any,
 ):
     """Build an :class:`~model_core.network.InContextSAM2` from a preset.
@@ -261,13 +264,20 @@ def build_icl_sam2(
         device: where to put the model.
         trainable: if given, build the training subclass
             (:class:`~model_core.training.InContextSAM2Train`), call
-            ``set_trainable(trainable)`` (``frozen``, ``neck`` or ``all`` image encoder)
-            and return it in train mode.
+            ``set_trainable(trainable)`` (the freezing matrix: an alias ``frozen``, ``neck``,
+            ``all``, ``none`` or a list of groups such as ``["mask_decoder", "memory_attention"]``;
+            see :func:`~model_core.training.resolve_trainable`) and return it in train mode.
         precision: ``"fp32"`` (default, bit-faithful to SAM2), ``"bf16"`` (bfloat16 autocast
             inside the network) or ``"auto"``, resolved here for ``device`` to ``bf16`` where it
             is native (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16) and ``fp32``
             elsewhere (:func:`~model_core.precision.resolve_precision`). The model's
             ``precision`` attribute holds the resolved value.
+        lora_rank: LoRA rank; 0 (default) builds no adapters. Above 0, peft's LoRA adapters are
+            attached after the checkpoint is loaded (:func:`~model_core.lora.attach_lora`); they
+            train whatever ``trainable`` says of the base weights.
+        lora_targets: LoRA target groups of :data:`~model_core.lora.LORA_TARGETS`
+            (default Hiera's attention projections).
+        lora_alpha: LoRA alpha (default ``lora_rank``: scaling 1).
         model_kwargs: extra constructor arguments of ``InContextSAM2`` or
             ``SAM2Base`` (e.g. ``memory_storage_dtype``, ``encoder_batch_size``).
 
@@ -279,6 +289,12 @@ def build_icl_sam2(
     from model_core.precision import resolve_precision
 
     precision = resolve_precision(precision, device)  # a bad value fails before the model is built
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}.")
+    if trainable is not None:
+        from model_core.training import resolve_trainable
+
+        resolve_trainable(trainable)  # a bad name fails before the model is built
     cfg = preset_config(preset, image_size)
     cfg.update(model_kwargs)
     cfg["precision"] = precision
@@ -291,6 +307,10 @@ def build_icl_sam2(
 
         load_checkpoint(model, checkpoint)
     model = model.to(device)
+    if lora_rank > 0:
+        from model_core.lora import attach_lora
+
+        attach_lora(model, lora_rank, lora_targets, lora_alpha, base_checkpoint=checkpoint)
     if trainable is not None:
         model.set_trainable(trainable)
         return model.train()

@@ -10,6 +10,7 @@ training uses the very object being trained).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -17,7 +18,95 @@ import torch
 
 from model_core.network import InContextSAM2
 
-__all__ = ["InContextSAM2Train", "EncoderFeatureCache"]
+__all__ = ["InContextSAM2Train", "EncoderFeatureCache", "TRAINABLE_GROUPS", "TRAINABLE_ALIASES", "resolve_trainable",
+           "parameter_unit", "format_trainable_summary"]
+
+logger = logging.getLogger(__name__)
+
+#: The freezing matrix's groups and the ``SAM2Base`` attributes each owns. Submodules go to
+#: their part; SAM2's loose parameters and small heads go to the part whose ``SAM2Base``
+#: method reads them: ``_prepare_memory_conditioned_features`` (what memory attention
+#: attends to: the memories' temporal encoding, the no-memory embedding, the pointers'
+#: temporal projection), ``_encode_new_memory`` (the no-object spatial embedding),
+#: ``_forward_sam_heads`` (the object pointer is the decoder's output token, projected) and
+#: ``_use_mask_as_output`` (a mask downsampled into the prompt encoder's mask input).
+TRAINABLE_GROUPS: dict[str, tuple[str, ...]] = {
+    "image_encoder": ("image_encoder",),
+    "memory_attention": ("memory_attention", "maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc", "obj_ptr_tpos_proj"),
+    "memory_encoder": ("memory_encoder", "no_obj_embed_spatial"),
+    "prompt_encoder": ("sam_prompt_encoder", "mask_downsample"),
+    "mask_decoder": ("sam_mask_decoder", "obj_ptr_proj", "no_obj_ptr"),
+}
+#: Finer units inside a group (what the old ``neck`` setting needs).
+_SUBGROUPS = {"image_encoder": ("image_encoder.trunk", "image_encoder.neck")}
+_UNITS = tuple(u for g in TRAINABLE_GROUPS for u in _SUBGROUPS.get(g, (g,)))
+#: Names for common choices; ``frozen``, ``neck`` and ``all`` are the old ``train_encoder`` values.
+TRAINABLE_ALIASES: dict[str, tuple[str, ...]] = {
+    "all": tuple(TRAINABLE_GROUPS),
+    "frozen": tuple(g for g in TRAINABLE_GROUPS if g != "image_encoder"),
+    "neck": ("image_encoder.neck", *(g for g in TRAINABLE_GROUPS if g != "image_encoder")),
+    "none": (),
+}
+_OWNER = {attr: group for group, attrs in TRAINABLE_GROUPS.items() for attr in attrs}
+
+
+def resolve_trainable(trainable: str | Sequence[str]) -> tuple[str, ...]:
+    """The freezing matrix's one point of validation: names to the units that train.
+
+    Args:
+        trainable: an alias of :data:`TRAINABLE_ALIASES`, a group of :data:`TRAINABLE_GROUPS`,
+            a subgroup (``image_encoder.trunk``, ``image_encoder.neck``) or a list of them.
+
+    Returns:
+        The units that train, in a fixed order (groups, with the image encoder as trunk and neck).
+
+    Raises:
+        ValueError: a name that is none of these, or not a string or list; the message lists the valid names.
+    """
+    valid = f"groups {list(TRAINABLE_GROUPS)}, subgroups {list(_SUBGROUPS['image_encoder'])} or aliases {list(TRAINABLE_ALIASES)}"
+    names = [trainable] if isinstance(trainable, str) else trainable
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"trainable must be a name or a list of names among {valid}; got {trainable!r}.")
+    units: set[str] = set()
+    for name in names:
+        key = name.strip()
+        if key in TRAINABLE_ALIASES:
+            expanded = TRAINABLE_ALIASES[key]
+        elif key in TRAINABLE_GROUPS or key in _UNITS:
+            expanded = (key,)
+        else:
+            raise ValueError(f"Unknown trainable group {name!r}; valid: {valid}.")
+        for unit in expanded:
+            units.update(_SUBGROUPS.get(unit, (unit,)))
+    return tuple(u for u in _UNITS if u in units)
+
+
+def parameter_unit(name: str) -> str:
+    """The freezing-matrix unit that owns parameter (or module) ``name`` of the network.
+
+    Raises:
+        ValueError: a parameter no group owns (a ``SAM2Base`` attribute this table does not know yet).
+    """
+    head, _, rest = name.partition(".")
+    group = _OWNER.get(head)
+    if group is None:
+        raise ValueError(f"Parameter {name!r} belongs to no trainable group; add its attribute {head!r} to "
+                         "model_core.training.TRAINABLE_GROUPS.")
+    if group in _SUBGROUPS:
+        return f"{group}.{rest.partition('.')[0]}"
+    return group
+
+
+def format_trainable_summary(summary: dict[str, dict[str, int]], units: Sequence[str], lora: dict[str, Any] | None) -> str:
+    """The training log's table of trainable parameters per group (from ``InContextSAM2Train.trainable_summary``)."""
+    lines = [f"Trainable parameters (trainable: {list(units)}; "
+             + (f"LoRA rank {lora['rank']} on {lora['targets']}" if lora else "no LoRA") + "):"]
+    for group, row in summary.items():
+        if group == "lora" and not lora:
+            continue
+        share = row["trainable"] / row["total"] if row["total"] else 0.0
+        lines.append(f"  {group:<17} {row['trainable']:>12,} / {row['total']:>12,}  ({share:6.1%})")
+    return "\n".join(lines)
 
 
 class EncoderFeatureCache:
@@ -70,39 +159,83 @@ class InContextSAM2Train(InContextSAM2):
         #: training-time features of a frozen encoder (see :meth:`cache_encoder_features`)
         self.feature_cache: EncoderFeatureCache | None = None
 
-    def set_trainable(self, image_encoder: str = "frozen") -> None:
-        """Choose what trains.
+    def set_trainable(self, trainable: str | Sequence[str] = "frozen") -> dict[str, dict[str, int]]:
+        """Choose what trains: the freezing matrix (see :func:`resolve_trainable`).
+
+        Parameters of the groups named in ``trainable`` get ``requires_grad``, all others
+        are frozen; LoRA adapters (:mod:`model_core.lora`), when attached, always train.
+        The counts are logged and returned.
 
         Args:
-            image_encoder: ``frozen`` (default: trunk and neck frozen, as in MedSAM),
-                ``neck`` (train the FPN neck, trunk frozen) or ``all`` (whole encoder).
-                Everything else (memory attention and encoder, prompt encoder, mask
-                decoder, pointers) always trains.
+            trainable: an alias (``frozen``: everything but the image encoder, the
+                default, as in MedSAM; ``neck``: everything but Hiera's trunk; ``all``;
+                ``none``: nothing, for LoRA adapters only) or a list of groups of
+                :data:`TRAINABLE_GROUPS`, e.g. ``["mask_decoder", "memory_attention"]``.
+
+        Returns:
+            :meth:`trainable_summary`.
+
+        Raises:
+            ValueError: an unknown name (the message lists the valid ones).
         """
-        if image_encoder not in ("frozen", "neck", "all"):
-            raise ValueError(f"image_encoder must be 'frozen', 'neck' or 'all', got {image_encoder!r}.")
-        for p in self.parameters():
-            p.requires_grad_(True)
-        if image_encoder in ("frozen", "neck"):
-            self.image_encoder.trunk.requires_grad_(False)
-        if image_encoder == "frozen":
-            self.image_encoder.neck.requires_grad_(False)
+        from model_core.lora import adapter_parameter_names, lora_settings
+
+        units = set(resolve_trainable(trainable))
+        adapters = adapter_parameter_names(self)
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in adapters or parameter_unit(name) in units)
+        self.trainable = resolve_trainable(trainable)
+        settings = lora_settings(self)
+        if settings is not None:
+            overlap = sorted({parameter_unit(n) for n in settings["target_modules"]} & units)
+            if overlap:
+                logger.warning(f"LoRA targets lie in trainable group(s) {overlap}: their base weights train as well as "
+                               "the adapters (freeze those groups to train only the adapters there).")
+        summary = self.trainable_summary()
+        logger.info(format_trainable_summary(summary, self.trainable, settings))
+        return summary
+
+    def trainable_summary(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameter counts per group of :data:`TRAINABLE_GROUPS`, ``lora`` and ``total``.
+
+        Group counts are of the base weights (what a merged model holds); ``lora`` counts the adapters.
+        """
+        from model_core.lora import adapter_parameter_names
+
+        adapters = adapter_parameter_names(self)
+        out = {group: {"trainable": 0, "total": 0} for group in (*TRAINABLE_GROUPS, "lora", "total")}
+        for name, p in self.named_parameters():
+            row = out["lora"] if name in adapters else out[parameter_unit(name).split(".")[0]]
+            for r in (row, out["total"]):
+                r["total"] += p.numel()
+                r["trainable"] += p.numel() if p.requires_grad else 0
+        return out
 
     def param_groups(self, lr: float, encoder_lr: float | None = None, weight_decay: float = 0.01) -> list[dict[str, Any]]:
-        """Trainable parameters in two groups for an optimizer (image encoder, the rest).
+        """Trainable parameters in groups for an optimizer (image encoder, LoRA adapters, the rest).
 
         Args:
-            lr: learning rate of everything but the image encoder.
+            lr: learning rate of everything but the image encoder's own weights (LoRA adapters
+                are new weights, so they take ``lr`` wherever they sit).
             encoder_lr: learning rate of the image encoder (default ``lr``).
             weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+
+        Raises:
+            ValueError: nothing trains (an optimizer needs parameters).
         """
+        from model_core.lora import adapter_parameter_names
+
+        adapters = adapter_parameter_names(self)
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            part = "image_encoder" if name.startswith("image_encoder.") else "rest"
+            part = "lora" if name in adapters else "image_encoder" if name.startswith("image_encoder.") else "rest"
             no_decay = p.ndim <= 1 or "pos_embed" in name or name.endswith("_embed") or "tpos_enc" in name
             groups.setdefault((part, no_decay), []).append(p)
+        if not groups:
+            raise ValueError(f"Nothing to train: trainable is {list(getattr(self, 'trainable', ()))} and there are no LoRA "
+                             "adapters. Name groups to train (e.g. 'frozen', ['mask_decoder']) or set lora_rank > 0.")
         out = []
         for (part, no_decay), params in sorted(groups.items()):
             out.append(
@@ -138,8 +271,9 @@ class InContextSAM2Train(InContextSAM2):
     def _check_encoder_frozen(self) -> None:
         if any(p.requires_grad for p in self.image_encoder.parameters()):
             raise ValueError(
-                "Caching image features needs a frozen image encoder (train_encoder 'frozen'); the encoder is "
-                "trainable, so its features change every step. Set feature_cache_slices to 0 or freeze it."
+                "Caching image features needs a frozen image encoder (trainable without 'image_encoder', e.g. "
+                "'frozen', and no LoRA target in it); the encoder is trainable, so its features change every step. "
+                "Set feature_cache_slices to 0 or freeze it."
             )
 
     def _episode_features(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:

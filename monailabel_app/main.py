@@ -20,6 +20,7 @@ import tempfile
 # sample apps) and stays in sys.modules afterwards;
 # model_core is the installed project (scripts/setup.sh installs it into the venv).
 import lib.configs.icl_sam2
+import lib.configs.medsam_lite
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -35,7 +36,7 @@ from model_core.validation import InputError
 
 logger = logging.getLogger(__name__)
 
-MODELS = {"icl_sam2": lib.configs.icl_sam2.ICLSAM2}
+MODELS = {"icl_sam2": lib.configs.icl_sam2.ICLSAM2, "medsam_lite": lib.configs.medsam_lite.MedSAMLite}
 
 
 class ICLSAM2App(MONAILabelApp):
@@ -109,7 +110,8 @@ class ICLSAM2App(MONAILabelApp):
         return infers
 
     def init_trainers(self):
-        return {name: config.trainer() for name, config in self._configs().items()}
+        trainers = {name: config.trainer() for name, config in self._configs().items()}
+        return {name: trainer for name, trainer in trainers.items() if trainer is not None}  # medsam_lite has none
 
     def init_strategies(self):
         strategies = {"random": SafeRandom(), "first": First()}

@@ -208,7 +208,7 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
                 or not value[0] < value[1]):
             raise ValueError(f"--conf {key} must be a JSON list [low, high] with low < high, got {value!r}.")
         ranges[key] = [float(v) for v in value]
-    if not 0 <= ranges["percentiles"][0] and ranges["percentiles"][1] <= 100:
+    if not (0 <= ranges["percentiles"][0] and ranges["percentiles"][1] <= 100):
         raise ValueError(f"--conf percentiles must lie in [0, 100], got {ranges['percentiles']}.")
     checkpoint = get("medsam_lite_checkpoint")
     if checkpoint and not os.path.isfile(checkpoint):

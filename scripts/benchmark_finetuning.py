@@ -1,6 +1,6 @@
 """Fine-tuning options compared through the bundle's train.json: full, frozen encoder, LoRA rank 4 and 16.
 
-    # what the README's table ran (tiny preset, 64 px, CPU; 19 min on 2 shared, busy cores)
+    # what the README's table ran (tiny preset, 64 px, CPU; about 23 min on 2 shared, busy cores)
     PYTHONPATH=$PWD python scripts/benchmark_finetuning.py --steps 40 --pretrain_steps 80 --batch_size 1 --num_query 2 \
         --volumes 3 --validation 1 --depth 10 --learning_rate 1e-3 --lora_learning_rate 1e-2 --output finetuning.json
     PYTHONPATH=$PWD python scripts/benchmark_finetuning.py --device cuda     # the defaults: longer runs, batch 2

@@ -1,7 +1,9 @@
 """Fine-tuning options compared through the bundle's train.json: full, frozen encoder, LoRA rank 4 and 16.
 
-    PYTHONPATH=$PWD python scripts/benchmark_finetuning.py                    # tiny preset, 64 px, CPU (~15 min on 2 cores)
-    PYTHONPATH=$PWD python scripts/benchmark_finetuning.py --steps 300 --output finetuning.json
+    # what the README's table ran (tiny preset, 64 px, CPU; about 23 min on 2 shared, busy cores)
+    PYTHONPATH=$PWD python scripts/benchmark_finetuning.py --steps 40 --pretrain_steps 80 --batch_size 1 --num_query 2 \
+        --volumes 3 --validation 1 --depth 10 --learning_rate 1e-3 --lora_learning_rate 1e-2 --output finetuning.json
+    PYTHONPATH=$PWD python scripts/benchmark_finetuning.py --device cuda     # the defaults: longer runs, batch 2
 
 There is no pretrained SAM2 offline, and fine-tuning a random network says little, so
 the base is made first: the tiny preset is trained on phantoms for ``pretrain_steps``

@@ -1,7 +1,7 @@
 """LiteMedSAM's Dice on real anatomy: the Colin27 T1 MRI and its AAL atlas (Debian package mricron-data).
 
-    PYTHONPATH=$PWD python scripts/medsam_lite_real_mri.py --output medsam_lite_real_mri.json
-    PYTHONPATH=$PWD python scripts/medsam_lite_real_mri.py --num_slices 1 --regions '["Precentral_L","Precentral_R"]' --three_d False
+    python scripts/medsam_lite_real_mri.py --output medsam_lite_real_mri.json
+    python scripts/medsam_lite_real_mri.py --num_slices 1 --regions '["Precentral_L","Precentral_R"]' --three_d False
 
 One tight box per AAL region (its bounding box in the atlas) on ``num_slices`` evenly
 spaced axial slices (regions with at least ``min_voxels`` voxels on the slice), and in 3D
@@ -23,7 +23,10 @@ import numpy as np
 from model_core.files import atomic_path
 from model_core.medsam_lite import LiteMedSAM
 from model_core.medsam_lite_atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
-from scripts.make_mricron_study import ATLAS, NAMES, T1, aal_names, available
+try:  # imported as scripts.medsam_lite_real_mri (tests)
+    from scripts.make_mricron_study import ATLAS, NAMES, T1, aal_names, available
+except ModuleNotFoundError:  # run as `python scripts/medsam_lite_real_mri.py`: scripts/ itself is on sys.path
+    from make_mricron_study import ATLAS, NAMES, T1, aal_names, available
 
 
 def _fmt(value) -> str:

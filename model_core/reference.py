@@ -17,9 +17,10 @@ from unittest import mock
 
 import torch
 from hydra.core.config_store import ConfigStore
+from sam2.build_sam import build_sam2_video_predictor
 
-from model_core.network import IMAGENET_MEAN, IMAGENET_STD, InContextSAM2
-from model_core.presets import preset_config
+from model_core.modeling.network import IMAGENET_MEAN, IMAGENET_STD, InContextSAM2
+from model_core.modeling.presets import preset_config
 
 __all__ = ["build_reference_predictor", "init_reference_state", "reference_in_context", "reference_interactive"]
 
@@ -32,7 +33,6 @@ def build_reference_predictor(model: InContextSAM2):
     ``compose`` reads it). One setting is added: ``add_all_frames_to_correct_as_cond=True``,
     since in model_core every slice that receives a prompt becomes a conditioning frame.
     """
-    from sam2.build_sam import build_sam2_video_predictor
 
     name = f"icl_sam2_reference_{model.preset}_{model.image_size}".replace(".", "_")
     ConfigStore.instance().store(name=name, node={"model": preset_config(model.preset, model.image_size, False)})

@@ -33,7 +33,7 @@ from lib.datastore import CheckedDatastore
 from lib.dicomweb import CheckedDICOMwebDatastore
 from lib.requests import check_id, http_error
 from lib.settings import OPTIONS, parse_labels, parse_modalities
-from model_core.validation import InputError
+from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from monailabel_server import Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
 
-from model_core.phantoms import PHANTOM_LABELS, make_phantom
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 
 
 def phantom_study(folder: Path, shape: tuple[int, int, int]) -> None:

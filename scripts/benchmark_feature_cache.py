@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from model_core.phantoms import write_phantom_dataset
+from model_core.io.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

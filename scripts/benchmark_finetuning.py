@@ -38,7 +38,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from model_core.phantoms import PHANTOM_LABELS, write_phantom_dataset
+from model_core.io.phantoms import PHANTOM_LABELS, write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["image_encoder.attn", "memory_attention.attn", "mask_decoder.transformer"]

@@ -26,11 +26,11 @@ memory rule), so the script also reports the largest absolute logit difference
 and the IoU of the binarised masks (``logits > 0``), and prints
 ``masks agree: yes`` when that IoU is at least 0.999 (or both are empty).
 
-The inputs are the library's phantoms (:func:`model_core.phantoms.make_phantom`): the
+The inputs are the library's phantoms (:func:`model_core.io.phantoms.make_phantom`): the
 support slices come from one volume, the query from another; object ``k`` is the
 structure with label ``k + 1`` (blob, tube, block).
 ``--precision`` sets model_core's precision (``fp32``, ``bf16`` or ``auto``, see
-:mod:`model_core.precision`); the reference always runs in float32 without autocast, as
+:mod:`model_core.modeling.precision`); the reference always runs in float32 without autocast, as
 Meta's predictor runs on CPU, so the ratio is ours-in-that-precision vs SAM2 in fp32.
 With ``bf16`` the logits are not expected to match the reference bit for bit; the mask
 IoU says how close they are.
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from model_core.phantoms import PHANTOM_LABELS, make_phantom  # noqa: E402
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom  # noqa: E402
 
 AGREE_IOU = 0.999
 
@@ -70,7 +70,7 @@ AGREE_IOU = 0.999
 def make_inputs(
     size: int, depth: int, num_support: int, num_objects: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support slices of one phantom volume and a query volume from another (:mod:`model_core.phantoms`).
+    """Support slices of one phantom volume and a query volume from another (:mod:`model_core.io.phantoms`).
 
     Object ``k`` is the phantom structure with label value ``k + 1`` (blob, tube, block). The
     support slices are spread evenly over the slices of a ``max(16, S)``-slice phantom that show
@@ -236,9 +236,9 @@ def main(
     Returns:
         The JSON record (also printed as the last line).
     """
-    from model_core.precision import cpu_bf16_capability, resolve_precision
+    from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
     from model_core.predictor import VolumePredictor
-    from model_core.presets import PRESETS, build_icl_sam2
+    from model_core.modeling.presets import PRESETS, build_icl_sam2
     from model_core.reference import build_reference_predictor, reference_in_context
 
     if int(depth) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):

@@ -89,7 +89,7 @@ def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yam
     """
     from monailabel.client import MONAILabelClient
 
-    from model_core.phantoms import PHANTOM_LABELS
+    from model_core.io.phantoms import PHANTOM_LABELS
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -19,9 +19,10 @@ import tempfile
 import fire
 import torch
 
-from model_core.files import atomic_path
-from model_core.onnx_export import medsam_lite_slice_path, sam2_prompts, sam2_slice_path, time_slice_path
-from model_core.precision import cpu_bf16_capability
+from model_core.io.files import atomic_path
+from model_core.export.onnx import medsam_lite_slice_path, sam2_prompts, sam2_slice_path
+from model_core.export.runtime import time_slice_path
+from model_core.modeling.precision import cpu_bf16_capability
 
 BACKENDS = ("torch fp32", "torch bf16", "onnxruntime")
 
@@ -55,7 +56,7 @@ def main(models: str | tuple = "sam2,medsam_lite", preset: str = "sam2.1_hiera_t
         folder = workdir or tmp
         for name in names:
             if name == "sam2":
-                from model_core.presets import build_icl_sam2
+                from model_core.modeling.presets import build_icl_sam2
 
                 torch.manual_seed(0)
                 path = sam2_slice_path(build_icl_sam2(preset, image_size=image_size), name=preset)

@@ -17,9 +17,9 @@ import time
 import fire
 import torch
 
-from model_core.episodes import volume_to_slices
-from model_core.phantoms import make_phantom
-from model_core.presets import build_icl_sam2
+from model_core.modeling.inputs import volume_to_slices
+from model_core.io.phantoms import make_phantom
+from model_core.modeling.presets import build_icl_sam2
 from model_core.proposals import ProposalSettings, build_candidates, generate_slice_masks, link_slice_masks, select_candidates
 
 

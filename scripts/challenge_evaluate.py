@@ -6,7 +6,7 @@
 Writes one CSV row per case (``case, DSC, NSD, seconds, status, error``; seconds from
 ``seg_dir/timing.csv`` written by scripts/challenge_infer.py) and prints the summary
 (mean and median over scored cases, failed cases with their reasons) as JSON. Metric
-definitions (the challenge's: NSD tolerance 2 mm in 3D, 2 pixels in 2D): :mod:`model_core.challenge`.
+definitions (the challenge's: NSD tolerance 2 mm in 3D, 2 pixels in 2D): :mod:`model_core.medsam_lite.challenge`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import fire
 
-from model_core.challenge import NSD_MIN_DSC, NSD_TOLERANCE, evaluate_folder, write_summary
+from model_core.medsam_lite.challenge import NSD_MIN_DSC, NSD_TOLERANCE, evaluate_folder, write_summary
 
 
 def main(seg_dir: str, gt_dir: str, output: str = "metrics.csv", summary: str | None = None, timing: str | None = None,

@@ -5,8 +5,8 @@
 
 Reads ``input_dir/*.npz`` (``imgs``, ``boxes``), writes ``output_dir/<case>.npz`` (``segs``)
 and ``output_dir/timing.csv`` (seconds per case, and why a case failed). A broken case is
-reported and the others still run. Format, 3D rule and options: :mod:`model_core.challenge`
-and :meth:`model_core.medsam_lite.LiteMedSAM.segment_volume`.
+reported and the others still run. Format, 3D rule and options: :mod:`model_core.medsam_lite.challenge`
+and :meth:`model_core.medsam_lite.model.LiteMedSAM.segment_volume`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import fire
 
-from model_core.challenge import infer_folder
+from model_core.medsam_lite.challenge import infer_folder
 
 
 def main(input_dir: str, output_dir: str, device: str = "cpu", precision: str = "fp32", on_empty: str = "stop",

@@ -7,7 +7,7 @@
 Writes ``<name>_encoder.onnx`` and ``<name>_decoder.onnx`` (opset 18, weights inside) and,
 unless ``--check False``, runs both with onnxruntime on a random image and a box and prints
 the largest difference of the logits from torch. Load them with
-``model_core.onnx_export.OnnxSlicePredictor(encoder_file, decoder_file)``.
+``model_core.export.runtime.OnnxSlicePredictor(encoder_file, decoder_file)``.
 """
 
 from __future__ import annotations
@@ -17,15 +17,8 @@ import json
 import fire
 import torch
 
-from model_core.onnx_export import (
-    DEFAULT_OPSET,
-    OnnxSlicePredictor,
-    TorchSlicePredictor,
-    export_slice_path,
-    medsam_lite_slice_path,
-    sam2_prompts,
-    sam2_slice_path,
-)
+from model_core.export.onnx import DEFAULT_OPSET, export_slice_path, medsam_lite_slice_path, sam2_prompts, sam2_slice_path
+from model_core.export.runtime import OnnxSlicePredictor, TorchSlicePredictor
 
 MODELS = ("sam2", "medsam_lite")
 
@@ -45,7 +38,7 @@ def main(model: str = "sam2", output_dir: str = "onnx", preset: str = "sam2.1_hi
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}.")
     if model == "sam2":
-        from model_core.presets import build_icl_sam2
+        from model_core.modeling.presets import build_icl_sam2
 
         path = sam2_slice_path(build_icl_sam2(preset, image_size=image_size, checkpoint=checkpoint),
                                multimask_output=multimask_output, name=preset)

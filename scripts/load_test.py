@@ -28,8 +28,8 @@ import requests
 
 from monailabel_server import APP, Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
 
-from model_core.phantoms import PHANTOM_LABELS as LABELS
-from model_core.phantoms import write_phantom_dataset
+from model_core.io.phantoms import PHANTOM_LABELS as LABELS
+from model_core.io.phantoms import write_phantom_dataset
 
 
 def _stats(values: list[float]) -> str:

@@ -618,7 +618,7 @@ def _to_hounsfield(path: Path) -> None:
 
 
 def _phantom_cases(nifti_dir: Path, cases: int, labelled: int, shape, seed: int) -> tuple[dict, list[dict]]:
-    from model_core.phantoms import write_phantom_dataset
+    from model_core.io.phantoms import write_phantom_dataset
 
     datalist = json.loads(Path(write_phantom_dataset(str(nifti_dir), train=labelled, validation=0, test=cases - labelled,
                                             shape=tuple(shape), seed=seed)).read_text())
@@ -661,7 +661,7 @@ def make_study(
 
     Args:
         orthanc_url: Orthanc's REST root or a DICOMweb root (see :func:`upload`); ``None`` writes only.
-        source: ``phantoms`` (CT, model_core.phantoms) or ``mricron`` (MR, the Colin27 T1 views).
+        source: ``phantoms`` (CT, model_core.io.phantoms) or ``mricron`` (MR, the Colin27 T1 views).
         cases: phantom cases (``phantoms`` only).
         labelled: how many cases get a SEG (phantoms: the first; mricron: of support, lower, upper).
         shape: ``(D, H, W)`` of each phantom.

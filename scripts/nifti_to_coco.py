@@ -7,7 +7,7 @@
 
 ``export`` prints one JSON line per run (per split: the COCO file and its counts); ``verify`` prints its
 report as JSON and exits with status 1 when any voxel differs. Layout, geometry, image ids and the
-annotation rules are described in :mod:`model_core.coco`, which does the work; this is its command line.
+annotation rules are described in :mod:`model_core.export.coco`, which does the work; this is its command line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 import fire
 
-from model_core.coco import export_coco, verify_coco
+from model_core.export.coco import export_coco, verify_coco
 
 
 def export(
@@ -34,7 +34,7 @@ def export(
     labels: dict | str | None = None,
     unlisted: str = "error",
 ) -> None:
-    """Export (arguments as :func:`model_core.coco.export_coco`) and print a summary line."""
+    """Export (arguments as :func:`model_core.export.coco.export_coco`) and print a summary line."""
     summary = export_coco(datalist, output_dir, splits=splits, axis=axis, encoding=encoding, instances=instances,
                           include_empty=include_empty, modality=modality, window=window, percentiles=percentiles,
                           labels=labels, unlisted=unlisted)
@@ -42,7 +42,7 @@ def export(
 
 
 def verify(coco_json: str, datalist: str | None = None, max_mismatches: int = 100) -> None:
-    """Check (arguments as :func:`model_core.coco.verify_coco`); print the report; exit 1 on any mismatch."""
+    """Check (arguments as :func:`model_core.export.coco.verify_coco`); print the report; exit 1 on any mismatch."""
     report = verify_coco(coco_json, datalist=datalist, max_mismatches=max_mismatches)
     print(json.dumps(report, indent=1))
     if not report["ok"]:

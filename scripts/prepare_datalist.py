@@ -7,7 +7,7 @@
 
 The output format (MSD form, read by :func:`monai.data.load_decathlon_datalist`), the
 presets (folder layouts), label merges and multi-channel images are described in
-:mod:`model_core.datalist`, which builds and writes the datalist; this is its command line.
+:mod:`model_core.io.datalist`, which builds and writes the datalist; this is its command line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 
 import fire
 
-from model_core.datalist import make_datalist, write_datalist
+from model_core.io.datasets import make_datalist
+from model_core.io.datalist import write_datalist
 
 
 def main(

@@ -7,7 +7,7 @@ destroys the label it replaces and a 4D "label" enters the support set. Here:
 
 - ids and tags follow ``lib.requests.ID_RULE``, file types are volume formats;
 - an image must be a volume the model can segment, a label an integer map of the
-  configured values on its image's grid (``model_core.validation``);
+  configured values on its image's grid (``model_core.io.validation``);
 - a new image never replaces another one of the same id (409), unless the bytes are equal;
 - a label is written to a temporary file and renamed, so readers see the old label
   or the new one, never half of one.
@@ -29,8 +29,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.requests import check_id, check_tag, http_error
-from model_core.files import atomic_path
-from model_core.validation import InputError, check_image_volume, check_label_volume, label_problem
+from model_core.io.files import atomic_path
+from model_core.io.validation import InputError, check_image_volume, check_label_volume, label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class CheckedDatastore(LocalDatastore):
 
     Only MONAI Label's public datastore API is used: ``LocalDatastore``'s bookkeeping
     (``refresh``, ``update_label_info``, ``remove_label``) is the parent's own; the one
-    thing done here is where the label file goes and how (``model_core.files.atomic_path``).
+    thing done here is where the label file goes and how (``model_core.io.files.atomic_path``).
 
     Args:
         datastore_path, labels_dir, extensions, **kwargs: as for ``LocalDatastore``; the
@@ -141,7 +141,7 @@ def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None
                      ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The final labels usable as a support set, most recently labelled first, and those skipped.
 
-    A stored label that breaks the rules of ``model_core.validation`` (placed in the
+    A stored label that breaks the rules of ``model_core.io.validation`` (placed in the
     folder by hand, or stored before those checks) is skipped with its reason, so one
     bad file never takes in-context segmentation down for everyone.
 

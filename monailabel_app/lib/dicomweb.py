@@ -15,7 +15,7 @@ series, SEG upload through STOW-RS, its local cache). What it lacks for this app
 - **Modalities.** Its search filter is one QIDO query (CT only by default); here one
   query per modality of ``modalities`` (default CT and MR), merged.
 - **Checks.** Ids are series UIDs that the PACS lists (anything else is "not in the
-  datastore"), a label must pass ``model_core.validation`` before anything is written
+  datastore"), a label must pass ``model_core.io.validation`` before anything is written
   to the PACS, and SEG segments are named after the configured labels. An unreachable
   PACS is an error at start-up naming the URL.
 """
@@ -35,8 +35,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
-from model_core.files import atomic_path
-from model_core.validation import InputError, check_label_volume
+from model_core.io.files import atomic_path
+from model_core.io.validation import InputError, check_label_volume
 
 logger = logging.getLogger(__name__)
 

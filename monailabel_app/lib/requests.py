@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
-from model_core.validation import InputError
+from model_core.io.validation import InputError
 
 __all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "MedSAMLiteParams", "parse_params",
            "http_error",

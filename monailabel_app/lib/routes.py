@@ -26,7 +26,7 @@ from typing import Any, Callable
 from fastapi import HTTPException
 
 from lib.requests import check_id, http_error, parse_params
-from model_core.validation import InputError
+from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The app's ``--conf`` options, parsed once (MONAI Label passes them as strings).
 
-A checkpoint written by training says what it is (``model_core.checkpoint.ArchitectureRecord``):
+A checkpoint written by training says what it is (``model_core.workflows.checkpointing.ArchitectureRecord``):
 its preset and image size are served unless ``--conf`` names others, in which case the
 app refuses to start with a message naming both; its intensity settings are used
 unless ``--conf`` overrides them (logged). A checkpoint without a record (Meta's
@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from model_core.checkpoint import checkpoint_record, load_checkpoint
-from model_core.precision import cpu_bf16_capability, resolve_precision
-from model_core.service import ServiceConfig
+from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
+from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
+from model_core.serving.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
 
 #: option: (default, meaning) — also shown in /info
 OPTIONS: dict[str, tuple[Any, str]] = {
     "bundle": (None, "the MONAI bundle folder (default: the repository's bundle/)"),
-    "preset": ("sam2.1_hiera_tiny", "network preset (model_core.presets)"),
+    "preset": ("sam2.1_hiera_tiny", "network preset (model_core.modeling.presets)"),
     "image_size": (512, "model input size (a multiple of 32)"),
     "checkpoint": (None, "weights; training publishes here (default: <bundle>/models/model.pt)"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
@@ -92,7 +92,7 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def parse_precision(conf: dict[str, str], device: str) -> str:
-    """``--conf precision`` resolved for ``device`` to ``fp32`` or ``bf16`` (:mod:`model_core.precision`)."""
+    """``--conf precision`` resolved for ``device`` to ``fp32`` or ``bf16`` (:mod:`model_core.modeling.precision`)."""
     value = conf.get("precision") or OPTIONS["precision"][0]
     try:
         return resolve_precision(value, device)
@@ -133,7 +133,7 @@ def verify_checkpoint(config: ServiceConfig) -> None:
     Raises:
         ValueError: it does not fit (naming the keys, the configured preset and the checkpoint's).
     """
-    from model_core.presets import build_icl_sam2
+    from model_core.modeling.presets import build_icl_sam2
 
     if not config.checkpoint or not os.path.isfile(config.checkpoint):
         return

@@ -10,11 +10,11 @@ import requests
 import torch
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.service import SegmentationService, ServiceConfig
+from model_core.serving.service import SegmentationService, ServiceConfig
 
 from .conftest import ROOT, Server
 
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 

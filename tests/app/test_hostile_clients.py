@@ -22,7 +22,7 @@ import requests
 
 from .conftest import Server
 
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)

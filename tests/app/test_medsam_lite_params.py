@@ -6,7 +6,7 @@ import pytest
 
 from lib.requests import MedSAMLiteParams, parse_params
 from lib.settings import medsam_lite_settings
-from model_core.validation import InputError
+from model_core.io.validation import InputError
 
 
 @pytest.mark.parametrize("raw, words", [

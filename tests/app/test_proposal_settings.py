@@ -8,7 +8,7 @@ from lib.infers.lesion_proposals import ProposalParams
 from lib.requests import parse_params
 
 from model_core.proposals import ProposalSettings
-from model_core.validation import InputError
+from model_core.io.validation import InputError
 
 
 def test_conf_proposal_settings_and_label():

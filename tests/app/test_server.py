@@ -17,7 +17,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from .conftest import Server
 
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)  # i, j, k of the NIfTI files (axial slices along k)
@@ -213,7 +213,7 @@ def test_training_publishes_a_model_that_the_next_inference_uses(study):
     assert after["model_version"] != before["model_version"]
     # the version is the published weights': a network loaded from the file has the same fingerprint
     from model_core import build_icl_sam2
-    from model_core.service import SegmentationService  # noqa: F401  (fingerprint as the service computes it)
+    from model_core.serving.service import SegmentationService  # noqa: F401  (fingerprint as the service computes it)
     import hashlib
 
     network = build_icl_sam2("tiny", image_size=64, checkpoint=str(published))

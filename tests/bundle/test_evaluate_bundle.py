@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, load_checkpoint, save_checkpoint
-from model_core.lora import load_adapters, merge_lora
-from model_core.phantoms import write_phantom_dataset
+from model_core.training import build_training_network
+from model_core.training.lora import load_adapters, merge_lora
+from model_core.io.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def test_lora_training_writes_adapters_and_a_merged_model(data, tmp_path):
     # model.pt is a plain merged network: the project's loader takes it strictly into a model built without LoRA
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert not any("lora_" in k or "base_layer" in k for k in state)
-    merged = build_icl_sam2("tiny", image_size=64, trainable="none")
+    merged = build_training_network("tiny", image_size=64, trainable="none")
     load_checkpoint(merged, str(models / "model.pt"))
     # adapters (and the memory attention that trained beside them) on the base give the same network
     adapters = torch.load(models / "model_lora.pt", map_location="cpu", weights_only=True)

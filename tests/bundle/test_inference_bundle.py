@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.phantoms import make_phantom
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import make_phantom
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model_core.medsam_lite_volume import BoxPrompt, read_box_file
-from model_core.validation import InputError
+from model_core.medsam_lite.volume import BoxPrompt, read_box_file
+from model_core.io.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (80, 64, 4)  # (I, J, K)

@@ -127,7 +127,7 @@ def test_logging_conf_parses():
 def test_verify_net_in_out_on_the_declared_input_and_output(tmp_path):
     """MONAI's verify_net_in_out builds ``slice_network`` (the network with its support set bound in)
     and checks a forward pass on fake data of metadata.json's declared input shape and dtype."""
-    from model_core.phantoms import write_phantom_dataset as make_dataset
+    from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
     datalist = make_dataset(str(tmp_path / "data"), train=1, validation=0, test=0, shape=(6, 64, 64))
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "slice_network", "--meta_file", str(META_FILE),

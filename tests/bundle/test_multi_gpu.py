@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

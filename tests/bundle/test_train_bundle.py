@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_training_via_monai_bundle_run(phantoms, tmp_path):
     from model_core import load_checkpoint as strict_load  # it holds Ignite's best-metric record beside the weights
 
     strict_load(build_icl_sam2("tiny", image_size=64), str(tmp_path / "models" / "model.pt"))
-    from model_core.checkpoint import checkpoint_record
+    from model_core.modeling.checkpoint import checkpoint_record
 
     for name in ("model.pt", "model_final.pt"):  # every checkpoint says what it was trained as
         record = checkpoint_record(str(tmp_path / "models" / name))

@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from model_core.coco import IMAGE_ID_STRIDE, export_coco, verify_coco
-from model_core.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_dataset
+from model_core.export.coco import IMAGE_ID_STRIDE, export_coco, verify_coco
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_dataset
 
 SHAPE = (8, 24, 24)  # (D, H, W) of each phantom: axial slices along D
 PHANTOM_WINDOW = (0.0, 1.0)  # phantom intensities are already in [0, 1] (the bundle demo's --intensity#window)

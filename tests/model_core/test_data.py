@@ -13,11 +13,15 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 
 from model_core import build_icl_sam2
-from model_core.data import EpisodeDataset, EpisodePrepareBatch, SelectChanneld, check_case, load_datalist
-from model_core.episodes import EpisodeSampler, slice_channels, volume_to_slices
-from model_core.losses import ICLSAM2Loss
-from model_core.phantoms import make_phantom
-from model_core.phantoms import write_phantom_dataset as make_dataset
+from model_core.training import build_training_network
+from model_core.workflows.episodes import EpisodeDataset, EpisodePrepareBatch
+from model_core.io.transforms import SelectChanneld
+from model_core.io.datalist import check_case, load_datalist
+from model_core.training.episodes import EpisodeSampler
+from model_core.modeling.inputs import slice_channels, volume_to_slices
+from model_core.training.losses import ICLSAM2Loss
+from model_core.io.phantoms import make_phantom
+from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
 SIZE = 32
 
@@ -131,7 +135,7 @@ def test_feature_cache_gives_the_same_training_step_without_encoding_again():
     inputs, targets, args, kwargs = EpisodePrepareBatch()(batch)
     assert set(kwargs) == {"support_keys", "query_keys"}
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=64, trainable="frozen").train()
+    model = build_training_network("tiny", image_size=64, trainable="frozen").train()
     def loss(**keys):
         torch.manual_seed(1)  # memory attention has dropout in training mode
         return ICLSAM2Loss()(model(inputs, *args, **keys), targets)["loss"]
@@ -153,10 +157,10 @@ def test_feature_cache_gives_the_same_training_step_without_encoding_again():
 
 
 def test_feature_cache_refuses_a_trainable_encoder():
-    model = build_icl_sam2("tiny", image_size=64, trainable="all")
+    model = build_training_network("tiny", image_size=64, trainable="all")
     with pytest.raises(ValueError, match="needs a frozen image encoder"):
         model.cache_encoder_features(10)
-    assert build_icl_sam2("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache is None
+    assert build_training_network("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache is None
 
 
 # ---------------------------------------------------------------- gradient clipping under mixed precision
@@ -164,7 +168,7 @@ def _clip_one_step(max_norm: float, scale: float):
     """One SupervisedTrainer step with a GradScaler of a known scale; loss 100 * w gives the gradient 100."""
     from monai.engines import SupervisedTrainer
 
-    from model_core.data import GradientClipHandler
+    from model_core.workflows.handlers import GradientClipHandler
 
     network = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(network.weight)
@@ -191,7 +195,7 @@ def test_gradient_clipping_under_amp_clips_the_unscaled_gradient():
 def test_gradient_clip_refuses_gradient_accumulation():
     from monai.engines import SupervisedTrainer
 
-    from model_core.data import GradientClipHandler
+    from model_core.workflows.handlers import GradientClipHandler
 
     network = torch.nn.Linear(1, 1)
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, network=network,

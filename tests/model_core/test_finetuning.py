@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, load_checkpoint, save_checkpoint
-from model_core.episodes import EpisodeSampler
-from model_core.lora import (LORA_TARGETS, adapter_parameter_names, load_adapters, lora_target_modules, merge_adapter_file,
-                             merge_lora, merged_copy, merged_state_dict, save_adapters)
-from model_core.losses import ICLSAM2Loss
-from model_core.phantoms import PHANTOM_LABELS, make_phantom
-from model_core.training import TRAINABLE_ALIASES, TRAINABLE_GROUPS, parameter_unit, resolve_trainable
+from model_core.training import build_training_network
+from model_core.training.episodes import EpisodeSampler
+from model_core.training.lora import LORA_TARGETS, adapter_parameter_names, load_adapters, lora_target_modules, merge_adapter_file, merge_lora, merged_copy, merged_state_dict, save_adapters
+from model_core.training.losses import ICLSAM2Loss
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
+from model_core.training.trainable import TRAINABLE_ALIASES, TRAINABLE_GROUPS, parameter_unit, resolve_trainable
 
 SIZE = 64
 
@@ -56,7 +56,7 @@ def _train_steps(model, batch, steps: int = 1, lr: float = 1e-2) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    return build_icl_sam2("tiny", image_size=SIZE, trainable="all")
+    return build_training_network("tiny", image_size=SIZE, trainable="all")
 
 
 def test_every_parameter_has_one_group_and_loose_parameters_are_placed(model):
@@ -98,8 +98,8 @@ def test_unknown_names_are_errors_that_list_the_valid_ones(model, caplog):
         with pytest.raises(ValueError, match="image_encoder.*memory_attention.*memory_encoder.*prompt_encoder.*mask_decoder.*frozen"):
             resolve_trainable(bad)
     with pytest.raises(ValueError, match="Unknown trainable group 'decoder'"):
-        build_icl_sam2("tiny", image_size=SIZE, trainable="decoder")
-    with caplog.at_level(logging.INFO, logger="model_core.training"):
+        build_training_network("tiny", image_size=SIZE, trainable="decoder")
+    with caplog.at_level(logging.INFO, logger="model_core.training.network"):
         model.set_trainable(["prompt_encoder"])
     n = sum(p.numel() for p in model.sam_prompt_encoder.parameters()) + model.mask_downsample.weight.numel() + 1
     assert "Trainable parameters (trainable: ['prompt_encoder']; no LoRA)" in caplog.text
@@ -112,7 +112,7 @@ def test_unknown_names_are_errors_that_list_the_valid_ones(model, caplog):
 
 
 def test_lora_trains_only_adapters_of_the_expected_size():
-    model = build_icl_sam2("tiny", image_size=SIZE, trainable="none", lora_rank=4,
+    model = build_training_network("tiny", image_size=SIZE, trainable="none", lora_rank=4,
                            lora_targets=["image_encoder.attn", "mask_decoder.transformer"])
     targets = model.lora["target_modules"]
     assert any(".attn.qkv" in t for t in targets) and any("final_attn_token_to_image.v_proj" in t for t in targets)
@@ -126,19 +126,19 @@ def test_lora_trains_only_adapters_of_the_expected_size():
     assert [g["name"] for g in model.param_groups(1e-3, 1e-5)] == ["lora"] and model.param_groups(1e-3, 1e-5)[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="Caching image features needs a frozen image encoder"):
         model.cache_encoder_features(8)  # adapters in the encoder change its features
-    decoder_only = build_icl_sam2("tiny", image_size=SIZE, trainable="none", lora_rank=2, lora_targets="mask_decoder.transformer")
+    decoder_only = build_training_network("tiny", image_size=SIZE, trainable="none", lora_rank=2, lora_targets="mask_decoder.transformer")
     assert decoder_only.cache_encoder_features(8).feature_cache is not None
 
 
 def test_bad_lora_options_are_errors():
     with pytest.raises(ValueError, match="Unknown LoRA target group.*'image_encoder.attn'.*'mask_decoder.transformer'"):
-        build_icl_sam2("tiny", image_size=SIZE, trainable="none", lora_rank=4, lora_targets=["decoder"])
+        build_training_network("tiny", image_size=SIZE, trainable="none", lora_rank=4, lora_targets=["decoder"])
     with pytest.raises(ValueError, match="lora_rank must be an integer >= 0"):
-        build_icl_sam2("tiny", image_size=SIZE, lora_rank=-1)
-    model = build_icl_sam2("tiny", image_size=SIZE, lora_rank=2)
+        build_training_network("tiny", image_size=SIZE, lora_rank=-1)
+    model = build_training_network("tiny", image_size=SIZE, lora_rank=2)
     assert lora_target_modules(model, "memory_attention.attn")
     with pytest.raises(ValueError, match="already has LoRA adapters"):
-        from model_core.lora import attach_lora
+        from model_core.training.lora import attach_lora
 
         attach_lora(model, 2)
     assert set(LORA_TARGETS) >= {"image_encoder.attn", "mask_decoder.transformer"}
@@ -147,7 +147,7 @@ def test_bad_lora_options_are_errors():
 @pytest.mark.slow
 def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     torch.manual_seed(1)
-    model = build_icl_sam2("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none", lora_rank=4,
+    model = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none", lora_rank=4,
                            lora_targets=["image_encoder.attn", "mask_decoder.transformer"])
     adapters = adapter_parameter_names(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,12 +161,12 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in base_keys)  # base weights bit-identical
     assert any(not torch.equal(before[k], after[k]) for k in adapters if "lora_B" in k)  # adapters trained
     adapted = _forward(model, batch)
-    plain = build_icl_sam2("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none")  # episode forward
+    plain = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none")  # episode forward
     assert (adapted - _forward(plain, batch)).abs().max() > 1e-4  # the adapters change the output
 
     # save -> load onto a fresh base reproduces the outputs
     save_adapters(model, tmp_path / "model_lora.pt", {"classes": [1]})
-    fresh = load_adapters(build_icl_sam2("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"),
+    fresh = load_adapters(build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"),
                           tmp_path / "model_lora.pt")
     assert torch.equal(_forward(fresh, batch), adapted)
 
@@ -177,14 +177,14 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     assert (_forward(merged, batch) - adapted).abs().max() < 1e-5
     save_checkpoint(merge_lora(fresh), str(tmp_path / "model.pt"))
     load_checkpoint(build_icl_sam2("tiny", image_size=SIZE), str(tmp_path / "model.pt"))  # strict, plain network
-    served = build_icl_sam2("tiny", image_size=SIZE, trainable="none")
+    served = build_training_network("tiny", image_size=SIZE, trainable="none")
     load_checkpoint(served, str(tmp_path / "model.pt"))
     assert (_forward(served, batch) - adapted).abs().max() < 1e-5
     assert set(served.state_dict()) == set(state)
 
     # base checkpoint + adapter file -> merged checkpoint, from the record in the adapter file
     merge_adapter_file(str(tmp_path / "model_lora.pt"), str(tmp_path / "merged.pt"))
-    again = build_icl_sam2("tiny", image_size=SIZE, checkpoint=str(tmp_path / "merged.pt"), trainable="none")
+    again = build_training_network("tiny", image_size=SIZE, checkpoint=str(tmp_path / "merged.pt"), trainable="none")
     assert (_forward(again, batch) - adapted).abs().max() < 1e-5
 
 
@@ -192,14 +192,14 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
 def test_adapter_file_keeps_what_the_freezing_matrix_trained(batch, base_checkpoint, tmp_path):
     """LoRA on the encoder plus a fully trained mask decoder: the file rebuilds both."""
     torch.manual_seed(2)
-    model = build_icl_sam2("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable=["mask_decoder"], lora_rank=2)
+    model = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable=["mask_decoder"], lora_rank=2)
     _train_steps(model, batch)
     save_adapters(model, tmp_path / "a.pt")
     data = torch.load(tmp_path / "a.pt", weights_only=True)
     assert data["lora"]["trained"] and all(k.split(".")[0] in ("sam_mask_decoder", "obj_ptr_proj", "no_obj_ptr")
                                            for k in data["lora"]["trained"])
     assert data["lora"]["settings"]["base_checkpoint"] == base_checkpoint and data["icl_sam2"]["preset"] == "tiny"
-    fresh = load_adapters(build_icl_sam2("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"), tmp_path / "a.pt")
+    fresh = load_adapters(build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"), tmp_path / "a.pt")
     assert torch.equal(_forward(fresh, batch), _forward(model, batch))
     with pytest.raises(ValueError, match="no LoRA adapter file"):
         load_adapters(build_icl_sam2("tiny", image_size=SIZE), base_checkpoint)

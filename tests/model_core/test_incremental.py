@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.phantoms import make_phantom
-from model_core.service import SegmentationService, ServiceConfig
+from model_core.io.phantoms import make_phantom
+from model_core.serving.service import SegmentationService, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

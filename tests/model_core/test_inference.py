@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2
-from model_core.inference import InContextInferer, support_slice_choice
+from model_core.workflows.inferers import InContextInferer, support_slice_choice
 
 SIZE = 64
 
@@ -55,7 +55,7 @@ def test_support_slice_choice_is_deterministic_and_covers_every_class():
 
 
 def test_merge_labels_kits_style():
-    from model_core.data import merge_labels
+    from model_core.io.transforms import merge_labels
 
     label = torch.tensor([0, 1, 2, 3, 2])
     assert merge_labels(label, {1: [1, 2]}).tolist() == [0, 1, 1, 0, 1]  # kidney + tumour; cyst -> background

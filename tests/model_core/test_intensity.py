@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_core.data import intensity_scaling
+from model_core.io.transforms import intensity_scaling
 
 
 def test_ct_window_clips_and_scales():

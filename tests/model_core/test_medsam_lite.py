@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.medsam_lite import STOP_IOU, LiteMedSAM, box_from_mask, load_package_network
-from model_core.validation import InputError
+from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, box_from_mask, load_package_network
+from model_core.io.validation import InputError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 
-from model_core.metrics import MetricInMillimetres, voxel_spacing
+from model_core.workflows.metrics import MetricInMillimetres, voxel_spacing
 
 
 def _case(spacing: tuple[float, float, float], shift_axis: int) -> tuple[MetaTensor, MetaTensor]:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_core.onnx_export import (
-    OnnxSlicePredictor,
-    TorchSlicePredictor,
-    export_slice_path,
-    medsam_lite_slice_path,
-    sam2_prompts,
-    sam2_slice_path,
-)
-from model_core.presets import build_icl_sam2
+from model_core.export.runtime import OnnxSlicePredictor, TorchSlicePredictor
+from model_core.export.onnx import export_slice_path, medsam_lite_slice_path, sam2_prompts, sam2_slice_path
+from model_core.modeling.presets import build_icl_sam2
 
 TOL = 1e-3  # max abs difference of logits (and features, IoU) between onnxruntime and torch
 SAM2_SIZE = 64
@@ -210,8 +204,8 @@ def test_lite_medsam_runs_behind_the_same_interface_on_onnxruntime(lite_files):
     """LiteMedSAM (MedSAM's preprocessing, boxes, 3D propagation) with onnxruntime as its backend."""
     import numpy as np
 
-    from model_core.medsam_lite import LiteMedSAM
-    from model_core.onnx_export import OnnxLiteMedSAMBackend
+    from model_core.medsam_lite.model import LiteMedSAM
+    from model_core.export.runtime import OnnxLiteMedSAMBackend
 
     path, files = lite_files
     torch_model = LiteMedSAM.from_package()

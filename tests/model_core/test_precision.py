@@ -9,11 +9,12 @@ import pytest
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-import model_core.precision as precision
+import model_core.modeling.precision as precision
 from model_core import build_icl_sam2
-from model_core.losses import ICLSAM2Loss
-from model_core.phantoms import PHANTOM_LABELS, make_phantom
-from model_core.precision import autocast, cpu_bf16_capability, resolve_precision
+from model_core.training import build_training_network
+from model_core.training.losses import ICLSAM2Loss
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
+from model_core.modeling.precision import autocast, cpu_bf16_capability, resolve_precision
 from model_core.predictor import VolumePredictor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,12 +199,12 @@ def test_bf16_masks_agree_with_fp32_on_the_phantoms():
 # ------------------------------------------------------------------ bf16 training
 @pytest.mark.slow
 def test_a_bf16_training_step_gives_finite_gradients():
-    from model_core.episodes import EpisodeSampler
+    from model_core.training.episodes import EpisodeSampler
 
     volumes = [make_phantom((16, SIZE, SIZE), seed=i) for i in range(2)]
     sampler = EpisodeSampler(volumes, list(PHANTOM_LABELS.values()), num_support=2, num_query=2, image_size=SIZE, seed=0)
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all", precision="bf16")
+    model = build_training_network("tiny", image_size=SIZE, trainable="all", precision="bf16")
     batch = sampler.sample(2)
     outputs = model(batch["support_images"], batch["support_masks"], batch["query_images"])
     assert all(t.dtype == torch.float32 for key in outputs for t in outputs[key])

@@ -40,7 +40,7 @@ def test_every_preset_builds_at_small_size(preset):
 def test_image_size_drives_rope_feat_sizes(preset, image_size):
     cfg = preset_config(preset, image_size)
     assert cfg["image_size"] == image_size
-    assert cfg["_target_"] == "model_core.network.InContextSAM2"
+    assert cfg["_target_"] == "model_core.modeling.network.InContextSAM2"
     feat = image_size // 16
     layer = cfg["memory_attention"]["layer"]
     assert layer["self_attention"]["feat_sizes"] == [feat, feat]
@@ -82,7 +82,7 @@ def test_model_kwargs_are_forwarded():
 
 
 def test_precision_is_passed_through_and_auto_resolved(monkeypatch):
-    import model_core.precision as precision
+    import model_core.modeling.precision as precision
 
     assert build_icl_sam2("tiny", image_size=64).precision == "fp32"  # the default: bit-faithful to SAM2
     assert build_icl_sam2("tiny", image_size=64, precision="bf16").precision == "bf16"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_core import MemoryPolicy, SlicePrompt, SupportMemory, build_icl_sam2
-from model_core.memory import FrameEntry, MemoryBank
+from model_core.modeling.memory import FrameEntry, MemoryBank
 from model_core.predictor import VolumePredictor
 
 SIZE = 64

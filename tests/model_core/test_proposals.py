@@ -14,18 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.presets import build_icl_sam2
-from model_core.proposals import (
-    ProposalSettings,
-    SliceMask,
-    build_candidates,
-    finalize_candidates,
-    link_slice_masks,
-    paint_candidates,
-    propose_image,
-    select_candidates,
-)
-from model_core.service import load_bundle_parser
+from model_core.modeling.presets import build_icl_sam2
+from model_core.proposals import ProposalSettings, SliceMask, build_candidates, link_slice_masks, paint_candidates, select_candidates
+from model_core.workflows.proposals import finalize_candidates, propose_image
+from model_core.serving.service import load_bundle_parser
 
 from tests.model_core.proposal_phantom import ROOT, write_lesion_phantom
 

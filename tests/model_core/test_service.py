@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.data import as_slices, load_case
-from model_core.phantoms import make_phantom
-from model_core.service import SegmentationService, ServiceConfig
+from model_core.modeling.inputs import as_slices
+from model_core.io.transforms import load_case
+from model_core.io.phantoms import make_phantom
+from model_core.serving.service import SegmentationService, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -96,7 +97,7 @@ def test_a_new_checkpoint_is_loaded_on_the_next_request(files, tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_published_mid_request_waits_for_the_next_request(files, tmp_path, monkeypatch):
     """The support memory and the query of one request use the same weights (one network per request)."""
-    import model_core.service as service_module
+    import model_core.serving.service as service_module
 
     root, cases = files
     config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(tmp_path / "m.pt"),

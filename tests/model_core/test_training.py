@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from model_core import PromptSampler, build_icl_sam2
-from model_core.episodes import EpisodeSampler
-from model_core.losses import ICLSAM2Loss
-from model_core.phantoms import PHANTOM_LABELS, make_phantom
+from model_core.training import build_training_network
+from model_core.training.episodes import EpisodeSampler
+from model_core.training.losses import ICLSAM2Loss
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 
 SIZE = 64
 
@@ -22,7 +23,7 @@ def sampler():
 @pytest.mark.slow
 def test_forward_returns_three_candidates_ious_and_object_scores(sampler):
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
+    model = build_training_network("tiny", image_size=SIZE, trainable="all")
     batch = sampler.sample(2)
     masks = torch.cat([batch["support_masks"], ~batch["support_masks"]], dim=2)  # K = 2 objects
     prompts = PromptSampler(box_probability=1.0, generator=torch.Generator().manual_seed(0))
@@ -39,7 +40,7 @@ def test_forward_returns_three_candidates_ious_and_object_scores(sampler):
 
 @pytest.mark.slow
 def test_freezing_and_parameter_groups(sampler):
-    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
+    model = build_training_network("tiny", image_size=SIZE, trainable="all")
     model.set_trainable("frozen")
     batch = sampler.sample(1)
     out = model(batch["support_images"], batch["support_masks"], batch["query_images"])
@@ -107,7 +108,7 @@ def test_prompt_sampler():
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_in_context_task(sampler):
     torch.manual_seed(0)
-    model = build_icl_sam2("tiny", image_size=SIZE, trainable="all")
+    model = build_training_network("tiny", image_size=SIZE, trainable="all")
     model.set_trainable("all")
     optimizer = torch.optim.AdamW(model.param_groups(1e-3), lr=1e-3)
     loss_fn = ICLSAM2Loss()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_core.challenge import CaseError, dsc_nsd, evaluate_folder, load_case, score_case
+from model_core.medsam_lite.challenge import CaseError, dsc_nsd, evaluate_folder, load_case, score_case
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from model_core.medsam_lite_atlas import dice, evenly_spaced_slices
+from model_core.medsam_lite.atlas import dice, evenly_spaced_slices
 from scripts.make_mricron_study import ATLAS, NAMES, T1, available
 
 

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model_core.phantoms import write_phantom_dataset
+from model_core.io.phantoms import write_phantom_dataset
 from scripts.nifti_to_coco import main
 
 ROOT = Path(__file__).resolve().parents[2]

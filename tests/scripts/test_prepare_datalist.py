@@ -1,4 +1,4 @@
-"""model_core.datalist (and its command line, scripts/prepare_datalist.py) on tiny generated datasets in every supported layout."""
+"""model_core.io.datalist (and its command line, scripts/prepare_datalist.py) on tiny generated datasets in every supported layout."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import model_core.datalist as pdl
-from model_core.data import merge_labels
+import model_core.io.datasets as pdl
+from model_core.io.datalist import write_datalist
+from model_core.io.transforms import merge_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +150,7 @@ def test_msd_4d_images_need_a_channel(tmp_path):
     # MONAI reads it (the int channel passes through untouched)
     from monai.data import load_decathlon_datalist
 
-    pdl.write_datalist(dl, out)
+    write_datalist(dl, out)
     items = load_decathlon_datalist(out, data_list_key="training")
     assert items[0]["channel"] == 1 and Path(items[0]["image"]).is_file()
 
@@ -311,7 +312,7 @@ def test_normalise_entry_is_the_one_seg_to_label_rule():
 
 def test_write_datalist_is_atomic(tmp_path, monkeypatch):
     out = tmp_path / "sub" / "datalist.json"
-    assert pdl.write_datalist({"training": [{"image": "a"}]}, out) == out.resolve()
+    assert write_datalist({"training": [{"image": "a"}]}, out) == out.resolve()
     assert json.loads(out.read_text()) == {"training": [{"image": "a"}]}
 
     def broken_dump(*args, **kwargs):
@@ -319,13 +320,13 @@ def test_write_datalist_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pdl.json, "dump", broken_dump)
     with pytest.raises(OSError, match="disk full"):
-        pdl.write_datalist({"training": []}, out)
+        write_datalist({"training": []}, out)
     assert json.loads(out.read_text()) == {"training": [{"image": "a"}]}  # the old file, whole
     assert sorted(p.name for p in out.parent.iterdir()) == ["datalist.json"]  # no temporary file left
 
 
 def test_phantom_dataset_reads_back_through_the_datalist(tmp_path):
-    from model_core.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_dataset
+    from model_core.io.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_dataset
 
     path = Path(write_phantom_dataset(tmp_path / "ph", train=2, validation=1, test=0, shape=(4, 16, 16), seed=3))
     datalist = json.loads(path.read_text())

@@ -7,7 +7,7 @@ from typing import Any
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.scoring.confidence import SCORE_KEY
-from model_core.validation import image_problem
+from model_core.io.validation import image_problem
 
 
 class LeastConfidence(Strategy):

@@ -14,9 +14,9 @@ from lib.infers.icl_sam2 import InContextInfer, InteractiveInfer
 from lib.scoring.confidence import InContextConfidence
 from lib.settings import OPTIONS, service_config, verify_checkpoint
 from lib.trainers.icl_sam2 import ICLSAM2Train
-from model_core.checkpoint import checkpoint_record
-from model_core.precision import cpu_bf16_capability
-from model_core.service import SegmentationService
+from model_core.modeling.checkpoint import checkpoint_record
+from model_core.modeling.precision import cpu_bf16_capability
+from model_core.serving.service import SegmentationService
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ scaling), and adds:
   (default: the first of ``--conf labels``).
 
 It has no trainer, strategy or scoring of its own (``icl_sam2`` has them), and its own
-:class:`~model_core.service.SegmentationService`, so it also runs alone.
+:class:`~model_core.serving.service.SegmentationService`, so it also runs alone.
 """
 
 from __future__ import annotations

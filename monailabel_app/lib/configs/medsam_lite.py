@@ -12,7 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.medsam_lite import LiteMedSAMRunner, MedSAMLiteInfer
 from lib.settings import medsam_lite_settings
-from model_core.precision import cpu_bf16_capability
+from model_core.modeling.precision import cpu_bf16_capability
 
 
 class MedSAMLite(TaskConfig):

@@ -1,6 +1,6 @@
 """Infer tasks: in-context segmentation of a whole volume, and interactive clicks and boxes.
 
-Both are thin: requests are mapped onto :class:`model_core.service.SegmentationService`
+Both are thin: requests are mapped onto :class:`model_core.serving.service.SegmentationService`
 (the bundle's preprocessing, the support cache, the interactive sessions), and the
 result is written in the image's original space for Slicer and OHIF.
 """
@@ -20,8 +20,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import labelled_volumes
 from lib.requests import InContextParams, InteractiveParams, http_error, parse_params
-from model_core.service import Segmentation, SegmentationService
-from model_core.validation import InputError, image_problem
+from model_core.serving.service import Segmentation, SegmentationService
+from model_core.io.validation import InputError, image_problem
 
 logger = logging.getLogger(__name__)
 

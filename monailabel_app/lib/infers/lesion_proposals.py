@@ -1,7 +1,7 @@
 """Infer task ``lesion_proposals``: automatic 3D lesion candidates for a viewer user to accept or reject.
 
 A request without ``accept`` runs sam2's automatic mask generator over the volume's
-slices (:mod:`model_core.proposals`, through :meth:`model_core.service.SegmentationService.propose`)
+slices (:mod:`model_core.proposals`, through :meth:`model_core.serving.service.SegmentationService.propose`)
 and answers a label map with one value per candidate (``1..N``, best score first) and,
 in the reply's params, ``candidates`` (value, voxels, mm³, bounding box, slices,
 predicted IoU, stability, score) and ``label_names`` (``candidate_<n>: n``).
@@ -32,8 +32,8 @@ from pydantic import Field, StrictFloat, StrictInt, model_validator
 from lib.infers.icl_sam2 import _client_error, _ServiceInfer, write_label
 from lib.requests import _Params, http_error
 from model_core.proposals import Proposals, ProposalSettings
-from model_core.service import Segmentation
-from model_core.validation import InputError
+from model_core.serving.service import Segmentation
+from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 

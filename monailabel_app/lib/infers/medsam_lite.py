@@ -1,6 +1,6 @@
 """Infer task ``medsam_lite``: LiteMedSAM (real pretrained weights) from one box, as Slicer's ROI or OHIF's rectangle.
 
-The volume is segmented on its own voxel grid (:mod:`model_core.medsam_lite_volume`:
+The volume is segmented on its own voxel grid (:mod:`model_core.medsam_lite.volume`:
 slices along ``k``, MedSAM's intensity rule), so the label needs no resampling back:
 it is written with the image's affine, like the other models' results.
 """
@@ -18,10 +18,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.icl_sam2 import _client_error, _ServiceInfer
 from lib.requests import MedSAMLiteParams
-from model_core.medsam_lite import LiteMedSAM
-from model_core.medsam_lite_volume import BoxPrompt, Structure, segment_structures
-from model_core.service import Segmentation
-from model_core.validation import InputError, load_volume
+from model_core.medsam_lite.model import LiteMedSAM
+from model_core.medsam_lite.volume import BoxPrompt, Structure, segment_structures
+from model_core.serving.service import Segmentation
+from model_core.io.validation import InputError, load_volume
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any, Callable
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.datastore import labelled_volumes
-from model_core.service import SegmentationService
-from model_core.validation import image_problem
+from model_core.serving.service import SegmentationService
+from model_core.io.validation import image_problem
 
 logger = logging.getLogger(__name__)
 

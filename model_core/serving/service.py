@@ -1,0 +1,606 @@
+"""In-context and interactive segmentation of volume files, for servers (the MONAI Label app).
+
+MONAI Label's ``BasicInferTask`` runs one network over one preprocessed image per
+request; it has no notion of a support set built from the datastore's labels, nor
+of an interactive session whose image features outlive a request. This module
+keeps both, and nothing server-specific: the app maps requests onto it.
+
+- Preprocessing and postprocessing are the bundle's own (``inference.json`` layered
+  on ``train.json``), so intensities, orientation, resizing and the
+  inversion to the image's original space are exactly the bundle's.
+- The network is loaded lazily and reloaded when its checkpoint file changes (a
+  newly published model); with no checkpoint it runs its initial weights and says so.
+- Support memories are built from the labelled volumes once and rebuilt only when
+  those files or the weights change.
+- Interactive sessions are keyed by (client, image): the slice features of each
+  image stay in an LRU under a memory cap, so a follow-up click runs the decoder and
+  propagation only.
+
+Request flow (where each step happens):
+
+1. A click or box in 3D Slicer / OHIF arrives as ``POST /infer/<model>?image=<id>``:
+   ``monailabel_app/lib/routes.py`` (ids checked, off the event loop) ->
+   ``monailabel_app/main.py`` ``ICLSAM2App.infer`` (id resolved to a datastore file) ->
+   ``monailabel_app/lib/infers/icl_sam2.py`` (params typed by ``lib/requests.py``).
+2. Voxel ``[i, j, k]`` of the image file -> model grid ``(x, y, slice)``:
+   :meth:`SegmentationService.to_model_grid`, through the bundle's own preprocessing
+   (:meth:`SegmentationService._session` loads and preprocesses the volume once per client and image).
+3. Prompt: :meth:`SegmentationService.interact` groups clicks per slice into
+   :class:`~model_core.modeling.prompts.SlicePrompt` (a ROI becomes a box on its middle slice).
+4. Support memory (in-context and ``from_in_context``): the datastore's checked labels
+   (``lib/datastore.py`` ``labelled_volumes``) -> :meth:`SegmentationService.support_memory`
+   -> :func:`~model_core.workflows.inferers.build_support` -> ``InContextSAM2.build_support_memory``
+   (``model_core/modeling/network.py``), cached until a label or the weights change.
+5. Tracking step on the prompted slice: ``VolumePredictor.add_prompt``
+   (``model_core/predictor.py``), which calls sam2's ``track_step`` on the network.
+6. Propagation through the volume, both directions: ``VolumePredictor.propagate``.
+7. Probabilities ``(K + 1, H, W, D)``: sigmoid of the logits, background first
+   (:meth:`SegmentationService.interact` / :meth:`SegmentationService.segment` via
+   :class:`~model_core.workflows.inferers.InContextInferer`).
+8. Postprocessing to the image's space: :meth:`SegmentationService._to_original`
+   (the bundle's postprocessing, inverted transforms, argmax to label values).
+9. Label file: ``lib/infers/icl_sam2.py`` ``write_label`` (NIfTI/NRRD, the image's
+   affine), returned to the viewer; ``save_label`` stores it through the checked datastore.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from model_core.io.transforms import load_case
+from model_core.io.validation import InputError
+from model_core.modeling.checkpoint import load_checkpoint
+from model_core.modeling.inputs import as_slices, volume_to_slices
+from model_core.modeling.memory import SupportMemory
+from model_core.modeling.presets import build_icl_sam2
+from model_core.modeling.prompts import SlicePrompt
+from model_core.predictor import VolumePredictor
+from model_core.volume_state import VolumeState
+from model_core.workflows.inferers import InContextInferer, build_support
+from model_core.workflows.proposals import propose_image
+
+__all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "load_bundle_parser"]
+
+
+def load_bundle_parser(bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None) -> ConfigParser:
+    """A ``ConfigParser`` of the bundle's ``train.json`` with ``config`` layered on top.
+
+    The same layering as ``python -m monai.bundle run --config_file "['train.json', '<config>']"``;
+    the paths are absolute, so it works from any working directory.
+    """
+    configs = os.path.join(os.path.abspath(bundle_dir), "configs")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(configs, name) for name in dict.fromkeys(["train.json", config])])
+    parser["bundle_root"] = os.path.abspath(bundle_dir)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+@dataclass
+class ServiceConfig:
+    """What a server configures (MONAI Label's ``--conf``).
+
+    Args:
+        bundle_dir: the MONAI bundle whose configs define pre- and postprocessing.
+        labels: ``{name: label value}`` of the structures to segment.
+        checkpoint: weights to load (reloaded when the file changes); missing = initial weights.
+        preset, image_size: the network (see :func:`~model_core.modeling.presets.build_icl_sam2`).
+        device: ``cpu`` or ``cuda``.
+        modality, window, percentiles: intensity scaling, as in the bundle.
+        channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
+        max_support_volumes: labelled volumes used as the support set (the most recent first).
+        num_support_slices: support slices per class.
+        session_cache_mb: memory cap of the interactive sessions' image features.
+        max_sessions: at most this many interactive sessions are kept.
+        seed: seed of the initial weights when there is no checkpoint, so two starts give the same results.
+        incremental: a follow-up click re-runs only the changed slices and propagates outward
+            while the result still changes (False: every request replays all clicks over the
+            whole volume, the exact mode).
+        incremental_patience, incremental_iou: an incremental pass stops after this many
+            consecutive slices whose mask agrees with the previous result (IoU at least this).
+        precision: ``fp32``, ``bf16`` or ``auto`` (:mod:`model_core.modeling.precision`), passed to the network.
+    """
+
+    bundle_dir: str
+    labels: dict[str, int]
+    checkpoint: str | None = None
+    preset: str = "sam2.1_hiera_tiny"
+    image_size: int = 512
+    device: str = "cpu"
+    modality: str = "CT"
+    window: Sequence[float] = (-200.0, 300.0)
+    percentiles: Sequence[float] = (0.5, 99.5)
+    channel_mode: str = "replicate"
+    max_support_volumes: int = 4
+    num_support_slices: int = 3
+    session_cache_mb: float = 2048.0
+    max_sessions: int = 32
+    seed: int = 0
+    incremental: bool = True
+    incremental_patience: int = 3
+    incremental_iou: float = 0.98
+    precision: str = "fp32"
+
+
+@dataclass
+class Segmentation:
+    """A label map in the image's original space and what goes with it.
+
+    Attributes:
+        label: ``(1, *original spatial shape)`` int16 ``MetaTensor`` with the original affine.
+        confidence: ``{label name: confidence in [0, 1]}``.
+        info: counters and provenance (model version, slices encoded, seconds).
+    """
+
+    label: MetaTensor
+    confidence: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _slice_prompt(entry: dict[str, Any]) -> SlicePrompt:
+    """A slice's clicks and box (``{"points", "labels", "box"}`` on the model grid) as a :class:`SlicePrompt`."""
+    return SlicePrompt(
+        points=torch.tensor(entry["points"]) if entry["points"] else None,
+        labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
+        box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
+    )
+
+
+class _Track:
+    """One structure's interactive result in a session: the clicks it answers and the volume state.
+
+    ``prompts`` is ``{slice: {"points": [[x, y], ...], "labels": [...], "box": [...] | None}}``
+    on the model grid, as the last request sent them (the plugins send the whole list).
+    """
+
+    def __init__(self, state: VolumeState, prompts: dict[int, dict[str, Any]], support: SupportMemory | None):
+        self.state, self.prompts, self.support = state, prompts, support
+
+    def changed_slices(self, prompts: dict[int, dict[str, Any]]) -> list[int] | None:
+        """Slices whose clicks grew since the last request; None when a click or box was removed
+        or changed (then only a full pass gives the right answer)."""
+        changed = []
+        for z, old in self.prompts.items():
+            new = prompts.get(z)
+            n = len(old["points"])
+            if new is None or new["box"] != old["box"] or new["points"][:n] != old["points"] or new["labels"][:n] != old["labels"]:
+                return None
+        for z, new in prompts.items():
+            if z not in self.prompts or new != self.prompts[z]:
+                changed.append(z)
+        return sorted(changed)
+
+
+class _Session:
+    """One client's interactive work on one image: the preprocessed volume, its feature cache
+    and, per structure, the last result (:class:`_Track`)."""
+
+    def __init__(self, image: MetaTensor, slices: torch.Tensor):
+        self.image, self.slices = image, slices
+        self.anchor = None  # the VolumeState whose feature cache later states share
+        self.tracks: dict[tuple[int, bool], _Track] = {}
+        self.used = time.monotonic()
+
+    @property
+    def nbytes(self) -> int:
+        """The image features and each structure's kept results: what ``session_cache_mb`` caps."""
+        features = self.anchor.features.nbytes if self.anchor is not None else 0
+        return features + sum(track.state.nbytes for track in self.tracks.values())
+
+
+class SegmentationService:
+    """In-context and interactive segmentation of volume files with one network.
+
+    Thread-safe. Model work (loading weights, the support memory, encoding and tracking)
+    is serialized by one lock: one network, one device. Reading and preprocessing a
+    volume and mapping the result back to its file run outside it, so clients working on
+    other images do not wait for one another's file work; the session table has its own
+    short lock. Each request binds the network once, so a checkpoint published
+    mid-request never mixes two sets of weights in one answer.
+
+    Args:
+        config: see :class:`ServiceConfig`.
+    """
+
+    def __init__(self, config: ServiceConfig):
+        if not config.labels:
+            raise ValueError("No labels configured: give the structures to segment as {name: label value}.")
+        self.config = config
+        self.labels = {str(k): int(v) for k, v in config.labels.items()}
+        self.names = {v: k for k, v in self.labels.items()}
+        self.classes = sorted(self.labels.values())
+        overrides = {
+            "preset": config.preset,
+            "image_size": int(config.image_size),
+            "classes": self.classes,
+            "modality": config.modality,
+            "intensity#window": [float(v) for v in config.window],
+            "intensity#percentiles": [float(v) for v in config.percentiles],
+            "channel_mode": config.channel_mode,
+            "device": f"$torch.device('{config.device}')",
+        }
+        parser = load_bundle_parser(config.bundle_dir, "inference.json", overrides)
+        self.preprocessing: Compose = parser.get_parsed_content("preprocessing")
+        self.support_preprocessing: Compose = parser.get_parsed_content("train#preprocessing")
+        post = parser.get_parsed_content("postprocessing")
+        # the bundle's postprocessing ends with SaveImaged; a server writes its own files
+        self.postprocessing = Compose([t for t in post.transforms if type(t).__name__ != "SaveImaged"])
+        self.device = torch.device(config.device)
+        self._lock = threading.RLock()  # model work
+        self._sessions_lock = threading.Lock()  # the session table (never held while waiting for _lock)
+        self._network = None
+        self._loaded_stamp: tuple | None = None
+        self._support: tuple[str, SupportMemory] | None = None
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        #: number of times weights were (re)loaded from the checkpoint
+        self.reloads = 0
+
+    # ------------------------------------------------------------------ model
+    def _checkpoint_stamp(self) -> tuple | None:
+        path = self.config.checkpoint
+        if not path or not os.path.isfile(path):
+            return None
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+    @property
+    def network(self):
+        """The network, (re)loaded when the checkpoint file appeared or changed since the last request.
+
+        Without the model lock when nothing changed, so a request can start its file work
+        while another one runs the model; a reload waits for the running model work.
+        """
+        network, stamp = self._network, self._checkpoint_stamp()
+        if network is not None and stamp == self._loaded_stamp:
+            return network
+        with self._lock:
+            stamp = self._checkpoint_stamp()
+            if self._network is None or stamp != self._loaded_stamp:
+                with torch.random.fork_rng(devices=[]):  # untrained weights: the same at every start
+                    torch.manual_seed(int(self.config.seed))
+                    network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device,
+                                             precision=self.config.precision)
+                if stamp is not None:
+                    load_checkpoint(network, stamp[0])
+                    self.reloads += 1
+                with self._sessions_lock:
+                    self._sessions.clear()  # their features came from the old weights
+                self._network = network.eval()
+                self._loaded_stamp = stamp
+            return self._network
+
+    def model_info(self, network=None) -> dict[str, Any]:
+        """Which weights serve requests: the checkpoint (or that there is none) and a version id."""
+        network = network if network is not None else self.network
+        version = hashlib.sha1(json.dumps(network.architecture["weights"]).encode()).hexdigest()[:12]
+        return {
+            "checkpoint": self._loaded_stamp[0] if self._loaded_stamp else None,
+            "untrained": self._loaded_stamp is None,
+            "model_version": version,
+            "preset": self.config.preset,
+            "image_size": int(self.config.image_size),
+        }
+
+    # ------------------------------------------------------------------ support
+    def support_memory(self, labelled: Sequence[dict[str, str]], network=None) -> SupportMemory:
+        """The support memory of the labelled volumes, rebuilt only when they or the weights change.
+
+        Args:
+            labelled: ``[{"image": path, "label": path}]``, most relevant first; the first
+                ``max_support_volumes`` are used.
+            network: the request's network (default: the current one).
+
+        Raises:
+            InputError: no labelled volume.
+            ValueError: a class absent from all of them.
+        """
+        if not labelled:
+            raise InputError("No labelled volume yet: label at least one volume (save it as a final label) "
+                             "so in-context segmentation has a support set.")
+        with self._lock:
+            network = network if network is not None else self.network
+            used = [dict(item) for item in labelled[: max(int(self.config.max_support_volumes), 1)]]
+            stamp = [[item["image"], item["label"], *(os.stat(item[k]).st_mtime_ns for k in ("image", "label"))]
+                     for item in used]
+            key = json.dumps([stamp, network.architecture["weights"]])
+            if self._support is None or self._support[0] != key:
+                memory = build_support(network, used, self.support_preprocessing, self.classes,
+                                       int(self.config.num_support_slices), channel_mode=self.config.channel_mode)
+                self._support = (key, memory)
+            return self._support[1]
+
+    def invalidate_support(self) -> None:
+        """Forget the cached support memory (e.g. a label was saved).
+
+        Without the lock: a label upload must not wait for a running inference (the
+        support key holds the labels' modification times, so a request already running
+        cannot reuse a stale memory after it either).
+        """
+        self._support = None
+
+    # ------------------------------------------------------------------ helpers
+    def preprocess(self, image_path: str, network) -> tuple[MetaTensor, torch.Tensor]:
+        """The image through the bundle's preprocessing ``(1, H, W, D)`` (its meta maps back to the
+        file's voxels) and the network's input slices ``(D, 3, S, S)``."""
+        item = load_case({"image": image_path}, self.preprocessing)
+        image = item["image"]
+        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), network.image_size, self.config.channel_mode)
+        return image, slices
+
+    def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
+        """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space."""
+        pred = MetaTensor(probabilities, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+        data = {"image": image, "pred": pred}
+        # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
+        out = self.postprocessing(data)["pred"]
+        if list(label_values) != self.classes:
+            index = torch.as_tensor(out).long()
+            lut = torch.zeros(max(self.classes) + 1, dtype=torch.long)
+            for k, value in enumerate(label_values, start=1):
+                lut[self.classes[k - 1]] = int(value)
+            out = MetaTensor(lut[index], meta=out.meta)
+        return MetaTensor(torch.as_tensor(out).to(torch.int16), meta=out.meta)
+
+    # ------------------------------------------------------------------ in-context
+    @torch.inference_mode()
+    def segment(self, image_path: str, labelled: Sequence[dict[str, str]]) -> Segmentation:
+        """Segment every configured class of a volume in context of the labelled volumes."""
+        network = self.network
+        start = time.perf_counter()
+        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
+        with self._lock:
+            encoded = network.encoded_slices
+            support = self.support_memory(labelled, network)
+            inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
+            probabilities = inferer(image[None].to(self.device), network)[0].cpu()
+            encoded = network.encoded_slices - encoded
+        label = self._to_original(image, probabilities, self.classes)
+        confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
+        info = {**self.model_info(network), "encoded_slices": encoded,
+                "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
+        return Segmentation(label, confidence, info)
+
+    # ------------------------------------------------------------------ proposals
+    @torch.inference_mode()
+    def propose(self, image_path: str, settings):
+        """Automatic lesion proposals of a volume (:func:`model_core.workflows.proposals.propose_image`): sam2's
+        automatic mask generator on its slices, merged into 3D, in the image's original space.
+
+        Args:
+            image_path: the image file.
+            settings: a :class:`~model_core.proposals.ProposalSettings`.
+
+        Returns:
+            :class:`~model_core.proposals.Proposals` (label values 1..N, one dict per candidate).
+        """
+
+        network = self.network
+        start = time.perf_counter()
+        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
+        with self._lock:
+            result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
+        result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
+        return result
+
+    # ------------------------------------------------------------------ interactive
+    def _session(self, client: str, image_path: str, network) -> _Session:
+        """The client's session on this image; a new one reads and preprocesses the file outside every lock."""
+        key = (str(client), os.path.abspath(image_path))
+        with self._sessions_lock:
+            session = self._sessions.get(key)
+        if session is None:
+            fresh = _Session(*self.preprocess(image_path, network))
+            with self._sessions_lock:  # a concurrent request of the same client may have made one meanwhile
+                session = self._sessions.setdefault(key, fresh)
+        with self._sessions_lock:
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+            session.used = time.monotonic()
+        return session
+
+    def _enforce_cache_limits(self, current: _Session) -> None:
+        """Evict the least recently used sessions over ``max_sessions`` or ``session_cache_mb`` (under the model lock)."""
+        with self._sessions_lock:
+            self._evict(current)
+
+    def _session_totals(self) -> dict[str, Any]:
+        with self._sessions_lock:
+            return {"session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
+                    "sessions": len(self._sessions)}
+
+    def _evict(self, current: _Session) -> None:
+        cap = int(float(self.config.session_cache_mb) * 2**20)
+        while len(self._sessions) > max(int(self.config.max_sessions), 1) or (
+            sum(s.nbytes for s in self._sessions.values()) > cap and len(self._sessions) > 1
+        ):
+            oldest_key = next(k for k, s in self._sessions.items() if s is not current)
+            del self._sessions[oldest_key]
+        if current.anchor is not None and current.nbytes > cap:
+            current.anchor.features.shrink(cap)
+
+    def _correct(self, predictor: VolumePredictor, state: VolumeState, value: int,
+                 prompts: dict[int, dict[str, Any]], changed: list[int]) -> int:
+        """Apply the clicks of ``changed`` slices to a used state and propagate outward while the result changes.
+
+        Each changed slice is segmented as a replay from scratch would segment it
+        (``as_first_pass``). Propagation then follows the replay's order: a forward pass
+        from the nearest prompted slice below the changes (the replay passes through
+        those slices upward) and a backward pass from the same slice. Slices up to the
+        highest change always run; beyond the changes a pass stops after
+        ``incremental_patience`` consecutive slices that agree with the previous result
+        (IoU at least ``incremental_iou``). Slices not reached keep their result.
+
+        Returns:
+            The number of slices propagated.
+        """
+        k = state.object_ids.index(value)
+        before = state.low_res_logits[:, k, 0] > 0  # (D, h, w) the previous masks
+        for z in changed:
+            predictor.add_prompt(state, z, value, _slice_prompt(prompts[z]), as_first_pass=True)
+        start = max((z for z in prompts if z < changed[0]), default=changed[0])
+        ran = 0
+        for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
+            agreeing = 0
+            # the replay's forward pass starts with no memories behind it; its backward pass has the forward pass's
+            for z, _ in predictor.propagate(state, start_slice=start, direction=direction, warm_start=direction == "backward"):
+                if z == start:
+                    continue  # a prompted slice: not tracked again
+                ran += 1
+                if not beyond(z):
+                    continue
+                now = state.low_res_logits[z, k, 0] > 0
+                union = int((now | before[z]).sum())
+                iou = 1.0 if union == 0 else int((now & before[z]).sum()) / union
+                agreeing = agreeing + 1 if iou >= float(self.config.incremental_iou) else 0
+                if agreeing >= int(self.config.incremental_patience):
+                    break
+        return ran
+
+    def to_model_grid(self, image: MetaTensor, points: Sequence[Sequence[float]]) -> np.ndarray:
+        """Voxel indices ``[i, j, k]`` of the image file (as Slicer and OHIF send them) to
+        ``(x, y, slice)`` on the model grid, through the original and preprocessed affines."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        original = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        current = np.asarray(image.affine, dtype=np.float64)
+        world = original @ np.concatenate([pts, np.ones((len(pts), 1))], axis=1).T
+        index = (np.linalg.inv(current) @ world)[:3].T  # (row, column, slice) of the (1, H, W, D) volume
+        return np.stack([index[:, 1], index[:, 0], index[:, 2]], axis=1)
+
+    def _check_points(self, image: MetaTensor, points: Sequence[Sequence[float]], what: str) -> None:
+        shape = np.asarray(image.meta["spatial_shape"], dtype=np.float64)
+        for p in points:
+            if len(p) != 3:
+                raise InputError(f"{what} point {list(p)} must be [i, j, k] voxel indices of the image.")
+            if np.any(np.asarray(p, dtype=np.float64) < 0) or np.any(np.asarray(p, dtype=np.float64) > shape - 1):
+                raise InputError(f"{what} point {list(p)} is outside the image (voxel indices 0..{(shape - 1).astype(int).tolist()}).")
+
+    @torch.inference_mode()
+    def interact(
+        self,
+        client: str,
+        image_path: str,
+        label: str | None = None,
+        foreground: Sequence[Sequence[float]] = (),
+        background: Sequence[Sequence[float]] = (),
+        roi: Sequence[float] | None = None,
+        from_in_context: bool = False,
+        labelled: Sequence[dict[str, str]] = (),
+    ) -> Segmentation:
+        """Segment from clicks and a box, propagated through the volume in both directions.
+
+        Each request carries all of the current clicks (as the Slicer and OHIF plugins
+        send them). The session keeps the image's features and, per structure, the clicks
+        it answered with their result: when clicks were only added, just the changed
+        slices and their surroundings run again (``incremental``, see :meth:`_correct`);
+        otherwise the whole volume is propagated.
+
+        Args:
+            client: the client session (two clients never share results).
+            image_path: the image file.
+            label: the structure's name (default: the first configured label).
+            foreground, background: ``[[i, j, k], ...]`` voxel indices of the image file.
+            roi: ``[i0, i1, j0, j1, k0, k1]`` voxel box (Slicer's ROI); its middle slice gets a box prompt.
+            from_in_context: start from the in-context result of ``labelled`` and correct it.
+            labelled: the support volumes (for ``from_in_context``).
+
+        Raises:
+            InputError: unknown label, points outside the volume, an empty box, no prompt.
+        """
+        label = label or next(iter(self.labels))
+        if label not in self.labels:
+            raise InputError(f"Unknown label {label!r}; this model segments {sorted(self.labels)}.")
+        if not foreground and not background and roi is None:
+            raise InputError("Nothing to segment from: give foreground/background points or an ROI box.")
+        network = self.network
+        start = time.perf_counter()
+        session = self._session(client, image_path, network)  # file work: outside the model lock
+        image = session.image
+        self._check_points(image, foreground, "Foreground")
+        self._check_points(image, background, "Background")
+        value = self.labels[label]
+        prompts: dict[int, dict[str, list]] = {}
+        for points, positive in ((foreground, 1), (background, 0)):
+            for x, y, z in self.to_model_grid(image, points) if len(points) else []:
+                z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
+                entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+                entry["points"].append([float(x), float(y)])
+                entry["labels"].append(positive)
+        if roi is not None:
+            roi = [float(v) for v in roi]
+            if len(roi) != 6:
+                raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
+            lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
+            if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
+                raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
+            self._check_points(image, [lo, hi], "ROI corner")
+            corners = self.to_model_grid(image, [lo, hi])
+            x0, x1 = sorted(corners[:, 0])
+            y0, y1 = sorted(corners[:, 1])
+            z = int(np.clip(round(corners[:, 2].mean()), 0, session.slices.shape[0] - 1))
+            entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+            entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+        with self._lock:
+            encoded = network.encoded_slices
+            support, objects = None, [value]
+            if from_in_context:
+                support = self.support_memory(labelled, network)
+                objects = list(support.object_ids)
+                if value not in objects:
+                    raise InputError(f"Label {label!r} is not in the support set {objects}.")
+            predictor = VolumePredictor(network)
+            track_key = (value, bool(from_in_context))
+            track = session.tracks.get(track_key)
+            changed = None
+            if self.config.incremental and track is not None and track.support is support:
+                changed = track.changed_slices(prompts)
+            if changed == []:  # the same clicks again: the same answer
+                state, ran, mode = track.state, 0, "unchanged"
+            elif changed is not None:
+                state, mode = track.state, "incremental"
+                ran = self._correct(predictor, state, value, prompts, changed)
+                track.prompts = prompts
+            else:
+                state = predictor.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
+                                             share_features_with=session.anchor)
+                if session.anchor is None:
+                    session.anchor = state
+                for z, entry in sorted(prompts.items()):
+                    predictor.add_prompt(state, z, value, _slice_prompt(entry))
+                ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
+                session.tracks[track_key] = _Track(state, prompts, support)
+                mode = "full"
+            low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()  # (K, D, h, w), this request's copy
+            encoded = network.encoded_slices - encoded
+            self._enforce_cache_limits(session)
+        H = W = network.image_size
+        D = session.slices.shape[0]
+        logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)  # (K, D, H, W)
+        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+        if roi is not None:  # nothing outside the ROI's slices
+            k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
+            outside = torch.ones(D, dtype=torch.bool)
+            outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
+            probs[objects.index(value), :, :, outside] = 0
+        probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+        result = self._to_original(image, probabilities, objects) if from_in_context else \
+            self._to_original(image, probabilities, [value])
+        info = {**self.model_info(network), "encoded_slices": encoded,
+                "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
+                "mode": mode, "propagated_slices": ran,
+                **self._session_totals()}
+        return Segmentation(result, {}, info)

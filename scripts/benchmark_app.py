@@ -21,23 +21,10 @@ import time
 from pathlib import Path
 
 import fire
-import nibabel as nib
-import numpy as np
 
-from monailabel_server import Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
+from icl_sam2.servers import MonaiLabelServer
 
-from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
-
-
-def phantom_study(folder: Path, shape: tuple[int, int, int]) -> None:
-    (folder / "labels" / "final").mkdir(parents=True)
-    for i in range(3):
-        image, label = make_phantom((shape[2], shape[0], shape[1]), seed=i)  # (D, H, W)
-        affine = np.diag([0.8, 0.8, 2.5, 1.0])
-        nib.save(nib.Nifti1Image(image.transpose(1, 2, 0).astype(np.float32), affine), str(folder / f"case{i}.nii.gz"))
-        if i == 0:
-            nib.save(nib.Nifti1Image(label.transpose(1, 2, 0).astype(np.uint8), affine),
-                     str(folder / "labels" / "final" / "case0.nii.gz"))
+from model_core.io.phantoms import PHANTOM_LABELS, write_phantom_study
 
 
 def _timed(client, model, image, params) -> dict:
@@ -61,7 +48,7 @@ def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), de
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"
-        phantom_study(studies, tuple(shape))
+        write_phantom_study(studies, tuple(shape))
         centre = [shape[0] // 2, shape[1] // 2, shape[2] // 2]
         follow_clicks = {"foreground": [centre, [centre[0] + 4, centre[1], centre[2] + 2]], "label": "blob"}
         for entry in presets:
@@ -70,7 +57,7 @@ def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), de
             for incremental in (True, False):
                 conf = {"preset": preset, "image_size": size, "device": device, "labels": json.dumps(dict(PHANTOM_LABELS)),
                         "window": "[0, 1]", "checkpoint": f"{tmp}/none.pt", "incremental": str(incremental).lower()}
-                server = Server(studies, conf, Path(tmp) / f"{preset}_{incremental}.log")
+                server = MonaiLabelServer(studies, conf, Path(tmp) / f"{preset}_{incremental}.log")
                 try:
                     client = MONAILabelClient(server.url, tmpdir=f"{tmp}/client")
                     if incremental:

@@ -1,6 +1,6 @@
 """Does the bundle's training loop gain from DataLoader workers? Episode loading alone vs a training epoch.
 
-    python scripts/benchmark_dataloader.py --datalist bundle/data/phantoms/datalist.json   # after run_bundle_demo.py
+    python scripts/benchmark_dataloader.py --datalist bundle/data/phantoms/datalist.json   # after icl-sam2 demo
 
 For each ``num_workers``: the time to draw one epoch of episode batches from
 ``train#dataloader`` alone, then the time of one epoch of ``train#trainer`` (tiny preset,
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(datalist: str = "bundle/data/phantoms/datalist.json", workers=(0, 2), image_size: int = 96,
          episodes: int = 60) -> list[dict]:
     """Args:
-        datalist: a phantom datalist (``scripts/make_phantom_dataset.py`` writes one).
+        datalist: a phantom datalist (``icl-sam2 phantoms`` writes one).
         workers: the ``num_workers`` values to compare.
         image_size: the tiny preset's input size.
         episodes: episodes in the timed epoch (batches of 2).

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import fire
 
-from benchmark_app import phantom_study  # sibling scripts: `python scripts/x.py` puts scripts/ on sys.path
-from monailabel_server import Server
+from icl_sam2.servers import MonaiLabelServer
+from model_core.io.phantoms import write_phantom_study
 
 APP_MAIN = '''
 import os
@@ -93,10 +93,10 @@ def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yam
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        phantom_study(tmp / "studies", tuple(shape))
+        write_phantom_study(tmp / "studies", tuple(shape))
         centre = [shape[0] // 2, shape[1] // 2, shape[2] // 2]
         env = _prepare_app(tmp / "app", preset, yaml_name, image_size)
-        server = Server(tmp / "studies", {}, tmp / "server.log", app=tmp / "app",
+        server = MonaiLabelServer(tmp / "studies", {}, tmp / "server.log", app=tmp / "app",
                         env={**env, "HOME": str(tmp)})  # its JPEG cache goes under $HOME/.cache
         try:
             builtin = _clicks(MONAILabelClient(server.url, tmpdir=str(tmp / "client")), "sam2", {"device": "cpu"}, centre)
@@ -104,7 +104,7 @@ def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yam
             server.stop()
         ours_conf = {"preset": preset, "image_size": str(image_size), "device": "cpu", "window": "[0, 1]",
                      "labels": json.dumps(dict(PHANTOM_LABELS)), "checkpoint": str(tmp / "app" / "model" / f"{preset}.pt")}
-        server = Server(tmp / "studies", ours_conf, tmp / "ours.log")
+        server = MonaiLabelServer(tmp / "studies", ours_conf, tmp / "ours.log")
         try:
             ours = _clicks(MONAILabelClient(server.url, tmpdir=str(tmp / "client2")), "icl_sam2_interactive",
                            {"label": "blob"}, centre)

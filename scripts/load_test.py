@@ -26,7 +26,7 @@ from pathlib import Path
 import fire
 import requests
 
-from monailabel_server import APP, Server  # a sibling script: `python scripts/x.py` puts scripts/ on sys.path
+from icl_sam2.servers import APP, MonaiLabelServer
 
 from model_core.io.phantoms import PHANTOM_LABELS as LABELS
 from model_core.io.phantoms import write_phantom_dataset
@@ -67,7 +67,7 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         studies.mkdir(exist_ok=True)
         for i, case in enumerate(cases):
             (studies / f"case{i}.nii.gz").write_bytes((root / "src" / case["image"]).read_bytes())
-        server = Server(studies, {"preset": preset, "image_size": str(image_size), "labels": json.dumps(LABELS),
+        server = MonaiLabelServer(studies, {"preset": preset, "image_size": str(image_size), "labels": json.dumps(LABELS),
                                   "device": "cpu", "checkpoint": str(root / "none.pt")}, root / "server.log", app=Path(app))
         url = server.url
     stop_at = time.time() + deadline

@@ -23,10 +23,7 @@ import numpy as np
 from model_core.io.files import atomic_path
 from model_core.medsam_lite.model import LiteMedSAM
 from model_core.medsam_lite.atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
-try:  # imported as scripts.medsam_lite_real_mri (tests)
-    from scripts.make_mricron_study import ATLAS, NAMES, T1, aal_names, available
-except ModuleNotFoundError:  # run as `python scripts/medsam_lite_real_mri.py`: scripts/ itself is on sys.path
-    from make_mricron_study import ATLAS, NAMES, T1, aal_names, available
+from model_core.io.mricron import ATLAS, NAMES, T1, aal_names, available
 
 
 def _fmt(value) -> str:

@@ -3,7 +3,7 @@
 Fine-tuning code written for natural images (the MS-lesion SAM seeds, detectron2, SAM's own fine-tuning
 recipes) reads COCO: PNG images and instance annotations. :func:`export_coco` writes one COCO file per
 datalist split; :func:`verify_coco` decodes its annotations with ``pycocotools`` and compares them with
-the label volumes voxel for voxel. ``scripts/nifti_to_coco.py`` is the command line over both.
+the label volumes voxel for voxel. ``icl-sam2 coco export|verify`` is the command line over both.
 
 pycocotools has the COCO format, RLE encoding and polygon rasterisation but nothing that turns a
 volume into slices or a mask into polygons (``skimage.measure.find_contours`` does the latter); MONAI
@@ -141,7 +141,7 @@ def _read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
     path = Path(datalist).expanduser()
     if not path.is_file():
         raise ValueError(f"datalist={str(datalist)!r} does not exist: pass the path of an MSD-style datalist JSON "
-                         f"(scripts/prepare_datalist.py writes one)")
+                         f"(icl-sam2 datalist writes one)")
     try:
         with open(path) as f:
             content = json.load(f)
@@ -479,7 +479,7 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
     info, volumes = coco.dataset.get("info") or {}, coco.dataset.get("volumes")
     if not volumes or "split" not in info or "axis" not in info:
         raise ValueError(f"coco_json={coco_json!r} has no \"volumes\" list or info.split/info.axis: "
-                         f"only files written by export_coco (scripts/nifti_to_coco.py export) can be verified")
+                         f"only files written by export_coco (icl-sam2 coco export) can be verified")
     datalist = str(Path(datalist or info.get("datalist", "")).expanduser().resolve())
     content = _read_datalist(datalist)
     split, (axis_name, axis_index) = info["split"], _parse_axis(info["axis"])

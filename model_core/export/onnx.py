@@ -48,8 +48,9 @@ from model_core.medsam_lite.model import (
     LiteMedSAMPromptMaskDecoder,
     load_package_network,
 )
+from model_core.modeling.presets import build_icl_sam2
 
-__all__ = ["DEFAULT_OPSET", "OUTPUT_NAMES", "SAM2ImageEncoder", "SAM2PromptMaskDecoder", "SlicePath", "sam2_slice_path", "medsam_lite_slice_path", "sam2_prompts", "export_slice_path", "BF16_MODES", "SAM2_BOX_LABELS"]
+__all__ = ["DEFAULT_OPSET", "OUTPUT_NAMES", "SAM2ImageEncoder", "SAM2PromptMaskDecoder", "SlicePath", "sam2_slice_path", "medsam_lite_slice_path", "SLICE_PATHS", "slice_path", "sam2_prompts", "export_slice_path", "BF16_MODES", "SAM2_BOX_LABELS"]
 
 #: ONNX opset of every export (see the module docstring for why 18).
 DEFAULT_OPSET = 18
@@ -226,6 +227,25 @@ def medsam_lite_slice_path(net: nn.Module | None = None, name: str = "medsam_lit
         example_prompts={"boxes": torch.tensor([[64.0, 64.0, 160.0, 192.0], [32.0, 48.0, 96.0, 128.0]])},
         prompt_axes={"boxes": {0: "num_boxes"}},
     )
+
+
+#: the single-slice paths :func:`slice_path` builds
+SLICE_PATHS = ("sam2", "medsam_lite")
+
+
+def slice_path(model: str = "sam2", preset: str = "sam2.1_hiera_tiny", image_size: int | None = None,
+               checkpoint: str | None = None, multimask_output: bool = True) -> SlicePath:
+    """A single-slice path by name: ``sam2`` (a preset, random weights without ``checkpoint``) or ``medsam_lite``.
+
+    Raises:
+        ValueError: an unknown model name.
+    """
+    if model not in SLICE_PATHS:
+        raise ValueError(f"model must be one of {', '.join(SLICE_PATHS)}, got {model!r}.")
+    if model == "sam2":
+        network = build_icl_sam2(preset, image_size=image_size, checkpoint=checkpoint)
+        return sam2_slice_path(network, multimask_output=multimask_output, name=preset)
+    return medsam_lite_slice_path()
 
 
 def _export(module, args, names_in, names_out, axes, target, opset, dynamo) -> str:

@@ -21,6 +21,7 @@ from model_core.export.onnx import (
     OUTPUT_NAMES,
     SlicePath,
     export_slice_path,
+    sam2_prompts,
 )
 from model_core.modeling.precision import (
     autocast,
@@ -28,7 +29,7 @@ from model_core.modeling.precision import (
     resolve_precision,
 )
 
-__all__ = ["TorchSlicePredictor", "OnnxSlicePredictor", "OnnxLiteMedSAMBackend", "time_slice_path"]
+__all__ = ["TorchSlicePredictor", "OnnxSlicePredictor", "OnnxLiteMedSAMBackend", "compare_with_torch", "time_slice_path"]
 
 
 # --------------------------------------------------------------------------- runners
@@ -287,3 +288,17 @@ def time_slice_path(
         "warmup": int(warmup),
         "files": files,
     }
+
+
+def compare_with_torch(path: SlicePath, files: Mapping[str, str], seed: int = 0) -> float:
+    """Largest absolute difference between torch's and onnxruntime's logits for ``path`` and its exported ``files``.
+
+    One random image and one box (a quarter of the image in from its corners), as an export check.
+    """
+    size = path.image_size
+    box = [size * 0.25, size * 0.3, size * 0.7, size * 0.8]
+    prompts = {"boxes": torch.tensor([box])} if "boxes" in path.example_prompts else sam2_prompts(box=box)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    expected = TorchSlicePredictor(path).predict(image, **prompts)[0]
+    got = OnnxSlicePredictor(files["encoder"], files["decoder"]).predict(image, **prompts)[0]
+    return float((expected - got).abs().max())

@@ -106,7 +106,7 @@ def load_datalist(path: str, key: str = "training", base_dir: str | None = None,
             image, and the case problems of :func:`check_case`.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"Datalist {path!r} does not exist; write one with scripts/prepare_datalist.py.")
+        raise ValueError(f"Datalist {path!r} does not exist; write one with icl-sam2 datalist.")
     try:
         with open(path) as f:
             content = json.load(f)

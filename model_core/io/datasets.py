@@ -3,12 +3,12 @@
 :func:`make_datalist` builds the datalist of a folder in one of the layouts below;
 :func:`~model_core.io.datalist.write_datalist` writes it atomically.
 :func:`model_core.io.transforms.merge_labels` applies a datalist's ``label_merge`` to a label volume.
-``scripts/prepare_datalist.py`` is the command line over :func:`make_datalist`::
+``icl-sam2 datalist`` is the command line over :func:`make_datalist`::
 
-    python scripts/prepare_datalist.py --dataset_dir /data/kits23/dataset --preset kits23 --output datalist.json
-    python scripts/prepare_datalist.py --dataset_dir /data/Task01_BrainTumour --preset msd --channel 0 --output b.json
-    python scripts/prepare_datalist.py --dataset_dir /data/own --preset generic --labels '{"kidney": 1}' --output g.json
-    python scripts/prepare_datalist.py --dataset_dir /data --preset json --datalist medsam2.json --output out.json
+    icl-sam2 datalist --dataset_dir /data/kits23/dataset --preset kits23 --output datalist.json
+    icl-sam2 datalist --dataset_dir /data/Task01_BrainTumour --preset msd --channel 0 --output b.json
+    icl-sam2 datalist --dataset_dir /data/own --preset generic --labels '{"kidney": 1}' --output g.json
+    icl-sam2 datalist --dataset_dir /data --preset json --datalist medsam2.json --output out.json
 
 The output reads with :func:`monai.data.load_decathlon_datalist` (paths are relative
 to the output file's folder unless ``--relative false``)::

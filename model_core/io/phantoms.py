@@ -13,7 +13,7 @@ label name        shape                                intensity (body 0.45)
 
 Every structure is in every volume, so only the support set tells the model which
 one to segment. :func:`write_phantom_dataset` writes phantoms as NIfTI files with an
-MSD-style datalist (the bundle's built-in data, ``scripts/make_phantom_dataset.py``).
+MSD-style datalist (the bundle's built-in data, ``icl-sam2 phantoms``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import math
 import os
 
 import nibabel as nib
+from pathlib import Path
+
 import numpy as np
 
 from model_core.io.datalist import write_datalist
@@ -129,3 +131,30 @@ def write_phantom_dataset(
             datalist[split].append(entry)
             case += 1
     return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
+
+
+def write_phantom_study(folder: str | os.PathLike, shape: tuple[int, int, int] = (256, 256, 64), cases: int = 3,
+                        labelled: int = 1, spacing: tuple[float, float, float] = (0.8, 0.8, 2.5)) -> list[str]:
+    """Phantom volumes in MONAI Label's datastore layout: ``<folder>/caseN.nii.gz`` and ``labels/final/caseN.nii.gz``.
+
+    Args:
+        folder: the studies folder (created).
+        shape: ``(i, j, k)`` of each volume (k: slices).
+        cases: how many volumes; the first ``labelled`` get a final label.
+        spacing: voxel size in mm.
+
+    Returns:
+        The image ids (``case0``, ...).
+    """
+    folder = Path(folder)
+    (folder / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*map(float, spacing), 1.0])
+    ids = []
+    for i in range(cases):
+        image, label = make_phantom((shape[2], shape[0], shape[1]), seed=i)  # (D, H, W)
+        nib.save(nib.Nifti1Image(image.transpose(1, 2, 0).astype(np.float32), affine), str(folder / f"case{i}.nii.gz"))
+        if i < labelled:
+            nib.save(nib.Nifti1Image(label.transpose(1, 2, 0).astype(np.uint8), affine),
+                     str(folder / "labels" / "final" / f"case{i}.nii.gz"))
+        ids.append(f"case{i}")
+    return ids

@@ -82,7 +82,7 @@ class SelectChanneld(MapTransform):
                 d[key] = image[channel:channel + 1]
             elif image.shape[0] != 1:
                 raise ValueError(f"{source} has {image.shape[0]} channels (modalities); name one with \"channel\": N in its "
-                                 "datalist entry (scripts/prepare_datalist.py --channel N).")
+                                 "datalist entry (icl-sam2 datalist --channel N).")
         return d
 
 

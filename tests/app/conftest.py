@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.monailabel_server import Server  # noqa: F401
+from icl_sam2.servers import MonaiLabelServer as Server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]

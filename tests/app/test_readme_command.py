@@ -8,13 +8,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
-from scripts.monailabel_server import free_port
+from icl_sam2.servers import free_port
 
 from .conftest import ROOT
 
@@ -69,9 +68,9 @@ def _block_after(readme: str, heading: str) -> list[str]:
 
 def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path):
     """"Use it from OHIF": Orthanc, the study, the server, as written (its folder and ports aside)."""
-    from scripts import orthanc_server
+    from icl_sam2 import servers
 
-    reason = orthanc_server.missing()
+    reason = servers.missing()
     if reason:
         if shutil.which("apt-get") is None:
             pytest.skip(f"Orthanc is not installable here (no apt-get): {reason}")

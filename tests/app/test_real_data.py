@@ -12,7 +12,7 @@ from monailabel.client import MONAILabelClient
 
 from .conftest import Server
 
-from scripts.make_mricron_study import available, make_study
+from model_core.io.mricron import available, make_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not available(), reason="needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")]
 

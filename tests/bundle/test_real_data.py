@@ -1,6 +1,6 @@
 """The bundle on real MRI: the Colin27 T1 template and its AAL atlas (Debian package mricron-data).
 
-A small study is cut from them by scripts/make_mricron_study.py: a support slab and two query
+A small study is cut from them by model_core.io.mricron: a support slab and two query
 slabs from other heights of the brain, at other in-plane crops and resolutions, stored in other
 orientations (one LPS, one with the slice axis first), each with the atlas labels resampled the
 same way. Evaluation and inference run through ``monai.bundle run`` with ``--modality MRI`` and
@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.make_mricron_study import ATLAS, NAMES, REGIONS, T1, available, make_study
+from model_core.io.mricron import ATLAS, NAMES, REGIONS, T1, available, make_study
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""What the DICOMweb tests share: the rule for system packages, a real Orthanc (scripts/orthanc_server.py)."""
+"""What the DICOMweb tests share: the rule for system packages, a real Orthanc (scripts/servers.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from scripts import orthanc_server
+from icl_sam2 import servers
 
 
 def require_installed(reason: str) -> None:
@@ -20,6 +20,6 @@ def require_installed(reason: str) -> None:
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     """Debian's Orthanc with DICOMweb, in a temporary folder, answering loopback clients only."""
-    require_installed(orthanc_server.missing())
-    with orthanc_server.Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+    require_installed(servers.missing())
+    with servers.Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server

@@ -1,6 +1,6 @@
 """The app with a DICOMweb PACS as its studies: SEG labels in Orthanc are the support set, saved labels go back as SEG.
 
-A real Orthanc (scripts/orthanc_server.py) holds phantom CT series (two with a SEG) and
+A real Orthanc (scripts/servers.py) holds phantom CT series (two with a SEG) and
 MR series from Debian's mricron-data where installed; the real MONAI Label server runs
 the app with ``--studies <Orthanc>/dicom-web``.
 """
@@ -18,9 +18,12 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from scripts import make_dicom_study as mds
-from scripts import make_mricron_study, orthanc_server
-from scripts.monailabel_server import Server, free_port
+from icl_sam2 import dicom_study
+from model_core.io import dicom
+from icl_sam2 import servers
+from model_core.io import mricron
+from icl_sam2.servers import MonaiLabelServer as Server
+from icl_sam2.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,10 +34,10 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 @pytest.fixture(scope="module")
 def site(pacs, tmp_path_factory):
     root = tmp_path_factory.mktemp("dicomweb_app")
-    study = mds.make_study(pacs.url, "phantoms", cases=4, labelled=1, shape=(16, 64, 64), seed=5, work_dir=root / "ct")
+    study = dicom_study.make_study(pacs.url, "phantoms", cases=4, labelled=1, shape=(16, 64, 64), seed=5, work_dir=root / "ct")
     mri = None
-    if make_mricron_study.available():
-        mri = mds.make_study(pacs.dicomweb, "mricron", labelled=0, regions=["Precentral_L"], work_dir=root / "mr")
+    if mricron.available():
+        mri = dicom_study.make_study(pacs.dicomweb, "mricron", labelled=0, regions=["Precentral_L"], work_dir=root / "mr")
     server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
                                          "device": "cpu", "checkpoint": str(root / "none.pt")},
                     root / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")})
@@ -122,7 +125,7 @@ def test_bad_labels_and_unknown_series_never_reach_the_pacs(site, tmp_path):
 def test_a_seg_off_its_image_grid_is_skipped_not_fatal(site, tmp_path):
     """A SEG in the PACS whose frames are not on its series' grid: named in the answer, the rest still works."""
     case = site["study"]["series"][3]
-    seg = mds.label_to_dicom_seg(case["label"], case["files"], LABELS, tmp_path / "seg" / "SEG.dcm", strict=False)
+    seg = dicom.label_to_dicom_seg(case["label"], case["files"], LABELS, tmp_path / "seg" / "SEG.dcm", strict=False)
     import pydicom
 
     dataset = pydicom.dcmread(seg)
@@ -130,7 +133,7 @@ def test_a_seg_off_its_image_grid_is_skipped_not_fatal(site, tmp_path):
         position = frame.PlanePositionSequence[0]
         position.ImagePositionPatient = [float(v) + (0.5 if i == 2 else 0.0) for i, v in enumerate(position.ImagePositionPatient)]
     dataset.save_as(seg)
-    mds.upload(site["pacs"].url, [seg])
+    dicom_study.upload(site["pacs"].url, [seg])
     time.sleep(6)  # the series lists are reused for 5 s
     response = _infer(site, site["study"]["series"][2]["SeriesInstanceUID"])
     assert response.status_code == 200, response.text
@@ -149,9 +152,9 @@ def test_an_unreachable_pacs_stops_the_server_at_start_up_naming_it(tmp_path):
 def test_a_series_that_is_no_volume_is_a_clear_4xx(site, tmp_path):
     one = tmp_path / "one_slice.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.int16), np.eye(4)), str(one))
-    files, uid = mds.nifti_to_dicom_series(one, tmp_path / "one", modality="CT", patient_id="ONE",
+    files, uid = dicom.nifti_to_dicom_series(one, tmp_path / "one", modality="CT", patient_id="ONE",
                                            study_uid=site["study"]["StudyInstanceUID"], series_number=50)
-    mds.upload(site["pacs"].url, files)
+    dicom_study.upload(site["pacs"].url, files)
     time.sleep(6)  # the series lists are reused for 5 s
     response = _infer(site, uid)
     assert response.status_code == 400 and "at least 4 voxels" in response.json()["detail"], response.text
@@ -159,12 +162,12 @@ def test_a_series_that_is_no_volume_is_a_clear_4xx(site, tmp_path):
 
 
 def test_a_pacs_that_goes_away_is_a_502_and_the_server_keeps_serving(tmp_path):
-    reason = orthanc_server.missing()
+    reason = servers.missing()
     if reason:
         pytest.skip(reason)
-    pacs = orthanc_server.Orthanc(tmp_path / "orthanc").start()
+    pacs = servers.Orthanc(tmp_path / "orthanc").start()
     try:
-        study = mds.make_study(pacs.url, "phantoms", cases=1, labelled=0, shape=(8, 32, 32), seed=9, work_dir=tmp_path / "s")
+        study = dicom_study.make_study(pacs.url, "phantoms", cases=1, labelled=0, shape=(8, 32, 32), seed=9, work_dir=tmp_path / "s")
         server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
                                         "device": "cpu", "dicomweb_list_ttl": "0"},
                         tmp_path / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})

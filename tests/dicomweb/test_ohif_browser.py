@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from scripts import make_dicom_study as mds
-from scripts import orthanc_server
-from scripts.monailabel_server import Server
+from icl_sam2 import dicom_study
+from icl_sam2 import servers
+from icl_sam2.servers import MonaiLabelServer as Server
 
 from .conftest import require_installed
 from .ohif import OHIF, chromium_missing, env_shots, nrrd_mask
@@ -33,13 +32,13 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    require_installed(orthanc_server.missing())
+    require_installed(servers.missing())
     require_installed(chromium_missing())
     root = tmp_path_factory.mktemp("ohif")
-    with orthanc_server.Orthanc(root / "orthanc") as pacs:
-        support = mds.make_study(pacs.url, "phantoms", cases=2, labelled=1, shape=(16, 64, 64), seed=11,
+    with servers.Orthanc(root / "orthanc") as pacs:
+        support = dicom_study.make_study(pacs.url, "phantoms", cases=2, labelled=1, shape=(16, 64, 64), seed=11,
                                  work_dir=root / "support")
-        query = mds.make_study(pacs.url, "phantoms", cases=2, labelled=0, shape=(16, 64, 64), seed=12,
+        query = dicom_study.make_study(pacs.url, "phantoms", cases=2, labelled=0, shape=(16, 64, 64), seed=12,
                                work_dir=root / "query")
         published = root / "models" / "model.pt"
         server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),

@@ -1,7 +1,7 @@
 """Our NIfTI studies as DICOM series + SEG in a real Orthanc, read back over DICOMweb with the right geometry.
 
 Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) runs as a plain process from
-scripts/orthanc_server.py, in a temporary folder, loopback clients only. The geometry tests
+scripts/servers.py, in a temporary folder, loopback clients only. The geometry tests
 at the end need no Orthanc.
 """
 
@@ -17,8 +17,9 @@ import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from scripts import make_dicom_study as mds
-from scripts import make_mricron_study
+from icl_sam2 import dicom_study
+from model_core.io import dicom
+from model_core.io import mricron
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 CT_IMAGE, MR_IMAGE, SEGMENTATION = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
@@ -36,16 +37,16 @@ def client(pacs):
 @pytest.fixture(scope="module")
 def phantoms(pacs, tmp_path_factory):
     """Three 64 x 64 x 16 CT phantoms, the first two with a SEG, uploaded through Orthanc's REST API."""
-    return mds.make_study(pacs.url, "phantoms", cases=3, labelled=2, shape=(16, 64, 64), seed=3,
+    return dicom_study.make_study(pacs.url, "phantoms", cases=3, labelled=2, shape=(16, 64, 64), seed=3,
                           work_dir=tmp_path_factory.mktemp("phantoms"))
 
 
 @pytest.fixture(scope="module")
 def mri(pacs, tmp_path_factory):
     """The three Colin27 T1 views (support and lower with a SEG), uploaded through STOW-RS."""
-    if not make_mricron_study.available():
+    if not mricron.available():
         pytest.skip("needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")
-    return mds.make_study(pacs.dicomweb, "mricron", labelled=2, regions=MRI_REGIONS,
+    return dicom_study.make_study(pacs.dicomweb, "mricron", labelled=2, regions=MRI_REGIONS,
                           work_dir=tmp_path_factory.mktemp("mri"))
 
 
@@ -142,7 +143,7 @@ def test_phantom_series_and_segs_round_trip_over_dicomweb(client, phantoms, tmp_
 @pytest.mark.slow
 def test_uploading_again_stores_nothing_new(pacs, phantoms):
     entry = phantoms["series"][0]
-    replies = mds.upload(pacs.url, entry["files"][:2] + [entry["seg_file"]])
+    replies = dicom_study.upload(pacs.url, entry["files"][:2] + [entry["seg_file"]])
     assert {r["status"] for r in replies} == {"AlreadyStored"}
 
 
@@ -211,9 +212,9 @@ def _oblique_left_handed() -> np.ndarray:
 
 def test_an_oblique_left_handed_float_volume_and_its_seg_read_back_at_the_same_points(tmp_path):
     image_nii, label_nii = _volume(_oblique_left_handed())
-    files, _ = mds.nifti_to_dicom_series(image_nii, tmp_path / "mr", modality="MR")
-    seg_file = mds.label_to_dicom_seg(label_nii, files, {"left": 1, "right": 4}, tmp_path / "seg.dcm")
-    back, seg = mds.read_series(tmp_path / "mr"), mds.read_seg(seg_file, {"left": 1, "right": 4})
+    files, _ = dicom.nifti_to_dicom_series(image_nii, tmp_path / "mr", modality="MR")
+    seg_file = dicom.label_to_dicom_seg(label_nii, files, {"left": 1, "right": 4}, tmp_path / "seg.dcm")
+    back, seg = dicom.read_series(tmp_path / "mr"), dicom.read_seg(seg_file, {"left": 1, "right": 4})
     # readers order slices along row x column: same points, third axis reversed
     for got in (back, seg):
         assert np.linalg.det(got.affine[:3, :3]) > 0 > np.linalg.det(image_nii.affine[:3, :3])
@@ -227,10 +228,10 @@ def test_an_oblique_left_handed_float_volume_and_its_seg_read_back_at_the_same_p
 def test_integer_volumes_are_stored_exactly(tmp_path):
     data = np.arange(30 * 20 * 4).reshape(30, 20, 4) * 7 % 2000 - 1000
     nii = nib.Nifti1Image(data.astype(np.int16), np.diag([0.7, 0.7, 3.0, 1.0]))
-    files, _ = mds.nifti_to_dicom_series(nii, tmp_path / "ct", modality="CT")
+    files, _ = dicom.nifti_to_dicom_series(nii, tmp_path / "ct", modality="CT")
     first = pydicom.dcmread(files[0])
     assert (first.RescaleSlope, first.RescaleIntercept, first.PixelRepresentation) == (1, 0, 1)
-    back = mds.read_series(tmp_path / "ct")
+    back = dicom.read_series(tmp_path / "ct")
     np.testing.assert_array_equal(np.asarray(back.dataobj), data)
     np.testing.assert_allclose(back.affine, nii.affine, atol=1e-6)
 
@@ -238,7 +239,7 @@ def test_integer_volumes_are_stored_exactly(tmp_path):
 def test_a_seg_off_the_image_grid_or_with_unnamed_values_is_refused(tmp_path):
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     image_nii, label_nii = _volume(affine, seed=1)
-    files, _ = mds.nifti_to_dicom_series(image_nii, tmp_path / "ct")
+    files, _ = dicom.nifti_to_dicom_series(image_nii, tmp_path / "ct")
     labels = {"left": 1, "right": 4}
     label = np.asarray(label_nii.dataobj)
     shifted = affine.copy()
@@ -254,10 +255,10 @@ def test_a_seg_off_the_image_grid_or_with_unnamed_values_is_refused(tmp_path):
     ]
     for nii, names, message in cases:
         with pytest.raises(ValueError, match=message):
-            mds.label_to_dicom_seg(nii, files, names, tmp_path / "seg.dcm")
+            dicom.label_to_dicom_seg(nii, files, names, tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()
     # strict=False: the unnamed value becomes background
-    seg = mds.read_seg(mds.label_to_dicom_seg(label_nii, files, {"left": 1}, tmp_path / "seg.dcm", strict=False))
+    seg = dicom.read_seg(dicom.label_to_dicom_seg(label_nii, files, {"left": 1}, tmp_path / "seg.dcm", strict=False))
     np.testing.assert_array_equal(np.asarray(seg.dataobj), np.where(label == 1, 1, 0))
 
 
@@ -265,10 +266,10 @@ def test_bad_volumes_are_refused(tmp_path):
     sheared = np.eye(4)
     sheared[0, 1] = 0.5
     with pytest.raises(ValueError, match="sheared"):
-        mds.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), sheared), tmp_path / "a")
+        dicom.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), sheared), tmp_path / "a")
     with pytest.raises(ValueError, match="Modality 'US'"):
-        mds.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "b", "US")
+        dicom.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "b", "US")
     with pytest.raises(ValueError, match="NaN"):
-        mds.nifti_to_dicom_series(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), tmp_path / "c")
+        dicom.nifti_to_dicom_series(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), tmp_path / "c")
     with pytest.raises(ValueError, match="3D volume"):
-        mds.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), tmp_path / "d")
+        dicom.nifti_to_dicom_series(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), tmp_path / "d")

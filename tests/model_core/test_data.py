@@ -12,7 +12,6 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 
-from model_core import build_icl_sam2
 from model_core.training import build_training_network
 from model_core.workflows.episodes import EpisodeDataset, EpisodePrepareBatch
 from model_core.io.transforms import SelectChanneld

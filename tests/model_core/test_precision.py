@@ -254,18 +254,18 @@ def test_bf16_masks_agree_with_fp32_on_the_real_mri_study(tmp_path):
     """The same comparison on real MRI: Colin27 T1 with AAL regions (Debian's mricron-data).
 
     Support: 3 axial slices of the study's ``support`` view; query: its ``upper`` view (12 slices
-    above, another crop, stored LPS), both as :mod:`scripts.make_mricron_study` cuts them, scaled
+    above, another crop, stored LPS), both as :mod:`model_core.io.mricron` cuts them, scaled
     to [0, 1] by the 0.5/99.5 percentiles and resized to 128 px. Two regions (left and right
     precentral gyrus). Same decisive random weights as on the phantoms, so again agreement of
     bf16 with fp32, not accuracy.
     """
     nib = pytest.importorskip("nibabel")
-    from scripts.make_mricron_study import available, make_study
+    from model_core.io.mricron import available, make_study
 
     if not available():
         pytest.skip("needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")
     make_study(str(tmp_path), regions=("Precentral_L", "Precentral_R"))
-    from scripts.make_mricron_study import aal_names
+    from model_core.io.mricron import aal_names
 
     values = [aal_names()[r] for r in ("Precentral_L", "Precentral_R")]
 

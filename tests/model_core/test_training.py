@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_core import PromptSampler, build_icl_sam2
+from model_core import PromptSampler
 from model_core.training import build_training_network
 from model_core.training.episodes import EpisodeSampler
 from model_core.training.losses import ICLSAM2Loss

@@ -1,4 +1,4 @@
-"""The command-line scripts run for real (small settings)."""
+"""The benchmark scripts and the checkpoint download script run for real (small settings)."""
 
 from __future__ import annotations
 
@@ -35,25 +35,6 @@ def test_download_script_lists_every_checkpoint_and_rejects_unknown_names():
     assert "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt" in listing
     bad = _run("bash", "scripts/download_checkpoints.sh", "/tmp", "no_such_model", check=False)
     assert bad.returncode == 2 and "sam2.1_hiera_tiny" in bad.stderr + bad.stdout
-
-
-@pytest.mark.slow
-def test_main_job_runs_the_bundle_end_to_end(tmp_path):
-    """The README's first command (short settings): train, evaluate, infer and the real-MRI evaluation."""
-    out = _run(sys.executable, "scripts/run_bundle_demo.py", "--steps", "4", "--epochs", "2", "--image_size", "64",
-               "--bundle_root", str(tmp_path / "bundle")).stdout
-    assert "-m monai.bundle run training --config_file bundle/configs/train.json" in out  # each step shown as a command
-    assert "Held-out phantoms" in out
-    for model in ("untrained", "trained"):
-        rows = [line.split() for line in out.splitlines() if line.strip().startswith(f"{model} ")]
-        assert [r[1] for r in rows][:4] == ["blob", "tube", "block", "mean"]
-        assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # Dice
-    labels = sorted((tmp_path / "bundle" / "outputs" / "inference").glob("*_seg.nii.gz"))
-    assert len(labels) == 2 and len(list(labels[0].parent.glob("*_confidence.json"))) == 2
-    assert (tmp_path / "bundle" / "models" / "model_final.pt").exists()
-    from scripts.make_mricron_study import available
-
-    assert ("Real T1 MRI" in out) == available()
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,16 +162,16 @@ def _write_cases(root: Path) -> None:
     np.savez_compressed(gts / "2D_outside.npz", gts=labels)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+def _run(command: list[str], *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow
-def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path):
+def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path, icl_sam2_command):
     """Both commands on generated cases with the real LiteMedSAM (4 slices encoded): broken cases are rows, not crashes."""
     _write_cases(tmp_path)
-    infer = _run("scripts/challenge_infer.py", "--input_dir", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "segs"))
+    infer = _run(icl_sam2_command, "challenge", "infer", "--input_dir", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "segs"))
     assert infer.returncode == 0, infer.stderr
     summary = json.loads(infer.stdout.strip().splitlines()[-1])
     assert summary["cases"] == 6 and summary["ok"] == 3
@@ -186,7 +185,7 @@ def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path):
     assert not (tmp_path / "segs" / "2D_nobox.npz").exists()
 
     out = tmp_path / "metrics.csv"
-    evaluate = _run("scripts/challenge_evaluate.py", "--seg_dir", str(tmp_path / "segs"), "--gt_dir",
+    evaluate = _run(icl_sam2_command, "challenge", "evaluate", "--seg_dir", str(tmp_path / "segs"), "--gt_dir",
                     str(tmp_path / "gts"), "--output", str(out), "--summary", str(tmp_path / "summary.json"))
     assert evaluate.returncode == 0, evaluate.stderr
     with open(out, newline="") as f:

@@ -1,7 +1,7 @@
 """The main job on built-in defaults: the bundle end to end, through ``python -m monai.bundle``.
 
-    python scripts/run_bundle_demo.py                 # ~15 min on 2 CPU cores
-    python scripts/run_bundle_demo.py --steps 300     # a quick look (low Dice)
+    icl-sam2 demo                 # the quick start's main job
+    icl-sam2 demo --steps 300     # a quick look (low Dice)
 
 1. data: phantom volumes (``bundle/data/phantoms``) and, when Debian's mricron-data is
    installed, a small real T1 MRI study with AAL regions (``bundle/data/mricron``);
@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import fire
+from model_core.io.mricron import make_study as make_mricron_study
+from model_core.io.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,13 +45,6 @@ def _bundle(*args: str) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return time.perf_counter() - start
-
-
-def _script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the data scripts (``python scripts/...``); its last output line is the datalist path."""
-    cmd = [sys.executable, *args]
-    print("\n$ " + shlex.join(["python", *args]), flush=True)
-    return subprocess.run(cmd, cwd=ROOT, check=check, capture_output=True, text=True)
 
 
 def _summary(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -86,8 +80,7 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     root = Path(bundle_root).resolve()
     phantoms = root / "data" / "phantoms" / "datalist.json"
     if not phantoms.exists():
-        _script("scripts/make_phantom_dataset.py", "--output_dir", str(phantoms.parent), "--train", "8", "--validation", "3",
-                "--test", "2", "--shape", f"[24,{image_size},{image_size}]")
+        write_phantom_dataset(str(phantoms.parent), train=8, validation=3, test=2, shape=(24, image_size, image_size))
     classes = json.loads(phantoms.read_text())["labels"]
     models, outputs = root / "models", root / "outputs"
     common = ["--bundle_root", str(root), "--ckpt_dir", str(models), "--preset", "tiny", "--image_size", str(image_size)]
@@ -109,11 +102,14 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     infer_dir = outputs / "inference"
     _bundle("--config_file", INFER, *phantom_args, "--query_key", "test", "--output_dir", str(infer_dir),
             "--class_names", json.dumps(classes))
-    real, made = None, None
+    real, skipped = None, None
+    study = None
     if real_data:
-        made = _script("scripts/make_mricron_study.py", "--output_dir", str(root / "data" / "mricron"), check=False)
-    if made is not None and made.returncode == 0:
-        study = Path(made.stdout.strip().splitlines()[-1])
+        try:
+            study = Path(make_mricron_study(str(root / "data" / "mricron")))
+        except ValueError as e:  # mricron-data is not installed
+            skipped = str(e)
+    if study is not None:
         regions = json.loads(study.read_text())["labels"]
         metrics = outputs / "eval_mricron"
         _bundle("--config_file", EVALUATE, *common, "--datalist_file", str(study), "--modality", "MRI",
@@ -129,10 +125,6 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     if real is not None:
         _table("Real T1 MRI (Colin27 + AAL regions; the model has seen phantoms only)", *real)
     elif real_data:
-        reason = (made.stderr.strip().splitlines() or [""])[-1] if made is not None else ""
-        print(f"\nReal MRI skipped ({reason}): install Debian's mricron-data (apt-get install mricron-data).")
+        print(f"\nReal MRI skipped: {skipped}")
     print(f"\nModels: {models}  Metrics: {outputs}")
 
-
-if __name__ == "__main__":
-    fire.Fire(main)

@@ -1,11 +1,10 @@
-"""model_core.io.datalist (and its command line, scripts/prepare_datalist.py) on tiny generated datasets in every supported layout."""
+"""model_core.io.datasets and model_core.io.datalist (and their command line, icl-sam2 datalist) on tiny generated datasets in every supported layout."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -273,10 +272,10 @@ def test_image_without_label_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_writes_the_datalist_atomically(tmp_path):
+def test_cli_writes_the_datalist_atomically(tmp_path, icl_sam2_command):
     data = _msd(tmp_path / "Task01_BrainTumour", four_d=True)
     out = tmp_path / "lists" / "brats.json"
-    args = [sys.executable, "scripts/prepare_datalist.py", "--dataset_dir", str(data), "--preset", "msd",
+    args = [*icl_sam2_command, "datalist", "--dataset_dir", str(data), "--preset", "msd",
             "--val_fraction", "0.4", "--seed", "1", "--relative", "true"]
     proc = subprocess.run(args + ["--output", str(out), "--channel", "0"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

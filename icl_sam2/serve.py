@@ -1,6 +1,6 @@
 """Start the MONAI Label server on the ICL-SAM2 app; it listens on 127.0.0.1 unless ``--host`` says otherwise.
 
-    .venv/bin/python scripts/start_server.py --studies /data/my_study --conf labels '{"kidney": 1}'
+    icl-sam2 serve --studies /data/my_study --conf labels '{"kidney": 1}'
 
 Every argument is MONAI Label's ``start_server`` argument (``--port``, ``--host``,
 ``--conf name value``, ...). Two defaults differ from ``monailabel start_server``:

@@ -1,7 +1,7 @@
 """Cut a small real-MRI study from the Colin27 T1 template and its AAL atlas (Debian package mricron-data).
 
-    python scripts/make_mricron_study.py --output_dir /tmp/mricron_study
-    python scripts/make_mricron_study.py --output_dir /tmp/mricron_study --regions '["Precentral_L","Precentral_R"]'
+    icl-sam2 mricron-study --output_dir /tmp/mricron_study
+    icl-sam2 mricron-study --output_dir /tmp/mricron_study --regions '["Precentral_L","Precentral_R"]'
 
 Needs ``apt-get install mricron-data`` (``/usr/share/mricron/templates``). Three views of the
 1 mm template are written, each as ``<view>_t1.nii.gz`` (int16 T1) and ``<view>_aal.nii.gz``
@@ -21,7 +21,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import fire
 import nibabel as nib
 import numpy as np
 
@@ -137,6 +136,3 @@ def make_study(output_dir: str, regions: Sequence[str] = REGIONS) -> str:
     }
     return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
 
-
-if __name__ == "__main__":
-    fire.Fire(make_study)

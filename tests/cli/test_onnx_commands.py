@@ -1,4 +1,4 @@
-"""scripts/export_onnx.py and scripts/benchmark_onnx.py run for real (tiny preset, small size)."""
+"""``icl-sam2 onnx-export`` and ``scripts/benchmark_onnx.py`` run for real (tiny preset, small size)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from icl_sam2.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,23 +23,22 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_export_script_writes_a_pair_that_agrees(tmp_path):
-    out = _run("scripts/export_onnx.py", "--model", "sam2", "--preset", "tiny", "--image_size", "64",
-               "--output_dir", str(tmp_path)).stdout
+def test_export_command_writes_a_pair_that_agrees(tmp_path, icl_sam2_command):
+    out = subprocess.run([*icl_sam2_command, "onnx-export", "--model", "sam2", "--preset", "tiny", "--image_size", "64",
+                          "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=600).stdout
     result = json.loads(out[out.index("{"):])
     assert result["opset"] == 18 and result["max_abs_logit_diff"] < 1e-3
     assert Path(result["encoder"]).is_file() and Path(result["decoder"]).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_decoder.onnx", "tiny_encoder.onnx"]
 
 
-def test_scripts_reject_unknown_models(tmp_path):
-    from scripts.benchmark_onnx import main as benchmark
-    from scripts.export_onnx import main as export
-
-    with pytest.raises(ValueError, match="model must be one of sam2, medsam_lite, got 'medsam2'"):
-        export(model="medsam2", output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="models must name sam2 and/or medsam_lite"):
-        benchmark(models="sam2,lite", output=str(tmp_path / "b.json"))
+def test_commands_reject_unknown_models(tmp_path, capsys):
+    with pytest.raises(SystemExit) as bad:
+        main(["onnx-export", "--model", "medsam2", "--output_dir", str(tmp_path)])
+    assert bad.value.code == 2 and "model must be one of sam2, medsam_lite, got 'medsam2'" in capsys.readouterr().err
+    refused = _run("scripts/benchmark_onnx.py", "--models", "sam2,lite", "--output", str(tmp_path / "b.json"), check=False)
+    assert refused.returncode != 0 and "models must name sam2 and/or medsam_lite" in refused.stderr
     assert list(tmp_path.iterdir()) == []
 
 

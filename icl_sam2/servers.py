@@ -1,13 +1,16 @@
-"""A reference PACS one command away: Orthanc with DICOMweb, a plain process with its storage in a folder of ours.
+"""Servers started in the background for tests, benchmarks and demos: MONAI Label on the app, and Orthanc.
 
-    python scripts/orthanc_server.py start --storage_dir /tmp/pacs --port 8042   # foreground, Ctrl-C stops it
-    python scripts/orthanc_server.py available                                  # installed? (True/False)
+    icl-sam2 orthanc --storage_dir /tmp/pacs --port 8042   # a reference PACS in the foreground, Ctrl-C stops it
 
-    from orthanc_server import Orthanc
+    from icl_sam2.servers import MonaiLabelServer, Orthanc
     with Orthanc(tmp_dir) as pacs:          # a free port by default
         pacs.url                            # http://127.0.0.1:PORT       (Orthanc's REST API)
         pacs.dicomweb                       # http://127.0.0.1:PORT/dicom-web  (QIDO-RS, WADO-RS, STOW-RS)
+    server = MonaiLabelServer(studies_dir, {"preset": "tiny", "labels": '{"kidney": 1}'}, log_file)
+    ...                                     # MONAILabelClient(server.url)
+    server.stop()
 
+**Orthanc** (a PACS one command away, with DICOMweb; a plain process with its storage in a folder of ours).
 Needs Debian's ``orthanc`` and ``orthanc-dicomweb`` (``apt-get install orthanc orthanc-dicomweb``;
 the packaged system service is not used: we run ``/usr/sbin/Orthanc <config>`` ourselves).
 
@@ -31,14 +34,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import fire
-
-__all__ = ["ORTHANC", "DICOMWEB_PLUGIN", "Orthanc", "available", "missing", "free_port", "port_in_use"]
+__all__ = ["ORTHANC", "DICOMWEB_PLUGIN", "APP", "MonaiLabelServer", "Orthanc", "available", "missing", "free_port",
+           "port_in_use", "run_orthanc"]
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -231,7 +234,7 @@ class Orthanc:
         self.stop()
 
 
-def start(storage_dir: str, port: int = 8042) -> None:
+def run_orthanc(storage_dir: str, port: int = 8042) -> None:
     """Run Orthanc in the foreground until Ctrl-C (or SIGTERM).
 
     Args:
@@ -255,5 +258,51 @@ def start(storage_dir: str, port: int = 8042) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-if __name__ == "__main__":
-    fire.Fire({"start": start, "available": available})
+
+APP = Path(__file__).resolve().parents[1] / "monailabel_app"
+
+
+class MonaiLabelServer:
+    """``monailabel start_server`` on the app (or another), in its own process group; ``stop()`` ends it and its children.
+
+    Args:
+        studies: a folder, or a DICOMweb root URL (a ``str``: a ``Path`` would fold its ``//``).
+        conf: ``--conf`` options (``models`` defaults to ``icl_sam2`` for this app).
+        log: file for the server's output; its folder is the server's working directory.
+        app: the MONAI Label app folder.
+        env: extra environment variables.
+        timeout: seconds to wait for ``GET /info/`` to answer.
+    """
+
+    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP,
+                 env: dict[str, str] | None = None, timeout: float = 180.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in ({"models": "icl_sam2", **conf} if app == APP else conf).items():
+            cmd += ["--conf", key, value]
+        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2",
+               **(env or {})}
+        self.log = log
+        self.process = subprocess.Popen(cmd, cwd=str(log.parent), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"monailabel exited ({self.process.returncode}):\n{log.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/info/", timeout=5)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"monailabel did not answer in time:\n{log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)

@@ -1,6 +1,6 @@
 """ICL-SAM2 MONAI Label app: in-context and interactive SAM2 segmentation for 3D Slicer and OHIF.
 
-    python scripts/start_server.py --studies <images> --conf models icl_sam2 \
+    icl-sam2 serve --studies <images> --conf models icl_sam2 \
         [--conf labels '{"kidney": 1}'] [--conf preset sam2.1_hiera_tiny] [--conf checkpoint <file>] \
         [--conf device cpu] [--conf modality CT]
 

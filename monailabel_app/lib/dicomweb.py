@@ -29,12 +29,15 @@ import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
+from model_core.io.dicom import decode_seg
 from model_core.io.files import atomic_path
 from model_core.io.validation import InputError, check_label_volume
 
@@ -58,19 +61,13 @@ def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], o
     Raises:
         InputError: the folder holds no readable SEG.
     """
-    import pydicom
-    import pydicom_seg
-    import SimpleITK as sitk
-
     files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir)) if os.path.isdir(seg_dir) else []
     if not files:
         raise InputError(f"The SEG series in {seg_dir!r} has no instance.")
     try:
-        dataset = pydicom.dcmread(files[0])
-        result = pydicom_seg.MultiClassReader().read(dataset)
+        segments_image, names = decode_seg(pydicom.dcmread(files[0]))
     except Exception as e:  # noqa: BLE001 - any decoding failure means "not a usable SEG"
         raise InputError(f"The DICOM SEG {os.path.basename(files[0])!r} cannot be decoded ({type(e).__name__}: {e}).") from e
-    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in dataset.SegmentSequence}
     lut = np.zeros(max(names, default=0) + 1, dtype=np.uint16)
     used, ignored = {}, []
     for number, name in names.items():
@@ -79,10 +76,10 @@ def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], o
             used[name] = values_by_name[name]
         else:
             ignored.append(name)
-    _check_on_grid(result.image, sitk.ReadImage(reference), os.path.basename(files[0]))
-    segments = sitk.GetArrayFromImage(result.image)
+    _check_on_grid(segments_image, sitk.ReadImage(reference), os.path.basename(files[0]))
+    segments = sitk.GetArrayFromImage(segments_image)
     mapped = sitk.GetImageFromArray(lut[np.clip(segments, 0, len(lut) - 1)])
-    mapped.CopyInformation(result.image)
+    mapped.CopyInformation(segments_image)
     grid = sitk.ReadImage(reference)
     # dcmqi stores only the slices that hold a segment: put the label back on the full image grid
     on_grid = sitk.Resample(mapped, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
@@ -131,7 +128,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             client.search_for_series(search_filters={"Modality": self.modalities[0]}, limit=1)
         except Exception as e:  # noqa: BLE001 - any failure here means the server cannot use this PACS
             raise ValueError(f"The DICOMweb server {client.base_url!r} (--studies) is not reachable or not DICOMweb: "
-                             f"{type(e).__name__}: {e}. Start the PACS (scripts/orthanc_server.py) or fix the URL.") from e
+                             f"{type(e).__name__}: {e}. Start the PACS (icl-sam2 orthanc) or fix the URL.") from e
         super().__init__(client, search_filter={"Modality": self.modalities[0]}, cache_path=cache_path,
                          fetch_by_frame=False, convert_to_nifti=True)
 

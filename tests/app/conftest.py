@@ -1,4 +1,4 @@
-"""A real MONAI Label server running the app, for the tests of this folder (see scripts/monailabel_server.py)."""
+"""A real MONAI Label server running the app, for the tests of this folder (icl_sam2.servers.MonaiLabelServer)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's server commands, run as written (studies folder and port aside): they start, on 127.0.0.1 only."""
+"""The docs' server commands, run as written (studies folder and port aside): they start, on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.slow  # starts the README's servers
 
 
 def _commands(readme: str) -> list[str]:
-    """The ``scripts/start_server.py`` commands of a README's bash blocks, continuation lines joined."""
+    """The ``icl-sam2 serve`` commands of a page's bash blocks, continuation lines joined."""
     text = (ROOT / readme).read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     joined = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    return [line.strip() for line in joined if "scripts/start_server.py" in line and "/data/my_study" in line]
+    return [line.strip() for line in joined if "icl-sam2 serve" in line and "/data/my_study" in line]
 
 
-@pytest.mark.parametrize("readme", ["README.md", "monailabel_app/README.md"])
+@pytest.mark.parametrize("readme", ["README.md", "docs/app.md", "monailabel_app/README.md"])
 def test_the_readmes_server_command_starts_on_loopback(readme, tmp_path):
     commands = _commands(readme)
     assert len(commands) == 1, commands
@@ -67,7 +67,7 @@ def _block_after(readme: str, heading: str) -> list[str]:
 
 
 def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path):
-    """"Use it from OHIF": Orthanc, the study, the server, as written (its folder and ports aside)."""
+    """docs/app.md "Use it from OHIF": Orthanc, the study, the server, as written (its folder and ports aside)."""
     from icl_sam2 import servers
 
     reason = servers.missing()
@@ -77,8 +77,8 @@ def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path)
         pytest.fail(reason)
     pacs_port, server_port = free_port(), free_port()
     lines = [line.replace("/tmp/pacs", str(tmp_path / "pacs")).replace("8042", str(pacs_port)) for line in
-             _block_after("README.md", "### Use it from OHIF")]
-    assert len(lines) == 3 and lines[0].endswith("&") and "start_server.py" in lines[2], lines
+             _block_after("docs/app.md", "## Use it from OHIF")]
+    assert len(lines) == 3 and lines[0].endswith("&") and "icl-sam2 serve" in lines[2], lines
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
     started = []

@@ -97,7 +97,7 @@ def test_config_workflow_run_id(phantoms, tmp_path):
 
 def test_bad_input_stops_before_training(phantoms, tmp_path):
     missing = _run("training", {**SMALL, "datalist_file": str(tmp_path / "nope.json")}, check=False)
-    assert missing.returncode != 0 and "does not exist; write one with scripts/prepare_datalist.py" in missing.stderr
+    assert missing.returncode != 0 and "does not exist; write one with icl-sam2 datalist" in missing.stderr
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"training": []}))
     out = _run("training", {**SMALL, "datalist_file": str(empty)}, check=False)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from fastapi import HTTPException
 
+from lib import datastore_endpoints
 from lib.requests import check_id, http_error, parse_params
 from model_core.validation import InputError
 
@@ -138,3 +139,4 @@ def install(app: Any) -> None:
     if missing:
         raise RuntimeError(f"MONAI Label endpoints not found to run off the event loop: {missing}")
     logger.info(f"Endpoints run in the thread pool: {sorted(moved)}")
+    datastore_endpoints.install(_routers(server.app.router))  # uploads checked whole first, downloads of one version

@@ -203,11 +203,14 @@ def check_upload_name(upload: Any, field: str) -> None:
 def check_arguments(kwargs: dict[str, Any]) -> None:
     """The checks every kept route gets, by argument name and type (one rule per kind of argument).
 
-    Ids (``image``, ``id``, ``label`` when text, ``session_id``) and ``tag`` must be ids (400);
+    Ids (``image``, ``id``, ``label`` when text, ``session_id``) and ``tag`` must be ids (400), except ``image``
+    beside a ``session_id`` (the client's name for the session's volume, which is what runs);
     the form fields ``params`` and ``info`` must be JSON objects and JSON bodies hold no number
     beyond 2^53 (422); upload file names must fit the file system (400).
     """
     for name, value in kwargs.items():
+        if name == "image" and kwargs.get("session_id"):
+            continue  # with a session, Slicer sends its volume's node name, e.g. 'CT Chest (2)'; MONAI Label ignores it
         if isinstance(value, UploadFile):
             check_upload_name(value, name)
         elif isinstance(value, list) and value and all(isinstance(v, UploadFile) for v in value):
@@ -340,7 +343,7 @@ def check_infer_request(app: Any, kwargs: dict[str, Any]) -> None:
             check_id(image, "image")
             if not app.datastore().get_image_uri(image):
                 raise InputError(f"Image {image!r} is not in the datastore.", status=404)
-        elif image:
+        elif image and not kwargs.get("session_id"):
             check_id(image, "image")
     except InputError as e:
         logger.info(f"Rejected infer request for {model!r}: {e}")

@@ -18,7 +18,8 @@ id from the URL into a path (``DELETE /session/..`` removes the session folder's
   archive declares, and no member may write more than it declared). A refused
   archive is a 400 (413 for the bounds) naming the member; then the stdlib's own
   ``data`` extraction filter extracts it as a second line of defence;
-- a session id must be an id (``lib.requests.ID_RULE``; MONAI Label's are UUIDs).
+- a session id from a request must be an id (``lib.requests.ID_RULE``; MONAI Label's are UUIDs):
+  ``lib/routes.py`` checks it before MONAI Label's session endpoints and infer use it.
 
 Nothing from a session reaches the datastore: inference on a session never saves
 (``ICLSAM2App.infer`` saves only for datastore ids), and a session folder lies under
@@ -38,7 +39,7 @@ from typing import Any
 
 from monailabel.utils.sessions import Sessions
 
-from lib.requests import check_id, http_error
+from lib.requests import http_error
 from model_core.validation import InputError
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def extract_archive(path: str, folder: str, max_files: int, max_bytes: int) -> N
 
 
 class CheckedSessions(Sessions):
-    """MONAI Label's ``Sessions`` with archives extracted by :func:`extract_archive` and session ids checked.
+    """MONAI Label's ``Sessions`` with archives extracted by :func:`extract_archive`.
 
     Args:
         store_path, expiry: as for ``Sessions`` (``MONAI_LABEL_SESSION_PATH``, ``MONAI_LABEL_SESSION_EXPIRY``).
@@ -171,21 +172,6 @@ class CheckedSessions(Sessions):
             return super().add_session(folder, expiry, False, session_id)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # moved into the session on success
-
-    def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):
-        self._check(session_id)
-        return super().get_session(session_id, update_ts, fetch_cache)
-
-    def remove_session(self, session_id: str):
-        self._check(session_id)
-        return super().remove_session(session_id)
-
-    @staticmethod
-    def _check(session_id: str) -> None:
-        try:
-            check_id(session_id, "session_id")
-        except InputError as e:
-            raise http_error(e) from e
 
     def volume(self, path: str) -> str:
         """The volume file of a session's image: the file itself, or the one volume file of an extracted folder.

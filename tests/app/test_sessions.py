@@ -106,17 +106,3 @@ def test_a_safe_archive_becomes_a_session_with_one_volume(tmp_path):
     assert Path(volume).read_bytes() == b"volume" and sessions.owns(volume)
     assert Path(volume).resolve().is_relative_to((tmp_path / "store" / session_id).resolve())
     assert not sessions.owns(str(archive))
-
-
-def test_session_ids_are_ids(tmp_path):
-    from fastapi import HTTPException
-
-    sessions = CheckedSessions(str(tmp_path / "store"), 3600)
-    (tmp_path / "meta.info").write_text('{"image": "/etc/hostname"}')  # what '..' would read as a session
-    for bad in ("..", "../x", "a" * 300):
-        with pytest.raises(HTTPException) as caught:
-            sessions.get_session(bad)
-        assert caught.value.status_code == 400 and "session_id" in caught.value.detail
-        with pytest.raises(HTTPException):
-            sessions.remove_session(bad)
-    assert (tmp_path / "meta.info").exists()

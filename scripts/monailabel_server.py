@@ -19,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "monailabel_app"
+#: MONAI Label's own start command (after the interpreter)
+MONAI_LABEL = ("-m", "monailabel.main", "start_server")
 
 
 def free_port() -> int:
@@ -30,11 +32,13 @@ def free_port() -> int:
 class Server:
     """``monailabel start_server`` in its own process group; ``stop()`` ends it and its training children."""
 
-    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP, env: dict[str, str] | None = None):
-        """``studies``: a folder, or a DICOMweb root URL (a ``str``: a ``Path`` would fold its ``//``)."""
+    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP,
+                 env: dict[str, str] | None = None, launcher: tuple[str, ...] = MONAI_LABEL):
+        """``studies``: a folder, or a DICOMweb root URL (a ``str``: a ``Path`` would fold its ``//``);
+        ``launcher``: what follows the interpreter (``(str(ROOT / "scripts" / "start_server.py"),)`` for ours)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+        cmd = [sys.executable, *launcher, "--app", str(app), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in ({"models": "icl_sam2", **conf} if app == APP else conf).items():
             cmd += ["--conf", key, value]

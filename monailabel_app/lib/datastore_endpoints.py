@@ -22,6 +22,8 @@ MONAI Label 0.8.5 (``monailabel/endpoints/datastore.py``):
 
 The replacements keep MONAI Label's paths, parameter names, roles (``RBAC``) and
 answers, so the Slicer and OHIF plugins and ``monailabel.client`` see no difference.
+``lib.routes.install`` mounts them in place of MONAI Label's (:data:`ENDPOINTS`), behind the
+same checks as every other kept route.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from email.utils import formatdate
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import quote
 
 from fastapi import Depends, File, Form, HTTPException, UploadFile
@@ -49,7 +51,7 @@ from lib.datastore import VOLUME_EXTENSIONS, check_info, volume_extension
 from lib.requests import check_id, check_tag, http_error
 from model_core.validation import InputError
 
-__all__ = ["parse_info", "serve_one_version", "install", "ENDPOINTS"]
+__all__ = ["parse_info", "serve_one_version", "ENDPOINTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,43 +201,3 @@ ENDPOINTS = {
     ("GET", "/datastore/label"): download_label,
     ("GET", "/datastore/image"): download_image,
 }
-
-
-def install(routers: Iterable[Any]) -> list[str]:
-    """Put :data:`ENDPOINTS` in place of MONAI Label's in ``routers`` (the app's router and those included in it).
-
-    Each route keeps its path, methods, name, summary, tags and route-level dependencies;
-    only the endpoint changes. The replacements are plain functions, which FastAPI runs
-    in its thread pool (off the event loop).
-
-    Returns:
-        ``"METHOD path"`` of each route replaced.
-
-    Raises:
-        RuntimeError: when one of :data:`ENDPOINTS` is not found (a MONAI Label upgrade moved it).
-    """
-    from fastapi.routing import APIRoute
-
-    replaced = []
-    for router in routers:
-        changed = False
-        for i, route in enumerate(router.routes):
-            if not isinstance(route, APIRoute):
-                continue
-            keys = [(method, route.path) for method in route.methods if (method, route.path) in ENDPOINTS]
-            if not keys:
-                continue
-            router.routes[i] = APIRoute(
-                route.path, ENDPOINTS[keys[0]], methods=list(route.methods), name=route.name, summary=route.summary,
-                description=route.description, tags=route.tags, responses=route.responses,
-                dependencies=route.dependencies, include_in_schema=route.include_in_schema, deprecated=route.deprecated,
-            )
-            replaced += [f"{m} {p}" for m, p in keys]
-            changed = True
-        if changed and hasattr(router, "_mark_routes_changed"):
-            router._mark_routes_changed()  # FastAPI caches the routes of included routers by version
-    missing = sorted(f"{m} {p}" for m, p in ENDPOINTS if f"{m} {p}" not in replaced)
-    if missing:
-        raise RuntimeError(f"MONAI Label's datastore endpoints not found to replace: {missing}")
-    logger.info(f"Datastore endpoints replaced: {sorted(replaced)}")
-    return replaced

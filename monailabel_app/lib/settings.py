@@ -52,6 +52,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
     "proposal_settings": ("{}", "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)"),
     "proposal_label": (None, "lesion_proposals: the label accepted candidates become (default: the first of labels)"),
+    "allowed_origins": ("[]", "JSON list of web origins (scheme://host[:port]) that browsers may use this server from, "
+                              "besides its own pages; default none"),
+    "session_max_mb": (2048, "most MiB an archive sent to /session with uncompress=true may extract to"),
+    "session_max_files": (10000, "most members such an archive may hold"),
 }
 
 

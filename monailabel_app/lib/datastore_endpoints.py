@@ -45,17 +45,15 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_mime_type
-from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from lib.datastore import VOLUME_EXTENSIONS, check_info, volume_extension
-from lib.requests import check_id, check_tag, http_error
+from lib.requests import check_id, check_tag, http_error, parse_json_object
 from model_core.validation import InputError
 
 __all__ = ["parse_info", "serve_one_version", "ENDPOINTS"]
 
 logger = logging.getLogger(__name__)
 
-_INFO = TypeAdapter(dict[str, JsonValue])
 #: bytes read from disk per chunk of a download
 CHUNK = 1 << 20
 
@@ -63,19 +61,15 @@ CHUNK = 1 << 20
 def parse_info(text: str | None, field: str) -> dict[str, Any]:
     """The JSON object in form field ``field`` (empty: ``{}``), as the datastore will store it.
 
+    The request rule (:func:`lib.requests.parse_json_object`: JSON, an object, integers within
+    2^53), then the datastore's (:func:`lib.datastore.check_info`: finite numbers, string keys).
+
     Raises:
-        InputError: status 422 naming ``field``: not JSON, not an object, nested too deep,
-            a number out of range or not finite (:func:`lib.datastore.check_info`).
+        InputError: status 422 naming ``field``.
     """
     if text is None or not text.strip():
         return {}
-    try:
-        value = _INFO.validate_json(text)
-    except ValidationError as e:
-        error = e.errors()[0]
-        raise InputError(f"{field} must be a JSON object (e.g. {{}} or {{\"client\": \"slicer\"}}): "
-                         f"{error['msg']}.", status=422) from e
-    return check_info(value, field)
+    return check_info(parse_json_object(text, field), field)
 
 
 @contextmanager

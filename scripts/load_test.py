@@ -13,9 +13,10 @@ running one, which must be a loopback address. Every loop is bounded by a count 
 - how many follow-up clicks had to encode their image again (evicted sessions);
 - the memory bound (a server started here): how many clicks were answered busy (503; the
   client waits the Retry-After seconds and sends the click again, as a well-behaved client
-  does), the server's resident memory idle (after one warm-up click), at its peak and after
-  the burst, and its growth per session beside what the session cache reports
-  (``session_cache_mb`` over ``sessions`` of the last reply).
+  does), the server's resident memory before the burst (after a warm-up of one first click
+  per client, from as many threads), at its peak and after, and its growth per new
+  session beside what the session cache reports per new session (``session_cache_mb``
+  and ``sessions`` of the replies).
 
 ``--memory_bound false`` starts the server with the preprocessing cap lifted (``--conf
 max_preprocessing`` = clients) to compare.
@@ -60,7 +61,8 @@ def _rss(process: psutil.Process | None) -> int:
 def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape: tuple[int, int, int] = (16, 64, 64),
         preset: str = "tiny", image_size: int = 64, url: str | None = None, app: str = str(APP),
         deadline: float = 600.0, probe_interval: float = 0.25, workdir: str | None = None, memory_bound: bool = True,
-        max_preprocessing: int = 2, preprocessing_wait_s: float = 30.0, session_cache_mb: float = 2048.0) -> dict:
+        max_preprocessing: int = 2, preprocessing_wait_s: float = 30.0, session_cache_mb: float = 2048.0,
+        max_sessions: int | None = None) -> dict:
     """Run the load test and print the figures; returns them as a dict.
 
     Args:
@@ -76,6 +78,8 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         workdir: where the study and the server's log go (default: a new temporary folder).
         memory_bound: start the server with the preprocessing cap (False: ``max_preprocessing`` = ``clients``).
         max_preprocessing, preprocessing_wait_s, session_cache_mb: the server's ``--conf`` memory options.
+        max_sessions: the server's ``--conf max_sessions`` (default: room for the warm-up's and the burst's
+            sessions, so that no session is evicted while the memory is measured).
     """
     host = urllib.parse.urlparse(url).hostname if url else "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -90,7 +94,8 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         for i, case in enumerate(cases):
             (studies / f"case{i}.nii.gz").write_bytes((root / "src" / case["image"]).read_bytes())
         limits = {"max_preprocessing": str(max_preprocessing if memory_bound else clients),
-                  "preprocessing_wait_s": str(preprocessing_wait_s), "session_cache_mb": str(session_cache_mb)}
+                  "preprocessing_wait_s": str(preprocessing_wait_s), "session_cache_mb": str(session_cache_mb),
+                  "max_sessions": str(max_sessions or 2 * clients + 1)}
         server = Server(studies, {"preset": preset, "image_size": str(image_size), "labels": json.dumps(LABELS),
                                   "device": "cpu", "checkpoint": str(root / "none.pt"), **limits}, root / "server.log",
                         app=Path(app))
@@ -103,6 +108,21 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     burst_done = threading.Event()
     depth, height, width = shape
 
+    def click(image: str, params: dict) -> dict:
+        """One interactive request: its reply's params; a busy answer (503) is sent again after its Retry-After."""
+        while True:
+            response = requests.post(f"{url}/infer/icl_sam2_interactive", params={"image": image},
+                                     data={"params": json.dumps(params)}, timeout=max(stop_at - time.time(), 1))
+            if response.status_code != 503 or time.time() > stop_at:
+                break
+            with lock:
+                results["busy"].append(int(response.headers.get("Retry-After", 1)))
+            time.sleep(min(float(response.headers.get("Retry-After", 1)), max(stop_at - time.time(), 0)))
+        if response.status_code != 200:
+            raise RuntimeError(f"status {response.status_code}: {response.text[:200]}")
+        part = response.content.split(b'name="params"')[1]
+        return json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"\r\n--")[0])
+
     def client(n: int) -> None:
         image = f"case{n % len(cases)}"
         points = [[width // 2, height // 2, depth // 2]]
@@ -112,19 +132,8 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
             params = {"foreground": points, "label": "blob", "client_id": f"client{n}"}
             start = time.perf_counter()
             try:
-                while True:  # a busy answer (503) is retried after its Retry-After, within the deadline
-                    response = requests.post(f"{url}/infer/icl_sam2_interactive", params={"image": image},
-                                             data={"params": json.dumps(params)}, timeout=max(stop_at - time.time(), 1))
-                    if response.status_code != 503 or time.time() > stop_at:
-                        break
-                    with lock:
-                        results["busy"].append(int(response.headers.get("Retry-After", 1)))
-                    time.sleep(min(float(response.headers.get("Retry-After", 1)), max(stop_at - time.time(), 0)))
+                info = click(image, params)
                 seconds = time.perf_counter() - start
-                if response.status_code != 200:
-                    raise RuntimeError(f"status {response.status_code}: {response.text[:200]}")
-                part = response.content.split(b'name="params"')[1]
-                info = json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"\r\n--")[0])
             except Exception as e:  # noqa: BLE001 - counted and reported, the load test goes on
                 with lock:
                     results["errors"].append(f"client{n}: {type(e).__name__}: {e}")
@@ -171,10 +180,21 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     try:
         requests.put(f"{url}/datastore/label", params={"image": "case0", "tag": "final"},
                      files={"label": ("case0.nii.gz", label_file.read_bytes())}, timeout=60)
-        warm = requests.post(f"{url}/infer/icl_sam2_interactive", params={"image": "case0"},  # loads the network
-                             data={"params": json.dumps({"foreground": [[width // 2, height // 2, depth // 2]],
-                                                         "label": "blob", "client_id": "warmup"})}, timeout=600)
-        warm_sessions = 1 if warm.status_code == 200 else 0
+        # warm-up: the network loads and as many server threads as clients do a first click each (what a thread
+        # and the allocator take once); the burst's sessions are then measured against the memory after it
+        warm: list[tuple[int, float]] = []
+
+        def warm_up(n: int) -> None:
+            info = click(f"case{n % len(cases)}", {"foreground": [[width // 2, height // 2, depth // 2]],
+                                                   "label": "blob", "client_id": f"warmup{n}"})
+            with lock:
+                warm.append((info.get("sessions", 0), info.get("session_cache_mb", 0.0)))
+
+        warm_up(0)
+        warmers = [threading.Thread(target=warm_up, args=(n,)) for n in range(1, clients)]
+        [t.start() for t in warmers]
+        [t.join(timeout=600) for t in warmers]
+        results["busy"].clear()
         memory["idle"] = _rss(process)
         threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
         prober = threading.Thread(target=probe)
@@ -203,16 +223,17 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     }
     if process is not None:
         sessions, cache_mb = max(results["sessions"], default=(0, 0.0))
+        warm_count, warm_mb = max(warm, default=(0, 0.0))
         mib = lambda b: round(b / 2**20, 1)  # noqa: E731
         grown = (memory["after"] - memory["idle"]) / 2**20
-        new_sessions = max(sessions - warm_sessions, 1)
+        new_sessions = max(sessions - warm_count, 1)
         figures.update({
             "memory_bound": f"max_preprocessing {max_preprocessing if memory_bound else clients}, "
                             f"preprocessing_wait_s {preprocessing_wait_s}, session_cache_mb {session_cache_mb}",
             "server_rss_idle_peak_after_mib": f"{mib(memory['idle'])} / {mib(memory['peak'])} / {mib(memory['after'])}",
-            "sessions_and_reported_mib": f"{sessions} sessions, {cache_mb} MiB",
+            "sessions_and_reported_mib": f"{warm_count} -> {sessions} sessions, {warm_mb} -> {cache_mb} MiB",
             "growth_per_session_mib": round(grown / new_sessions, 2),
-            "reported_per_session_mib": round(cache_mb / max(sessions, 1), 2),
+            "reported_per_session_mib": round((cache_mb - warm_mb) / new_sessions, 2),
         })
     for key, value in figures.items():
         print(f"{key:>30}: {value}")

@@ -1,5 +1,6 @@
-"""A request that finds every volume slot taken is answered 503 with Retry-After (issue 19, case 11), in-process:
-the infer tasks turn :class:`~model_core.validation.ServiceBusy` into the HTTP answer."""
+"""The memory options in-process (issue 19, case 11): a request that finds every volume slot taken is answered 503
+with Retry-After (the infer tasks turn :class:`~model_core.validation.ServiceBusy` into the HTTP answer), and the
+options reach the service or stop the server naming the option."""
 
 from __future__ import annotations
 
@@ -73,3 +74,13 @@ def test_the_limits_reach_the_service_and_have_defaults():
     assert (config.max_preprocessing, config.preprocessing_wait_s) == (3, 0.5)
     with pytest.raises(ValueError, match="--conf max_preprocessing must be a whole number of at least 1"):
         service_config({**base, "max_preprocessing": "0"}, app)
+
+
+def test_the_malloc_threshold_is_fixed_or_the_bad_value_named():
+    from lib.settings import apply_malloc_threshold
+
+    assert apply_malloc_threshold({"malloc_mmap_threshold_kb": "0"}) is None  # glibc's own, untouched
+    for bad in ("40000", "-1", "a lot"):
+        with pytest.raises(ValueError, match="--conf malloc_mmap_threshold_kb must be a whole number of KiB"):
+            apply_malloc_threshold({"malloc_mmap_threshold_kb": bad})
+    assert apply_malloc_threshold({}) in (128, None)  # None only where the C library is not glibc

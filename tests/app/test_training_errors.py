@@ -98,6 +98,16 @@ def test_a_run_whose_validation_raises_fails_with_its_cause_and_publishes_nothin
     assert (Path(study["trainer"].work_dir) / "train" / "model_final.pt").is_file()
 
 
+def test_a_failed_multi_gpu_run_raises(study):
+    """MONAI Label's runner ignores torchrun's exit code; here a failed command is a failed run."""
+    import os
+    import sys
+
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        study["trainer"].run_multi_gpu({}, [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    study["trainer"].run_multi_gpu({}, [sys.executable, "-c", "pass"], dict(os.environ))
+
+
 def test_root_cause_unwraps_the_config_parsers_errors():
     try:
         try:

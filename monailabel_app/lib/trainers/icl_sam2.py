@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -156,6 +157,17 @@ class ICLSAM2Train(BundleTrainTask):
             candidates.remove(best)
             missing -= set(self._present.get(best["label"], ()))
         return chosen or train[:1]
+
+    def run_multi_gpu(self, request, cmd, env):
+        """``torchrun`` of the bundle, its output passed through; a failed run raises.
+
+        ``BundleTrainTask._run_command`` ignores the exit code, so a multi-GPU run that
+        failed in validation would be published from the checkpoint it saved on the way out.
+        """
+        logger.info(f"Running {cmd}")
+        code = subprocess.call(cmd, env=env)
+        if code != 0:
+            raise RuntimeError(f"The multi-GPU training command exited with code {code}; its output above says why.")
 
     def publish(self, since: float) -> str:
         """Write the run's model (best by validation Dice, else final) to the served checkpoint, atomically."""

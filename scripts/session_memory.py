@@ -2,11 +2,18 @@
 
     .venv/bin/python scripts/session_memory.py sessions --count 20 --shape 32,128,128 --image_size 128
     .venv/bin/python scripts/session_memory.py concurrent --clients 3 --shape 300,512,512 --caps 1,2,3
+    .venv/bin/python scripts/session_memory.py server --bursts 5 --clients 20 --shape 16,64,64 --image_size 64
 
 ``sessions``: one process runs the service in-process (tiny preset), opens ``count``
 sessions (one client each, first click) on phantoms of ``shape`` ``(D, H, W)``, and prints
 the process's resident memory growth per session beside the growth of the cache's own
 count (``session_cache_mb``); the cap is meant to be within 2x of what the process grows.
+
+``server``: a real server on loopback (tiny preset, the app's defaults otherwise, room for
+every session) gets ``bursts`` bursts of ``clients`` simultaneous first clicks, each from a
+new client; after each burst it prints the server's resident growth per new session beside
+the cache's count per new session. The first burst also pays for the network and the
+threads; the later ones show what a session costs.
 
 ``concurrent``: for each volume-slot cap (``--conf max_preprocessing``), a fresh process
 sends ``clients`` simultaneous first clicks on one random volume of ``shape`` and prints
@@ -84,6 +91,58 @@ def sessions(count: int = 20, shape="16,64,64", image_size: int = 64, images: in
         print(f"{key:>32}: {value}")
 
 
+def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int = 64, images: int = 4) -> None:
+    """Resident growth of a real server per new session, burst after burst, against the cache's count."""
+    import requests
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from monailabel_server import Server
+    from model_core.phantoms import write_phantom_dataset
+
+    D, H, W = _shape(shape)
+    root = Path(tempfile.mkdtemp(prefix="session_memory_"))
+    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0,
+                                                     shape=(D, H, W))).read_text())
+    studies = root / "studies"
+    studies.mkdir()
+    for i, case in enumerate(datalist["training"]):
+        (studies / f"case{i}.nii.gz").write_bytes((root / "src" / case["image"]).read_bytes())
+    conf = {"preset": "tiny", "image_size": str(image_size), "labels": json.dumps(LABELS), "device": "cpu",
+            "checkpoint": str(root / "none.pt"), "max_sessions": str(bursts * clients + 1)}
+    running = Server(studies, conf, root / "server.log")
+    process = psutil.Process(running.process.pid)
+    replies: dict[str, tuple[int, float]] = {}
+
+    def click(client: str, image: str) -> None:
+        params = {"foreground": [[W // 2, H // 2, D // 2]], "label": "blob", "client_id": client}
+        for _ in range(100):  # a busy answer is sent again after its Retry-After
+            response = requests.post(f"{running.url}/infer/icl_sam2_interactive", params={"image": image},
+                                     data={"params": json.dumps(params)}, timeout=900)
+            if response.status_code != 503:
+                break
+            time.sleep(float(response.headers.get("Retry-After", 1)))
+        part = response.content.split(b'name="params"')[1]
+        info = json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"\r\n--")[0])
+        replies[client] = (info["sessions"], info["session_cache_mb"])
+
+    try:
+        before = (process.memory_info().rss, 0, 0.0)
+        for b in range(bursts):
+            threads = [threading.Thread(target=click, args=(f"b{b}c{n}", f"case{n % images}"))
+                       for n in range(clients)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            rss = process.memory_info().rss
+            sessions, reported = max(replies.values())
+            new = max(sessions - before[1], 1)
+            grown, counted = (rss - before[0]) / 2**20 / new, (reported - before[2]) / new
+            print(f"burst {b}: server {rss / 2**20:.0f} MiB, {sessions} sessions, cache {reported} MiB; per new session "
+                  f"+{grown:.2f} MiB resident vs {counted:.2f} MiB counted ({grown / counted:.2f}x)")
+            before = (rss, sessions, reported)
+    finally:
+        running.stop()
+
+
 def _burst(path: str, clients: int, cap: int, image_size: int, wait_s: float) -> None:
     """One cap, in this (fresh) process: prints a JSON line with the figures."""
     from model_core.validation import InputError
@@ -150,4 +209,4 @@ def concurrent(clients: int = 3, shape="300,512,512", caps="1,2,3", image_size: 
 
 
 if __name__ == "__main__":
-    fire.Fire({"sessions": sessions, "concurrent": concurrent, "_burst": _burst})
+    fire.Fire({"sessions": sessions, "server": server, "concurrent": concurrent, "_burst": _burst})

@@ -136,8 +136,8 @@ def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int
             sessions, reported = max(replies.values())
             new = max(sessions - before[1], 1)
             grown, counted = (rss - before[0]) / 2**20 / new, (reported - before[2]) / new
-            print(f"burst {b}: server {rss / 2**20:.0f} MiB, {sessions} sessions, cache {reported} MiB; per new session "
-                  f"+{grown:.2f} MiB resident vs {counted:.2f} MiB counted ({grown / counted:.2f}x)")
+            print(f"burst {b}: server {rss / 2**20:.0f} MiB, {sessions} sessions, cache {reported} MiB; "
+                  f"per new session +{grown:.2f} MiB resident vs {counted:.2f} MiB counted ({grown / counted:.2f}x)")
             before = (rss, sessions, reported)
     finally:
         running.stop()

@@ -76,8 +76,8 @@ def apply_malloc_threshold(conf: dict[str, str]) -> int | None:
     freed, up to 32 MiB, so after the first volume a server's transient tensors (preprocessed
     volumes, probabilities, inverted results) of a few MiB come from its heap and, freed by
     many threads, stay there: the process grew 2 to 3 times what its sessions hold. A fixed
-    threshold keeps them mapped and returns them when freed (measured with
-    ``scripts/load_test.py``: growth per session 1.1 to 1.7 times what the cache reports).
+    threshold keeps them mapped and returns them when freed (``scripts/session_memory.py server``:
+    a warm server then grows per session 1.1 to 1.8 times what the cache reports).
     Process-wide and idempotent; a no-op (None) on another C library or with 0.
 
     Raises:

@@ -63,7 +63,10 @@ def check_tag(value: Any, field: str = "tag") -> str:
 
 
 def http_error(error: InputError) -> HTTPException:
-    return HTTPException(status_code=error.status, detail=str(error))
+    """The HTTP answer to an :class:`InputError`: its status and message (and ``Retry-After`` when it has one)."""
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return HTTPException(status_code=error.status, detail=str(error), headers=headers)
 
 
 _Number = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]

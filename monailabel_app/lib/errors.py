@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from lib.requests import http_error
 from model_core.validation import InputError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def server_fault(error: BaseException, where: str = "") -> tuple[str, str]:
 async def _input_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, InputError)
     logger.info(f"{request.method} {request.url.path}: {error.status} {error}")
-    return JSONResponse(status_code=error.status, content={"detail": str(error)})
+    answer = http_error(error)  # the one mapping of an InputError to HTTP (status, message, Retry-After)
+    return JSONResponse(status_code=answer.status_code, content={"detail": answer.detail}, headers=answer.headers)
 
 
 def _location(loc: tuple) -> str:

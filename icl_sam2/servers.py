@@ -260,6 +260,10 @@ def run_orthanc(storage_dir: str, port: int = 8042) -> None:
 
 
 APP = Path(__file__).resolve().parents[1] / "monailabel_app"
+#: MONAI Label's own start command (after the interpreter)
+MONAI_LABEL = ("-m", "monailabel.main", "start_server")
+#: ours: ``icl-sam2 serve`` (loopback and the app by default; MONAI_LABEL_CORS_ORIGINS passed on as a --conf)
+ICL_SAM2_SERVE = ("-m", "icl_sam2", "serve")
 
 
 class MonaiLabelServer:
@@ -272,13 +276,14 @@ class MonaiLabelServer:
         app: the MONAI Label app folder.
         env: extra environment variables.
         timeout: seconds to wait for ``GET /info/`` to answer.
+        launcher: what follows the interpreter (:data:`MONAI_LABEL`, or :data:`ICL_SAM2_SERVE` for ours).
     """
 
     def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP,
-                 env: dict[str, str] | None = None, timeout: float = 180.0):
+                 env: dict[str, str] | None = None, timeout: float = 180.0, launcher: tuple[str, ...] = MONAI_LABEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+        cmd = [sys.executable, *launcher, "--app", str(app), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in ({"models": "icl_sam2", **conf} if app == APP else conf).items():
             cmd += ["--conf", key, value]

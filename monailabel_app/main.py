@@ -31,7 +31,10 @@ from lib import routes
 from lib.activelearning.random import SafeRandom
 from lib.datastore import CheckedDatastore
 from lib.dicomweb import CheckedDICOMwebDatastore
+from lib.origin import parse_origins
+from lib.readonly import ReadOnlyDatastore, is_read_only
 from lib.requests import check_id, http_error
+from lib.sessions import CheckedSessions
 from lib.settings import OPTIONS, parse_labels, parse_modalities
 from model_core.io.validation import InputError
 
@@ -42,6 +45,14 @@ MODELS = {
     "lesion_proposals": lib.configs.lesion_proposals.LesionProposals,
     "medsam_lite": lib.configs.medsam_lite.MedSAMLite,
 }
+
+
+class ReadOnlyCheckedDatastore(ReadOnlyDatastore, CheckedDatastore):
+    """The local datastore with ``MONAI_LABEL_DATASTORE_READ_ONLY=true`` (``lib/readonly.py``)."""
+
+
+class ReadOnlyDICOMwebDatastore(ReadOnlyDatastore, CheckedDICOMwebDatastore):
+    """The DICOMweb datastore with ``MONAI_LABEL_DATASTORE_READ_ONLY=true`` (``lib/readonly.py``)."""
 
 
 class ICLSAM2App(MONAILabelApp):
@@ -57,20 +68,26 @@ class ICLSAM2App(MONAILabelApp):
         self.models = {}
         self._conf = conf
         self._app_dir = app_dir
+        #: origins besides the server's own that browsers may use it from (lib/origin.py)
+        self.allowed_origins = parse_origins(conf.get("allowed_origins", OPTIONS["allowed_origins"][0]))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ICL-SAM2",
                          description="In-context and interactive SAM2 segmentation of CT and MRI volumes",
                          version="0.1.0")
-        routes.install(self)  # inference and uploads off the event loop; infer requests checked first
+        if is_read_only():
+            self._auto_update_scoring = False  # scores are stored in the datastore, which accepts no write
+        routes.install(self)  # the reviewed route table, its checks, the error rule and the origin rule
 
     def init_datastore(self):
         logger.info(f"Init datastore for {self.studies}")
         if self.studies.startswith(("http://", "https://")):  # a DICOMweb PACS, never a folder of that name
             self.studies = self.studies.rstrip("/")
             return self._dicomweb_datastore()
-        return CheckedDatastore(self.studies, label_values=parse_labels(self._conf).values(),
-                                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        # read-only: MONAI Label's own flag would skip indexing the folder at start-up (a fresh folder lists nothing);
+        # here the index is built in memory and never written, and every write is refused (lib/readonly.py)
+        datastore = ReadOnlyCheckedDatastore if is_read_only() else CheckedDatastore
+        return datastore(self.studies, label_values=parse_labels(self._conf).values(),
+                         extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                         auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
 
     def _dicomweb_datastore(self):
         """MONAI Label's DICOMweb client for ``--studies`` (its settings: credentials, URL prefixes), our datastore."""
@@ -86,8 +103,9 @@ class ICLSAM2App(MONAILabelApp):
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         self._download_dcmqi_tools()
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
-        return CheckedDICOMwebDatastore(client, parse_labels(self._conf), parse_modalities(self._conf), cache_path=cache,
-                                        list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])))
+        datastore = ReadOnlyDICOMwebDatastore if is_read_only() else CheckedDICOMwebDatastore
+        return datastore(client, parse_labels(self._conf), parse_modalities(self._conf), cache_path=cache,
+                         list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])))
 
     def _download_dcmqi_tools(self):
         """dcmqi's ``itkimage2segimage`` comes from its pinned wheel (requirements.txt), never from a download:
@@ -140,17 +158,26 @@ class ICLSAM2App(MONAILabelApp):
             info["models_status"][name] = {**status, "untrained": not status["trained"]}
         return info
 
-    @staticmethod
-    def _upload_file(path) -> bool:
+    def _load_sessions(self, load=False):
+        """MONAI Label's sessions, with archives extracted safely and session ids checked (``lib/sessions.py``)."""
+        if not load:
+            return None
+        max_mb = float(self._conf.get("session_max_mb", OPTIONS["session_max_mb"][0]))
+        max_files = int(self._conf.get("session_max_files", OPTIONS["session_max_files"][0]))
+        return CheckedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY,
+                               max_files=max_files, max_bytes=int(max_mb * 2**20))
+
+    def _upload_file(self, path) -> bool:
         """A file MONAI Label wrote for this request: an uploaded image (``NamedTemporaryFile`` in the temp
-        folder) or a session's image. Clients cannot name such paths: the infer route takes ids only."""
-        if not isinstance(path, str) or not os.path.isabs(path) or not os.path.isfile(path):
+        folder) or a session's image. Clients cannot name such paths: the infer route takes ids only
+        (``lib/routes.py`` ``check_infer_request``), and the whole-slide route that took paths is not mounted."""
+        if not isinstance(path, str) or not os.path.isabs(path):
             return False
-        real = os.path.realpath(path)
-        if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.basename(real).startswith("tmp"):
+        if self._sessions is not None and self._sessions.owns(path):
             return True
-        sessions = settings.MONAI_LABEL_SESSION_PATH
-        return bool(sessions) and real.startswith(os.path.realpath(sessions) + os.sep)
+        real = os.path.realpath(path)
+        return (os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+                and os.path.basename(real).startswith("tmp"))
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with the image resolved only as a datastore id (or MONAI Label's own upload file).
@@ -166,7 +193,9 @@ class ICLSAM2App(MONAILabelApp):
         image = request.get("image")
         try:
             if self._upload_file(image):
-                image_id = None  # an upload for this request only: never saved
+                image_id = None  # an upload or a session for this request only: never saved
+                if self._sessions is not None and self._sessions.owns(image):
+                    image = self._sessions.volume(image)  # an extracted archive: its one volume
             else:
                 image_id = check_id(image, "image")
                 if not datastore.get_image_uri(image_id):

@@ -2,16 +2,19 @@
 
 Readers of a checkpoint, a label, a datalist or a cache entry must see the old file or
 the new one, never half of one, and an interrupted write must never look complete.
+Where a write is acknowledged to someone (a label saved for a user, the datastore's
+index), ``durable=True`` also makes it survive a power loss: the data is on disk before
+the rename, and the rename is on disk before the caller returns.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["VOLUME_EXTENSIONS", "atomic_path", "split_extension", "volume_stem"]
 
 #: File endings of the volume formats the project reads (longest first: ``.nii.gz`` before ``.nii``).
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -28,20 +31,52 @@ def split_extension(name: str, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) 
 def volume_stem(path: str | os.PathLike) -> str:
     """The file or folder name of a volume without its volume extension (``/a/case1.nii.gz`` -> ``case1``)."""
     return split_extension(os.path.basename(os.fspath(path).rstrip("/")))[0]
+__all__ = ["VOLUME_EXTENSIONS", "atomic_path", "fsync_folder", "remove_stale_temporaries", "split_extension", "volume_stem"]
+
+#: ``.<name>.<pid>.<12 hex>.tmp<suffix>``: the temporary names :func:`atomic_path` makes
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)")
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the entries of ``folder`` (a rename, a new file) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(os.fspath(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; their renames are as durable as they get
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    """Flush ``path``'s data to disk (Linux and macOS flush a file's data through any descriptor of it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = False) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     The caller writes the temporary file by any means (``torch.save``, ``np.save``,
-    ``nibabel.save``, ``shutil.copy``, ``open``). On an exception the temporary file is
-    removed and ``path`` is left as it was.
+    ``nibabel.save``, ``shutil.copy``, ``open``) and closes it. On an exception the temporary
+    file is removed and ``path`` is left as it was. A process killed while writing leaves
+    the temporary file behind (:func:`remove_stale_temporaries` clears those), never a
+    half-written ``path``.
 
     Args:
         path: the final file; its folder is created if missing.
         suffix: ending of the temporary name, for writers that pick a format by it
             (``".nii.gz"`` for nibabel, ``".npy"`` for ``np.save``).
+        durable: fsync the file before the rename and the folder after it, so that once
+            the block has exited, ``path`` holds the new content even after a power loss
+            (a rename alone may reach the disk before the data it names).
 
     Example:
         >>> with atomic_path("model.pt") as tmp:  # doctest: +SKIP
@@ -54,7 +89,48 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         yield tmp
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files :func:`atomic_path` left in ``folder`` when its process was killed.
+
+    Only files whose writing process no longer runs are removed, so a writer in another
+    live process (a training run beside the server) keeps its file.
+
+    Returns:
+        the names removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if match and not _process_alive(int(match["pid"])):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed

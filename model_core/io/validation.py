@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
 
-__all__ = ["InputError", "MIN_VOLUME_SIZE", "load_volume", "check_image_volume", "check_label_volume", "image_problem", "label_problem", "as_3d", "read_header", "as_bool"]
+__all__ = ["InputError", "ServiceBusy", "MIN_VOLUME_SIZE", "load_volume", "check_image_volume", "check_label_volume", "image_problem", "label_problem", "as_3d", "read_header", "as_bool"]
 
 #: the smallest size of every axis of an image or label
 MIN_VOLUME_SIZE = 4
@@ -47,6 +47,23 @@ class InputError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = int(status)
+
+
+class ServiceBusy(InputError):
+    """The server is at capacity for this kind of work right now: a 503 with ``Retry-After``, not a fault.
+
+    An :class:`InputError` so that every boundary that answers a caller's error with its
+    status and does not log it as a server fault answers this one the same way; the
+    HTTP layer adds the ``Retry-After`` header from :attr:`retry_after`.
+
+    Args:
+        message: what is busy and what to do.
+        retry_after: whole seconds after which a retry is likely to be served (at least 1).
+    """
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message, status=503)
+        self.retry_after = max(int(-(-float(retry_after) // 1)), 1)
 
 
 def load_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,12 @@ keeps both, and nothing server-specific: the app maps requests onto it.
   newly published model); with no checkpoint it runs its initial weights and says so.
 - Support memories are built from the labelled volumes once and rebuilt only when
   those files or the weights change.
-- Interactive sessions are keyed by (client, image): the slice features of each
-  image stay in an LRU under a memory cap, so a follow-up click runs the decoder and
-  propagation only.
+- Interactive sessions are keyed by (client, image): the preprocessed volume, its slice
+  features and results stay in an LRU under a memory cap that counts every tensor a
+  session holds, so a follow-up click runs the decoder and propagation only.
+- Volumes read and preprocessed at once are bounded (:class:`VolumeSlots`): a request
+  that needs a new volume waits for a slot for a bounded time, then is told to come back
+  (:class:`~model_core.validation.ServiceBusy`, a 503 with ``Retry-After`` at a server).
 
 Request flow (where each step happens):
 
@@ -45,9 +48,11 @@ Request flow (where each step happens):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -62,7 +67,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from model_core.io.transforms import load_case
-from model_core.io.validation import InputError
+from model_core.io.validation import InputError, ServiceBusy
 from model_core.modeling.checkpoint import load_checkpoint
 from model_core.modeling.inputs import as_slices, volume_to_slices
 from model_core.modeling.memory import SupportMemory
@@ -73,7 +78,7 @@ from model_core.volume_state import VolumeState
 from model_core.workflows.inferers import InContextInferer, build_support
 from model_core.workflows.proposals import propose_image
 
-__all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "load_bundle_parser"]
+__all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "VolumeSlots", "held_bytes", "load_bundle_parser"]
 
 
 def load_bundle_parser(bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None) -> ConfigParser:
@@ -105,8 +110,12 @@ class ServiceConfig:
         channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
         max_support_volumes: labelled volumes used as the support set (the most recent first).
         num_support_slices: support slices per class.
-        session_cache_mb: memory cap of the interactive sessions' image features.
+        session_cache_mb: memory cap of the interactive sessions: every tensor they hold (the
+            preprocessed volume and its model input slices, image features, results), see :func:`held_bytes`.
         max_sessions: at most this many interactive sessions are kept.
+        max_preprocessing: requests that read and preprocess a volume at once (a first click on an
+            image, in-context segmentation, proposals); each holds its slot until it has answered.
+        preprocessing_wait_s: how long a request waits for such a slot before :class:`ServiceBusy`.
         seed: seed of the initial weights when there is no checkpoint, so two starts give the same results.
         incremental: a follow-up click re-runs only the changed slices and propagates outward
             while the result still changes (False: every request replays all clicks over the
@@ -130,6 +139,8 @@ class ServiceConfig:
     num_support_slices: int = 3
     session_cache_mb: float = 2048.0
     max_sessions: int = 32
+    max_preprocessing: int = 2
+    preprocessing_wait_s: float = 30.0
     seed: int = 0
     incremental: bool = True
     incremental_patience: int = 3
@@ -161,6 +172,129 @@ def _slice_prompt(entry: dict[str, Any]) -> SlicePrompt:
     )
 
 
+def held_bytes(*roots: Any, skip: tuple[type, ...] = ()) -> int:
+    """Bytes of every tensor and array reachable from ``roots``, each storage counted once.
+
+    Follows containers (dict, list, tuple, set), a ``MetaTensor``'s meta and applied
+    operations, and the attributes of this project's own objects (``model_core.*``);
+    views and expanded tensors count their whole storage (what stays allocated),
+    shared storages once. Objects of ``skip`` types (the network, a shared support
+    memory) and modules are not entered. Python objects' own overhead is not counted.
+
+    Why here: ``torch`` and ``sys.getsizeof`` size one tensor or object, not what a
+    structure of them keeps alive.
+    """
+    storages: set[tuple[str, int]] = set()
+    visited: set[int] = set()
+    total = 0
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            key = (str(obj.device), storage.data_ptr())
+            if key not in storages:
+                storages.add(key)
+                total += storage.nbytes()
+            if isinstance(obj, MetaTensor):
+                stack += [obj.meta, obj.applied_operations]
+        elif isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            key = ("numpy", base.__array_interface__["data"][0])
+            if key not in storages:
+                storages.add(key)
+                total += base.nbytes
+        elif isinstance(obj, torch.nn.Module) or (skip and isinstance(obj, skip)):
+            continue
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += list(obj)
+        elif type(obj).__module__.startswith("model_core") and hasattr(obj, "__dict__"):
+            stack += list(vars(obj).values())
+    return total
+
+
+class VolumeSlots:
+    """At most ``slots`` requests hold a volume being read, preprocessed and worked on at once.
+
+    A waiting request gets a slot in arrival order within ``wait_s`` seconds, or
+    :class:`ServiceBusy` with a ``Retry-After`` estimated from how long recent slots were held.
+    ``threading.Semaphore`` bounds the count but neither keeps arrival order nor knows
+    how long to tell a client to wait.
+
+    Args:
+        slots: requests served at once (at least 1).
+        wait_s: longest wait for a slot (0: answer busy at once).
+        what: what a slot is for, in the busy message.
+    """
+
+    def __init__(self, slots: int, wait_s: float, what: str = "volumes being preprocessed"):
+        if int(slots) < 1:
+            raise ValueError(f"slots must be at least 1, got {slots!r}.")
+        if not float(wait_s) >= 0:
+            raise ValueError(f"wait_s must be a number of seconds >= 0, got {wait_s!r}.")
+        self.slots, self.wait_s, self.what = int(slots), float(wait_s), what
+        self._condition = threading.Condition()
+        self._busy = 0
+        self._queue: list[object] = []  # waiting tickets, oldest first
+        self._mean_hold: float | None = None  # seconds a slot is held, exponentially averaged
+
+    @property
+    def in_use(self) -> int:
+        return self._busy
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def retry_after(self) -> float:
+        """Seconds after which a new request probably gets a slot: the queue ahead times the mean hold."""
+        hold = self._mean_hold if self._mean_hold is not None else max(self.wait_s, 1.0)
+        rounds = math.ceil((len(self._queue) + 1) / self.slots)
+        return min(max(hold * rounds, 1.0), 3600.0)
+
+    @contextlib.contextmanager
+    def hold(self, wait_s: float | None = None):
+        """A slot for the ``with`` block, waiting at most ``wait_s`` seconds (default: the configured wait).
+
+        Raises:
+            ServiceBusy: no slot came free in time.
+        """
+        ticket = object()
+        wait_s = self.wait_s if wait_s is None else float(wait_s)
+        deadline = time.monotonic() + wait_s
+        with self._condition:
+            self._queue.append(ticket)
+            try:
+                while self._busy >= self.slots or self._queue[0] is not ticket:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServiceBusy(
+                            f"The server is busy: {self._busy} {self.what} already (at most {self.slots}) and "
+                            f"{len(self._queue) - 1} more waiting; waited {wait_s:g} s. Retry after the "
+                            "Retry-After seconds.", self.retry_after())
+                    self._condition.wait(min(left, 3600.0))
+            finally:
+                self._queue.remove(ticket)
+                self._condition.notify_all()  # the next in line may go (or time out) now
+            self._busy += 1
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            held = time.monotonic() - start
+            with self._condition:
+                self._busy -= 1
+                self._mean_hold = held if self._mean_hold is None else 0.7 * self._mean_hold + 0.3 * held
+                self._condition.notify_all()
+
+
 class _Track:
     """One structure's interactive result in a session: the clicks it answers and the volume state.
 
@@ -188,19 +322,25 @@ class _Track:
 
 class _Session:
     """One client's interactive work on one image: the preprocessed volume, its feature cache
-    and, per structure, the last result (:class:`_Track`)."""
+    and, per structure, the last result (:class:`_Track`).
+
+    ``held`` is what the session holds in bytes, measured by :meth:`measure` whenever it
+    changes (by the thread that changed it, under the model lock), so the session table
+    can be summed without walking sessions another request is changing.
+    """
 
     def __init__(self, image: MetaTensor, slices: torch.Tensor):
         self.image, self.slices = image, slices
         self.anchor = None  # the VolumeState whose feature cache later states share
         self.tracks: dict[tuple[int, bool], _Track] = {}
         self.used = time.monotonic()
+        self.held = self.measure()
 
-    @property
-    def nbytes(self) -> int:
-        """The image features and each structure's kept results: what ``session_cache_mb`` caps."""
-        features = self.anchor.features.nbytes if self.anchor is not None else 0
-        return features + sum(track.state.nbytes for track in self.tracks.values())
+    def measure(self) -> int:
+        """Every tensor the session keeps (volume, slices, features, results, prompts' memories), each
+        storage once; not the network nor the shared support memory: what ``session_cache_mb`` caps."""
+        self.held = held_bytes(self.image, self.slices, self.anchor, self.tracks, skip=(SupportMemory,))
+        return self.held
 
 
 class SegmentationService:
@@ -247,6 +387,8 @@ class SegmentationService:
         self._loaded_stamp: tuple | None = None
         self._support: tuple[str, SupportMemory] | None = None
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        #: requests that hold a volume being read and preprocessed (and then worked on) at once
+        self.volume_slots = VolumeSlots(config.max_preprocessing, config.preprocessing_wait_s)
         #: number of times weights were (re)loaded from the checkpoint
         self.reloads = 0
 
@@ -336,10 +478,21 @@ class SegmentationService:
     # ------------------------------------------------------------------ helpers
     def preprocess(self, image_path: str, network) -> tuple[MetaTensor, torch.Tensor]:
         """The image through the bundle's preprocessing ``(1, H, W, D)`` (its meta maps back to the
-        file's voxels) and the network's input slices ``(D, 3, S, S)``."""
+        file's voxels) and the network's input slices ``(D, 3, S, S)``.
+
+        With ``replicate`` channels on a float32 image already at the model's size (what the
+        bundle's preprocessing makes), the slices are a view of the image (each slice in all
+        three channels without copying): a session then holds the volume once instead of four
+        times (the image and a three-channel copy). Same values as :func:`volume_to_slices`.
+        """
         item = load_case({"image": image_path}, self.preprocessing)
         image = item["image"]
-        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), network.image_size, self.config.channel_mode)
+        size = network.image_size
+        if (self.config.channel_mode == "replicate" and image.dtype == torch.float32 and image.ndim == 4
+                and image.shape[0] == 1 and tuple(image.shape[1:3]) == (size, size)):
+            volume = image.as_tensor().clamp_(0, 1)[0]  # (H, W, D), the image's own storage
+            return image, volume.permute(2, 0, 1)[:, None].expand(-1, 3, -1, -1)
+        slices = volume_to_slices(as_slices(image).float().clamp(0, 1), size, self.config.channel_mode)
         return image, slices
 
     def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
@@ -358,18 +511,27 @@ class SegmentationService:
 
     # ------------------------------------------------------------------ in-context
     @torch.inference_mode()
-    def segment(self, image_path: str, labelled: Sequence[dict[str, str]]) -> Segmentation:
-        """Segment every configured class of a volume in context of the labelled volumes."""
+    def segment(self, image_path: str, labelled: Sequence[dict[str, str]], wait_s: float | None = None) -> Segmentation:
+        """Segment every configured class of a volume in context of the labelled volumes.
+
+        Args:
+            wait_s: longest wait for a volume slot (default: ``preprocessing_wait_s``; ``math.inf`` for
+                batch work such as scoring, which should queue rather than fail).
+
+        Raises:
+            ServiceBusy: no volume slot within the wait.
+        """
         network = self.network
         start = time.perf_counter()
-        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
-        with self._lock:
-            encoded = network.encoded_slices
-            support = self.support_memory(labelled, network)
-            inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
-            probabilities = inferer(image[None].to(self.device), network)[0].cpu()
-            encoded = network.encoded_slices - encoded
-        label = self._to_original(image, probabilities, self.classes)
+        with self.volume_slots.hold(wait_s):  # a whole volume in memory until the answer is made
+            image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
+            with self._lock:
+                encoded = network.encoded_slices
+                support = self.support_memory(labelled, network)
+                inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
+                probabilities = inferer(image[None].to(self.device), network)[0].cpu()
+                encoded = network.encoded_slices - encoded
+            label = self._to_original(image, probabilities, self.classes)
         confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
         info = {**self.model_info(network), "encoded_slices": encoded,
                 "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
@@ -391,22 +553,27 @@ class SegmentationService:
 
         network = self.network
         start = time.perf_counter()
-        image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
-        with self._lock:
-            result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
+        with self.volume_slots.hold():
+            image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
+            with self._lock:
+                result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
         result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
         return result
 
     # ------------------------------------------------------------------ interactive
-    def _session(self, client: str, image_path: str, network) -> _Session:
-        """The client's session on this image; a new one reads and preprocesses the file outside every lock."""
+    def _session(self, client: str, image_path: str, network, slot: contextlib.ExitStack) -> _Session:
+        """The client's session on this image; a new one reads and preprocesses the file outside every lock,
+        holding a volume slot (entered on ``slot``, so it is held until the request has answered)."""
         key = (str(client), os.path.abspath(image_path))
         with self._sessions_lock:
             session = self._sessions.get(key)
         if session is None:
+            slot.enter_context(self.volume_slots.hold())
             fresh = _Session(*self.preprocess(image_path, network))
             with self._sessions_lock:  # a concurrent request of the same client may have made one meanwhile
                 session = self._sessions.setdefault(key, fresh)
+                if session is fresh:
+                    self._evict(session)  # make room now: the volume counts before its features do
         with self._sessions_lock:
             if key in self._sessions:
                 self._sessions.move_to_end(key)
@@ -414,24 +581,38 @@ class SegmentationService:
         return session
 
     def _enforce_cache_limits(self, current: _Session) -> None:
-        """Evict the least recently used sessions over ``max_sessions`` or ``session_cache_mb`` (under the model lock)."""
+        """Measure the session just worked on and evict the least recently used sessions over ``max_sessions``
+        or ``session_cache_mb`` (under the model lock, so no other request changes ``current`` meanwhile)."""
+        current.measure()
         with self._sessions_lock:
             self._evict(current)
 
+    def session_bytes(self, client: str, image_path: str) -> int | None:
+        """What the client's session on this image holds in bytes, as ``session_cache_mb`` counts it (None: no session)."""
+        with self._sessions_lock:
+            session = self._sessions.get((str(client), os.path.abspath(image_path)))
+            return None if session is None else session.held
+
     def _session_totals(self) -> dict[str, Any]:
         with self._sessions_lock:
-            return {"session_cache_mb": round(sum(s.nbytes for s in self._sessions.values()) / 2**20, 2),
+            return {"session_cache_mb": round(sum(s.held for s in self._sessions.values()) / 2**20, 2),
                     "sessions": len(self._sessions)}
 
     def _evict(self, current: _Session) -> None:
+        """Drop the least recently used other sessions until the table fits its caps (under the sessions lock);
+        when ``current`` alone is over the MiB cap, its least recently used slice features go."""
         cap = int(float(self.config.session_cache_mb) * 2**20)
         while len(self._sessions) > max(int(self.config.max_sessions), 1) or (
-            sum(s.nbytes for s in self._sessions.values()) > cap and len(self._sessions) > 1
+            sum(s.held for s in self._sessions.values()) > cap and len(self._sessions) > 1
         ):
-            oldest_key = next(k for k, s in self._sessions.items() if s is not current)
+            oldest_key = next((k for k, s in self._sessions.items() if s is not current), None)
+            if oldest_key is None:
+                break
             del self._sessions[oldest_key]
-        if current.anchor is not None and current.nbytes > cap:
-            current.anchor.features.shrink(cap)
+        if current.anchor is not None and current.held > cap:
+            features = current.anchor.features
+            features.shrink(max(cap - (current.held - features.nbytes), 0))
+            current.measure()
 
     def _correct(self, predictor: VolumePredictor, state: VolumeState, value: int,
                  prompts: dict[int, dict[str, Any]], changed: list[int]) -> int:
@@ -473,13 +654,37 @@ class SegmentationService:
 
     def to_model_grid(self, image: MetaTensor, points: Sequence[Sequence[float]]) -> np.ndarray:
         """Voxel indices ``[i, j, k]`` of the image file (as Slicer and OHIF send them) to
-        ``(x, y, slice)`` on the model grid, through the original and preprocessed affines."""
+        ``(x, y, slice)`` on the model grid, through the original and preprocessed affines.
+
+        Clamped to the grid: ``x`` in ``[0, W - 1]``, ``y`` in ``[0, H - 1]``, ``slice`` in
+        ``[0, D - 1]`` of the ``(1, H, W, D)`` preprocessed volume. Resampling maps voxel
+        centres onto pixel centres, so when a slice is shrunk to the model's size the
+        image's border voxels land up to half a model pixel outside the outermost pixel
+        centres (voxel 0 of 96 -> x = -0.17 on a 64 grid), though they are inside the image.
+        Callers check first that the voxel lies in the image (:meth:`interact` does); the
+        clamp then moves a point by less than one model pixel.
+        """
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         original = np.asarray(image.meta["original_affine"], dtype=np.float64)
         current = np.asarray(image.affine, dtype=np.float64)
         world = original @ np.concatenate([pts, np.ones((len(pts), 1))], axis=1).T
         index = (np.linalg.inv(current) @ world)[:3].T  # (row, column, slice) of the (1, H, W, D) volume
-        return np.stack([index[:, 1], index[:, 0], index[:, 2]], axis=1)
+        H, W, D = (int(v) for v in image.shape[1:4])
+        return np.stack([index[:, 1].clip(0, W - 1), index[:, 0].clip(0, H - 1), index[:, 2].clip(0, D - 1)], axis=1)
+
+    def _model_box(self, image: MetaTensor, lo: Sequence[float], hi: Sequence[float]) -> tuple[list[float], int]:
+        """An ROI's corners (voxel indices) as a box ``[x0, y0, x1, y1]`` on the model grid, at least one
+        pixel wide and inside it, and the ROI's middle slice."""
+        corners = self.to_model_grid(image, [lo, hi])
+        box = []
+        for axis, size in ((0, int(image.shape[2])), (1, int(image.shape[1]))):
+            low, high = sorted(corners[:, axis])
+            if high - low < 1:  # a box one voxel wide, or two border voxels on one model pixel
+                high = min(low + 1, size - 1)
+                low = high - 1
+            box.append((float(low), float(high)))
+        z = int(np.clip(round(corners[:, 2].mean()), 0, int(image.shape[3]) - 1))
+        return [box[0][0], box[1][0], box[0][1], box[1][1]], z
 
     def _check_points(self, image: MetaTensor, points: Sequence[Sequence[float]], what: str) -> None:
         shape = np.asarray(image.meta["spatial_shape"], dtype=np.float64)
@@ -528,79 +733,80 @@ class SegmentationService:
             raise InputError("Nothing to segment from: give foreground/background points or an ROI box.")
         network = self.network
         start = time.perf_counter()
-        session = self._session(client, image_path, network)  # file work: outside the model lock
-        image = session.image
-        self._check_points(image, foreground, "Foreground")
-        self._check_points(image, background, "Background")
-        value = self.labels[label]
-        prompts: dict[int, dict[str, list]] = {}
-        for points, positive in ((foreground, 1), (background, 0)):
-            for x, y, z in self.to_model_grid(image, points) if len(points) else []:
-                z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
+        with contextlib.ExitStack() as slot:  # a new session's volume slot, held until the answer is made
+            session = self._session(client, image_path, network, slot)  # file work: outside the model lock
+            image = session.image
+            self._check_points(image, foreground, "Foreground")
+            self._check_points(image, background, "Background")
+            value = self.labels[label]
+            prompts: dict[int, dict[str, list]] = {}
+            for points, positive in ((foreground, 1), (background, 0)):
+                for x, y, z in self.to_model_grid(image, points) if len(points) else []:
+                    z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
+                    entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
+                    entry["points"].append([float(x), float(y)])
+                    entry["labels"].append(positive)
+            if roi is not None:
+                roi = [float(v) for v in roi]
+                if len(roi) != 6:
+                    raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
+                lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
+                if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
+                    raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
+                self._check_points(image, [lo, hi], "ROI corner")
+                box, z = self._model_box(image, lo, hi)
                 entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
-                entry["points"].append([float(x), float(y)])
-                entry["labels"].append(positive)
-        if roi is not None:
-            roi = [float(v) for v in roi]
-            if len(roi) != 6:
-                raise InputError(f"roi must be [i0, i1, j0, j1, k0, k1], got {roi}.")
-            lo, hi = [roi[0], roi[2], roi[4]], [roi[1], roi[3], roi[5]]
-            if abs(lo[0] - hi[0]) < 1 or abs(lo[1] - hi[1]) < 1:
-                raise InputError(f"The ROI box {roi} has zero size in-plane; draw a box around the structure.")
-            self._check_points(image, [lo, hi], "ROI corner")
-            corners = self.to_model_grid(image, [lo, hi])
-            x0, x1 = sorted(corners[:, 0])
-            y0, y1 = sorted(corners[:, 1])
-            z = int(np.clip(round(corners[:, 2].mean()), 0, session.slices.shape[0] - 1))
-            entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
-            entry["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
-        with self._lock:
-            encoded = network.encoded_slices
-            support, objects = None, [value]
-            if from_in_context:
-                support = self.support_memory(labelled, network)
-                objects = list(support.object_ids)
-                if value not in objects:
-                    raise InputError(f"Label {label!r} is not in the support set {objects}.")
-            predictor = VolumePredictor(network)
-            track_key = (value, bool(from_in_context))
-            track = session.tracks.get(track_key)
-            changed = None
-            if self.config.incremental and track is not None and track.support is support:
-                changed = track.changed_slices(prompts)
-            if changed == []:  # the same clicks again: the same answer
-                state, ran, mode = track.state, 0, "unchanged"
-            elif changed is not None:
-                state, mode = track.state, "incremental"
-                ran = self._correct(predictor, state, value, prompts, changed)
-                track.prompts = prompts
-            else:
-                state = predictor.init_state(session.slices, support, objects, feature_cache_slices=session.slices.shape[0],
-                                             share_features_with=session.anchor)
-                if session.anchor is None:
-                    session.anchor = state
-                for z, entry in sorted(prompts.items()):
-                    predictor.add_prompt(state, z, value, _slice_prompt(entry))
-                ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
-                session.tracks[track_key] = _Track(state, prompts, support)
-                mode = "full"
-            low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()  # (K, D, h, w), this request's copy
-            encoded = network.encoded_slices - encoded
-            self._enforce_cache_limits(session)
-        H = W = network.image_size
-        D = session.slices.shape[0]
-        logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)  # (K, D, H, W)
-        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
-        if roi is not None:  # nothing outside the ROI's slices
-            k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
-            outside = torch.ones(D, dtype=torch.bool)
-            outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
-            probs[objects.index(value), :, :, outside] = 0
-        probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
-        result = self._to_original(image, probabilities, objects) if from_in_context else \
-            self._to_original(image, probabilities, [value])
-        info = {**self.model_info(network), "encoded_slices": encoded,
-                "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
-                "mode": mode, "propagated_slices": ran,
-                **self._session_totals()}
-        return Segmentation(result, {}, info)
+                entry["box"] = box
+            with self._lock:
+                encoded = network.encoded_slices
+                support, objects = None, [value]
+                if from_in_context:
+                    support = self.support_memory(labelled, network)
+                    objects = list(support.object_ids)
+                    if value not in objects:
+                        raise InputError(f"Label {label!r} is not in the support set {objects}.")
+                predictor = VolumePredictor(network)
+                track_key = (value, bool(from_in_context))
+                track = session.tracks.get(track_key)
+                changed = None
+                if self.config.incremental and track is not None and track.support is support:
+                    changed = track.changed_slices(prompts)
+                if changed == []:  # the same clicks again: the same answer
+                    state, ran, mode = track.state, 0, "unchanged"
+                elif changed is not None:
+                    state, mode = track.state, "incremental"
+                    ran = self._correct(predictor, state, value, prompts, changed)
+                    track.prompts = prompts
+                else:
+                    state = predictor.init_state(session.slices, support, objects,
+                                                 feature_cache_slices=session.slices.shape[0],
+                                                 share_features_with=session.anchor)
+                    if session.anchor is None:
+                        session.anchor = state
+                    for z, entry in sorted(prompts.items()):
+                        predictor.add_prompt(state, z, value, _slice_prompt(entry))
+                    ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
+                    session.tracks[track_key] = _Track(state, prompts, support)
+                    mode = "full"
+                # (K, D, h, w), this request's copy
+                low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()
+                encoded = network.encoded_slices - encoded
+                self._enforce_cache_limits(session)
+            H = W = network.image_size
+            D = session.slices.shape[0]
+            # (K, D, H, W)
+            logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)
+            probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+            if roi is not None:  # nothing outside the ROI's slices
+                k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
+                outside = torch.ones(D, dtype=torch.bool)
+                outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
+                probs[objects.index(value), :, :, outside] = 0
+            probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+            result = self._to_original(image, probabilities, objects) if from_in_context else \
+                self._to_original(image, probabilities, [value])
+            info = {**self.model_info(network), "encoded_slices": encoded,
+                    "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
+                    "mode": mode, "propagated_slices": ran,
+                    **self._session_totals()}
+            return Segmentation(result, {}, info)

@@ -77,9 +77,22 @@ class EpisodeDataset(torch.utils.data.Dataset):
     ):
         self.transform, self.label_merge, self.cache_dir = transform, label_merge, cache_dir
         volumes = [self._volume(item) for item in data]
-        self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size, objects_per_episode, seed,
-                                      channel_mode)
+        try:
+            self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size,
+                                          objects_per_episode, seed, channel_mode)
+        except ValueError as e:  # the sampler sees arrays; the files are named here
+            raise ValueError(f"{e} {self.class_files(data, volumes, classes)}") from e
         self.episodes_per_epoch = int(episodes_per_epoch)
+
+    @staticmethod
+    def class_files(data: Sequence[dict[str, Any]], volumes: Sequence[tuple[Any, Any]], classes: Sequence[int]) -> str:
+        """Which label files hold each class (after ``label_merge``), so a user can see which file to fix or add."""
+        parts = []
+        for c in classes:
+            files = [str(item.get("label")) for item, (_, label) in zip(data, volumes)
+                     if np.any(np.asarray(label) == c)]
+            parts.append(f"class {c}: {files}")
+        return f"Label files holding each class ({len(data)} training volumes): " + "; ".join(parts) + "."
 
     def _preprocess(self, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         out = load_case(item, self.transform)

@@ -9,6 +9,12 @@
   infinity are refused, ``null`` is "not given" only where documented.
 - ``params.model`` and ``params.image`` may not contradict the URL: the model and the
   image a request names in its URL are the ones that run.
+- **JSON** from a request (``params``, ``info`` form fields, JSON bodies) is read by
+  :func:`parse_json_object`: it must be an object, and no integer in it may exceed
+  :data:`MAX_JSON_INT` in magnitude. Python converts such integers to float in finite
+  checks (``OverflowError`` beyond 1e308) and refuses to parse more than 4300 digits
+  (a ``ValueError`` that is no ``JSONDecodeError``); both were 500s. No field of this
+  app needs more than 2^53 (the largest integer a float, and JavaScript, hold exactly).
 
 MONAI Label passes the plugins' JSON ``params`` straight into the request dict, and
 its ``LocalDatastore`` joins ids and tags into paths unchecked; these checks are what
@@ -29,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from model_core.io.validation import InputError
 
 __all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "MedSAMLiteParams", "parse_params",
-           "http_error",
-           "RESULT_EXTENSIONS", "RESULT_DTYPES", "FINAL_TAG"]
+           "parse_json_object", "check_json_numbers", "http_error",
+           "RESULT_EXTENSIONS", "RESULT_DTYPES", "FINAL_TAG", "MAX_JSON_INT"]
 
 ID_RULE = "1 to 128 characters: letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -39,6 +45,8 @@ FINAL_TAG = "final"
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32")
 MAX_POINTS = 1000
+#: the largest integer magnitude accepted anywhere in a request's JSON (2^53: exact as a float and in JavaScript)
+MAX_JSON_INT = 2**53
 
 
 def check_id(value: Any, field: str) -> str:
@@ -55,7 +63,10 @@ def check_tag(value: Any, field: str = "tag") -> str:
 
 
 def http_error(error: InputError) -> HTTPException:
-    return HTTPException(status_code=error.status, detail=str(error))
+    """The HTTP answer to an :class:`InputError`: its status and message (and ``Retry-After`` when it has one)."""
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return HTTPException(status_code=error.status, detail=str(error), headers=headers)
 
 
 _Number = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
@@ -190,21 +201,49 @@ def _field(loc: tuple) -> str:
     return out
 
 
+def check_json_numbers(value: Any, field: str) -> None:
+    """Raise a 422 naming the first integer under ``value`` beyond :data:`MAX_JSON_INT` (``params.roi[1]``)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            digits = len(str(abs(value)))
+            raise InputError(f"{field}: a number of {digits} digits; numbers in a request are at most 2^53 "
+                             f"({MAX_JSON_INT}) in magnitude.", status=422)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_numbers(item, f"{field}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_json_numbers(item, f"{field}[{i}]")
+
+
+def parse_json_object(raw: Any, field: str, default: str = "{}") -> dict:
+    """A request's JSON object (a form field's text, or a body FastAPI parsed), checked by :func:`check_json_numbers`.
+
+    Raises:
+        InputError: status 422 naming ``field``: not JSON, not an object, or a number too large.
+    """
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw or default)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, int() refusing 4300+ digits, deep nesting
+            raise InputError(f"{field} is not valid JSON: {str(e)[:200]}", status=422) from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{field} must be a JSON object, got {type(raw).__name__}.", status=422)
+    check_json_numbers(raw, field)
+    return raw
+
+
 def parse_params(schema: type[_Params], raw: Any) -> _Params:
     """Validate a request's params against ``schema``.
 
     Raises:
         InputError: status 422, one line per wrong field (``params.foreground[0][1]: ...``).
     """
-    if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw or "{}")
-        except json.JSONDecodeError as e:
-            raise InputError(f"params is not valid JSON: {e}", status=422) from e
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise InputError(f"params must be a JSON object, got {type(raw).__name__}.", status=422)
+    raw = parse_json_object(raw, "params")
     try:
         return schema.model_validate(raw)
     except ValidationError as e:

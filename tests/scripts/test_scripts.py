@@ -46,5 +46,7 @@ def test_load_test_is_bounded_and_reports_every_figure(tmp_path):
     assert "(n=6)" in figures["client_latency"] and "(n=6)" in figures["server_time"]
     for key in ("info_during_burst", "listing_during_burst", "label_upload_during_burst"):
         assert figures[key] != "none", out  # each probe answered at least once while the clients ran
+    assert figures["busy_answers_503"] == "0" and figures["sessions_and_reported_mib"].startswith("3 -> 6 sessions"), out
+    assert float(figures["reported_per_session_mib"]) > 0 and "growth_per_session_mib" in figures, out
     refused = _run(sys.executable, "scripts/load_test.py", "--url", "http://10.1.2.3:8000", check=False)
     assert refused.returncode != 0 and "must be a loopback address" in refused.stderr + refused.stdout

@@ -12,7 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 from lib.activelearning.confidence import LeastConfidence
 from lib.infers.icl_sam2 import InContextInfer, InteractiveInfer
 from lib.scoring.confidence import InContextConfidence
-from lib.settings import OPTIONS, service_config, verify_checkpoint
+from lib.settings import OPTIONS, apply_malloc_threshold, service_config, verify_checkpoint
 from lib.trainers.icl_sam2 import ICLSAM2Train
 from model_core.modeling.checkpoint import checkpoint_record
 from model_core.modeling.precision import cpu_bf16_capability
@@ -27,6 +27,7 @@ class ICLSAM2(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
+        apply_malloc_threshold(conf)  # process-wide: transient volumes go back to the system when freed
         self.settings = service_config(conf, kwargs.get("app_dir") or os.path.dirname(os.path.dirname(model_dir)))
         self.labels = dict(self.settings.labels)
         self.datastore = kwargs.get("datastore")

@@ -11,7 +11,7 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.medsam_lite import LiteMedSAMRunner, MedSAMLiteInfer
-from lib.settings import medsam_lite_settings
+from lib.settings import apply_malloc_threshold, medsam_lite_settings
 from model_core.modeling.precision import cpu_bf16_capability
 
 
@@ -20,6 +20,7 @@ class MedSAMLite(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
+        apply_malloc_threshold(conf)  # process-wide: transient volumes go back to the system when freed
         self.settings = medsam_lite_settings(conf)
         self.labels = dict(self.settings["labels"])
         self._runner: LiteMedSAMRunner | None = None

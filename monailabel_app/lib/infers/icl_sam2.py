@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -71,19 +70,13 @@ def _write(array: np.ndarray, affine: np.ndarray, path: str, extension: str) -> 
 
 
 def _client_error(fn: Callable[[], Any]) -> Any:
-    """Run ``fn``: the caller's mistake (``InputError``) is a 4xx with its message; anything else is a
-    server fault, a 500 whose cause goes to the log (with an id the answer quotes), not to the client."""
+    """Run ``fn``: the caller's mistake (``InputError``) is a 4xx with its message; anything else is a server
+    fault, answered by the app's one exception handler (``lib/errors.py``: a 500 quoting an incident id, the
+    cause in the log)."""
     try:
         return fn()
     except InputError as e:
         raise http_error(e) from e
-    except HTTPException:
-        raise
-    except Exception as e:  # noqa: BLE001 - a fault on our side, whatever it is
-        incident = uuid.uuid4().hex[:8]
-        logger.exception(f"Server fault {incident}: {type(e).__name__}: {e}")
-        raise HTTPException(status_code=500, detail=f"The server failed to segment this image (incident {incident}; "
-                                                    "the cause is in the server log).") from e
 
 
 class _ServiceInfer(InferTask):

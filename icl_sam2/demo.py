@@ -69,13 +69,15 @@ def _table(title: str, results: dict[str, dict[str, dict[str, float]]], class_na
             print(f"  {model:<10} {label:<14} {values[0]:6.3f} {values[1]:6.3f} {values[2]:8.2f}")
 
 
-def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root: str = "bundle", real_data: bool = True) -> None:
+def main(
+    steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root: str = "bundle", real_data: bool = True
+) -> None:
     """Args:
-        steps: training iterations (batches of 2 episodes).
-        epochs: validation points along the way (steps are split evenly).
-        image_size: model input size of the tiny preset.
-        bundle_root: where data, models and outputs go (``data/``, ``models/``, ``outputs/``).
-        real_data: also run on mricron-data's brain MRI when it is installed.
+    steps: training iterations (batches of 2 episodes).
+    epochs: validation points along the way (steps are split evenly).
+    image_size: model input size of the tiny preset.
+    bundle_root: where data, models and outputs go (``data/``, ``models/``, ``outputs/``).
+    real_data: also run on mricron-data's brain MRI when it is installed.
     """
     root = Path(bundle_root).resolve()
     phantoms = root / "data" / "phantoms" / "datalist.json"
@@ -83,15 +85,54 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
         write_phantom_dataset(str(phantoms.parent), train=8, validation=3, test=2, shape=(24, image_size, image_size))
     classes = json.loads(phantoms.read_text())["labels"]
     models, outputs = root / "models", root / "outputs"
-    common = ["--bundle_root", str(root), "--ckpt_dir", str(models), "--preset", "tiny", "--image_size", str(image_size)]
-    phantom_args = [*common, "--datalist_file", str(phantoms), "--classes", json.dumps(sorted(classes.values())),
-                    "--intensity#window", "[0,1]"]
+    common = [
+        "--bundle_root",
+        str(root),
+        "--ckpt_dir",
+        str(models),
+        "--preset",
+        "tiny",
+        "--image_size",
+        str(image_size),
+    ]
+    phantom_args = [
+        *common,
+        "--datalist_file",
+        str(phantoms),
+        "--classes",
+        json.dumps(sorted(classes.values())),
+        "--intensity#window",
+        "[0,1]",
+    ]
     episodes = max(2 * steps // epochs, 2)
     train_seconds = _bundle(
-        "training", "--config_file", TRAIN, *phantom_args, "--output_dir", str(outputs / "train"),
-        "--train_encoder", "all", "--learning_rate", "3e-4", "--encoder_learning_rate", "3e-4", "--grad_clip", "1.0",
-        "--num_support", "3", "--num_query", "4", "--objects_per_episode", "3", "--batch_size", "2",
-        "--episodes_per_epoch", str(episodes), "--max_epochs", str(epochs))
+        "training",
+        "--config_file",
+        TRAIN,
+        *phantom_args,
+        "--output_dir",
+        str(outputs / "train"),
+        "--train_encoder",
+        "all",
+        "--learning_rate",
+        "3e-4",
+        "--encoder_learning_rate",
+        "3e-4",
+        "--grad_clip",
+        "1.0",
+        "--num_support",
+        "3",
+        "--num_query",
+        "4",
+        "--objects_per_episode",
+        "3",
+        "--batch_size",
+        "2",
+        "--episodes_per_epoch",
+        str(episodes),
+        "--max_epochs",
+        str(epochs),
+    )
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     results = {}
     # evaluation and inference load models/model.pt, the best-Dice weights of training (the bundle's convention)
@@ -100,8 +141,17 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
         _bundle("--config_file", EVALUATE, *phantom_args, "--checkpoint", checkpoint, "--output_dir", str(metrics))
         results[model] = _summary(metrics)
     infer_dir = outputs / "inference"
-    _bundle("--config_file", INFER, *phantom_args, "--query_key", "test", "--output_dir", str(infer_dir),
-            "--class_names", json.dumps(classes))
+    _bundle(
+        "--config_file",
+        INFER,
+        *phantom_args,
+        "--query_key",
+        "test",
+        "--output_dir",
+        str(infer_dir),
+        "--class_names",
+        json.dumps(classes),
+    )
     real, skipped = None, None
     study = None
     if real_data:
@@ -112,12 +162,25 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     if study is not None:
         regions = json.loads(study.read_text())["labels"]
         metrics = outputs / "eval_mricron"
-        _bundle("--config_file", EVALUATE, *common, "--datalist_file", str(study), "--modality", "MRI",
-                "--classes", json.dumps(list(regions.values())), "--output_dir", str(metrics))
+        _bundle(
+            "--config_file",
+            EVALUATE,
+            *common,
+            "--datalist_file",
+            str(study),
+            "--modality",
+            "MRI",
+            "--classes",
+            json.dumps(list(regions.values())),
+            "--output_dir",
+            str(metrics),
+        )
         real = ({"trained": _summary(metrics)}, list(regions))
 
-    print(f"\n=== ICL-SAM2 bundle demo: tiny preset, {image_size} px, {steps} steps in {epochs} epochs, "
-          f"trained in {train_seconds / 60:.1f} min ===")
+    print(
+        f"\n=== ICL-SAM2 bundle demo: tiny preset, {image_size} px, {steps} steps in {epochs} epochs, "
+        f"trained in {train_seconds / 60:.1f} min ==="
+    )
     _table("Held-out phantoms (in-context, support: one training volume)", results, names)
     print(f"\nLabel maps and confidence of the test phantoms: {infer_dir}")
     for path in sorted(infer_dir.glob("*_confidence.json")):
@@ -127,4 +190,3 @@ def main(steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root:
     elif real_data:
         print(f"\nReal MRI skipped: {skipped}")
     print(f"\nModels: {models}  Metrics: {outputs}")
-

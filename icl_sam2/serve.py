@@ -36,7 +36,7 @@ def with_cors_origins(argv: list[str], environ: dict[str, str]) -> list[str]:
     value = environ.pop(CORS_VARIABLE, None)
     if value is None:
         return argv
-    if any(argv[i:i + 2] == ["--conf", "allowed_origins"] for i in range(len(argv))):
+    if any(argv[i : i + 2] == ["--conf", "allowed_origins"] for i in range(len(argv))):
         print(f"{CORS_VARIABLE} ignored: --conf allowed_origins is given", file=sys.stderr)
         return argv
     return [*argv, "--conf", "allowed_origins", value]

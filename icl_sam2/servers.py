@@ -40,8 +40,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["ORTHANC", "DICOMWEB_PLUGIN", "APP", "MonaiLabelServer", "Orthanc", "available", "missing", "free_port",
-           "port_in_use", "run_orthanc"]
+__all__ = [
+    "APP",
+    "DICOMWEB_PLUGIN",
+    "ORTHANC",
+    "MonaiLabelServer",
+    "Orthanc",
+    "available",
+    "free_port",
+    "missing",
+    "port_in_use",
+    "run_orthanc",
+]
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -102,8 +112,13 @@ class Orthanc:
         timeout: seconds to wait for ``GET /system`` to answer in :meth:`start`.
     """
 
-    def __init__(self, storage_dir: str | os.PathLike, http_port: int | None = None, name: str = "ICL-SAM2",
-                 timeout: float = 60.0):
+    def __init__(
+        self,
+        storage_dir: str | os.PathLike,
+        http_port: int | None = None,
+        name: str = "ICL-SAM2",
+        timeout: float = 60.0,
+    ):
         self.storage_dir = Path(storage_dir).resolve()
         self.port = int(http_port) if http_port else free_port()
         self.name = name
@@ -179,21 +194,31 @@ class Orthanc:
         if reason:
             raise RuntimeError(reason)
         if port_in_use(self.port):  # else GET /system could reach the server that holds the port
-            raise RuntimeError(f"Port {self.port} is in use (another Orthanc, e.g. Debian's service on 8042?); "
-                               "choose another port, or leave it out for a free one.")
+            raise RuntimeError(
+                f"Port {self.port} is in use (another Orthanc, e.g. Debian's service on 8042?); "
+                "choose another port, or leave it out for a free one."
+            )
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(json.dumps(self.config(), indent=2))
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen([str(ORTHANC), str(self.config_file)], cwd=str(self.storage_dir),
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                [str(ORTHANC), str(self.config_file)],
+                cwd=str(self.storage_dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + self.timeout
         while True:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.process = None
-                raise RuntimeError(f"Orthanc exited with code {code} (is port {self.port} in use?); "
-                                   f"log {self.log_file}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"Orthanc exited with code {code} (is port {self.port} in use?); "
+                    f"log {self.log_file}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/system", timeout=5) as response:
                     json.loads(response.read())
@@ -203,13 +228,17 @@ class Orthanc:
             except (OSError, ValueError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"Orthanc did not answer on {self.url} within {self.timeout:.0f} s; "
-                                       f"log {self.log_file}:\n{self.log_tail()}") from None
+                    raise RuntimeError(
+                        f"Orthanc did not answer on {self.url} within {self.timeout:.0f} s; "
+                        f"log {self.log_file}:\n{self.log_tail()}"
+                    ) from None
                 time.sleep(0.2)
         if "dicom-web" not in plugins:
             self.stop()
-            raise RuntimeError(f"Orthanc started without its DICOMweb plugin ({DICOMWEB_PLUGIN}, loaded: {plugins}); "
-                               f"reinstall `orthanc-dicomweb`. Log:\n{self.log_tail()}")
+            raise RuntimeError(
+                f"Orthanc started without its DICOMweb plugin ({DICOMWEB_PLUGIN}, loaded: {plugins}); "
+                f"reinstall `orthanc-dicomweb`. Log:\n{self.log_tail()}"
+            )
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -242,8 +271,11 @@ def run_orthanc(storage_dir: str, port: int = 8042) -> None:
         port: HTTP port (loopback clients only).
     """
     server = Orthanc(storage_dir, port).start()
-    print(f"Orthanc {server.url}  DICOMweb {server.dicomweb}  storage {server.storage_dir}  log {server.log_file}",
-          flush=True)
+    print(
+        f"Orthanc {server.url}  DICOMweb {server.dicomweb}  storage {server.storage_dir}  log {server.log_file}",
+        flush=True,
+    )
+
     def interrupt(*_):
         raise KeyboardInterrupt
 
@@ -258,7 +290,6 @@ def run_orthanc(storage_dir: str, port: int = 8042) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-
 APP = Path(__file__).resolve().parents[1] / "monailabel_app"
 #: MONAI Label's own start command (after the interpreter)
 MONAI_LABEL = ("-m", "monailabel.main", "start_server")
@@ -267,7 +298,8 @@ ICL_SAM2_SERVE = ("-m", "icl_sam2", "serve")
 
 
 class MonaiLabelServer:
-    """``monailabel start_server`` on the app (or another), in its own process group; ``stop()`` ends it and its children.
+    """``monailabel start_server`` on the app (or another), in its own process group; ``stop()`` ends it and its
+    children.
 
     Args:
         studies: a folder, or a DICOMweb root URL (a ``str``: a ``Path`` would fold its ``//``).
@@ -279,19 +311,43 @@ class MonaiLabelServer:
         launcher: what follows the interpreter (:data:`MONAI_LABEL`, or :data:`ICL_SAM2_SERVE` for ours).
     """
 
-    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, app: Path = APP,
-                 env: dict[str, str] | None = None, timeout: float = 180.0, launcher: tuple[str, ...] = MONAI_LABEL):
+    def __init__(
+        self,
+        studies: Path | str,
+        conf: dict[str, str],
+        log: Path,
+        app: Path = APP,
+        env: dict[str, str] | None = None,
+        timeout: float = 180.0,
+        launcher: tuple[str, ...] = MONAI_LABEL,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, *launcher, "--app", str(app), "--studies", str(studies),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            *launcher,
+            "--app",
+            str(app),
+            "--studies",
+            str(studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for key, value in ({"models": "icl_sam2", **conf} if app == APP else conf).items():
             cmd += ["--conf", key, value]
-        env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2",
-               **(env or {})}
+        env = {
+            **os.environ,
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "TQDM_DISABLE": "1",
+            "OMP_NUM_THREADS": "2",
+            **(env or {}),
+        }
         self.log = log
-        self.process = subprocess.Popen(cmd, cwd=str(log.parent), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, cwd=str(log.parent), stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

@@ -24,9 +24,9 @@ from model_core.training.prompts import PromptSampler
 from model_core.volume_state import VolumePrediction, VolumeState
 
 __all__ = [
+    "PRESETS",
     "InContextSAM2",
     "MemoryPolicy",
-    "PRESETS",
     "PromptSampler",
     "SlicePrompt",
     "SupportMemory",

@@ -43,7 +43,7 @@ from model_core.modeling.network import InContextSAM2
 from model_core.modeling.prompts import SlicePrompt
 from model_core.volume_state import PassGeometry, VolumePrediction, VolumeState
 
-__all__ = ["VolumePredictor", "FILL_HOLE_AREA"]
+__all__ = ["FILL_HOLE_AREA", "VolumePredictor"]
 
 #: Holes up to this many low-resolution pixels are filled in predicted masks, as
 #: ``sam2.build_sam.build_sam2_video_predictor`` sets ``fill_hole_area=8``. sam2 does it
@@ -115,8 +115,10 @@ class VolumePredictor:
         """
         images = self.network.check_images(images, "query images")
         if share_features_with is not None and share_features_with.images.shape != images.shape:
-            raise ValueError(f"share_features_with holds {tuple(share_features_with.images.shape)} slices, "
-                             f"not {tuple(images.shape)}: features can only be shared by the same volume.")
+            raise ValueError(
+                f"share_features_with holds {tuple(share_features_with.images.shape)} slices, "
+                f"not {tuple(images.shape)}: features can only be shared by the same volume."
+            )
         if support is not None:
             if support.architecture and support.architecture != self.network.architecture:
                 raise ValueError(
@@ -154,8 +156,9 @@ class VolumePredictor:
             return {}
         return {j: state.support.entry(j, objects) for j in range(state.num_support)}
 
-    def _prompt_cond(self, state: VolumeState, objects: list[int], geometry: PassGeometry,
-                     slices: Any = None) -> dict[int, dict[str, Any]]:
+    def _prompt_cond(
+        self, state: VolumeState, objects: list[int], geometry: PassGeometry, slices: Any = None
+    ) -> dict[int, dict[str, Any]]:
         """Conditioning outputs of prompted slices (the same slices for every object in ``objects``;
         ``slices`` limits them)."""
         out = {}
@@ -191,7 +194,12 @@ class VolumePredictor:
     # ------------------------------------------------------------ prompts
     @torch.inference_mode()
     def add_prompt(
-        self, state: VolumeState, slice_index: int, obj: Any, prompt: SlicePrompt, replace: bool = True,
+        self,
+        state: VolumeState,
+        slice_index: int,
+        obj: Any,
+        prompt: SlicePrompt,
+        replace: bool = True,
         as_first_pass: bool = False,
     ) -> torch.Tensor:
         """Add clicks, a box or a mask for one object on one slice (like ``add_new_points_or_box`` / ``add_new_mask``).
@@ -277,7 +285,11 @@ class VolumePredictor:
     def _new_bank(self, policy: MemoryPolicy) -> MemoryBank:
         net = self.network
         return MemoryBank(
-            policy, net.num_maskmem, net.max_obj_ptrs_in_encoder, net.memory_temporal_stride_for_eval, net.memory_pos_enc()
+            policy,
+            net.num_maskmem,
+            net.max_obj_ptrs_in_encoder,
+            net.memory_temporal_stride_for_eval,
+            net.memory_pos_enc(),
         )
 
     def _warm_bank(self, state, bank, geometry: PassGeometry, ground_truth=None, exclude_objects=()):
@@ -360,7 +372,11 @@ class VolumePredictor:
             if ground_truth is None:
                 raise ValueError("The oracle policy ranks memories by true IoU and needs ground_truth (D, K, H, W).")
             expected = (state.num_slices, state.num_objects)
-            if not isinstance(ground_truth, torch.Tensor) or ground_truth.ndim != 4 or tuple(ground_truth.shape[:2]) != expected:
+            if (
+                not isinstance(ground_truth, torch.Tensor)
+                or ground_truth.ndim != 4
+                or tuple(ground_truth.shape[:2]) != expected
+            ):
                 raise ValueError(f"ground_truth must be (D, K, H, W) with (D, K) = {expected}.")
             ground_truth = ground_truth.bool()
         if start_slice is None:
@@ -375,7 +391,9 @@ class VolumePredictor:
     @torch.inference_mode()
     def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size, warm_start):
         for i, reverse in enumerate(passes):
-            yield from self._propagate_pass(state, start, reverse, policy, ground_truth, output_size, warm_start or i > 0)
+            yield from self._propagate_pass(
+                state, start, reverse, policy, ground_truth, output_size, warm_start or i > 0
+            )
 
     def _propagate_pass(self, state, start, reverse, policy, ground_truth, output_size, warm_start=True):
         K = state.num_objects
@@ -424,7 +442,9 @@ class VolumePredictor:
                     self._store(state, z, objs, out)
                     if maskmem is None:
                         shape = (K, *out["maskmem_features"].shape[1:])
-                        maskmem = torch.zeros(shape, dtype=self.network.memory_storage_dtype, device=self.network.device)
+                        maskmem = torch.zeros(
+                            shape, dtype=self.network.memory_storage_dtype, device=self.network.device
+                        )
                     maskmem[torch.tensor(objs)] = out["maskmem_features"].to(self.network.memory_storage_dtype)
             state.tracked[z] = True
             state.tracked_reverse[z] = reverse

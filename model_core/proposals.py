@@ -48,7 +48,20 @@ import torch
 from monai.data import MetaTensor
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-__all__ = ["ProposalSettings", "Region", "SliceMask", "Candidate", "Proposals", "mask_generator", "generate_slice_masks", "link_slice_masks", "build_candidates", "select_candidates", "paint_candidates", "propose_slices"]
+__all__ = [
+    "Candidate",
+    "ProposalSettings",
+    "Proposals",
+    "Region",
+    "SliceMask",
+    "build_candidates",
+    "generate_slice_masks",
+    "link_slice_masks",
+    "mask_generator",
+    "paint_candidates",
+    "propose_slices",
+    "select_candidates",
+]
 
 #: arguments of SAM2AutomaticMaskGenerator set here, never by a caller
 _FIXED_GENERATOR_ARGS = ("model", "output_mode", "point_grids", "kwargs")
@@ -117,7 +130,7 @@ class ProposalSettings:
         self.validate()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "ProposalSettings":
+    def from_dict(cls, values: dict[str, Any] | None) -> ProposalSettings:
         """Settings from a dict; an unknown key is an error that lists the accepted ones."""
         values = dict(values or {})
         known = [f.name for f in cls.__dataclass_fields__.values()]
@@ -128,6 +141,7 @@ class ProposalSettings:
 
     def validate(self) -> None:
         """Raises ValueError naming the field and what it accepts."""
+
         def check(name: str, ok: bool, accepts: str) -> None:
             if not ok:
                 raise ValueError(f"Proposal setting {name} must be {accepts}, got {getattr(self, name)!r}.")
@@ -140,23 +154,50 @@ class ProposalSettings:
 
         check("points_per_side", is_int(self.points_per_side) and 1 <= self.points_per_side <= 256, "an integer 1..256")
         check("points_per_batch", is_int(self.points_per_batch) and self.points_per_batch >= 1, "a positive integer")
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "max_slice_fraction", "link_iou", "link_containment", "max_overlap"):
+        for name in (
+            "pred_iou_thresh",
+            "stability_score_thresh",
+            "box_nms_thresh",
+            "max_slice_fraction",
+            "link_iou",
+            "link_containment",
+            "max_overlap",
+        ):
             check(name, is_num(getattr(self, name)) and 0 <= getattr(self, name) <= 1, "a number in [0, 1]")
-        check("stability_score_offset", is_num(self.stability_score_offset) and self.stability_score_offset > 0, "a positive number")
-        check("min_mask_region_area", is_int(self.min_mask_region_area) and self.min_mask_region_area >= 0, "an integer >= 0")
+        check(
+            "stability_score_offset",
+            is_num(self.stability_score_offset) and self.stability_score_offset > 0,
+            "a positive number",
+        )
+        check(
+            "min_mask_region_area",
+            is_int(self.min_mask_region_area) and self.min_mask_region_area >= 0,
+            "an integer >= 0",
+        )
         check("crop_n_layers", is_int(self.crop_n_layers) and 0 <= self.crop_n_layers <= 3, "an integer 0..3")
         check("use_m2m", isinstance(self.use_m2m, bool), "true or false")
         check("min_volume_mm3", is_num(self.min_volume_mm3) and self.min_volume_mm3 >= 0, "a number >= 0")
-        check("max_volume_mm3", self.max_volume_mm3 is None or (is_num(self.max_volume_mm3) and self.max_volume_mm3 > self.min_volume_mm3),
-              "null or a number above min_volume_mm3")
+        check(
+            "max_volume_mm3",
+            self.max_volume_mm3 is None or (is_num(self.max_volume_mm3) and self.max_volume_mm3 > self.min_volume_mm3),
+            "null or a number above min_volume_mm3",
+        )
         check("min_slices", is_int(self.min_slices) and self.min_slices >= 1, "an integer >= 1")
-        check("max_candidates", is_int(self.max_candidates) and 1 <= self.max_candidates <= 32767, "an integer 1..32767")
-        check("generator_kwargs", isinstance(self.generator_kwargs, dict), "a dict of SAM2AutomaticMaskGenerator arguments")
+        check(
+            "max_candidates", is_int(self.max_candidates) and 1 <= self.max_candidates <= 32767, "an integer 1..32767"
+        )
+        check(
+            "generator_kwargs",
+            isinstance(self.generator_kwargs, dict),
+            "a dict of SAM2AutomaticMaskGenerator arguments",
+        )
         named = {f for f in self.__dataclass_fields__ if f in _generator_arguments()}
         bad = sorted(k for k in self.generator_kwargs if k not in _generator_arguments() or k in named)
         if bad:
-            raise ValueError(f"generator_kwargs {bad} are not SAM2AutomaticMaskGenerator arguments left to set here; "
-                             f"accepted: {sorted(set(_generator_arguments()) - named)} (the others are settings of their own).")
+            raise ValueError(
+                f"generator_kwargs {bad} are not SAM2AutomaticMaskGenerator arguments left to set here; "
+                f"accepted: {sorted(set(_generator_arguments()) - named)} (the others are settings of their own)."
+            )
 
     def generator_args(self) -> dict[str, Any]:
         """The ``SAM2AutomaticMaskGenerator`` arguments of these settings."""
@@ -183,13 +224,15 @@ class Region:
     shape: tuple[int, int]
 
     @classmethod
-    def from_mask(cls, mask: np.ndarray) -> "Region":
+    def from_mask(cls, mask: np.ndarray) -> Region:
         """The region of an ``(H, W)`` bool mask."""
         mask = np.asarray(mask, dtype=bool)
         rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
         if rows.size == 0:
             return cls(0, 0, np.zeros((0, 0), bool), tuple(mask.shape))
-        return cls(int(rows[0]), int(cols[0]), mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].copy(), tuple(mask.shape))
+        return cls(
+            int(rows[0]), int(cols[0]), mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy(), tuple(mask.shape)
+        )
 
     @property
     def bottom(self) -> int:
@@ -206,19 +249,19 @@ class Region:
     def full(self) -> np.ndarray:
         """``(H, W)`` bool."""
         out = np.zeros(self.shape, bool)
-        out[self.top: self.bottom, self.left: self.right] = self.crop
+        out[self.top : self.bottom, self.left : self.right] = self.crop
         return out
 
-    def intersection(self, other: "Region") -> int:
+    def intersection(self, other: Region) -> int:
         r0, r1 = max(self.top, other.top), min(self.bottom, other.bottom)
         c0, c1 = max(self.left, other.left), min(self.right, other.right)
         if r0 >= r1 or c0 >= c1:
             return 0
-        a = self.crop[r0 - self.top: r1 - self.top, c0 - self.left: c1 - self.left]
-        b = other.crop[r0 - other.top: r1 - other.top, c0 - other.left: c1 - other.left]
+        a = self.crop[r0 - self.top : r1 - self.top, c0 - self.left : c1 - self.left]
+        b = other.crop[r0 - other.top : r1 - other.top, c0 - other.left : c1 - other.left]
         return int((a & b).sum())
 
-    def union(self, other: "Region") -> "Region":
+    def union(self, other: Region) -> Region:
         if other.crop.size == 0:
             return Region(self.top, self.left, self.crop.copy(), self.shape)
         if self.crop.size == 0:
@@ -226,12 +269,12 @@ class Region:
         top, left = min(self.top, other.top), min(self.left, other.left)
         crop = np.zeros((max(self.bottom, other.bottom) - top, max(self.right, other.right) - left), bool)
         for r in (self, other):
-            crop[r.top - top: r.bottom - top, r.left - left: r.right - left] |= r.crop
+            crop[r.top - top : r.bottom - top, r.left - left : r.right - left] |= r.crop
         return Region(top, left, crop, self.shape)
 
     def window(self, full: np.ndarray) -> np.ndarray:
         """The part of an ``(H, W)`` array under this region's box."""
-        return full[self.top: self.bottom, self.left: self.right]
+        return full[self.top : self.bottom, self.left : self.right]
 
 
 @dataclass
@@ -250,7 +293,7 @@ class SliceMask:
     stability_score: float
 
     @classmethod
-    def from_mask(cls, slice: int, mask: np.ndarray, predicted_iou: float, stability_score: float) -> "SliceMask":
+    def from_mask(cls, slice: int, mask: np.ndarray, predicted_iou: float, stability_score: float) -> SliceMask:
         """From an ``(H, W)`` bool mask."""
         return cls(int(slice), Region.from_mask(mask), float(predicted_iou), float(stability_score))
 
@@ -300,15 +343,29 @@ class Candidate:
         return sorted(z for z, r in self.regions.items() if r.area)
 
     def summary(self) -> dict[str, Any]:
-        """The candidate on the model grid, as JSON-able numbers (``model_bbox`` is ``[[row0, col0, z0], [row1, col1, z1]]``)."""
+        """The candidate on the model grid, as JSON-able numbers (``model_bbox`` is ``[[row0, col0, z0], [row1, col1,
+        z1]]``).
+        """
         rows = [np.nonzero(r.crop.any(1))[0] + r.top for r in self.regions.values() if r.area]
         cols = [np.nonzero(r.crop.any(0))[0] + r.left for r in self.regions.values() if r.area]
         slices = self.slices
-        bbox = [[int(min(r.min() for r in rows)), int(min(c.min() for c in cols)), slices[0]],
-                [int(max(r.max() for r in rows)), int(max(c.max() for c in cols)), slices[-1]]] if slices else None
-        return {"model_voxels": self.voxels, "model_slices": slices, "model_bbox": bbox, "masks": len(self.members),
-                "predicted_iou": round(float(self.predicted_iou), 4), "stability_score": round(float(self.stability_score), 4),
-                "score": round(float(self.score), 4)}
+        bbox = (
+            [
+                [int(min(r.min() for r in rows)), int(min(c.min() for c in cols)), slices[0]],
+                [int(max(r.max() for r in rows)), int(max(c.max() for c in cols)), slices[-1]],
+            ]
+            if slices
+            else None
+        )
+        return {
+            "model_voxels": self.voxels,
+            "model_slices": slices,
+            "model_bbox": bbox,
+            "masks": len(self.members),
+            "predicted_iou": round(float(self.predicted_iou), 4),
+            "stability_score": round(float(self.stability_score), 4),
+            "score": round(float(self.score), 4),
+        }
 
 
 @dataclass
@@ -368,8 +425,13 @@ def generate_slice_masks(network, slices: torch.Tensor, settings: ProposalSettin
         image = slices[z].permute(1, 2, 0).cpu().numpy()
         with network._autocast():
             records = generator.generate(image)
-        out.append([SliceMask.from_mask(z, r["segmentation"], r["predicted_iou"], r["stability_score"])
-                    for r in records if 0 < int(r["area"]) <= limit])
+        out.append(
+            [
+                SliceMask.from_mask(z, r["segmentation"], r["predicted_iou"], r["stability_score"])
+                for r in records
+                if 0 < int(r["area"]) <= limit
+            ]
+        )
     return out
 
 
@@ -381,8 +443,9 @@ def _overlaps(a: Sequence[SliceMask], b: Sequence[SliceMask]) -> tuple[np.ndarra
         return iou, contained
     boxes_a = np.array([[m.region.top, m.region.left, m.region.bottom, m.region.right] for m in a])
     boxes_b = np.array([[m.region.top, m.region.left, m.region.bottom, m.region.right] for m in b])
-    touch = ((np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0]) < np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2]))
-             & (np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1]) < np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3])))
+    touch = (
+        np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0]) < np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2])
+    ) & (np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1]) < np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3]))
     for i, j in zip(*np.nonzero(touch)):  # only masks whose boxes meet can overlap
         inter = a[i].region.intersection(b[j].region)
         if inter:
@@ -392,8 +455,9 @@ def _overlaps(a: Sequence[SliceMask], b: Sequence[SliceMask]) -> tuple[np.ndarra
     return iou, contained
 
 
-def link_slice_masks(per_slice: Sequence[Sequence[SliceMask]], link_iou: float, link_containment: float = 0.0
-                     ) -> list[list[tuple[int, int]]]:
+def link_slice_masks(
+    per_slice: Sequence[Sequence[SliceMask]], link_iou: float, link_containment: float = 0.0
+) -> list[list[tuple[int, int]]]:
     """Group slice masks into 3D candidates by linking masks on adjacent slices.
 
     Two masks on adjacent slices are linked when their IoU is at least ``link_iou``, or
@@ -442,7 +506,9 @@ def link_slice_masks(per_slice: Sequence[Sequence[SliceMask]], link_iou: float, 
     return [sorted(g) for _, g in sorted(groups.items())]
 
 
-def build_candidates(per_slice: Sequence[Sequence[SliceMask]], groups: Sequence[Sequence[tuple[int, int]]]) -> list[Candidate]:
+def build_candidates(
+    per_slice: Sequence[Sequence[SliceMask]], groups: Sequence[Sequence[tuple[int, int]]]
+) -> list[Candidate]:
     """One :class:`Candidate` per group: the union of its masks per slice and its mean scores."""
     out = []
     for group in groups:
@@ -450,12 +516,21 @@ def build_candidates(per_slice: Sequence[Sequence[SliceMask]], groups: Sequence[
         members = [per_slice[z][i] for z, i in group]
         for m in members:
             regions[m.slice] = regions[m.slice].union(m.region) if m.slice in regions else m.region
-        out.append(Candidate(list(group), members, regions, float(np.mean([m.predicted_iou for m in members])),
-                             float(np.mean([m.stability_score for m in members]))))
+        out.append(
+            Candidate(
+                list(group),
+                members,
+                regions,
+                float(np.mean([m.predicted_iou for m in members])),
+                float(np.mean([m.stability_score for m in members])),
+            )
+        )
     return out
 
 
-def select_candidates(candidates: Sequence[Candidate], settings: ProposalSettings, voxel_mm3: float = 1.0) -> list[Candidate]:
+def select_candidates(
+    candidates: Sequence[Candidate], settings: ProposalSettings, voxel_mm3: float = 1.0
+) -> list[Candidate]:
     """Filter by size and slices, rank by score, resolve overlaps; the kept ones best first.
 
     Args:
@@ -466,10 +541,15 @@ def select_candidates(candidates: Sequence[Candidate], settings: ProposalSetting
     Returns:
         New candidates (the inputs are not changed) whose masks are disjoint.
     """
+
     def fits(c: Candidate) -> bool:
         volume = c.voxels * voxel_mm3
-        return (volume >= settings.min_volume_mm3 and (settings.max_volume_mm3 is None or volume <= settings.max_volume_mm3)
-                and len(c.slices) >= settings.min_slices and c.voxels > 0)
+        return (
+            volume >= settings.min_volume_mm3
+            and (settings.max_volume_mm3 is None or volume <= settings.max_volume_mm3)
+            and len(c.slices) >= settings.min_slices
+            and c.voxels > 0
+        )
 
     ranked = sorted((c for c in candidates if fits(c)), key=lambda c: (-c.score, -c.voxels, c.members[0]))
     claimed: dict[int, np.ndarray] = {}  # (H, W) bool per slice: the voxels of the kept candidates
@@ -480,8 +560,16 @@ def select_candidates(candidates: Sequence[Candidate], settings: ProposalSetting
         shared = sum(int((r.crop & r.window(claimed[z])).sum()) for z, r in c.regions.items() if z in claimed)
         if shared > settings.max_overlap * c.voxels:
             continue
-        own = Candidate(c.members, c.sources, {z: Region(r.top, r.left, r.crop & ~r.window(claimed[z]), r.shape) if z in claimed else r
-                                               for z, r in c.regions.items()}, c.predicted_iou, c.stability_score)
+        own = Candidate(
+            c.members,
+            c.sources,
+            {
+                z: Region(r.top, r.left, r.crop & ~r.window(claimed[z]), r.shape) if z in claimed else r
+                for z, r in c.regions.items()
+            },
+            c.predicted_iou,
+            c.stability_score,
+        )
         if not fits(own):
             continue
         for z, r in own.regions.items():
@@ -495,12 +583,13 @@ def paint_candidates(candidates: Sequence[Candidate], shape: tuple[int, int, int
     label = torch.zeros(shape, dtype=torch.int32)
     for n, c in enumerate(candidates, start=1):
         for z, r in c.regions.items():
-            label[r.top: r.bottom, r.left: r.right, z][torch.from_numpy(r.crop)] = n
+            label[r.top : r.bottom, r.left : r.right, z][torch.from_numpy(r.crop)] = n
     return label
 
 
-def propose_slices(network, slices: torch.Tensor, settings: ProposalSettings, voxel_mm3: float = 1.0
-                   ) -> tuple[torch.Tensor, list[Candidate], dict[str, int]]:
+def propose_slices(
+    network, slices: torch.Tensor, settings: ProposalSettings, voxel_mm3: float = 1.0
+) -> tuple[torch.Tensor, list[Candidate], dict[str, int]]:
     """Candidates of one volume on the model grid.
 
     Args:
@@ -518,8 +607,10 @@ def propose_slices(network, slices: torch.Tensor, settings: ProposalSettings, vo
     candidates = build_candidates(per_slice, groups)
     kept = select_candidates(candidates, settings, voxel_mm3)
     S = int(slices.shape[-1])
-    counts = {"slices": int(slices.shape[0]), "generator_masks": sum(len(m) for m in per_slice),
-              "linked_components": len(candidates), "candidates_model_grid": len(kept)}
+    counts = {
+        "slices": int(slices.shape[0]),
+        "generator_masks": sum(len(m) for m in per_slice),
+        "linked_components": len(candidates),
+        "candidates_model_grid": len(kept),
+    }
     return paint_candidates(kept, (S, S, int(slices.shape[0]))), kept, counts
-
-

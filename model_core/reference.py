@@ -37,7 +37,10 @@ def build_reference_predictor(model: InContextSAM2):
     name = f"icl_sam2_reference_{model.preset}_{model.image_size}".replace(".", "_")
     ConfigStore.instance().store(name=name, node={"model": preset_config(model.preset, model.image_size, False)})
     predictor = build_sam2_video_predictor(
-        name, ckpt_path=None, device=str(model.device), mode="eval",
+        name,
+        ckpt_path=None,
+        device=str(model.device),
+        mode="eval",
         hydra_overrides_extra=["++model.add_all_frames_to_correct_as_cond=true"],
     )
     predictor.load_state_dict(model.state_dict(), strict=True)

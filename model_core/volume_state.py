@@ -19,7 +19,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from model_core.modeling.network import InContextSAM2
 from model_core.modeling.prompts import SlicePrompt
 
-__all__ = ["VolumePrediction", "VolumeState", "PassGeometry"]
+__all__ = ["PassGeometry", "VolumePrediction", "VolumeState"]
 
 
 @dataclass
@@ -41,7 +41,9 @@ class VolumePrediction:
     logits: torch.Tensor | None = None
 
     def confidence(self) -> torch.Tensor:
-        """``(K,)`` per-object confidence in [0, 1]: mean predicted IoU x presence over slices where the object is predicted."""
+        """``(K,)`` per-object confidence in [0, 1]: mean predicted IoU x presence over slices where the object is
+        predicted.
+        """
         present = self.object_score_logits > 0
         score = self.iou * self.object_score_logits.sigmoid()
         num = (score * present).sum(0)
@@ -64,7 +66,7 @@ class _SliceFeatures:
     propagation and, for interactive sessions, a cache sized by the caller.
     """
 
-    def __init__(self, model: "InContextSAM2", images: torch.Tensor, capacity: int):
+    def __init__(self, model: InContextSAM2, images: torch.Tensor, capacity: int):
         self.model = model
         self.images = images
         self.capacity = max(int(capacity), 1)
@@ -154,7 +156,12 @@ class VolumeState:
     def nbytes(self) -> int:
         """Memory held by the per-slice results and prompted slices' memories (not the images or the feature cache)."""
         tensors = [self.low_res_logits, self.obj_ptr, self.object_score_logits, self.iou]
-        tensors += [t for outputs in self.cond_outputs for out in outputs.values() for t in (out["maskmem_features"], out["obj_ptr"])]
+        tensors += [
+            t
+            for outputs in self.cond_outputs
+            for out in outputs.values()
+            for t in (out["maskmem_features"], out["obj_ptr"])
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property

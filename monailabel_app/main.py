@@ -16,17 +16,17 @@ import os
 import sys
 import tempfile
 
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+
 # MONAI Label puts the app's folder on sys.path while it loads this file, so `lib` imports here (as in its
 # sample apps) and stays in sys.modules afterwards;
 # model_core is the installed project (scripts/setup.sh installs it into the venv).
 import lib.configs.icl_sam2
 import lib.configs.lesion_proposals
 import lib.configs.medsam_lite
-from fastapi import HTTPException
-from monailabel.config import settings
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.first import First
-
 from lib import routes
 from lib.activelearning.random import SafeRandom
 from lib.datastore import CheckedDatastore
@@ -62,7 +62,9 @@ class ICLSAM2App(MONAILabelApp):
         names = list(MODELS) if names == ["all"] else names
         unknown = [n for n in names if n not in MODELS]
         if unknown or not names:
-            raise ValueError(f"--conf models {conf.get('models')!r}: unknown {unknown}; available: {sorted(MODELS)} (or 'all').")
+            raise ValueError(
+                f"--conf models {conf.get('models')!r}: unknown {unknown}; available: {sorted(MODELS)} (or 'all')."
+            )
         self.studies_dir = studies
         self.model_names = names
         self.models = {}
@@ -70,9 +72,14 @@ class ICLSAM2App(MONAILabelApp):
         self._app_dir = app_dir
         #: origins besides the server's own that browsers may use it from (lib/origin.py)
         self.allowed_origins = parse_origins(conf.get("allowed_origins", OPTIONS["allowed_origins"][0]))
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="ICL-SAM2",
-                         description="In-context and interactive SAM2 segmentation of CT and MRI volumes",
-                         version="0.1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="ICL-SAM2",
+            description="In-context and interactive SAM2 segmentation of CT and MRI volumes",
+            version="0.1.0",
+        )
         if is_read_only():
             self._auto_update_scoring = False  # scores are stored in the datastore, which accepts no write
         routes.install(self)  # the reviewed route table, its checks, the error rule and the origin rule
@@ -85,27 +92,40 @@ class ICLSAM2App(MONAILabelApp):
         # read-only: MONAI Label's own flag would skip indexing the folder at start-up (a fresh folder lists nothing);
         # here the index is built in memory and never written, and every write is refused (lib/readonly.py)
         datastore = ReadOnlyCheckedDatastore if is_read_only() else CheckedDatastore
-        return datastore(self.studies, label_values=parse_labels(self._conf).values(),
-                         extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                         auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+        return datastore(
+            self.studies,
+            label_values=parse_labels(self._conf).values(),
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+        )
 
     def _dicomweb_datastore(self):
         """MONAI Label's DICOMweb client for ``--studies`` (its settings: credentials, URL prefixes), our datastore."""
-        from monailabel.datastore.dicom import DICOMwebClientX
         from dicomweb_client.session_utils import create_session_from_user_pass
+        from monailabel.datastore.dicom import DICOMwebClientX
 
         session = None
         if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
-            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
-                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
-        client = DICOMwebClientX(url=self.studies, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
         self._download_dcmqi_tools()
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
         datastore = ReadOnlyDICOMwebDatastore if is_read_only() else CheckedDICOMwebDatastore
-        return datastore(client, parse_labels(self._conf), parse_modalities(self._conf), cache_path=cache,
-                         list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])))
+        return datastore(
+            client,
+            parse_labels(self._conf),
+            parse_modalities(self._conf),
+            cache_path=cache,
+            list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])),
+        )
 
     def _download_dcmqi_tools(self):
         """dcmqi's ``itkimage2segimage`` comes from its pinned wheel (requirements.txt), never from a download:
@@ -115,8 +135,10 @@ class ICLSAM2App(MONAILabelApp):
         import shutil
 
         if not shutil.which("itkimage2segimage"):
-            raise RuntimeError("dcmqi's itkimage2segimage is not installed (pip install dcmqi; bash scripts/setup.sh does); "
-                               "it writes labels to the PACS as DICOM SEG.")
+            raise RuntimeError(
+                "dcmqi's itkimage2segimage is not installed (pip install dcmqi; bash scripts/setup.sh does); "
+                "it writes labels to the PACS as DICOM SEG."
+            )
 
     def _configs(self):
         if not self.models:
@@ -164,8 +186,12 @@ class ICLSAM2App(MONAILabelApp):
             return None
         max_mb = float(self._conf.get("session_max_mb", OPTIONS["session_max_mb"][0]))
         max_files = int(self._conf.get("session_max_files", OPTIONS["session_max_files"][0]))
-        return CheckedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY,
-                               max_files=max_files, max_bytes=int(max_mb * 2**20))
+        return CheckedSessions(
+            settings.MONAI_LABEL_SESSION_PATH,
+            settings.MONAI_LABEL_SESSION_EXPIRY,
+            max_files=max_files,
+            max_bytes=int(max_mb * 2**20),
+        )
 
     def _upload_file(self, path) -> bool:
         """A file MONAI Label wrote for this request: an uploaded image (``NamedTemporaryFile`` in the temp
@@ -176,8 +202,11 @@ class ICLSAM2App(MONAILabelApp):
         if self._sessions is not None and self._sessions.owns(path):
             return True
         real = os.path.realpath(path)
-        return (os.path.isfile(real) and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
-                and os.path.basename(real).startswith("tmp"))
+        return (
+            os.path.isfile(real)
+            and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(real).startswith("tmp")
+        )
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with the image resolved only as a datastore id (or MONAI Label's own upload file).
@@ -188,7 +217,9 @@ class ICLSAM2App(MONAILabelApp):
         """
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"Unknown model {model!r}; this server has {sorted(self._infers)}.")
+            raise HTTPException(
+                status_code=404, detail=f"Unknown model {model!r}; this server has {sorted(self._infers)}."
+            )
         datastore = datastore or self.datastore()
         image = request.get("image")
         try:
@@ -204,13 +235,16 @@ class ICLSAM2App(MONAILabelApp):
             raise http_error(e) from e
         save = request.get("save_label") is True and image_id is not None
         tag = request.get("label_tag", "original")
-        result = super().infer({**request, "image": datastore.get_image_uri(image_id) if image_id else image,
-                                "save_label": False}, datastore)
+        result = super().infer(
+            {**request, "image": datastore.get_image_uri(image_id) if image_id else image, "save_label": False},
+            datastore,
+        )
         if save and result.get("file"):
             # after MONAI Label's infer, which saves only when given an id it resolves itself; the tag was checked
             # (never 'final') by the params schema, the file is checked by the datastore like an upload
-            result["label"] = datastore.save_label(image_id, result["file"], tag, {"model": model,
-                                                                                    "params": result.get("params")})
+            result["label"] = datastore.save_label(
+                image_id, result["file"], tag, {"model": model, "params": result.get("params")}
+            )
             result["tag"] = tag
         return result
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import fire
 
 from icl_sam2.servers import MonaiLabelServer
-
 from model_core.io.phantoms import PHANTOM_LABELS, write_phantom_study
 
 
@@ -31,17 +30,22 @@ def _timed(client, model, image, params) -> dict:
     start = time.perf_counter()
     _, info = client.infer(model, image, params)
     info = json.loads(info) if isinstance(info, (bytes, str)) else info
-    return {"seconds": round(time.perf_counter() - start, 3), "encoded": info["encoded_slices"],
-            "propagated": info.get("propagated_slices"), "mode": info.get("mode")}
+    return {
+        "seconds": round(time.perf_counter() - start, 3),
+        "encoded": info["encoded_slices"],
+        "propagated": info.get("propagated_slices"),
+        "mode": info.get("mode"),
+    }
 
 
-def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), device: str = "cpu",
-         output: str | None = None) -> list[dict]:
+def main(
+    presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), device: str = "cpu", output: str | None = None
+) -> list[dict]:
     """Args:
-        presets: ``preset:image_size`` entries.
-        shape: ``(i, j, k)`` of each volume (k: slices).
-        device: ``cpu`` or ``cuda``.
-        output: optional JSON file for the rows.
+    presets: ``preset:image_size`` entries.
+    shape: ``(i, j, k)`` of each volume (k: slices).
+    device: ``cpu`` or ``cuda``.
+    output: optional JSON file for the rows.
     """
     from monailabel.client import MONAILabelClient
 
@@ -55,8 +59,15 @@ def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), de
             preset, size = entry.split(":")
             row = {"preset": entry, "shape": list(shape), "device": device}
             for incremental in (True, False):
-                conf = {"preset": preset, "image_size": size, "device": device, "labels": json.dumps(dict(PHANTOM_LABELS)),
-                        "window": "[0, 1]", "checkpoint": f"{tmp}/none.pt", "incremental": str(incremental).lower()}
+                conf = {
+                    "preset": preset,
+                    "image_size": size,
+                    "device": device,
+                    "labels": json.dumps(dict(PHANTOM_LABELS)),
+                    "window": "[0, 1]",
+                    "checkpoint": f"{tmp}/none.pt",
+                    "incremental": str(incremental).lower(),
+                }
                 server = MonaiLabelServer(studies, conf, Path(tmp) / f"{preset}_{incremental}.log")
                 try:
                     client = MONAILabelClient(server.url, tmpdir=f"{tmp}/client")
@@ -71,15 +82,25 @@ def main(presets=("tiny:256", "sam2.1_hiera_tiny:512"), shape=(256, 256, 64), de
                 else:
                     row["follow_up_exact"] = follow
             rows.append(row)
-    print(f"\nMONAI Label app, {shape[0]}x{shape[1]}x{shape[2]} volumes, device {device} "
-          "(seconds through the REST API; [slices encoded / propagated])")
-    print(f"  {'preset:size':<22} {'in-context':>18} {'first click':>18} {'follow-up':>18} {'follow/first':>12} "
-          f"{'exact follow-up':>18}")
-    cell = lambda r: f"{r['seconds']:>7.2f} s [{r['encoded']:>3}/{r['propagated'] if r['propagated'] is not None else '-':>3}]"  # noqa: E731
+    print(
+        f"\nMONAI Label app, {shape[0]}x{shape[1]}x{shape[2]} volumes, device {device} "
+        "(seconds through the REST API; [slices encoded / propagated])"
+    )
+    print(
+        f"  {'preset:size':<22} {'in-context':>18} {'first click':>18} {'follow-up':>18} {'follow/first':>12} "
+        f"{'exact follow-up':>18}"
+    )
+
+    def cell(r: dict) -> str:
+        propagated = r["propagated"] if r["propagated"] is not None else "-"
+        return f"{r['seconds']:>7.2f} s [{r['encoded']:>3}/{propagated:>3}]"
+
     for r in rows:
         ratio = r["follow_up"]["seconds"] / r["first_click"]["seconds"]
-        print(f"  {r['preset']:<22} {cell(r['in_context']):>18} {cell(r['first_click']):>18} {cell(r['follow_up']):>18} "
-              f"{ratio:>11.0%} {cell(r['follow_up_exact']):>18}")
+        print(
+            f"  {r['preset']:<22} {cell(r['in_context']):>18} {cell(r['first_click']):>18} {cell(r['follow_up']):>18} "
+            f"{ratio:>11.0%} {cell(r['follow_up_exact']):>18}"
+        )
     if output:
         Path(output).write_text(json.dumps(rows, indent=2))
     return rows

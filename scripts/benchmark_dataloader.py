@@ -21,13 +21,14 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(datalist: str = "bundle/data/phantoms/datalist.json", workers=(0, 2), image_size: int = 96,
-         episodes: int = 60) -> list[dict]:
+def main(
+    datalist: str = "bundle/data/phantoms/datalist.json", workers=(0, 2), image_size: int = 96, episodes: int = 60
+) -> list[dict]:
     """Args:
-        datalist: a phantom datalist (``icl-sam2 phantoms`` writes one).
-        workers: the ``num_workers`` values to compare.
-        image_size: the tiny preset's input size.
-        episodes: episodes in the timed epoch (batches of 2).
+    datalist: a phantom datalist (``icl-sam2 phantoms`` writes one).
+    workers: the ``num_workers`` values to compare.
+    image_size: the tiny preset's input size.
+    episodes: episodes in the timed epoch (batches of 2).
     """
     labels = json.loads(Path(datalist).read_text())["labels"]
     rows = []
@@ -35,12 +36,25 @@ def main(datalist: str = "bundle/data/phantoms/datalist.json", workers=(0, 2), i
         for nw in workers:
             parser = ConfigParser()
             parser.read_config(str(ROOT / "bundle" / "configs" / "train.json"))
-            for key, value in {"bundle_root": tmp, "ckpt_dir": f"{tmp}/models", "output_dir": f"{tmp}/out", "preset": "tiny",
-                               "image_size": image_size, "datalist_file": str(Path(datalist).resolve()),
-                               "classes": sorted(labels.values()), "intensity#window": [0, 1], "train_encoder": "all",
-                               "num_support": 3, "num_query": 4, "objects_per_episode": 3, "batch_size": 2,
-                               "episodes_per_epoch": episodes, "max_epochs": 1, "val_interval": 10**6,
-                               "num_workers": int(nw)}.items():
+            for key, value in {
+                "bundle_root": tmp,
+                "ckpt_dir": f"{tmp}/models",
+                "output_dir": f"{tmp}/out",
+                "preset": "tiny",
+                "image_size": image_size,
+                "datalist_file": str(Path(datalist).resolve()),
+                "classes": sorted(labels.values()),
+                "intensity#window": [0, 1],
+                "train_encoder": "all",
+                "num_support": 3,
+                "num_query": 4,
+                "objects_per_episode": 3,
+                "batch_size": 2,
+                "episodes_per_epoch": episodes,
+                "max_epochs": 1,
+                "val_interval": 10**6,
+                "num_workers": int(nw),
+            }.items():
                 parser[key] = value
             start = time.perf_counter()
             batches = sum(1 for _ in parser.get_parsed_content("train#dataloader"))
@@ -49,10 +63,19 @@ def main(datalist: str = "bundle/data/phantoms/datalist.json", workers=(0, 2), i
             start = time.perf_counter()
             trainer.run()
             epoch = time.perf_counter() - start
-            rows.append({"num_workers": int(nw), "batches": batches, "loading_s_per_batch": round(loading / batches, 4),
-                         "training_s_per_iteration": round(epoch / batches, 3)})
-            print(f"num_workers={nw}: loading alone {loading / batches:.3f} s/batch, training {epoch / batches:.3f} s/iteration "
-                  f"({batches} batches)", flush=True)
+            rows.append(
+                {
+                    "num_workers": int(nw),
+                    "batches": batches,
+                    "loading_s_per_batch": round(loading / batches, 4),
+                    "training_s_per_iteration": round(epoch / batches, 3),
+                }
+            )
+            print(
+                f"num_workers={nw}: loading alone {loading / batches:.3f} s/batch, "
+                f"training {epoch / batches:.3f} s/iteration ({batches} batches)",
+                flush=True,
+            )
     return rows
 
 

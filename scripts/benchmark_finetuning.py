@@ -45,8 +45,14 @@ LORA_TARGETS = ["image_encoder.attn", "memory_attention.attn", "mask_decoder.tra
 
 
 def _workflow(workdir: str, **overrides) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(config_file=str(ROOT / "bundle/configs/train.json"), workflow_type="train",
-                              bundle_root=workdir, ckpt_dir=f"{workdir}/models", output_dir=f"{workdir}/out", **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "bundle/configs/train.json"),
+        workflow_type="train",
+        bundle_root=workdir,
+        ckpt_dir=f"{workdir}/models",
+        output_dir=f"{workdir}/out",
+        **overrides,
+    )
     workflow.initialize()
     return workflow
 
@@ -65,10 +71,15 @@ def _train(workdir: str, **overrides) -> dict:
     evaluator = parser.get_parsed_content("validate#evaluator")
     summary = network.trainable_summary()
     workflow.finalize()
-    return {"trainable_parameters": summary["total"]["trainable"], "total_parameters": summary["total"]["total"],
-            "lora_parameters": summary["lora"]["total"], "steps": len(times),
-            "step_s": statistics.median(times[1:] or times), "wall_s": wall,
-            "dice": float(evaluator.state.metrics["val_mean_dice"]) if evaluator.state.metrics else None}
+    return {
+        "trainable_parameters": summary["total"]["trainable"],
+        "total_parameters": summary["total"]["total"],
+        "lora_parameters": summary["lora"]["total"],
+        "steps": len(times),
+        "step_s": statistics.median(times[1:] or times),
+        "wall_s": wall,
+        "dice": float(evaluator.state.metrics["val_mean_dice"]) if evaluator.state.metrics else None,
+    }
 
 
 def _evaluate(workdir: str, **overrides) -> float:
@@ -82,21 +93,37 @@ def _evaluate(workdir: str, **overrides) -> float:
 def _report(result: dict) -> None:
     """The table and the JSON of a run."""
     c = result["settings"]
-    print(f"\nFine-tuning on phantoms: tiny preset at {c['image_size']} px on {c['device']}, base pretrained "
-          f"{c['pretrain_steps']} steps on blob+tube, then {c['steps']} steps (batch {c['batch_size']}, {c['num_support']} "
-          f"support + {c['num_query']} query slices) on block; held-out Dice of block on {c['validation']} volumes "
-          f"(base before fine-tuning: {result['base_dice']:.3f})")
+    print(
+        f"\nFine-tuning on phantoms: tiny preset at {c['image_size']} px on {c['device']}, base pretrained "
+        f"{c['pretrain_steps']} steps on blob+tube, then {c['steps']} steps (batch {c['batch_size']}, "
+        f"{c['num_support']} "
+        f"support + {c['num_query']} query slices) on block; held-out Dice of block on {c['validation']} volumes "
+        f"(base before fine-tuning: {result['base_dice']:.3f})"
+    )
     print(f"  {'method':<18} {'trainable params':>17} {'share':>7} {'s/step':>7} {'Dice':>6}")
     for r in result["rows"]:
         share = r["trainable_parameters"] / (r["total_parameters"] - r["lora_parameters"])
-        print(f"  {r['method']:<18} {r['trainable_parameters']:>17,} {share:>7.1%} {r['step_s']:>7.3f} {r['dice']:>6.3f}")
+        print(
+            f"  {r['method']:<18} {r['trainable_parameters']:>17,} {share:>7.1%} {r['step_s']:>7.3f} {r['dice']:>6.3f}"
+        )
     print(json.dumps(result, indent=1))
 
 
-def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volumes: int = 4, validation: int = 2,
-         depth: int = 16, learning_rate: float = 3e-4, lora_learning_rate: float = 3e-3, batch_size: int = 2,
-         num_query: int = 3,
-         device: str = "cpu", output: str | None = None, workdir: str | None = None) -> dict:
+def main(
+    steps: int = 100,
+    pretrain_steps: int = 200,
+    image_size: int = 64,
+    volumes: int = 4,
+    validation: int = 2,
+    depth: int = 16,
+    learning_rate: float = 3e-4,
+    lora_learning_rate: float = 3e-3,
+    batch_size: int = 2,
+    num_query: int = 3,
+    device: str = "cpu",
+    output: str | None = None,
+    workdir: str | None = None,
+) -> dict:
     """Args:
         steps: fine-tuning iterations of every method (batches of ``batch_size`` episodes).
         pretrain_steps: iterations that make the base (two structures, everything trains).
@@ -113,41 +140,97 @@ def main(steps: int = 100, pretrain_steps: int = 200, image_size: int = 64, volu
     Returns:
         ``{"settings", "base_dice", "rows"}`` (what the JSON holds).
     """
-    common = {"preset": "tiny", "image_size": image_size, "intensity#window": [0, 1], "num_support": 2, "num_query": num_query,
-              "objects_per_episode": 1, "batch_size": batch_size, "grad_clip": 1.0, "warmup_fraction": 0.05,
-              "device": f"$torch.device('{device}')", "num_workers": 0}
+    common = {
+        "preset": "tiny",
+        "image_size": image_size,
+        "intensity#window": [0, 1],
+        "num_support": 2,
+        "num_query": num_query,
+        "objects_per_episode": 1,
+        "batch_size": batch_size,
+        "grad_clip": 1.0,
+        "warmup_fraction": 0.05,
+        "device": f"$torch.device('{device}')",
+        "num_workers": 0,
+    }
     new_class = [PHANTOM_LABELS["block"]]
     methods = {
-        "full fine-tuning": {"trainable": "all", "learning_rate": learning_rate, "encoder_learning_rate": learning_rate},
+        "full fine-tuning": {
+            "trainable": "all",
+            "learning_rate": learning_rate,
+            "encoder_learning_rate": learning_rate,
+        },
         "frozen encoder": {"trainable": "frozen", "learning_rate": learning_rate},
-        **{f"LoRA rank {r}": {"trainable": "none", "lora_rank": r, "lora_targets": LORA_TARGETS,
-                               "learning_rate": lora_learning_rate} for r in (4, 16)},
+        **{
+            f"LoRA rank {r}": {
+                "trainable": "none",
+                "lora_rank": r,
+                "lora_targets": LORA_TARGETS,
+                "learning_rate": lora_learning_rate,
+            }
+            for r in (4, 16)
+        },
     }
     rows = []
     with tempfile.TemporaryDirectory() if workdir is None else contextlib.nullcontext(workdir) as tmp:
-        datalist = write_phantom_dataset(f"{tmp}/data", train=volumes, validation=validation, test=0,
-                                         shape=(depth, image_size, image_size))
+        datalist = write_phantom_dataset(
+            f"{tmp}/data", train=volumes, validation=validation, test=0, shape=(depth, image_size, image_size)
+        )
         print(f"pretraining the base: {pretrain_steps} steps on blob and tube ...", flush=True)
-        base = _train(f"{tmp}/base", datalist_file=datalist, classes=[PHANTOM_LABELS["blob"], PHANTOM_LABELS["tube"]],
-                      trainable="all", learning_rate=learning_rate, encoder_learning_rate=learning_rate,
-                      episodes_per_epoch=batch_size * pretrain_steps, max_epochs=1, val_interval=10**6, **common)
+        base = _train(
+            f"{tmp}/base",
+            datalist_file=datalist,
+            classes=[PHANTOM_LABELS["blob"], PHANTOM_LABELS["tube"]],
+            trainable="all",
+            learning_rate=learning_rate,
+            encoder_learning_rate=learning_rate,
+            episodes_per_epoch=batch_size * pretrain_steps,
+            max_epochs=1,
+            val_interval=10**6,
+            **common,
+        )
         checkpoint = f"{tmp}/base/models/model_final.pt"
-        tuned = {**common, "datalist_file": datalist, "classes": new_class, "pretrained_checkpoint": checkpoint,
-                 "episodes_per_epoch": batch_size * steps, "max_epochs": 1, "val_interval": 1}
+        tuned = {
+            **common,
+            "datalist_file": datalist,
+            "classes": new_class,
+            "pretrained_checkpoint": checkpoint,
+            "episodes_per_epoch": batch_size * steps,
+            "max_epochs": 1,
+            "val_interval": 1,
+        }
         base_dice = _evaluate(f"{tmp}/base_eval", **tuned)
-        print(f"base: {base['wall_s'] / 60:.1f} min; held-out Dice of the unseen structure before fine-tuning {base_dice:.3f}",
-              flush=True)
+        print(
+            f"base: {base['wall_s'] / 60:.1f} min; held-out Dice of the unseen structure before fine-tuning "
+            f"{base_dice:.3f}",
+            flush=True,
+        )
         for name, options in methods.items():
             print(f"{name} ...", flush=True)
             result = _train(f"{tmp}/{name.replace(' ', '_')}", **tuned, **options)
             rows.append({"method": name, **{k: v for k, v in options.items() if k != "lora_targets"}, **result})
             print(f"  {result['step_s']:.3f} s/step, Dice {result['dice']:.3f}", flush=True)
-    result = {"settings": {"preset": "tiny", "image_size": image_size, "steps": steps, "pretrain_steps": pretrain_steps,
-                           "batch_size": batch_size, "num_support": 2, "num_query": num_query, "volumes": volumes,
-                           "validation": validation, "depth": depth, "device": device, "learning_rate": learning_rate,
-                           "lora_learning_rate": lora_learning_rate, "lora_targets": LORA_TARGETS,
-                           "torch_threads": torch.get_num_threads()},
-              "base_dice": base_dice, "rows": rows}
+    result = {
+        "settings": {
+            "preset": "tiny",
+            "image_size": image_size,
+            "steps": steps,
+            "pretrain_steps": pretrain_steps,
+            "batch_size": batch_size,
+            "num_support": 2,
+            "num_query": num_query,
+            "volumes": volumes,
+            "validation": validation,
+            "depth": depth,
+            "device": device,
+            "learning_rate": learning_rate,
+            "lora_learning_rate": lora_learning_rate,
+            "lora_targets": LORA_TARGETS,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "base_dice": base_dice,
+        "rows": rows,
+    }
     _report(result)
     if output:
         Path(output).write_text(json.dumps(result, indent=1))

@@ -56,12 +56,12 @@ from typing import Any, Callable
 # imported, and importing torch already imports it, so this must come first.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import fire  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
+import fire
+import numpy as np
+import psutil
+import torch
 
-from model_core.io.phantoms import PHANTOM_LABELS, make_phantom  # noqa: E402
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 
 AGREE_IOU = 0.999
 
@@ -87,8 +87,10 @@ def make_inputs(
         ``(support_images (S,3,H,W) float32 in [0, 1], support_masks (S,K,H,W) bool, query (D,3,H,W) float32)``.
     """
     if not 1 <= num_objects <= len(PHANTOM_LABELS):
-        raise ValueError(f"objects={num_objects}: the phantom has {len(PHANTOM_LABELS)} structures "
-                         f"({', '.join(PHANTOM_LABELS)}); pass 1 to {len(PHANTOM_LABELS)}.")
+        raise ValueError(
+            f"objects={num_objects}: the phantom has {len(PHANTOM_LABELS)} structures "
+            f"({', '.join(PHANTOM_LABELS)}); pass 1 to {len(PHANTOM_LABELS)}."
+        )
     values = sorted(PHANTOM_LABELS.values())[:num_objects]
     query, _ = make_phantom((depth, size, size), seed=seed)
     volume, label = make_phantom((max(16, num_support), size, size), seed=seed + 1)
@@ -131,7 +133,7 @@ class _RssSampler:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self.baseline = self.peak = self.process.memory_info().rss
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -237,13 +239,15 @@ def main(
         The JSON record (also printed as the last line).
     """
     from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
-    from model_core.predictor import VolumePredictor
     from model_core.modeling.presets import PRESETS, build_icl_sam2
+    from model_core.predictor import VolumePredictor
     from model_core.reference import build_reference_predictor, reference_in_context
 
     if int(depth) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
-        raise ValueError(f"depth and support must be at least 1 and objects 1 to {len(PHANTOM_LABELS)} "
-                         f"(the phantom's structures: {', '.join(PHANTOM_LABELS)}).")
+        raise ValueError(
+            f"depth and support must be at least 1 and objects 1 to {len(PHANTOM_LABELS)} "
+            f"(the phantom's structures: {', '.join(PHANTOM_LABELS)})."
+        )
     if int(repeats) < 1 or int(warmup) < 0:
         raise ValueError("repeats must be at least 1 and warmup at least 0.")
     if preset not in PRESETS:
@@ -256,8 +260,9 @@ def main(
 
     torch.manual_seed(seed)
     # the reference is built from the float32 weights (the network's precision only sets autocast)
-    model = build_icl_sam2(preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size,
-                           precision=resolved)
+    model = build_icl_sam2(
+        preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size, precision=resolved
+    )
     predictor = build_reference_predictor(model)
     size = model.image_size
     sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
@@ -303,7 +308,9 @@ def main(
         "precision_requested": precision,
         "reference_precision": "fp32",
         "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
-        "memory_measure": "cuda max_memory_allocated above baseline" if dev.type == "cuda" else "peak RSS above baseline",
+        "memory_measure": "cuda max_memory_allocated above baseline"
+        if dev.type == "cuda"
+        else "peak RSS above baseline",
         "ours": side(ours),
         "reference": side(ref),
         "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],

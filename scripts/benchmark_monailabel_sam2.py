@@ -31,7 +31,7 @@ import fire
 from icl_sam2.servers import MonaiLabelServer
 from model_core.io.phantoms import write_phantom_study
 
-APP_MAIN = '''
+APP_MAIN = """
 import os
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.sam2.infer import Sam2InferTask
@@ -44,7 +44,7 @@ class BuiltinSam2App(MONAILabelApp):
 
     def init_infers(self):
         return {"sam2": Sam2InferTask(self.model_dir, dimension=3, labels={"blob": 1})}
-'''
+"""
 
 
 def _prepare_app(folder: Path, preset: str, yaml_name: str, image_size: int) -> dict[str, str]:
@@ -79,13 +79,18 @@ def _clicks(client, model: str, params: dict, centre: list[int]) -> list[float]:
     return times
 
 
-def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yaml", image_size: int = 512,
-         shape=(256, 256, 64), output: str | None = None) -> dict:
+def main(
+    preset: str = "sam2.1_hiera_tiny",
+    yaml_name: str = "sam2.1_hiera_t.yaml",
+    image_size: int = 512,
+    shape=(256, 256, 64),
+    output: str | None = None,
+) -> dict:
     """Args:
-        preset, yaml_name: the SAM2 architecture and its YAML in the sam2 package.
-        image_size: model input size of both sides.
-        shape: ``(i, j, k)`` of each volume of the study.
-        output: optional JSON file for the result.
+    preset, yaml_name: the SAM2 architecture and its YAML in the sam2 package.
+    image_size: model input size of both sides.
+    shape: ``(i, j, k)`` of each volume of the study.
+    output: optional JSON file for the result.
     """
     from monailabel.client import MONAILabelClient
 
@@ -96,25 +101,46 @@ def main(preset: str = "sam2.1_hiera_tiny", yaml_name: str = "sam2.1_hiera_t.yam
         write_phantom_study(tmp / "studies", tuple(shape))
         centre = [shape[0] // 2, shape[1] // 2, shape[2] // 2]
         env = _prepare_app(tmp / "app", preset, yaml_name, image_size)
-        server = MonaiLabelServer(tmp / "studies", {}, tmp / "server.log", app=tmp / "app",
-                        env={**env, "HOME": str(tmp)})  # its JPEG cache goes under $HOME/.cache
+        server = MonaiLabelServer(
+            tmp / "studies", {}, tmp / "server.log", app=tmp / "app", env={**env, "HOME": str(tmp)}
+        )  # its JPEG cache goes under $HOME/.cache
         try:
-            builtin = _clicks(MONAILabelClient(server.url, tmpdir=str(tmp / "client")), "sam2", {"device": "cpu"}, centre)
+            builtin = _clicks(
+                MONAILabelClient(server.url, tmpdir=str(tmp / "client")), "sam2", {"device": "cpu"}, centre
+            )
         finally:
             server.stop()
-        ours_conf = {"preset": preset, "image_size": str(image_size), "device": "cpu", "window": "[0, 1]",
-                     "labels": json.dumps(dict(PHANTOM_LABELS)), "checkpoint": str(tmp / "app" / "model" / f"{preset}.pt")}
+        ours_conf = {
+            "preset": preset,
+            "image_size": str(image_size),
+            "device": "cpu",
+            "window": "[0, 1]",
+            "labels": json.dumps(dict(PHANTOM_LABELS)),
+            "checkpoint": str(tmp / "app" / "model" / f"{preset}.pt"),
+        }
         server = MonaiLabelServer(tmp / "studies", ours_conf, tmp / "ours.log")
         try:
-            ours = _clicks(MONAILabelClient(server.url, tmpdir=str(tmp / "client2")), "icl_sam2_interactive",
-                           {"label": "blob"}, centre)
+            ours = _clicks(
+                MONAILabelClient(server.url, tmpdir=str(tmp / "client2")),
+                "icl_sam2_interactive",
+                {"label": "blob"},
+                centre,
+            )
         finally:
             server.stop()
-    result = {"preset": preset, "image_size": int(image_size), "shape": list(shape), "device": "cpu",
-              "builtin": {"first_click_s": round(builtin[0], 2), "follow_up_click_s": round(builtin[1], 2)},
-              "ours": {"first_click_s": round(ours[0], 2), "follow_up_click_s": round(ours[1], 2)},
-              "speedup": {"first_click": round(builtin[0] / ours[0], 2), "follow_up_click": round(builtin[1] / ours[1], 2)}}
-    print(f"\n{preset} at {image_size} px, random weights (same seed), {shape[0]}x{shape[1]}x{shape[2]}, cpu; seconds through the REST API")
+    result = {
+        "preset": preset,
+        "image_size": int(image_size),
+        "shape": list(shape),
+        "device": "cpu",
+        "builtin": {"first_click_s": round(builtin[0], 2), "follow_up_click_s": round(builtin[1], 2)},
+        "ours": {"first_click_s": round(ours[0], 2), "follow_up_click_s": round(ours[1], 2)},
+        "speedup": {"first_click": round(builtin[0] / ours[0], 2), "follow_up_click": round(builtin[1] / ours[1], 2)},
+    }
+    print(
+        f"\n{preset} at {image_size} px, random weights (same seed), {shape[0]}x{shape[1]}x{shape[2]}, cpu; "
+        f"seconds through the REST API"
+    )
     print(f"  {'':<38} {'first click':>12} {'follow-up click':>16}")
     print(f"  {'MONAI Label built-in SAM2 (3D)':<38} {builtin[0]:>12.2f} {builtin[1]:>16.2f}")
     print(f"  {'ICL-SAM2 icl_sam2_interactive':<38} {ours[0]:>12.2f} {ours[1]:>16.2f}")

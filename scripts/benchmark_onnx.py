@@ -19,9 +19,9 @@ import tempfile
 import fire
 import torch
 
-from model_core.io.files import atomic_path
 from model_core.export.onnx import medsam_lite_slice_path, sam2_prompts, sam2_slice_path
 from model_core.export.runtime import time_slice_path
+from model_core.io.files import atomic_path
 from model_core.modeling.precision import cpu_bf16_capability
 
 BACKENDS = ("torch fp32", "torch bf16", "onnxruntime")
@@ -35,17 +35,25 @@ def _cell(result: dict, part: str, backend: str) -> str:
     return f"{value:.1f}" + (" (emulated)" if f"{backend} (emulated)" in times else "")
 
 
-def main(models: str | tuple = "sam2,medsam_lite", preset: str = "sam2.1_hiera_tiny", image_size: int = 512,
-         runs: int = 10, warmup: int = 2, bf16: str = "native", threads: int | None = None,
-         output: str | None = None, workdir: str | None = None) -> None:
+def main(
+    models: str | tuple = "sam2,medsam_lite",
+    preset: str = "sam2.1_hiera_tiny",
+    image_size: int = 512,
+    runs: int = 10,
+    warmup: int = 2,
+    bf16: str = "native",
+    threads: int | None = None,
+    output: str | None = None,
+    workdir: str | None = None,
+) -> None:
     """Args:
-        models: comma-separated, from ``sam2`` and ``medsam_lite``.
-        preset, image_size: the SAM2 model (random weights).
-        runs, warmup: timed and untimed runs per figure (the median is reported).
-        bf16: ``native`` (time bf16 only where the CPU has it), ``force`` (also emulated) or ``off``.
-        threads: CPU threads for torch and onnxruntime alike (default: each library's own).
-        output: JSON file to write.
-        workdir: where the ONNX files go (default: a temporary folder, removed after).
+    models: comma-separated, from ``sam2`` and ``medsam_lite``.
+    preset, image_size: the SAM2 model (random weights).
+    runs, warmup: timed and untimed runs per figure (the median is reported).
+    bf16: ``native`` (time bf16 only where the CPU has it), ``force`` (also emulated) or ``off``.
+    threads: CPU threads for torch and onnxruntime alike (default: each library's own).
+    output: JSON file to write.
+    workdir: where the ONNX files go (default: a temporary folder, removed after).
     """
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     unknown = [m for m in names if m not in ("sam2", "medsam_lite")]
@@ -65,13 +73,16 @@ def main(models: str | tuple = "sam2,medsam_lite", preset: str = "sam2.1_hiera_t
             else:
                 path = medsam_lite_slice_path()
                 prompts = {"boxes": torch.tensor([[64.0, 76.8, 179.2, 204.8]])}
-            results[path.name] = time_slice_path(path, folder, prompts, runs=runs, warmup=warmup, bf16=bf16,
-                                                 threads=threads)
+            results[path.name] = time_slice_path(
+                path, folder, prompts, runs=runs, warmup=warmup, bf16=bf16, threads=threads
+            )
             results[path.name].pop("files")
     capability = cpu_bf16_capability()
     report = {"cpu": capability, "results": results}
-    print(f"\nCPU: {capability['processor']} (bf16 native: {capability['bf16']}), "
-          f"torch threads {torch.get_num_threads()}, median of {runs} runs after {warmup} warm-up, ms")
+    print(
+        f"\nCPU: {capability['processor']} (bf16 native: {capability['bf16']}), "
+        f"torch threads {torch.get_num_threads()}, median of {runs} runs after {warmup} warm-up, ms"
+    )
     header = f"{'model':<26}{'part':<9}" + "".join(f"{b:>28}" for b in BACKENDS) + f"{'ORT speed-up':>14}"
     print(header)
     print("-" * len(header))
@@ -81,7 +92,9 @@ def main(models: str | tuple = "sam2,medsam_lite", preset: str = "sam2.1_hiera_t
             cells = "".join(f"{_cell(result, part, b):>28}" for b in BACKENDS)
             print(f"{model + ' @' + str(result['image_size']):<26}{label:<9}{cells}{speedup:>13.2f}x")
     for model, result in results.items():
-        print(f"{model}: onnxruntime vs torch fp32 logits, max abs diff {result['max_abs_logit_diff_onnx_vs_torch']:.2e}")
+        print(
+            f"{model}: onnxruntime vs torch fp32 logits, max abs diff {result['max_abs_logit_diff_onnx_vs_torch']:.2e}"
+        )
     if output:
         with atomic_path(output) as tmp_file, open(tmp_file, "w") as f:
             json.dump(report, f, indent=1)

@@ -17,20 +17,33 @@ import time
 import fire
 import torch
 
-from model_core.modeling.inputs import volume_to_slices
 from model_core.io.phantoms import make_phantom
+from model_core.modeling.inputs import volume_to_slices
 from model_core.modeling.presets import build_icl_sam2
-from model_core.proposals import ProposalSettings, build_candidates, generate_slice_masks, link_slice_masks, select_candidates
+from model_core.proposals import (
+    ProposalSettings,
+    build_candidates,
+    generate_slice_masks,
+    link_slice_masks,
+    select_candidates,
+)
 
 
-def main(preset: str = "sam2.1_hiera_tiny", image_size: int = 512, slices: int = 2, points_per_side=(16, 32),
-         device: str | None = None, precision: str = "fp32", threads: int | None = None) -> None:
+def main(
+    preset: str = "sam2.1_hiera_tiny",
+    image_size: int = 512,
+    slices: int = 2,
+    points_per_side=(16, 32),
+    device: str | None = None,
+    precision: str = "fp32",
+    threads: int | None = None,
+) -> None:
     """Args:
-        preset, image_size, precision: the network (random weights, seed 0).
-        slices: phantom slices to run.
-        points_per_side: one value or a list; each is timed.
-        device: ``cpu`` or ``cuda`` (default: cuda when available).
-        threads: torch CPU threads.
+    preset, image_size, precision: the network (random weights, seed 0).
+    slices: phantom slices to run.
+    points_per_side: one value or a list; each is timed.
+    device: ``cpu`` or ``cuda`` (default: cuda when available).
+    threads: torch CPU threads.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -47,13 +60,23 @@ def main(preset: str = "sam2.1_hiera_tiny", image_size: int = 512, slices: int =
         per_slice = generate_slice_masks(network, volume, settings)
         generated = time.perf_counter() - start
         start = time.perf_counter()
-        kept = select_candidates(build_candidates(per_slice, link_slice_masks(per_slice, settings.link_iou, settings.link_containment)),
-                                 settings)
+        kept = select_candidates(
+            build_candidates(per_slice, link_slice_masks(per_slice, settings.link_iou, settings.link_containment)),
+            settings,
+        )
         merged = time.perf_counter() - start
-        rows.append({"preset": preset, "image_size": image_size, "device": device, "points_per_side": int(pps),
-                     "seconds_per_slice": round(generated / len(per_slice), 3),
-                     "masks_per_slice": round(sum(map(len, per_slice)) / len(per_slice), 1),
-                     "candidates": len(kept), "merge_seconds": round(merged, 3)})
+        rows.append(
+            {
+                "preset": preset,
+                "image_size": image_size,
+                "device": device,
+                "points_per_side": int(pps),
+                "seconds_per_slice": round(generated / len(per_slice), 3),
+                "masks_per_slice": round(sum(map(len, per_slice)) / len(per_slice), 1),
+                "candidates": len(kept),
+                "merge_seconds": round(merged, 3),
+            }
+        )
         print(json.dumps(rows[-1]))
 
 

@@ -37,7 +37,6 @@ import psutil
 import requests
 
 from icl_sam2.servers import APP, MonaiLabelServer
-
 from model_core.io.phantoms import PHANTOM_LABELS as LABELS
 from model_core.io.phantoms import write_phantom_dataset
 
@@ -58,11 +57,24 @@ def _rss(process: psutil.Process | None) -> int:
         return 0
 
 
-def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape: tuple[int, int, int] = (16, 64, 64),
-        preset: str = "tiny", image_size: int = 64, url: str | None = None, app: str = str(APP),
-        deadline: float = 600.0, probe_interval: float = 0.25, workdir: str | None = None, memory_bound: bool = True,
-        max_preprocessing: int = 2, preprocessing_wait_s: float = 30.0, session_cache_mb: float = 2048.0,
-        max_sessions: int | None = None) -> dict:
+def run(
+    clients: int = 20,
+    requests_per_client: int = 3,
+    images: int = 4,
+    shape: tuple[int, int, int] = (16, 64, 64),
+    preset: str = "tiny",
+    image_size: int = 64,
+    url: str | None = None,
+    app: str = str(APP),
+    deadline: float = 600.0,
+    probe_interval: float = 0.25,
+    workdir: str | None = None,
+    memory_bound: bool = True,
+    max_preprocessing: int = 2,
+    preprocessing_wait_s: float = 30.0,
+    session_cache_mb: float = 2048.0,
+    max_sessions: int | None = None,
+) -> dict:
     """Run the load test and print the figures; returns them as a dict.
 
     Args:
@@ -85,7 +97,9 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"--url must be a loopback address (127.0.0.1, localhost, ::1), got {host!r}.")
     root = Path(workdir or tempfile.mkdtemp(prefix="icl_sam2_load_"))
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0, shape=shape)).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0, shape=shape)).read_text()
+    )
     cases = datalist["training"]
     server = None
     if url is None:
@@ -93,16 +107,37 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         studies.mkdir(exist_ok=True)
         for i, case in enumerate(cases):
             (studies / f"case{i}.nii.gz").write_bytes((root / "src" / case["image"]).read_bytes())
-        limits = {"max_preprocessing": str(max_preprocessing if memory_bound else clients),
-                  "preprocessing_wait_s": str(preprocessing_wait_s), "session_cache_mb": str(session_cache_mb),
-                  "max_sessions": str(max_sessions or 2 * clients + 1)}
-        server = MonaiLabelServer(studies, {"preset": preset, "image_size": str(image_size), "labels": json.dumps(LABELS),
-                                  "device": "cpu", "checkpoint": str(root / "none.pt"), **limits}, root / "server.log",
-                        app=Path(app))
+        limits = {
+            "max_preprocessing": str(max_preprocessing if memory_bound else clients),
+            "preprocessing_wait_s": str(preprocessing_wait_s),
+            "session_cache_mb": str(session_cache_mb),
+            "max_sessions": str(max_sessions or 2 * clients + 1),
+        }
+        server = MonaiLabelServer(
+            studies,
+            {
+                "preset": preset,
+                "image_size": str(image_size),
+                "labels": json.dumps(LABELS),
+                "device": "cpu",
+                "checkpoint": str(root / "none.pt"),
+                **limits,
+            },
+            root / "server.log",
+            app=Path(app),
+        )
         url = server.url
     stop_at = time.time() + deadline
-    results: dict[str, list] = {"latency": [], "server": [], "info": [], "listing": [], "upload": [], "errors": [],
-                                "busy": [], "sessions": []}
+    results: dict[str, list] = {
+        "latency": [],
+        "server": [],
+        "info": [],
+        "listing": [],
+        "upload": [],
+        "errors": [],
+        "busy": [],
+        "sessions": [],
+    }
     evicted = [0]
     lock = threading.Lock()
     burst_done = threading.Event()
@@ -111,8 +146,12 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
     def click(image: str, params: dict) -> dict:
         """One interactive request: its reply's params; a busy answer (503) is sent again after its Retry-After."""
         while True:
-            response = requests.post(f"{url}/infer/icl_sam2_interactive", params={"image": image},
-                                     data={"params": json.dumps(params)}, timeout=max(stop_at - time.time(), 1))
+            response = requests.post(
+                f"{url}/infer/icl_sam2_interactive",
+                params={"image": image},
+                data={"params": json.dumps(params)},
+                timeout=max(stop_at - time.time(), 1),
+            )
             if response.status_code != 503 or time.time() > stop_at:
                 break
             with lock:
@@ -134,7 +173,7 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
             try:
                 info = click(image, params)
                 seconds = time.perf_counter() - start
-            except Exception as e:  # noqa: BLE001 - counted and reported, the load test goes on
+            except Exception as e:
                 with lock:
                     results["errors"].append(f"client{n}: {type(e).__name__}: {e}")
                 return
@@ -153,14 +192,21 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
             for key, call in (
                 ("info", lambda: requests.get(f"{url}/info/", timeout=60)),
                 ("listing", lambda: requests.get(f"{url}/datastore/", timeout=60)),
-                ("upload", lambda: requests.put(f"{url}/datastore/label", params={"image": "case0", "tag": "final"},
-                                                files={"label": ("case0.nii.gz", label_file.read_bytes())}, timeout=60)),
+                (
+                    "upload",
+                    lambda: requests.put(
+                        f"{url}/datastore/label",
+                        params={"image": "case0", "tag": "final"},
+                        files={"label": ("case0.nii.gz", label_file.read_bytes())},
+                        timeout=60,
+                    ),
+                ),
             ):
                 start = time.perf_counter()
                 try:
                     response = call()
                     ok = response.status_code == 200
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     ok, response = False, e
                 with lock:
                     if ok:
@@ -178,15 +224,21 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
             burst_done.wait(0.05)
 
     try:
-        requests.put(f"{url}/datastore/label", params={"image": "case0", "tag": "final"},
-                     files={"label": ("case0.nii.gz", label_file.read_bytes())}, timeout=60)
+        requests.put(
+            f"{url}/datastore/label",
+            params={"image": "case0", "tag": "final"},
+            files={"label": ("case0.nii.gz", label_file.read_bytes())},
+            timeout=60,
+        )
         # warm-up: the network loads and as many server threads as clients do a first click each (what a thread
         # and the allocator take once); the burst's sessions are then measured against the memory after it
         warm: list[tuple[int, float]] = []
 
         def warm_up(n: int) -> None:
-            info = click(f"case{n % len(cases)}", {"foreground": [[width // 2, height // 2, depth // 2]],
-                                                   "label": "blob", "client_id": f"warmup{n}"})
+            info = click(
+                f"case{n % len(cases)}",
+                {"foreground": [[width // 2, height // 2, depth // 2]], "label": "blob", "client_id": f"warmup{n}"},
+            )
             with lock:
                 warm.append((info.get("sessions", 0), info.get("session_cache_mb", 0.0)))
 
@@ -213,13 +265,19 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         if server is not None:
             server.stop()
     figures = {
-        "clients": clients, "requests_per_client": requests_per_client, "wall_s": round(wall, 2),
-        "client_latency": _stats(results["latency"]), "server_time": _stats(results["server"]),
-        "info_during_burst": _stats(results["info"]), "listing_during_burst": _stats(results["listing"]),
-        "label_upload_during_burst": _stats(results["upload"]), "follow_ups_that_encoded_again": evicted[0],
+        "clients": clients,
+        "requests_per_client": requests_per_client,
+        "wall_s": round(wall, 2),
+        "client_latency": _stats(results["latency"]),
+        "server_time": _stats(results["server"]),
+        "info_during_burst": _stats(results["info"]),
+        "listing_during_burst": _stats(results["listing"]),
+        "label_upload_during_burst": _stats(results["upload"]),
+        "follow_ups_that_encoded_again": evicted[0],
         "busy_answers_503": len(results["busy"]),
         "busy_retry_after_s": f"{min(results['busy'])} / {max(results['busy'])}" if results["busy"] else "none",
-        "errors": results["errors"][:10], "error_count": len(results["errors"]),
+        "errors": results["errors"][:10],
+        "error_count": len(results["errors"]),
     }
     if process is not None:
         sessions, cache_mb = max(results["sessions"], default=(0, 0.0))
@@ -227,14 +285,17 @@ def run(clients: int = 20, requests_per_client: int = 3, images: int = 4, shape:
         mib = lambda b: round(b / 2**20, 1)  # noqa: E731
         grown = (memory["after"] - memory["idle"]) / 2**20
         new_sessions = max(sessions - warm_count, 1)
-        figures.update({
-            "memory_bound": f"max_preprocessing {max_preprocessing if memory_bound else clients}, "
-                            f"preprocessing_wait_s {preprocessing_wait_s}, session_cache_mb {session_cache_mb}",
-            "server_rss_idle_peak_after_mib": f"{mib(memory['idle'])} / {mib(memory['peak'])} / {mib(memory['after'])}",
-            "sessions_and_reported_mib": f"{warm_count} -> {sessions} sessions, {warm_mb} -> {cache_mb} MiB",
-            "growth_per_session_mib": round(grown / new_sessions, 2),
-            "reported_per_session_mib": round((cache_mb - warm_mb) / new_sessions, 2),
-        })
+        figures.update(
+            {
+                "memory_bound": f"max_preprocessing {max_preprocessing if memory_bound else clients}, "
+                f"preprocessing_wait_s {preprocessing_wait_s}, session_cache_mb {session_cache_mb}",
+                "server_rss_idle_peak_after_mib": f"{mib(memory['idle'])} / {mib(memory['peak'])} / "
+                f"{mib(memory['after'])}",
+                "sessions_and_reported_mib": f"{warm_count} -> {sessions} sessions, {warm_mb} -> {cache_mb} MiB",
+                "growth_per_session_mib": round(grown / new_sessions, 2),
+                "reported_per_session_mib": round((cache_mb - warm_mb) / new_sessions, 2),
+            }
+        )
     for key, value in figures.items():
         print(f"{key:>30}: {value}")
     return figures

@@ -21,18 +21,26 @@ import nibabel as nib
 import numpy as np
 
 from model_core.io.files import atomic_path
-from model_core.medsam_lite.model import LiteMedSAM
-from model_core.medsam_lite.atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
 from model_core.io.mricron import ATLAS, NAMES, T1, aal_names, available
+from model_core.medsam_lite.atlas import evaluate_slices, evaluate_volume, evenly_spaced_slices
+from model_core.medsam_lite.model import LiteMedSAM
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def main(num_slices: int = 5, slices: list[int] | None = None, regions: list[str] | None = None, min_voxels: int = 100,
-         min_voxels_3d: int = 1000, three_d: bool = True, device: str = "cpu", precision: str = "fp32",
-         output: str | None = None) -> dict:
+def main(
+    num_slices: int = 5,
+    slices: list[int] | None = None,
+    regions: list[str] | None = None,
+    min_voxels: int = 100,
+    min_voxels_3d: int = 1000,
+    three_d: bool = True,
+    device: str = "cpu",
+    precision: str = "fp32",
+    output: str | None = None,
+) -> dict:
     """Run the 2D and 3D evaluation and print the table.
 
     Args:
@@ -46,7 +54,9 @@ def main(num_slices: int = 5, slices: list[int] | None = None, regions: list[str
         output: JSON file for every number.
     """
     if not available():
-        raise SystemExit(f"needs the Debian package mricron-data ({T1}, {ATLAS}, {NAMES}): apt-get install mricron-data")
+        raise SystemExit(
+            f"needs the Debian package mricron-data ({T1}, {ATLAS}, {NAMES}): apt-get install mricron-data"
+        )
     start = time.perf_counter()
     image_nii, atlas_nii = nib.load(str(T1)), nib.load(str(ATLAS))
     if image_nii.shape != atlas_nii.shape or not np.allclose(image_nii.affine, atlas_nii.affine):
@@ -55,9 +65,16 @@ def main(num_slices: int = 5, slices: list[int] | None = None, regions: list[str
     names = aal_names()
     model = LiteMedSAM.from_package(device=device, precision=precision)
     slices = [int(k) for k in slices] if slices else evenly_spaced_slices(atlas, num_slices)
-    result = {"image": str(T1), "atlas": str(ATLAS), "shape": list(image.shape), "device": device, "precision": precision,
-              "min_voxels": min_voxels, "min_voxels_3d": min_voxels_3d,
-              "2d": evaluate_slices(model, image, atlas, names, slices, regions, min_voxels)}
+    result = {
+        "image": str(T1),
+        "atlas": str(ATLAS),
+        "shape": list(image.shape),
+        "device": device,
+        "precision": precision,
+        "min_voxels": min_voxels,
+        "min_voxels_3d": min_voxels_3d,
+        "2d": evaluate_slices(model, image, atlas, names, slices, regions, min_voxels),
+    }
     print(f"LiteMedSAM on Colin27 T1 + AAL ({image.shape}, 1 mm), one box per region; Dice")
     print(f"{'axial slice k (z mm)':>22} {'regions':>8} {'mean':>7} {'median':>7}")
     for k, row in result["2d"]["slices"].items():

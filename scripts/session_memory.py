@@ -44,7 +44,8 @@ import requests
 from icl_sam2.servers import MonaiLabelServer
 from model_core.io.phantoms import write_phantom_dataset
 from model_core.io.validation import InputError
-from model_core.serving.service import SegmentationService, ServiceConfig
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -60,9 +61,15 @@ def _shape(value) -> tuple[int, int, int]:
 def _service(root: Path, image_size: int, **limits):
 
     known = {f.name for f in dataclasses.fields(ServiceConfig)}  # an older checkout has fewer options
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "none.pt"),
-                           preset="tiny", image_size=int(image_size), window=(0, 1),
-                           **{k: v for k, v in limits.items() if k in known})
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(root / "none.pt"),
+        preset="tiny",
+        image_size=int(image_size),
+        window=(0, 1),
+        **{k: v for k, v in limits.items() if k in known},
+    )
     return SegmentationService(config)
 
 
@@ -71,8 +78,9 @@ def sessions(count: int = 20, shape="16,64,64", image_size: int = 64, images: in
 
     D, H, W = _shape(shape)
     root = Path(tempfile.mkdtemp(prefix="session_memory_"))
-    datalist = json.loads(Path(write_phantom_dataset(str(root), train=images, validation=0, test=0,
-                                                     shape=(D, H, W))).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(root), train=images, validation=0, test=0, shape=(D, H, W))).read_text()
+    )
     paths = [str(root / case["image"]) for case in datalist["training"]]
     service = _service(root, image_size, max_sessions=10 * (count + images), session_cache_mb=1e9)
     process = psutil.Process()
@@ -89,9 +97,14 @@ def sessions(count: int = 20, shape="16,64,64", image_size: int = 64, images: in
     gc.collect()
     grown = (process.memory_info().rss - rss) / 2**20 / count
     counted = (info["session_cache_mb"] - reported) / count
-    figures = {"shape": [D, H, W], "image_size": image_size, "sessions": count,
-               "process_growth_mib_per_session": round(grown, 2), "reported_mib_per_session": round(counted, 2),
-               "growth_over_reported": round(grown / counted, 2) if counted > 0 else None}
+    figures = {
+        "shape": [D, H, W],
+        "image_size": image_size,
+        "sessions": count,
+        "process_growth_mib_per_session": round(grown, 2),
+        "reported_mib_per_session": round(counted, 2),
+        "growth_over_reported": round(grown / counted, 2) if counted > 0 else None,
+    }
     for key, value in figures.items():
         print(f"{key:>32}: {value}")
 
@@ -99,17 +112,23 @@ def sessions(count: int = 20, shape="16,64,64", image_size: int = 64, images: in
 def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int = 64, images: int = 4) -> None:
     """Resident growth of a real server per new session, burst after burst, against the cache's count."""
 
-
     D, H, W = _shape(shape)
     root = Path(tempfile.mkdtemp(prefix="session_memory_"))
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0,
-                                                     shape=(D, H, W))).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(root / "src"), train=images, validation=0, test=0, shape=(D, H, W))).read_text()
+    )
     studies = root / "studies"
     studies.mkdir()
     for i, case in enumerate(datalist["training"]):
         (studies / f"case{i}.nii.gz").write_bytes((root / "src" / case["image"]).read_bytes())
-    conf = {"preset": "tiny", "image_size": str(image_size), "labels": json.dumps(LABELS), "device": "cpu",
-            "checkpoint": str(root / "none.pt"), "max_sessions": str(bursts * clients + 1)}
+    conf = {
+        "preset": "tiny",
+        "image_size": str(image_size),
+        "labels": json.dumps(LABELS),
+        "device": "cpu",
+        "checkpoint": str(root / "none.pt"),
+        "max_sessions": str(bursts * clients + 1),
+    }
     running = MonaiLabelServer(studies, conf, root / "server.log")
     process = psutil.Process(running.process.pid)
     replies: dict[str, tuple[int, float]] = {}
@@ -117,8 +136,12 @@ def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int
     def click(client: str, image: str) -> None:
         params = {"foreground": [[W // 2, H // 2, D // 2]], "label": "blob", "client_id": client}
         for _ in range(100):  # a busy answer is sent again after its Retry-After
-            response = requests.post(f"{running.url}/infer/icl_sam2_interactive", params={"image": image},
-                                     data={"params": json.dumps(params)}, timeout=900)
+            response = requests.post(
+                f"{running.url}/infer/icl_sam2_interactive",
+                params={"image": image},
+                data={"params": json.dumps(params)},
+                timeout=900,
+            )
             if response.status_code != 503:
                 break
             time.sleep(float(response.headers.get("Retry-After", 1)))
@@ -129,16 +152,17 @@ def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int
     try:
         before = (process.memory_info().rss, 0, 0.0)
         for b in range(bursts):
-            threads = [threading.Thread(target=click, args=(f"b{b}c{n}", f"case{n % images}"))
-                       for n in range(clients)]
+            threads = [threading.Thread(target=click, args=(f"b{b}c{n}", f"case{n % images}")) for n in range(clients)]
             [t.start() for t in threads]
             [t.join() for t in threads]
             rss = process.memory_info().rss
             sessions, reported = max(replies.values())
             new = max(sessions - before[1], 1)
             grown, counted = (rss - before[0]) / 2**20 / new, (reported - before[2]) / new
-            print(f"burst {b}: server {rss / 2**20:.0f} MiB, {sessions} sessions, cache {reported} MiB; "
-                  f"per new session +{grown:.2f} MiB resident vs {counted:.2f} MiB counted ({grown / counted:.2f}x)")
+            print(
+                f"burst {b}: server {rss / 2**20:.0f} MiB, {sessions} sessions, cache {reported} MiB; "
+                f"per new session +{grown:.2f} MiB resident vs {counted:.2f} MiB counted ({grown / counted:.2f}x)"
+            )
             before = (rss, sessions, reported)
     finally:
         running.stop()
@@ -183,12 +207,22 @@ def _burst(path: str, clients: int, cap: int, image_size: int, wait_s: float) ->
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
-    print(json.dumps({"cap": cap, "clients": clients, "peak_above_idle_mib": round((peak[0] - idle) / 2**20),
-                      "wall_s": round(wall, 1), "answers": sorted(outcome)}))
+    print(
+        json.dumps(
+            {
+                "cap": cap,
+                "clients": clients,
+                "peak_above_idle_mib": round((peak[0] - idle) / 2**20),
+                "wall_s": round(wall, 1),
+                "answers": sorted(outcome),
+            }
+        )
+    )
 
 
-def concurrent(clients: int = 3, shape="300,512,512", caps="1,2,3", image_size: int = 64,
-               wait_s: float = 600.0) -> None:
+def concurrent(
+    clients: int = 3, shape="300,512,512", caps="1,2,3", image_size: int = 64, wait_s: float = 600.0
+) -> None:
     """Peak memory and wall time of ``clients`` simultaneous first clicks on one volume, per volume-slot cap."""
 
     D, H, W = _shape(shape)
@@ -201,9 +235,11 @@ def concurrent(clients: int = 3, shape="300,512,512", caps="1,2,3", image_size: 
         command = [sys.executable, __file__, "_burst", str(path), str(clients), str(cap), str(image_size), str(wait_s)]
         line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         figures = json.loads(line)
-        print(f"cap {figures['cap']} ({clients} clients, volume {W}x{H}x{D}): "
-              f"peak +{figures['peak_above_idle_mib']} MiB above idle, {figures['wall_s']} s, "
-              f"answers {figures['answers']}")
+        print(
+            f"cap {figures['cap']} ({clients} clients, volume {W}x{H}x{D}): "
+            f"peak +{figures['peak_above_idle_mib']} MiB above idle, {figures['wall_s']} s, "
+            f"answers {figures['answers']}"
+        )
     path.unlink()
 
 

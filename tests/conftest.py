@@ -10,7 +10,6 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-
 @pytest.fixture(scope="session")
 def icl_sam2_command() -> list[str]:
     """The installed ``icl-sam2`` console command (``scripts/setup.sh`` installs it beside the venv's Python).

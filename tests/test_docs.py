@@ -14,8 +14,12 @@ import pytest
 from icl_sam2.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "monailabel_app" / "README.md", ROOT / "bundle" / "docs" / "README.md",
-         *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "monailabel_app" / "README.md",
+    ROOT / "bundle" / "docs" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 
 def _text(page: Path) -> str:
@@ -34,8 +38,10 @@ def test_every_command_file_and_link_a_page_names_exists(page):
         nested = COMMANDS[sub]
         if isinstance(nested, dict) and rest.strip() and not rest.strip().startswith(("export|", "infer|")):
             assert rest.strip() in nested, f"{page.name} names `icl-sam2 {sub}{rest}`; it has {sorted(nested)}"
-    for path in re.findall(r"(?<![\w/])((?:scripts|bundle/configs|tests|model_core|monailabel_app|docs)/[\w./-]+\.(?:py|sh|json|md|png))",
-                           text):
+    for path in re.findall(
+        r"(?<![\w/])((?:scripts|bundle/configs|tests|model_core|monailabel_app|docs)/[\w./-]+\.(?:py|sh|json|md|png))",
+        text,
+    ):
         assert (ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
     for target in re.findall(r"\]\(([^)#:]+)\)", text):  # local markdown links
         assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"

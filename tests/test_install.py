@@ -38,9 +38,9 @@ def test_imports(module):
 
 
 def test_monailabel_app_class_and_torchvision_ops():
-    from monailabel.interfaces.app import MONAILabelApp
     import torch
     import torchvision
+    from monailabel.interfaces.app import MONAILabelApp
 
     assert MONAILabelApp.__name__ == "MONAILabelApp"
     # "operator torchvision::nms does not exist" appears when torch and torchvision do not pair
@@ -53,10 +53,14 @@ def test_monailabel_app_class_and_torchvision_ops():
 def test_model_core_is_the_installed_project_of_this_checkout(tmp_path):
     """Scripts import model_core because setup.sh installs the project (icl-sam2), not by editing sys.path:
     from another folder, a plain interpreter finds this checkout's model_core and no other of its folders."""
-    code = ("import importlib.util, json, model_core; print(json.dumps([model_core.__file__] + "
-            "[importlib.util.find_spec(n) is not None for n in ('scripts', 'bundle', 'monailabel_app', 'lib')]))")
+    code = (
+        "import importlib.util, json, model_core; print(json.dumps([model_core.__file__] + "
+        "[importlib.util.find_spec(n) is not None for n in ('scripts', 'bundle', 'monailabel_app', 'lib')]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(found[0]).resolve().parent == ROOT / "model_core"
@@ -67,7 +71,11 @@ def test_model_core_is_the_installed_project_of_this_checkout(tmp_path):
 def test_no_code_edits_sys_path():
     """Imports work because packages are installed (or, for tests, pyproject's pythonpath), never by sys.path edits."""
     pattern = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\+=|=)")
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("model_core", "scripts", "monailabel_app", "tests")
-                 for path in sorted((ROOT / folder).rglob("*.py"))
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for folder in ("model_core", "scripts", "monailabel_app", "tests")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, f"sys.path edits: {offenders}"

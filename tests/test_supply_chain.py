@@ -136,8 +136,11 @@ def installed_versions() -> dict[str, str]:
     import sysconfig
 
     folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    return {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=folders)
-            if d.metadata["Name"]}
+    return {
+        canonical(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions(path=folders)
+        if d.metadata["Name"]
+    }
 
 
 def test_installed_versions_match_lock():

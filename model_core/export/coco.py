@@ -68,7 +68,7 @@ from model_core.io.files import atomic_path, volume_stem
 from model_core.io.transforms import SelectChanneld, intensity_scaling, merge_labels
 from model_core.io.validation import as_bool
 
-__all__ = ["AXES", "ENCODINGS", "INSTANCES", "IMAGE_ID_STRIDE", "export_coco", "verify_coco", "image_id", "UNLISTED"]
+__all__ = ["AXES", "ENCODINGS", "IMAGE_ID_STRIDE", "INSTANCES", "UNLISTED", "export_coco", "image_id", "verify_coco"]
 
 #: RAS axis names and indices
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -140,15 +140,17 @@ def _parse_labels(labels: Any, where: str) -> dict[str, int]:
 def _read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
     path = Path(datalist).expanduser()
     if not path.is_file():
-        raise ValueError(f"datalist={str(datalist)!r} does not exist: pass the path of an MSD-style datalist JSON "
-                         f"(icl-sam2 datalist writes one)")
+        raise ValueError(
+            f"datalist={str(datalist)!r} does not exist: pass the path of an MSD-style datalist JSON "
+            f"(icl-sam2 datalist writes one)"
+        )
     try:
         with open(path) as f:
             content = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(content, dict):
-        raise ValueError(f"datalist {str(path)!r} is not a JSON object with \"training\" etc. lists")
+        raise ValueError(f'datalist {str(path)!r} is not a JSON object with "training" etc. lists')
     return content
 
 
@@ -156,9 +158,10 @@ def _categories(content: dict[str, Any], labels: Any, datalist: str) -> dict[str
     if labels is not None:
         return _parse_labels(labels, "labels")
     if not content.get("labels"):
-        raise ValueError(f"datalist {datalist!r} has no \"labels\" mapping (class name -> value): "
-                         f"pass labels='{{\"name\": 1}}'")
-    return _parse_labels(content["labels"], f"\"labels\" of datalist {datalist!r}")
+        raise ValueError(
+            f'datalist {datalist!r} has no "labels" mapping (class name -> value): pass labels=\'{{"name": 1}}\''
+        )
+    return _parse_labels(content["labels"], f'"labels" of datalist {datalist!r}')
 
 
 def _label_merge(content: dict[str, Any], datalist: str) -> dict[int, list[int]] | None:
@@ -168,7 +171,7 @@ def _label_merge(content: dict[str, Any], datalist: str) -> dict[int, list[int]]
     try:
         return {int(k): [int(v) for v in vals] for k, vals in merge.items()}
     except (AttributeError, TypeError, ValueError):
-        raise ValueError(f"\"label_merge\" of datalist {datalist!r} is {merge!r}: expected {{\"1\": [1, 2]}}") from None
+        raise ValueError(f'"label_merge" of datalist {datalist!r} is {merge!r}: expected {{"1": [1, 2]}}') from None
 
 
 def _entries(datalist: str, split: str) -> list[dict[str, Any]]:
@@ -177,8 +180,10 @@ def _entries(datalist: str, split: str) -> list[dict[str, Any]]:
     entries = load_datalist(str(datalist), key=split, check=True)
     for i, entry in enumerate(entries):
         if entry.get("label") is None:
-            raise ValueError(f"Entry {i} of {split!r} in {datalist!r} ({entry['image']}) has no \"label\" "
-                             f"(or \"seg\"): a COCO export needs every volume's label")
+            raise ValueError(
+                f'Entry {i} of {split!r} in {datalist!r} ({entry["image"]}) has no "label" '
+                f'(or "seg"): a COCO export needs every volume\'s label'
+            )
     return entries
 
 
@@ -189,11 +194,11 @@ def _apply(transform, data: dict[str, Any], where: str, what: str):
     """Run a MONAI transform; a failure names the entry, the field and the reader's own message."""
     try:
         return transform(data)
-    except Exception as e:  # noqa: BLE001 - MONAI wraps reader errors in "applying transform ..." chains
+    except Exception as e:
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise ValueError(f"{where}: cannot load \"{what}\" {data[what]!r} ({type(cause).__name__}: {cause})") from e
+        raise ValueError(f'{where}: cannot load "{what}" {data[what]!r} ({type(cause).__name__}: {cause})') from e
 
 
 def _check_label_values(label: np.ndarray, where: str) -> np.ndarray:
@@ -202,8 +207,10 @@ def _check_label_values(label: np.ndarray, where: str) -> np.ndarray:
         finite = np.isfinite(label)
         if not finite.all() or not np.array_equal(label, np.round(label)):
             bad = label[~finite] if not finite.all() else label[label != np.round(label)]
-            raise ValueError(f"{where}: \"label\" has non-integer values (e.g. {bad.flat[0]!r}); a label volume must "
-                             f"hold integer class values")
+            raise ValueError(
+                f'{where}: "label" has non-integer values (e.g. {bad.flat[0]!r}); a label volume must '
+                f"hold integer class values"
+            )
     return label.astype(np.int64)
 
 
@@ -219,22 +226,32 @@ class _VolumeLoader:
 
     def __init__(self, label_merge: dict[int, list[int]] | None, intensity: Any = None):
 
-
         ras = {"axcodes": "RAS", "labels": (("L", "R"), ("P", "A"), ("I", "S"))}  # NIfTI's world axes, as the bundle
         self.label_merge, self.intensity = label_merge, intensity
-        self.load_label = Compose([LoadImaged("label", dtype=None, image_only=True), EnsureChannelFirstd("label"),
-                                   Orientationd("label", **ras)])
-        self.load_image = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
-                                   SelectChanneld("image"), Orientationd("image", **ras)])
+        self.load_label = Compose(
+            [
+                LoadImaged("label", dtype=None, image_only=True),
+                EnsureChannelFirstd("label"),
+                Orientationd("label", **ras),
+            ]
+        )
+        self.load_image = Compose(
+            [
+                LoadImaged("image", image_only=True),
+                EnsureChannelFirstd("image"),
+                SelectChanneld("image"),
+                Orientationd("image", **ras),
+            ]
+        )
 
     def label(self, entry: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray]:
         """``(label (I, J, K) int64 in RAS, the file's affine (4, 4))``, merged."""
 
-
         out = _apply(self.load_label, {"label": entry["label"]}, where, "label")["label"]
         if out.shape[0] != 1:
-            raise ValueError(f"{where}: \"label\" {entry['label']!r} has {out.shape[0]} channels; a label is one "
-                             f"3D volume")
+            raise ValueError(
+                f'{where}: "label" {entry["label"]!r} has {out.shape[0]} channels; a label is one 3D volume'
+            )
         label = _check_label_values(np.asarray(out[0]), where)
         if self.label_merge:
             label = merge_labels(torch.from_numpy(label), self.label_merge).numpy()
@@ -255,8 +272,7 @@ def _source_slice(original_affine: np.ndarray, axis: int) -> tuple[int, bool]:
     The same orientation arithmetic as MONAI's ``Orientation`` (nibabel's ``io_orientation`` to RAS).
     """
 
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(original_affine),
-                                           nib.orientations.axcodes2ornt("RAS"))
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(original_affine), nib.orientations.axcodes2ornt("RAS"))
     for source_axis, (target, flip) in enumerate(ornt):
         if int(target) == axis:
             return source_axis, bool(flip < 0)
@@ -380,17 +396,32 @@ def export_coco(
     volume_id = 0
     for split, entries in per_split.items():
         coco: dict[str, Any] = {
-            "info": {"description": f"{content.get('name') or Path(datalist).stem} {split}, {axis_name} slices",
-                     "datalist": datalist, "split": split, "axis": axis_name, "orientation": "RAS",
-                     "encoding": encoding, "instances": instances, "include_empty": include_empty,
-                     "unlisted": unlisted,
-                     "label_merge": {str(k): v for k, v in (label_merge or {}).items()} or None,
-                     "intensity": {"modality": str(modality), "window": [float(v) for v in window],
-                                   "percentiles": [float(v) for v in percentiles], "png": "round(255 * scaled)"},
-                     "image_id": f"volume * {IMAGE_ID_STRIDE} + slice_index"},
-            "volumes": [], "images": [], "annotations": [],
-            "categories": [{"id": value, "name": name, "supercategory": "label"}
-                           for name, value in sorted(categories.items(), key=lambda kv: kv[1])],
+            "info": {
+                "description": f"{content.get('name') or Path(datalist).stem} {split}, {axis_name} slices",
+                "datalist": datalist,
+                "split": split,
+                "axis": axis_name,
+                "orientation": "RAS",
+                "encoding": encoding,
+                "instances": instances,
+                "include_empty": include_empty,
+                "unlisted": unlisted,
+                "label_merge": {str(k): v for k, v in (label_merge or {}).items()} or None,
+                "intensity": {
+                    "modality": str(modality),
+                    "window": [float(v) for v in window],
+                    "percentiles": [float(v) for v in percentiles],
+                    "png": "round(255 * scaled)",
+                },
+                "image_id": f"volume * {IMAGE_ID_STRIDE} + slice_index",
+            },
+            "volumes": [],
+            "images": [],
+            "annotations": [],
+            "categories": [
+                {"id": value, "name": name, "supercategory": "label"}
+                for name, value in sorted(categories.items(), key=lambda kv: kv[1])
+            ],
         }
         for index, entry in enumerate(entries):
             volume_id += 1
@@ -400,20 +431,34 @@ def export_coco(
             if unknown and unlisted == "background":
                 label[~np.isin(label, list(categories.values()))] = 0
             elif unknown:
-                raise ValueError(f"{where}: \"label\" {entry['label']!r} holds values {unknown} that are no category "
-                                 f"(labels: {categories}); add them to \"labels\" or a \"label_merge\", or pass "
-                                 f"unlisted='background'")
+                raise ValueError(
+                    f'{where}: "label" {entry["label"]!r} holds values {unknown} that are no category '
+                    f'(labels: {categories}); add them to "labels" or a "label_merge", or pass '
+                    f"unlisted='background'"
+                )
             image = loader.image(entry, where)
             if image.shape != label.shape:
                 raise ValueError(f"{where}: image {image.shape} and label {label.shape} differ after loading")
             if label.shape[axis_index] >= IMAGE_ID_STRIDE:
-                raise ValueError(f"{where}: {label.shape[axis_index]} slices along {axis_name}; at most "
-                                 f"{IMAGE_ID_STRIDE - 1} fit an image id")
+                raise ValueError(
+                    f"{where}: {label.shape[axis_index]} slices along {axis_name}; at most "
+                    f"{IMAGE_ID_STRIDE - 1} fit an image id"
+                )
             source_axis, flipped = _source_slice(original_affine, axis_index)
             name = volume_stem(entry["image"])
-            coco["volumes"].append({"id": volume_id, "name": name, "split": split, "index": index,
-                                    "image_file": str(entry["image"]), "label_file": str(entry["label"]),
-                                    "shape": list(label.shape), "axis": axis_name, "source_axis": source_axis})
+            coco["volumes"].append(
+                {
+                    "id": volume_id,
+                    "name": name,
+                    "split": split,
+                    "index": index,
+                    "image_file": str(entry["image"]),
+                    "label_file": str(entry["label"]),
+                    "shape": list(label.shape),
+                    "axis": axis_name,
+                    "source_axis": source_axis,
+                }
+            )
             n = label.shape[axis_index]
             for k in range(n):
                 label_slice = np.take(label, k, axis=axis_index)
@@ -423,27 +468,52 @@ def export_coco(
                 file_name = f"{split}/{volume_id:04d}_{name}_{axis_name}_{k:04d}.png"
                 _write_png(np.ascontiguousarray(np.take(image, k, axis=axis_index)), output / file_name)
                 img_id = image_id(volume_id, k)
-                coco["images"].append({
-                    "id": img_id, "file_name": file_name, "height": int(label_slice.shape[0]),
-                    "width": int(label_slice.shape[1]), "volume": volume_id, "volume_name": name, "slice_index": k,
-                    "axis": axis_name, "source_axis": source_axis, "source_slice_index": n - 1 - k if flipped else k,
-                    "image_file": str(entry["image"]), "label_file": str(entry["label"])})
+                coco["images"].append(
+                    {
+                        "id": img_id,
+                        "file_name": file_name,
+                        "height": int(label_slice.shape[0]),
+                        "width": int(label_slice.shape[1]),
+                        "volume": volume_id,
+                        "volume_name": name,
+                        "slice_index": k,
+                        "axis": axis_name,
+                        "source_axis": source_axis,
+                        "source_slice_index": n - 1 - k if flipped else k,
+                        "image_file": str(entry["image"]),
+                        "label_file": str(entry["label"]),
+                    }
+                )
                 for category_id, segmentation, area, bbox in found:
-                    coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": img_id,
-                                                "category_id": category_id, "segmentation": segmentation,
-                                                "area": area, "bbox": bbox, "iscrowd": 0})
+                    coco["annotations"].append(
+                        {
+                            "id": len(coco["annotations"]) + 1,
+                            "image_id": img_id,
+                            "category_id": category_id,
+                            "segmentation": segmentation,
+                            "area": area,
+                            "bbox": bbox,
+                            "iscrowd": 0,
+                        }
+                    )
         json_path = output / "annotations" / f"instances_{split}.json"
         _write_json(coco, json_path)  # last: a COCO file never points at images not yet written
-        summary[split] = {"json": str(json_path), "volumes": len(coco["volumes"]), "images": len(coco["images"]),
-                          "annotations": len(coco["annotations"]), "categories": len(coco["categories"])}
+        summary[split] = {
+            "json": str(json_path),
+            "volumes": len(coco["volumes"]),
+            "images": len(coco["images"]),
+            "annotations": len(coco["annotations"]),
+            "categories": len(coco["categories"]),
+        }
     return summary
 
 
 # ----------------------------------------------------------------------------- verify
 
 
-def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None = None,
-                max_mismatches: int = 100) -> dict[str, Any]:
+def verify_coco(
+    coco_json: str | os.PathLike, datalist: str | os.PathLike | None = None, max_mismatches: int = 100
+) -> dict[str, Any]:
     """Decode a COCO file written by :func:`export_coco` and compare it with the label volumes voxel for voxel.
 
     Every slice of every volume is compared, including slices the export left out (they must be empty).
@@ -474,12 +544,14 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress; callers print JSON
             coco = COCO(coco_json)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ValueError(f"coco_json={coco_json!r} cannot be read by pycocotools ({type(e).__name__}: {e})") from e
     info, volumes = coco.dataset.get("info") or {}, coco.dataset.get("volumes")
     if not volumes or "split" not in info or "axis" not in info:
-        raise ValueError(f"coco_json={coco_json!r} has no \"volumes\" list or info.split/info.axis: "
-                         f"only files written by export_coco (icl-sam2 coco export) can be verified")
+        raise ValueError(
+            f'coco_json={coco_json!r} has no "volumes" list or info.split/info.axis: '
+            f"only files written by export_coco (icl-sam2 coco export) can be verified"
+        )
     datalist = str(Path(datalist or info.get("datalist", "")).expanduser().resolve())
     content = _read_datalist(datalist)
     split, (axis_name, axis_index) = info["split"], _parse_axis(info["axis"])
@@ -489,10 +561,12 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
     categories = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
     for ann in coco.dataset.get("annotations", []):
         if ann["image_id"] not in coco.imgs:
-            raise ValueError(f"annotation {ann['id']} names image_id {ann['image_id']}, which is not in \"images\"")
+            raise ValueError(f'annotation {ann["id"]} names image_id {ann["image_id"]}, which is not in "images"')
         if ann["category_id"] not in categories:
-            raise ValueError(f"annotation {ann['id']} names category_id {ann['category_id']}, which is not in "
-                             f"\"categories\" ({sorted(categories)})")
+            raise ValueError(
+                f"annotation {ann['id']} names category_id {ann['category_id']}, which is not in "
+                f'"categories" ({sorted(categories)})'
+            )
 
     images_by_slice = {(img["volume"], img["slice_index"]): img for img in coco.dataset["images"]}
     mismatches: list[dict[str, Any]] = []
@@ -504,8 +578,10 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
         where = f"Entry {index} of {split!r} in {datalist!r}"
         if index >= len(entries) or os.path.abspath(entries[index]["label"]) != os.path.abspath(volume["label_file"]):
             found = entries[index]["label"] if index < len(entries) else "nothing"
-            raise ValueError(f"{where} is {found!r}, but {coco_json!r} was made from {volume['label_file']!r}: "
-                             f"pass the datalist it was exported from")
+            raise ValueError(
+                f"{where} is {found!r}, but {coco_json!r} was made from {volume['label_file']!r}: "
+                f"pass the datalist it was exported from"
+            )
         label, _ = loader.label(entries[index], where)
         if info.get("unlisted") == "background":  # as the export did: values that are no category are background
             label[~np.isin(label, list(categories))] = 0
@@ -517,8 +593,10 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
             img = images_by_slice.get((volume["id"], k))
             if img is not None:
                 if (img["height"], img["width"]) != truth.shape:
-                    raise ValueError(f"image {img['id']} is {img['height']}x{img['width']} but slice {k} of "
-                                     f"{volume['label_file']!r} is {truth.shape[0]}x{truth.shape[1]}")
+                    raise ValueError(
+                        f"image {img['id']} is {img['height']}x{img['width']} but slice {k} of "
+                        f"{volume['label_file']!r} is {truth.shape[0]}x{truth.shape[1]}"
+                    )
                 for ann in coco.imgToAnns.get(img["id"], []):
                     decoded[ann["category_id"]] |= coco.annToMask(ann).astype(bool)
             n_slices += 1
@@ -537,11 +615,29 @@ def verify_coco(coco_json: str | os.PathLike, datalist: str | os.PathLike | None
                     wrong |= diff
                     n_records += 1
                     if len(mismatches) < max_mismatches:
-                        mismatches.append({"volume": volume["id"], "volume_name": volume["name"], "slice_index": k,
-                                           "image_id": image_id(volume["id"], k), "category": name,
-                                           "voxels": int(diff.sum())})
+                        mismatches.append(
+                            {
+                                "volume": volume["id"],
+                                "volume_name": volume["name"],
+                                "slice_index": k,
+                                "image_id": image_id(volume["id"], k),
+                                "category": name,
+                                "voxels": int(diff.sum()),
+                            }
+                        )
             n_bad += int(wrong.sum())
     iou = {name: (inter[name] / union[name] if union[name] else 1.0) for name in inter}
-    return {"ok": n_bad == 0, "coco_json": coco_json, "split": split, "axis": axis_name,
-            "encoding": info.get("encoding"), "volumes": len(volumes), "slices": n_slices, "voxels": n_voxels,
-            "mismatched_voxels": n_bad, "iou": iou, "mismatch_records": n_records, "mismatches": mismatches}
+    return {
+        "ok": n_bad == 0,
+        "coco_json": coco_json,
+        "split": split,
+        "axis": axis_name,
+        "encoding": info.get("encoding"),
+        "volumes": len(volumes),
+        "slices": n_slices,
+        "voxels": n_voxels,
+        "mismatched_voxels": n_bad,
+        "iou": iou,
+        "mismatch_records": n_records,
+        "mismatches": mismatches,
+    }

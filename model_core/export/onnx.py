@@ -50,7 +50,21 @@ from model_core.medsam_lite.model import (
 )
 from model_core.modeling.presets import build_icl_sam2
 
-__all__ = ["DEFAULT_OPSET", "OUTPUT_NAMES", "SAM2ImageEncoder", "SAM2PromptMaskDecoder", "SlicePath", "sam2_slice_path", "medsam_lite_slice_path", "SLICE_PATHS", "slice_path", "sam2_prompts", "export_slice_path", "BF16_MODES", "SAM2_BOX_LABELS"]
+__all__ = [
+    "BF16_MODES",
+    "DEFAULT_OPSET",
+    "OUTPUT_NAMES",
+    "SAM2_BOX_LABELS",
+    "SLICE_PATHS",
+    "SAM2ImageEncoder",
+    "SAM2PromptMaskDecoder",
+    "SlicePath",
+    "export_slice_path",
+    "medsam_lite_slice_path",
+    "sam2_prompts",
+    "sam2_slice_path",
+    "slice_path",
+]
 
 #: ONNX opset of every export (see the module docstring for why 18).
 DEFAULT_OPSET = 18
@@ -131,9 +145,7 @@ class SAM2PromptMaskDecoder(nn.Module):
         return low_res_logits, iou
 
 
-def sam2_prompts(
-    points: Any = None, labels: Any = None, box: Any = None
-) -> dict[str, torch.Tensor]:
+def sam2_prompts(points: Any = None, labels: Any = None, box: Any = None) -> dict[str, torch.Tensor]:
     """SAM2 decoder prompts from clicks and/or one box, combined as ``SAM2ImagePredictor._predict`` does.
 
     Args:
@@ -209,7 +221,9 @@ def sam2_slice_path(model: nn.Module, multimask_output: bool = True, name: str =
         decoder=SAM2PromptMaskDecoder(model, multimask_output).eval(),
         image_size=size,
         feature_names=("image_embed", "high_res_0", "high_res_1"),
-        example_prompts=sam2_prompts(points=[[size / 3, size / 2]], labels=[1], box=[size / 4, size / 4, size / 2, size / 2]),
+        example_prompts=sam2_prompts(
+            points=[[size / 3, size / 2]], labels=[1], box=[size / 4, size / 4, size / 2, size / 2]
+        ),
         prompt_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
     )
 
@@ -233,8 +247,13 @@ def medsam_lite_slice_path(net: nn.Module | None = None, name: str = "medsam_lit
 SLICE_PATHS = ("sam2", "medsam_lite")
 
 
-def slice_path(model: str = "sam2", preset: str = "sam2.1_hiera_tiny", image_size: int | None = None,
-               checkpoint: str | None = None, multimask_output: bool = True) -> SlicePath:
+def slice_path(
+    model: str = "sam2",
+    preset: str = "sam2.1_hiera_tiny",
+    image_size: int | None = None,
+    checkpoint: str | None = None,
+    multimask_output: bool = True,
+) -> SlicePath:
     """A single-slice path by name: ``sam2`` (a preset, random weights without ``checkpoint``) or ``medsam_lite``.
 
     Raises:
@@ -257,7 +276,11 @@ def _export(module, args, names_in, names_out, axes, target, opset, dynamo) -> s
         for name in names_in:
             spec = axes.get(name)
             # one Dim object per axis name, so axes that must agree (coords/labels) share it
-            shapes[name] = None if not spec else {ax: dims.setdefault(dn, torch.export.Dim(dn, min=1, max=1024)) for ax, dn in spec.items()}
+            shapes[name] = (
+                None
+                if not spec
+                else {ax: dims.setdefault(dn, torch.export.Dim(dn, min=1, max=1024)) for ax, dn in spec.items()}
+            )
         kwargs.update(dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False)
     else:
         kwargs.update(dynamo=False, dynamic_axes={k: v for k, v in axes.items() if v})
@@ -291,7 +314,9 @@ def export_slice_path(
         ``{"encoder": file, "decoder": file}``.
     """
     if not isinstance(path, SlicePath):
-        raise ValueError(f"path must be a SlicePath (from sam2_slice_path or medsam_lite_slice_path), got {type(path).__name__}.")
+        raise ValueError(
+            f"path must be a SlicePath (from sam2_slice_path or medsam_lite_slice_path), got {type(path).__name__}."
+        )
     if int(opset) < 17:
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}.")
     size = path.image_size
@@ -302,13 +327,24 @@ def export_slice_path(
     folder = os.fspath(folder)
     files = {
         "encoder": _export(
-            path.encoder, (image,), ["image"], path.feature_names,
+            path.encoder,
+            (image,),
+            ["image"],
+            path.feature_names,
             {"image": {0: "batch"} if dynamic_batch else {}},
-            os.path.join(folder, f"{path.name}_encoder.onnx"), int(opset), dynamo,
+            os.path.join(folder, f"{path.name}_encoder.onnx"),
+            int(opset),
+            dynamo,
         ),
         "decoder": _export(
-            path.decoder, (*features, *path.example_prompts.values()), [*path.feature_names, *path.prompt_names],
-            OUTPUT_NAMES, path.prompt_axes, os.path.join(folder, f"{path.name}_decoder.onnx"), int(opset), dynamo,
+            path.decoder,
+            (*features, *path.example_prompts.values()),
+            [*path.feature_names, *path.prompt_names],
+            OUTPUT_NAMES,
+            path.prompt_axes,
+            os.path.join(folder, f"{path.name}_decoder.onnx"),
+            int(opset),
+            dynamo,
         ),
     }
     return files
@@ -317,5 +353,3 @@ def export_slice_path(
 # --------------------------------------------------------------------------- timing
 #: accepted values of :func:`time_slice_path`'s ``bf16``
 BF16_MODES = ("native", "force", "off")
-
-

@@ -29,7 +29,13 @@ from model_core.modeling.precision import (
     resolve_precision,
 )
 
-__all__ = ["TorchSlicePredictor", "OnnxSlicePredictor", "OnnxLiteMedSAMBackend", "compare_with_torch", "time_slice_path"]
+__all__ = [
+    "OnnxLiteMedSAMBackend",
+    "OnnxSlicePredictor",
+    "TorchSlicePredictor",
+    "compare_with_torch",
+    "time_slice_path",
+]
 
 
 # --------------------------------------------------------------------------- runners
@@ -52,12 +58,16 @@ class _SliceRunner:
     def _check_features(self, features: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(features, Mapping) or set(features) != set(self.feature_names):
             got = sorted(features) if isinstance(features, Mapping) else type(features).__name__
-            raise ValueError(f"features must be the dict encode() returns with keys {list(self.feature_names)}, got {got}.")
+            raise ValueError(
+                f"features must be the dict encode() returns with keys {list(self.feature_names)}, got {got}."
+            )
         out = {name: torch.as_tensor(features[name]).float().cpu().contiguous() for name in self.feature_names}
         for name, value in out.items():
             if value.ndim != 4 or value.shape[0] != 1:
-                raise ValueError(f"features[{name!r}] must be one image's (1, C, H, W) map, got {tuple(value.shape)}; "
-                                 "decode one image at a time (index the batch encode() returned).")
+                raise ValueError(
+                    f"features[{name!r}] must be one image's (1, C, H, W) map, got {tuple(value.shape)}; "
+                    "decode one image at a time (index the batch encode() returned)."
+                )
         return out
 
     def _check_prompts(self, prompts: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,7 +78,9 @@ class _SliceRunner:
     def encode(self, image: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def decode(self, features: Mapping[str, Any], **prompts: Any) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def decode(
+        self, features: Mapping[str, Any], **prompts: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def predict(self, image: Any, **prompts: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +172,9 @@ class OnnxSlicePredictor(_SliceRunner):
         decoder_inputs = {i.name: i for i in self.decoder.get_inputs()}
         missing = [n for n in self.feature_names if n not in decoder_inputs]
         if missing:
-            raise ValueError(f"decoder_file does not take the encoder's outputs {missing}; the two files are not a pair.")
+            raise ValueError(
+                f"decoder_file does not take the encoder's outputs {missing}; the two files are not a pair."
+            )
         self.prompt_names = tuple(n for n in decoder_inputs if n not in self.feature_names)
         self._prompt_types = {n: _ORT_NUMPY_TYPES[decoder_inputs[n].type] for n in self.prompt_names}
         self._fixed_batch = isinstance(image_input.shape[0], int) and image_input.shape[0]
@@ -186,7 +200,8 @@ class OnnxSlicePredictor(_SliceRunner):
 
 
 class OnnxLiteMedSAMBackend:
-    """LiteMedSAM's two steps from :func:`export_slice_path` files, as a :class:`model_core.medsam_lite.model.LiteMedSAMBackend`.
+    """LiteMedSAM's two steps from :func:`export_slice_path` files, as a
+    :class:`model_core.medsam_lite.model.LiteMedSAMBackend`.
 
     So ``LiteMedSAM(OnnxLiteMedSAMBackend(encoder_file, decoder_file))`` segments slices and
     volumes exactly as the torch model does, with onnxruntime doing the network work.
@@ -200,15 +215,19 @@ class OnnxLiteMedSAMBackend:
     def __init__(self, encoder_file: str | os.PathLike, decoder_file: str | os.PathLike, **options: Any):
         self.runner = OnnxSlicePredictor(encoder_file, decoder_file, **options)
         if self.runner.feature_names != ("image_embed",) or self.runner.prompt_names != ("boxes",):
-            raise ValueError(f"{os.fspath(encoder_file)!r} and {os.fspath(decoder_file)!r} are not a LiteMedSAM export "
-                             f"(features {self.runner.feature_names}, prompts {self.runner.prompt_names}).")
+            raise ValueError(
+                f"{os.fspath(encoder_file)!r} and {os.fspath(decoder_file)!r} are not a LiteMedSAM export "
+                f"(features {self.runner.feature_names}, prompts {self.runner.prompt_names})."
+            )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32."""
         return self.runner.encode(images.float().cpu())["image_embed"]
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``(1, 256, 64, 64)``, boxes ``(K, 4)`` on the 256 grid -> logits ``(K, 1, 256, 256)``, iou ``(K, 1)``."""
+        """Embeddings ``(1, 256, 64, 64)``, boxes ``(K, 4)`` on the 256 grid -> logits ``(K, 1, 256, 256)``, iou ``(K,
+        1)``.
+        """
         return self.runner.decode({"image_embed": embeddings.float().cpu()}, boxes=boxes.float().cpu().reshape(-1, 4))
 
 
@@ -271,8 +290,10 @@ def time_slice_path(
     encoder_ms, decoder_ms, logits = {}, {}, {}
     for name, runner in backends.items():
         features = runner.encode(image)
-        encoder_ms[name] = _median_ms(lambda: runner.encode(image), int(runs), int(warmup))
-        decoder_ms[name] = _median_ms(lambda: runner.decode(features, **prompts), int(runs), int(warmup))
+        encoder_ms[name] = _median_ms(lambda runner=runner: runner.encode(image), int(runs), int(warmup))
+        decoder_ms[name] = _median_ms(
+            lambda runner=runner, features=features: runner.decode(features, **prompts), int(runs), int(warmup)
+        )
         logits[name] = runner.decode(features, **prompts)[0]
     for name in skipped:
         encoder_ms[name] = decoder_ms[name] = None

@@ -19,7 +19,7 @@ import numpy as np
 from model_core.io.files import atomic_path
 from model_core.io.validation import read_header
 
-__all__ = ["normalise_entry", "write_datalist", "IMAGE_EXTENSIONS", "labels_from_msd", "load_datalist", "check_case"]
+__all__ = ["IMAGE_EXTENSIONS", "check_case", "labels_from_msd", "load_datalist", "normalise_entry", "write_datalist"]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -47,22 +47,22 @@ def normalise_entry(entry: str | dict[str, Any], where: str = "datalist entry") 
     if isinstance(entry, (str, os.PathLike)):
         return {"image": entry}
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} is {entry!r}: expected an image path or {{\"image\": ..., \"label\": ...}}")
+        raise ValueError(f'{where} is {entry!r}: expected an image path or {{"image": ..., "label": ...}}')
     out = dict(entry)
     if "seg" in out:
         seg = out.pop("seg")
         if "label" in out and out["label"] != seg:
-            raise ValueError(f"{where} has both \"label\" and \"seg\" and they differ; keep one")
+            raise ValueError(f'{where} has both "label" and "seg" and they differ; keep one')
         out["label"] = seg
     if "image" not in out:
-        raise ValueError(f"{where} has no \"image\" key ({entry!r})")
+        raise ValueError(f'{where} has no "image" key ({entry!r})')
     return out
 
 
 def labels_from_msd(raw: Any, where: str) -> dict[str, int]:
     """MSD ``{"0": "background", "1": "liver"}`` (or nnU-Net v2 ``{"background": 0, "liver": 1}``) to name -> value."""
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{where} has no usable \"labels\" mapping (got {raw!r}); pass --labels '{{\"name\": 1}}'")
+        raise ValueError(f'{where} has no usable "labels" mapping (got {raw!r}); pass --labels \'{{"name": 1}}\'')
     if all(str(k).lstrip("-").isdigit() for k in raw):
         pairs = [(str(name), int(value)) for value, name in raw.items()]
     else:
@@ -95,7 +95,9 @@ def write_datalist(datalist: dict, output: str | os.PathLike) -> Path:
     return output
 
 
-def load_datalist(path: str, key: str = "training", base_dir: str | None = None, check: bool = True) -> list[dict[str, Any]]:
+def load_datalist(
+    path: str, key: str = "training", base_dir: str | None = None, check: bool = True
+) -> list[dict[str, Any]]:
     """Read an MSD-style datalist; ``seg`` is accepted for ``label`` and paths are made absolute.
 
     With ``check`` (default), every case is checked by :func:`check_case` before
@@ -145,9 +147,13 @@ def check_case(item: dict[str, Any], where: str = "Case", affine_tolerance: floa
         return
     label_shape, label_affine = read_header(str(item["label"]), f"{where}, label")
     if image_shape != label_shape:
-        raise ValueError(f"{where}: image {item['image']!r} has shape {image_shape} but its label "
-                         f"{item['label']!r} has {label_shape}; they must be on the same grid.")
+        raise ValueError(
+            f"{where}: image {item['image']!r} has shape {image_shape} but its label "
+            f"{item['label']!r} has {label_shape}; they must be on the same grid."
+        )
     if not np.allclose(image_affine, label_affine, atol=affine_tolerance):
-        raise ValueError(f"{where}: image {item['image']!r} and label {item['label']!r} have different affines "
-                         f"(orientation, spacing or origin):\n{np.round(image_affine, 4)}\nvs\n{np.round(label_affine, 4)}; "
-                         "resample the label onto the image grid.")
+        raise ValueError(
+            f"{where}: image {item['image']!r} and label {item['label']!r} have different affines "
+            f"(orientation, spacing or origin):\n{np.round(image_affine, 4)}\nvs\n{np.round(label_affine, 4)}; "
+            "resample the label onto the image grid."
+        )

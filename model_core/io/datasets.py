@@ -76,7 +76,15 @@ from model_core.io.datalist import IMAGE_EXTENSIONS, labels_from_msd, normalise_
 from model_core.io.files import split_extension
 from model_core.io.validation import as_bool
 
-__all__ = ["PRESETS", "KITS23_SOURCE_LABELS", "KITS23_LABELS", "KITS23_LABEL_MERGE", "LABEL_MERGE_RULE", "BTCV_LABELS", "make_datalist"]
+__all__ = [
+    "BTCV_LABELS",
+    "KITS23_LABELS",
+    "KITS23_LABEL_MERGE",
+    "KITS23_SOURCE_LABELS",
+    "LABEL_MERGE_RULE",
+    "PRESETS",
+    "make_datalist",
+]
 
 
 PRESETS = ("kits23", "btcv", "msd", "generic", "json")
@@ -140,14 +148,17 @@ def _parse_labels(labels: Any) -> tuple[dict[str, int], dict[str, list[int]] | N
         except json.JSONDecodeError as e:
             raise ValueError(f"--labels {labels!r} is not valid JSON ({e}): pass e.g. '{{\"kidney\": 1}}'") from None
     if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"--labels must be a non-empty mapping of class name to value, e.g. '{{\"kidney\": 1}}'; "
-                         f"got {labels!r}")
+        raise ValueError(
+            f"--labels must be a non-empty mapping of class name to value, e.g. '{{\"kidney\": 1}}'; got {labels!r}"
+        )
 
     def _values(name: str, value: Any) -> list[int]:
         vals = value if isinstance(value, (list, tuple)) else [value]
         if not vals or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in vals):
-            raise ValueError(f"--labels[{name!r}] = {value!r}: a class value must be a positive integer "
-                             f"(or a list of them to merge source values), e.g. '{{\"kidney\": [1, 2]}}'")
+            raise ValueError(
+                f"--labels[{name!r}] = {value!r}: a class value must be a positive integer "
+                f"(or a list of them to merge source values), e.g. '{{\"kidney\": [1, 2]}}'"
+            )
         return [int(v) for v in vals]
 
     parsed = {str(name): _values(str(name), value) for name, value in labels.items()}
@@ -160,7 +171,6 @@ def _parse_labels(labels: Any) -> tuple[dict[str, int], dict[str, list[int]] | N
 def _read_label_values(path: Path) -> list[int]:
     """Sorted unique nonzero values of one label volume (nibabel for NIfTI, itk otherwise)."""
     if path.name.lower().endswith((".nii", ".nii.gz")):
-
         data = np.asanyarray(nib.load(str(path)).dataobj)
     else:
         import itk
@@ -184,17 +194,22 @@ def _check_channel(first_image: Path, channel: int | None, modality: dict | None
     names = ", ".join(f"{k}: {v}" for k, v in (modality or {}).items()) or "not named in the dataset"
     if channel is None:
         if n is not None and n > 1:
-            raise ValueError(f"images are 4D with {n} channels ({first_image.name}; modalities: {names}): "
-                             f"pass --channel N to pick one, e.g. --channel 0")
+            raise ValueError(
+                f"images are 4D with {n} channels ({first_image.name}; modalities: {names}): "
+                f"pass --channel N to pick one, e.g. --channel 0"
+            )
         return
     if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or channel < 0:
         raise ValueError(f"--channel={channel!r} must be a non-negative integer (the index in the 4th dimension)")
     if n == 1:
-        raise ValueError(f"--channel {channel} was given but the images are 3D ({first_image.name}): "
-                         f"leave --channel out")
+        raise ValueError(
+            f"--channel {channel} was given but the images are 3D ({first_image.name}): leave --channel out"
+        )
     if n is not None and channel >= n:
-        raise ValueError(f"--channel {channel} is out of range: {first_image.name} has {n} channels "
-                         f"(modalities: {names}); pass 0..{n - 1}")
+        raise ValueError(
+            f"--channel {channel} is out of range: {first_image.name} has {n} channels "
+            f"(modalities: {names}); pass 0..{n - 1}"
+        )
 
 
 def _missing_label(image: Path, expected: str) -> ValueError:
@@ -208,11 +223,15 @@ def _collect_kits23(root: Path) -> list[Case]:
     case_dirs = sorted(p for p in root.glob("case_*") if p.is_dir())
     without_image = [p.name for p in case_dirs if not (p / "imaging.nii.gz").is_file()]
     if case_dirs and len(without_image) == len(case_dirs):
-        raise ValueError(f"no cases found: {pattern} matches nothing ({len(case_dirs)} case folders lack "
-                         f"imaging.nii.gz; run kits23's download script first)")
+        raise ValueError(
+            f"no cases found: {pattern} matches nothing ({len(case_dirs)} case folders lack "
+            f"imaging.nii.gz; run kits23's download script first)"
+        )
     if without_image:
-        raise ValueError(f"{len(without_image)} case folders lack imaging.nii.gz (first: {without_image[0]}); "
-                         f"finish the download or remove them")
+        raise ValueError(
+            f"{len(without_image)} case folders lack imaging.nii.gz (first: {without_image[0]}); "
+            f"finish the download or remove them"
+        )
     cases = []
     for d in case_dirs:
         label = d / "segmentation.nii.gz"
@@ -234,13 +253,14 @@ def _collect_btcv(root: Path) -> list[Case]:
             continue
         cases: list[Case] = []
         for image in images:
-            label = root / lab_dir / ("label" + image.name[len("img"):])
+            label = root / lab_dir / ("label" + image.name[len("img") :])
             if not label.is_file():
                 raise _missing_label(image, str(label))
             cases.append({"image": image, "label": label})
         for test_dir in tests:
-            cases += [{"image": p, "label": None}
-                      for p in sorted((root / test_dir).glob("img*.nii.gz")) if _is_image_file(p)]
+            cases += [
+                {"image": p, "label": None} for p in sorted((root / test_dir).glob("img*.nii.gz")) if _is_image_file(p)
+            ]
         return cases
     raise ValueError(f"no cases found in {root}: searched {', '.join(searched)}")
 
@@ -248,8 +268,10 @@ def _collect_btcv(root: Path) -> list[Case]:
 def _collect_msd(root: Path) -> tuple[list[Case], dict[str, Any]]:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
-        raise ValueError(f"{root} has no dataset.json: an MSD task folder (e.g. Task03_Liver) holds dataset.json, "
-                         f"imagesTr/, labelsTr/ and imagesTs/")
+        raise ValueError(
+            f"{root} has no dataset.json: an MSD task folder (e.g. Task03_Liver) holds dataset.json, "
+            f"imagesTr/, labelsTr/ and imagesTs/"
+        )
     with open(meta_path) as f:
         meta = json.load(f)
 
@@ -260,7 +282,9 @@ def _collect_msd(root: Path) -> tuple[list[Case], dict[str, Any]]:
             return None
         image = (root / image_rel).resolve()
         if not image.is_file():
-            raise ValueError(f"{meta_path} lists {what}{image_rel} but {image} does not exist; re-extract the task folder")
+            raise ValueError(
+                f"{meta_path} lists {what}{image_rel} but {image} does not exist; re-extract the task folder"
+            )
         return image
 
     cases: list[Case] = []
@@ -269,12 +293,15 @@ def _collect_msd(root: Path) -> tuple[list[Case], dict[str, Any]]:
             image = listed_image(entry, "")
             if image is None:
                 continue
-            label_rel = normalise_entry(entry, f"a training entry of {meta_path}").get("label") \
-                if isinstance(entry, dict) else None
+            label_rel = (
+                normalise_entry(entry, f"a training entry of {meta_path}").get("label")
+                if isinstance(entry, dict)
+                else None
+            )
             if not label_rel or not (root / label_rel).is_file():
-                raise _missing_label(image, str(root / label_rel) if label_rel else "a \"label\" entry in dataset.json")
+                raise _missing_label(image, str(root / label_rel) if label_rel else 'a "label" entry in dataset.json')
             cases.append({"image": image, "label": (root / label_rel).resolve()})
-        pattern = f"the \"training\" list of {meta_path}"
+        pattern = f'the "training" list of {meta_path}'
     else:  # nnU-Net v2 style dataset.json: no lists, scan the folders
         pattern = str(root / "imagesTr" / "*.nii.gz")
         for image in sorted((root / "imagesTr").glob("*.nii.gz")):
@@ -304,9 +331,10 @@ def _collect_generic(root: Path) -> list[Case]:
     image_dir, label_dir = root / "images", root / "labels"
     for image in sorted(p for p in image_dir.glob("*") if _is_image_file(p)) if image_dir.is_dir() else []:
         stem, _ = split_extension(image.name, IMAGE_EXTENSIONS)
-        label = _first_existing([label_dir / image.name] + [label_dir / f"{stem}{suffix}{ext}"
-                                                          for suffix in ("", "_seg", "_label")
-                                                          for ext in IMAGE_EXTENSIONS])
+        label = _first_existing(
+            [label_dir / image.name]
+            + [label_dir / f"{stem}{suffix}{ext}" for suffix in ("", "_seg", "_label") for ext in IMAGE_EXTENSIONS]
+        )
         cases.append({"image": image, "label": label})
     if not cases:
         for case_dir in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")):
@@ -317,8 +345,10 @@ def _collect_generic(root: Path) -> list[Case]:
             label = _first_existing(beside)
             cases.append({"image": image, "label": label})
     if not cases:
-        raise ValueError(f"no cases found in {root}: searched {image_dir}/*{exts} (labels in {label_dir}/) and "
-                         f"{root}/*/image{exts} (with label or seg beside it)")
+        raise ValueError(
+            f"no cases found in {root}: searched {image_dir}/*{exts} (labels in {label_dir}/) and "
+            f"{root}/*/image{exts} (with label or seg beside it)"
+        )
     return cases
 
 
@@ -335,8 +365,10 @@ def _collect_json(root: Path | None, datalist: str | os.PathLike | None) -> tupl
         except json.JSONDecodeError as e:
             raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not any(isinstance(data.get(k), list) for k in ("training", "validation", "test")):
-        raise ValueError(f"datalist {path} has no \"training\", \"validation\" or \"test\" list: "
-                         f"expected MSD form {{\"training\": [{{\"image\": ..., \"label\": ...}}]}}")
+        raise ValueError(
+            f'datalist {path} has no "training", "validation" or "test" list: '
+            f'expected MSD form {{"training": [{{"image": ..., "label": ...}}]}}'
+        )
     base = root if root is not None else path.parent
     cases: list[Case] = []
     for split in ("training", "validation", "test"):
@@ -346,15 +378,17 @@ def _collect_json(root: Path | None, datalist: str | os.PathLike | None) -> tupl
             if Path(image).name.startswith("._"):
                 continue
             if not image.is_file():
-                raise ValueError(f"{path}: {split}[{i}] image {entry['image']} not found at {image}; "
-                                 f"pass --dataset_dir as the folder its paths are relative to")
+                raise ValueError(
+                    f"{path}: {split}[{i}] image {entry['image']} not found at {image}; "
+                    f"pass --dataset_dir as the folder its paths are relative to"
+                )
             label = entry.get("label")
             if label is not None:
                 label = Path(base, label).resolve()
                 if not label.is_file():
                     raise _missing_label(image, f"{entry['label']} at {label}")
             elif split != "test":
-                raise _missing_label(image, f"a \"label\" (or \"seg\") in {split}[{i}] of {path}")
+                raise _missing_label(image, f'a "label" (or "seg") in {split}[{i}] of {path}')
             entry.update(image=image, label=label, _split=split)
             cases.append(entry)
     if not cases:
@@ -368,8 +402,10 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value!r} is out of range: pass a fraction in [0, 1)")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing to train on: "
-                         f"their sum must be below 1")
+        raise ValueError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing to train on: "
+            f"their sum must be below 1"
+        )
 
 
 def _split(cases: list[Case], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Case]]:
@@ -381,11 +417,14 @@ def _split(cases: list[Case], val_fraction: float, test_fraction: float, seed: i
     n_test = int(math.floor(test_fraction * n + 0.5))
     n_val = int(math.floor(val_fraction * n + 0.5))
     test = [labelled[i] for i in order[:n_test]]
-    val = [labelled[i] for i in order[n_test:n_test + n_val]]
-    train = [labelled[i] for i in order[n_test + n_val:]]
+    val = [labelled[i] for i in order[n_test : n_test + n_val]]
+    train = [labelled[i] for i in order[n_test + n_val :]]
     key = lambda c: str(c["image"])  # noqa: E731
-    return {"training": sorted(train, key=key), "validation": sorted(val, key=key),
-            "test": sorted(test, key=key) + sorted(unlabelled, key=key)}
+    return {
+        "training": sorted(train, key=key),
+        "validation": sorted(val, key=key),
+        "test": sorted(test, key=key) + sorted(unlabelled, key=key),
+    }
 
 
 def _format_path(path: Path, base: Path, relative: bool) -> str:
@@ -482,12 +521,16 @@ def make_datalist(
     if class_labels is None:
         first = next((c["label"] for c in cases if c["label"] is not None), None)
         if first is None:
-            raise ValueError(f"no case has a label, so the training split would be empty ({len(cases)} unlabelled "
-                             f"images); add labels (see the preset's layout) or use another preset")
+            raise ValueError(
+                f"no case has a label, so the training split would be empty ({len(cases)} unlabelled "
+                f"images); add labels (see the preset's layout) or use another preset"
+            )
         values = _read_label_values(first)
         if not values:
-            raise ValueError(f"the first label volume {first} has no nonzero voxels, so no label names can be "
-                             f"inferred: pass --labels '{{\"name\": 1}}'")
+            raise ValueError(
+                f"the first label volume {first} has no nonzero voxels, so no label names can be "
+                f"inferred: pass --labels '{{\"name\": 1}}'"
+            )
         class_labels = {f"label_{v}": v for v in values}
 
     if not any("channel" in c for c in cases) or channel is not None:
@@ -499,17 +542,21 @@ def make_datalist(
         splits = _split(cases, val_fraction, test_fraction, seed)
     if not splits["training"]:
         n_labelled = sum(c["label"] is not None for c in cases)
-        raise ValueError(f"the training split is empty: {n_labelled} of {len(cases)} cases have labels and "
-                         f"val_fraction={val_fraction}, test_fraction={test_fraction} took them all; "
-                         f"lower the fractions or add labelled cases")
+        raise ValueError(
+            f"the training split is empty: {n_labelled} of {len(cases)} cases have labels and "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction} took them all; "
+            f"lower the fractions or add labelled cases"
+        )
 
     base = Path(output).expanduser().resolve().parent if output is not None else (root or Path.cwd())
 
     def entry(case: Case) -> dict:
         out = {k: v for k, v in case.items() if k not in ("image", "label", "_split")}
-        out = {"image": _format_path(case["image"], base, relative),
-               **({"label": _format_path(case["label"], base, relative)} if case["label"] is not None else {}),
-               **out}
+        out = {
+            "image": _format_path(case["image"], base, relative),
+            **({"label": _format_path(case["label"], base, relative)} if case["label"] is not None else {}),
+            **out,
+        }
         if channel is not None:
             out["channel"] = int(channel)
         return out

@@ -35,25 +35,25 @@ import json
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 __all__ = [
     "SOP_CLASSES",
-    "dicom_grid",
-    "nifti_to_dicom_series",
-    "label_to_dicom_seg",
-    "read_series",
-    "read_seg",
     "decode_seg",
+    "dicom_grid",
+    "label_to_dicom_seg",
+    "nifti_to_dicom_series",
+    "read_seg",
+    "read_series",
     "uid_from",
 ]
 
@@ -62,8 +62,16 @@ LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 # tolerances of the geometry checks: directions (cosines), spacings (relative), positions (mm)
 DIRECTION_TOL, SPACING_TOL, POSITION_TOL = 1e-4, 1e-4, 1e-3
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "icl-sam2:dicom")  # namespace of our name-based UIDs
-COLOURS = [(220, 60, 60), (60, 160, 220), (240, 200, 40), (80, 200, 100), (200, 90, 220), (250, 140, 40),
-           (40, 200, 200), (150, 110, 60)]
+COLOURS = [
+    (220, 60, 60),
+    (60, 160, 220),
+    (240, 200, 40),
+    (80, 200, 100),
+    (200, 90, 220),
+    (250, 140, 40),
+    (40, 200, 200),
+    (150, 110, 60),
+]
 
 
 def _ds(value: float) -> str:
@@ -124,8 +132,10 @@ def dicom_grid(nii: str | os.PathLike | nib.Nifti1Image) -> tuple[np.ndarray, np
         raise ValueError(f"The affine has a zero or non-finite axis:\n{affine}")
     direction = matrix / spacing
     if not np.allclose(direction.T @ direction, np.eye(3), atol=DIRECTION_TOL):
-        raise ValueError(f"The affine is sheared (its axes are not orthogonal); a DICOM series cannot hold it. "
-                         f"Resample the volume onto an orthogonal grid first. Affine:\n{affine}")
+        raise ValueError(
+            f"The affine is sheared (its axes are not orthogonal); a DICOM series cannot hold it. "
+            f"Resample the volume onto an orthogonal grid first. Affine:\n{affine}"
+        )
     if np.linalg.det(direction) < 0:  # readers order slices along row x column: reverse k
         data = data[:, :, ::-1]
         origin = origin + matrix[:, 2] * (data.shape[2] - 1)
@@ -300,20 +310,28 @@ def _check_same_grid(label: tuple, series: dict) -> None:
     """Raise ValueError naming what differs between the label's grid and the image series'."""
     data, origin, spacing, direction = label
     if tuple(data.shape) != series["shape"]:
-        raise ValueError(f"The label map is {data.shape} voxels but the image series is {series['shape']} "
-                         "(columns, rows, slices); the label must be on the image's grid (resample it, nearest voxel).")
+        raise ValueError(
+            f"The label map is {data.shape} voxels but the image series is {series['shape']} "
+            "(columns, rows, slices); the label must be on the image's grid (resample it, nearest voxel)."
+        )
     if not np.allclose(direction, series["direction"], atol=DIRECTION_TOL):
-        raise ValueError(f"The label map's axes (LPS)\n{direction.round(5)}\ndiffer from the image series' "
-                         f"\n{series['direction'].round(5)}; the label must be on the image's grid.")
+        raise ValueError(
+            f"The label map's axes (LPS)\n{direction.round(5)}\ndiffer from the image series' "
+            f"\n{series['direction'].round(5)}; the label must be on the image's grid."
+        )
     if not np.allclose(spacing, series["spacing"], rtol=SPACING_TOL, atol=0):
-        raise ValueError(f"The label map's spacing {spacing.round(5).tolist()} mm differs from the image series' "
-                         f"{series['spacing'].round(5).tolist()} mm; the label must be on the image's grid.")
+        raise ValueError(
+            f"The label map's spacing {spacing.round(5).tolist()} mm differs from the image series' "
+            f"{series['spacing'].round(5).tolist()} mm; the label must be on the image's grid."
+        )
     expected = origin + np.outer(np.arange(data.shape[2]) * spacing[2], direction[:, 2])
     error = np.abs(expected - series["positions"]).max()
     if error > POSITION_TOL:
-        raise ValueError(f"The label map's slices lie up to {error:.3g} mm from the image series' slices (first "
-                         f"at {origin.round(3).tolist()} vs {series['origin'].round(3).tolist()} LPS mm); "
-                         "the label must be on the image's grid.")
+        raise ValueError(
+            f"The label map's slices lie up to {error:.3g} mm from the image series' slices (first "
+            f"at {origin.round(3).tolist()} vs {series['origin'].round(3).tolist()} LPS mm); "
+            "the label must be on the image's grid."
+        )
 
 
 def _check_labels(labels: dict) -> dict[str, int]:
@@ -386,12 +404,15 @@ def label_to_dicom_seg(
     by_value = {v: n for n, v in labels.items()}
     named = [v for v in present if v in by_value]
     if not named:
-        raise ValueError(f"The label map holds none of the values of {labels} (it holds {present[:20]}); "
-                         "there is nothing to encode.")
+        raise ValueError(
+            f"The label map holds none of the values of {labels} (it holds {present[:20]}); there is nothing to encode."
+        )
     unnamed = [v for v in present if v not in by_value]
     if unnamed and strict:
-        raise ValueError(f"The label map holds values {unnamed[:20]} that labels {labels} does not name; "
-                         "name them, or pass strict=False to encode them as background.")
+        raise ValueError(
+            f"The label map holds values {unnamed[:20]} that labels {labels} does not name; "
+            "name them, or pass strict=False to encode them as background."
+        )
     segments = np.zeros(data.shape, np.uint16)
     for number, value in enumerate(named, start=1):
         segments[data == value] = number
@@ -399,47 +420,61 @@ def label_to_dicom_seg(
     attributes = []
     for number, value in enumerate(named, start=1):
         name = by_value[value]
-        attributes.append({
-            "labelID": number,
-            "SegmentLabel": name,
-            "SegmentDescription": f"{name} (label value {value})",
-            "SegmentAlgorithmType": algorithm_type,
-            **({"SegmentAlgorithmName": algorithm_name} if algorithm_name else {}),
-            "SegmentedPropertyCategoryCodeSequence": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
-                                                      "CodeMeaning": "Anatomical Structure"},
-            "SegmentedPropertyTypeCodeSequence": {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT",
-                                                  "CodeMeaning": "Anatomical Structure"},
-            "recommendedDisplayRGBValue": list(COLOURS[(number - 1) % len(COLOURS)]),
-        })
-    template = pydicom_seg.template.from_dcmqi_metainfo({
-        "ContentCreatorName": "ICL-SAM2",
-        "ClinicalTrialSeriesID": "ICL-SAM2",
-        "ClinicalTrialTimePointID": "1",
-        "SeriesDescription": series_description,
-        "SeriesNumber": str(int(series_number)),
-        "InstanceNumber": "1",
-        "ContentLabel": "SEGMENTATION",
-        "ContentDescription": series_description[:64],
-        "segmentAttributes": [attributes],
-    })
+        attributes.append(
+            {
+                "labelID": number,
+                "SegmentLabel": name,
+                "SegmentDescription": f"{name} (label value {value})",
+                "SegmentAlgorithmType": algorithm_type,
+                **({"SegmentAlgorithmName": algorithm_name} if algorithm_name else {}),
+                "SegmentedPropertyCategoryCodeSequence": {
+                    "CodeValue": "123037004",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Anatomical Structure",
+                },
+                "SegmentedPropertyTypeCodeSequence": {
+                    "CodeValue": "91723000",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Anatomical Structure",
+                },
+                "recommendedDisplayRGBValue": list(COLOURS[(number - 1) % len(COLOURS)]),
+            }
+        )
+    template = pydicom_seg.template.from_dcmqi_metainfo(
+        {
+            "ContentCreatorName": "ICL-SAM2",
+            "ClinicalTrialSeriesID": "ICL-SAM2",
+            "ClinicalTrialTimePointID": "1",
+            "SeriesDescription": series_description,
+            "SeriesNumber": str(int(series_number)),
+            "InstanceNumber": "1",
+            "ContentLabel": "SEGMENTATION",
+            "ContentDescription": series_description[:64],
+            "segmentAttributes": [attributes],
+        }
+    )
     # the segmentation image on the series' own geometry (equal to the map's within the checks above)
     image = sitk.GetImageFromArray(np.ascontiguousarray(segments.transpose(2, 1, 0)))
     image.SetOrigin([float(v) for v in series["origin"]])
     image.SetSpacing([float(v) for v in series["spacing"]])
     image.SetDirection([float(v) for v in series["direction"].ravel()])
-    writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=False,
-                                          skip_missing_segment=False)
+    writer = pydicom_seg.MultiClassWriter(
+        template=template, inplane_cropping=False, skip_empty_slices=False, skip_missing_segment=False
+    )
     # pydicom-seg shares data elements with the source datasets and then draws a new frame of reference
     # UID into them: give it copies, and put the image's frame of reference back into the SEG
     seg = writer.write(image, [copy.deepcopy(d) for d in series["datasets"]])
     if seg.NumberOfFrames != len(named) * data.shape[2] or any(
-            "DerivationImageSequence" not in f for f in seg.PerFrameFunctionalGroupsSequence):
-        raise ValueError("Some SEG frames could not be matched to an image slice; the label map must be on "
-                         "the image's grid.")
+        "DerivationImageSequence" not in f for f in seg.PerFrameFunctionalGroupsSequence
+    ):
+        raise ValueError(
+            "Some SEG frames could not be matched to an image slice; the label map must be on the image's grid."
+        )
     first = series["datasets"][0]
     seg.FrameOfReferenceUID = first.FrameOfReferenceUID
-    seg.SeriesInstanceUID = series_uid or uid_from("seg", first.SeriesInstanceUID, _digest(segments, np.eye(4)),
-                                               json.dumps(labels, sort_keys=True))
+    seg.SeriesInstanceUID = series_uid or uid_from(
+        "seg", first.SeriesInstanceUID, _digest(segments, np.eye(4)), json.dumps(labels, sort_keys=True)
+    )
     seg.SOPInstanceUID = uid_from("seg-instance", seg.SeriesInstanceUID)
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     for key in ("StudyDescription", "BodyPartExamined"):

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
 #: File endings of the volume formats the project reads (longest first: ``.nii.gz`` before ``.nii``).
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -24,14 +23,23 @@ def split_extension(name: str, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) 
     """``("case1", ".nii.gz")`` for ``"case1.nii.gz"`` (case-insensitive); ``(name, "")`` for another ending."""
     for ext in extensions:
         if name.lower().endswith(ext):
-            return name[: -len(ext)], name[-len(ext):]
+            return name[: -len(ext)], name[-len(ext) :]
     return name, ""
 
 
 def volume_stem(path: str | os.PathLike) -> str:
     """The file or folder name of a volume without its volume extension (``/a/case1.nii.gz`` -> ``case1``)."""
     return split_extension(os.path.basename(os.fspath(path).rstrip("/")))[0]
-__all__ = ["VOLUME_EXTENSIONS", "atomic_path", "fsync_folder", "remove_stale_temporaries", "split_extension", "volume_stem"]
+
+
+__all__ = [
+    "VOLUME_EXTENSIONS",
+    "atomic_path",
+    "fsync_folder",
+    "remove_stale_temporaries",
+    "split_extension",
+    "volume_stem",
+]
 
 #: ``.<name>.<pid>.<12 hex>.tmp<suffix>``: the temporary names :func:`atomic_path` makes
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)")

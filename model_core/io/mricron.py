@@ -88,8 +88,10 @@ def make_study(output_dir: str, regions: Sequence[str] = REGIONS) -> str:
             or the template and atlas (or a cut of them) do not line up.
     """
     if not available():
-        raise ValueError(f"The Colin27 template and AAL atlas ({T1}, {ATLAS}, {NAMES}) are missing; "
-                         "install them with `apt-get install mricron-data`.")
+        raise ValueError(
+            f"The Colin27 template and AAL atlas ({T1}, {ATLAS}, {NAMES}) are missing; "
+            "install them with `apt-get install mricron-data`."
+        )
     if isinstance(regions, str):
         regions = (regions,)
     regions = list(regions)
@@ -120,8 +122,10 @@ def make_study(output_dir: str, regions: Sequence[str] = REGIONS) -> str:
         present = set(np.unique(label).tolist())
         absent = [r for r, v in labels.items() if v not in present]
         if absent:
-            raise ValueError(f"Region(s) {absent} are absent from view {view!r}; choose regions present at "
-                             "z = +1 to +72 mm (voxels 72-143 of the template's third axis).")
+            raise ValueError(
+                f"Region(s) {absent} are absent from view {view!r}; choose regions present at "
+                "z = +1 to +72 mm (voxels 72-143 of the template's third axis)."
+            )
         files[view] = {}
         for key, array, dtype, suffix in (("image", image, np.int16, "t1"), ("label", label, np.uint8, "aal")):
             files[view][key] = f"{view}_{suffix}.nii.gz"
@@ -135,4 +139,3 @@ def make_study(output_dir: str, regions: Sequence[str] = REGIONS) -> str:
         "test": [{"image": files[v]["image"]} for v in queries],
     }
     return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
-

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 import os
-
-import nibabel as nib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from model_core.io.datalist import write_datalist
@@ -133,8 +132,13 @@ def write_phantom_dataset(
     return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
 
 
-def write_phantom_study(folder: str | os.PathLike, shape: tuple[int, int, int] = (256, 256, 64), cases: int = 3,
-                        labelled: int = 1, spacing: tuple[float, float, float] = (0.8, 0.8, 2.5)) -> list[str]:
+def write_phantom_study(
+    folder: str | os.PathLike,
+    shape: tuple[int, int, int] = (256, 256, 64),
+    cases: int = 3,
+    labelled: int = 1,
+    spacing: tuple[float, float, float] = (0.8, 0.8, 2.5),
+) -> list[str]:
     """Phantom volumes in MONAI Label's datastore layout: ``<folder>/caseN.nii.gz`` and ``labels/final/caseN.nii.gz``.
 
     Args:
@@ -154,7 +158,9 @@ def write_phantom_study(folder: str | os.PathLike, shape: tuple[int, int, int] =
         image, label = make_phantom((shape[2], shape[0], shape[1]), seed=i)  # (D, H, W)
         nib.save(nib.Nifti1Image(image.transpose(1, 2, 0).astype(np.float32), affine), str(folder / f"case{i}.nii.gz"))
         if i < labelled:
-            nib.save(nib.Nifti1Image(label.transpose(1, 2, 0).astype(np.uint8), affine),
-                     str(folder / "labels" / "final" / f"case{i}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(label.transpose(1, 2, 0).astype(np.uint8), affine),
+                str(folder / "labels" / "final" / f"case{i}.nii.gz"),
+            )
         ids.append(f"case{i}")
     return ids

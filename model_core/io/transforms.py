@@ -19,7 +19,7 @@ from monai.transforms import (
     Transform,
 )
 
-__all__ = ["intensity_scaling", "SelectChanneld", "merge_labels", "load_case", "describe_transform"]
+__all__ = ["SelectChanneld", "describe_transform", "intensity_scaling", "load_case", "merge_labels"]
 
 
 def intensity_scaling(
@@ -78,11 +78,15 @@ class SelectChanneld(MapTransform):
             if d.get(self.channel_key) is not None:
                 channel = int(d[self.channel_key])
                 if not 0 <= channel < image.shape[0]:
-                    raise ValueError(f"{source}: channel {channel} asked for, but the image has {image.shape[0]} channel(s).")
-                d[key] = image[channel:channel + 1]
+                    raise ValueError(
+                        f"{source}: channel {channel} asked for, but the image has {image.shape[0]} channel(s)."
+                    )
+                d[key] = image[channel : channel + 1]
             elif image.shape[0] != 1:
-                raise ValueError(f"{source} has {image.shape[0]} channels (modalities); name one with \"channel\": N in its "
-                                 "datalist entry (icl-sam2 datalist --channel N).")
+                raise ValueError(
+                    f'{source} has {image.shape[0]} channels (modalities); name one with "channel": N in its '
+                    "datalist entry (icl-sam2 datalist --channel N)."
+                )
         return d
 
 
@@ -103,12 +107,14 @@ def load_case(item: dict[str, Any], transform: Callable) -> dict[str, Any]:
     """Run the preprocessing on one datalist entry; a failure names the case and the cause."""
     try:
         return transform(dict(item))
-    except Exception as e:  # noqa: BLE001 - MONAI wraps reader errors in long transform chains
+    except Exception as e:
         cause = e
         while cause.__cause__ is not None:  # the reader's own message is at the bottom of the chain
             cause = cause.__cause__
-        raise ValueError(f"Case {item.get('image')!r} (label {item.get('label')!r}) could not be loaded and "
-                         f"preprocessed: {type(cause).__name__}: {cause}") from e
+        raise ValueError(
+            f"Case {item.get('image')!r} (label {item.get('label')!r}) could not be loaded and "
+            f"preprocessed: {type(cause).__name__}: {cause}"
+        ) from e
 
 
 def describe_transform(transform: Any) -> Any:

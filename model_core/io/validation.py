@@ -28,7 +28,19 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
 
-__all__ = ["InputError", "ServiceBusy", "MIN_VOLUME_SIZE", "load_volume", "check_image_volume", "check_label_volume", "image_problem", "label_problem", "as_3d", "read_header", "as_bool"]
+__all__ = [
+    "MIN_VOLUME_SIZE",
+    "InputError",
+    "ServiceBusy",
+    "as_3d",
+    "as_bool",
+    "check_image_volume",
+    "check_label_volume",
+    "image_problem",
+    "label_problem",
+    "load_volume",
+    "read_header",
+]
 
 #: the smallest size of every axis of an image or label
 MIN_VOLUME_SIZE = 4
@@ -78,7 +90,7 @@ def load_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         volume = LoadImage(image_only=True, ensure_channel_first=False)(path)
         array = np.asarray(volume)
-    except Exception as e:  # noqa: BLE001 - any reader failure means "not a volume" to the client
+    except Exception as e:
         raise InputError(f"The {what} is not a readable image volume ({type(e).__name__}: {e}).") from e
     return array, np.asarray(volume.affine, dtype=np.float64)
 
@@ -88,8 +100,10 @@ def as_3d(array: np.ndarray, what: str, min_size: int = MIN_VOLUME_SIZE) -> np.n
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise InputError(f"The {what} has shape {tuple(array.shape)}; a 3D scalar volume (I, J, K) is needed "
-                         "(a 4D file only with one channel: store each sequence or time point as its own image).")
+        raise InputError(
+            f"The {what} has shape {tuple(array.shape)}; a 3D scalar volume (I, J, K) is needed "
+            "(a 4D file only with one channel: store each sequence or time point as its own image)."
+        )
     if min(array.shape) < min_size:
         raise InputError(f"The {what} has shape {tuple(array.shape)}; every axis needs at least {min_size} voxels.")
     return array
@@ -108,12 +122,15 @@ def check_image_volume(path: str, what: str = "image") -> tuple[tuple[int, int, 
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise InputError(f"The {what} has {bad} NaN or infinite values of {array.size}; every voxel must be finite.")
+            raise InputError(
+                f"The {what} has {bad} NaN or infinite values of {array.size}; every voxel must be finite."
+            )
     return tuple(int(s) for s in array.shape), affine  # type: ignore[return-value]
 
 
-def check_label_volume(path: str, image_path: str | None, values: Iterable[int], affine_tolerance: float = 1e-3,
-                       what: str = "label") -> tuple[int, ...]:
+def check_label_volume(
+    path: str, image_path: str | None, values: Iterable[int], affine_tolerance: float = 1e-3, what: str = "label"
+) -> tuple[int, ...]:
     """Check a label map: 3D, integer values among ``{0} | values``, on the image's grid.
 
     Args:
@@ -136,23 +153,31 @@ def check_label_volume(path: str, image_path: str | None, values: Iterable[int],
             raise InputError(f"The {what} has NaN or infinite values; a label map holds integer label values.")
         if not np.array_equal(array, np.round(array)):
             odd = np.unique(array[array != np.round(array)])[:5].tolist()
-            raise InputError(f"The {what} has non-integer values such as {odd}; a label map holds integer label values "
-                             f"{sorted(allowed)}.")
+            raise InputError(
+                f"The {what} has non-integer values such as {odd}; a label map holds integer label values "
+                f"{sorted(allowed)}."
+            )
     elif not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
         raise InputError(f"The {what} has values of type {array.dtype}; integer label values are needed.")
     present = {int(v) for v in np.unique(array)}
     unknown = sorted(present - allowed)
     if unknown:
-        raise InputError(f"The {what} has values {unknown[:10]} that are not configured labels; allowed: {sorted(allowed)} "
-                         "(0 = background; the server's --conf labels names the others).")
+        raise InputError(
+            f"The {what} has values {unknown[:10]} that are not configured labels; allowed: {sorted(allowed)} "
+            "(0 = background; the server's --conf labels names the others)."
+        )
     if image_path is not None:
         image_shape, image_affine = _header_of(image_path)
         if tuple(array.shape) != image_shape:
-            raise InputError(f"The {what} has shape {tuple(array.shape)} but its image has {image_shape}; "
-                             "it must be on the same grid.")
+            raise InputError(
+                f"The {what} has shape {tuple(array.shape)} but its image has {image_shape}; "
+                "it must be on the same grid."
+            )
         if not np.allclose(affine, image_affine, atol=affine_tolerance):
-            raise InputError(f"The {what} and its image have different affines (orientation, spacing or origin); "
-                             "it must be on the same grid.")
+            raise InputError(
+                f"The {what} and its image have different affines (orientation, spacing or origin); "
+                "it must be on the same grid."
+            )
     return tuple(sorted(present - {0}))
 
 
@@ -206,14 +231,13 @@ def read_header(path: str, where: str) -> tuple[tuple[int, ...], np.ndarray]:
         raise ValueError(f"{where}: {path!r} does not exist.")
     try:
         if path.endswith((".nii", ".nii.gz")):
-
             img = nib.load(path)
             return tuple(int(v) for v in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
         # other formats (DICOM series folders, NRRD, MHA): MONAI's readers, affine in RAS as well
 
         vol = LoadImage(image_only=True, ensure_channel_first=False)(path)
         return tuple(int(v) for v in vol.shape[:3]), np.asarray(vol.affine, dtype=np.float64)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+    except Exception as e:
         raise ValueError(f"{where}: cannot read {path!r} as an image volume ({type(e).__name__}: {e}).") from e
 
 

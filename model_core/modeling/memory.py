@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["SupportMemory", "MemoryPolicy", "MemoryBank", "FrameEntry"]
+__all__ = ["FrameEntry", "MemoryBank", "MemoryPolicy", "SupportMemory"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SupportMemory:
     def num_objects(self) -> int:
         return self.maskmem_features.shape[1]
 
-    def to(self, device: torch.device | str) -> "SupportMemory":
+    def to(self, device: torch.device | str) -> SupportMemory:
         """A copy with every tensor on ``device``."""
         kwargs = {}
         for f in fields(self):
@@ -67,7 +67,7 @@ class SupportMemory:
             kwargs[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
         return SupportMemory(**kwargs)
 
-    def select_objects(self, object_ids: Iterable[Any]) -> "SupportMemory":
+    def select_objects(self, object_ids: Iterable[Any]) -> SupportMemory:
         """A view restricted to some objects, in the given order."""
         object_ids = list(object_ids)
         missing = [o for o in object_ids if o not in self.object_ids]
@@ -91,7 +91,7 @@ class SupportMemory:
         torch.save({"format": "icl_sam2.support_memory/1", **{f.name: getattr(cpu, f.name) for f in fields(cpu)}}, path)
 
     @classmethod
-    def load(cls, path: str, map_location: torch.device | str = "cpu") -> "SupportMemory":
+    def load(cls, path: str, map_location: torch.device | str = "cpu") -> SupportMemory:
         """Read a file written by :meth:`save`."""
         data = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(data, dict) or data.get("format") != "icl_sam2.support_memory/1":
@@ -207,7 +207,9 @@ class MemoryBank:
     def _static_score(self, e: FrameEntry) -> float:
         if self.policy.name == "oracle":
             return float(e.true_iou.mean())
-        return float(self.policy.w_iou * e.iou.mean() + self.policy.w_object_score * e.object_score_logits.sigmoid().mean())
+        return float(
+            self.policy.w_iou * e.iou.mean() + self.policy.w_object_score * e.object_score_logits.sigmoid().mean()
+        )
 
     def _entry_out(self, e: FrameEntry, objects: list[int]) -> dict[str, Any]:
         idx = torch.tensor(objects)

@@ -37,7 +37,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from model_core.modeling.memory import SupportMemory
 from model_core.modeling.precision import PRECISIONS, autocast, resolve_precision
 
-__all__ = ["InContextSAM2", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InContextSAM2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -257,8 +257,12 @@ class InContextSAM2(SAM2Base):
         return F.interpolate(low_res_logits, size=size, mode="bilinear", align_corners=False)
 
     def encode_memory(
-        self, vision_feats: list, feat_sizes: list, low_res_logits: torch.Tensor,
-        object_score_logits: torch.Tensor, from_points: bool,
+        self,
+        vision_feats: list,
+        feat_sizes: list,
+        low_res_logits: torch.Tensor,
+        object_score_logits: torch.Tensor,
+        from_points: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A slice's spatial memory from its mask logits (sam2's memory encoder).
 
@@ -274,11 +278,19 @@ class InContextSAM2(SAM2Base):
         """
         if self.compute_precision == "fp32":
             return self._encode_new_memory(
-                vision_feats, feat_sizes, self.upsample(low_res_logits), object_score_logits, is_mask_from_pts=from_points
+                vision_feats,
+                feat_sizes,
+                self.upsample(low_res_logits),
+                object_score_logits,
+                is_mask_from_pts=from_points,
             )
         with self._autocast():
             out = self._encode_new_memory(
-                vision_feats, feat_sizes, self.upsample(low_res_logits.float()), object_score_logits, is_mask_from_pts=from_points
+                vision_feats,
+                feat_sizes,
+                self.upsample(low_res_logits.float()),
+                object_score_logits,
+                is_mask_from_pts=from_points,
             )
         return _as_float32(out)
 
@@ -317,7 +329,9 @@ class InContextSAM2(SAM2Base):
                 num_frames=len(feats_list),
                 run_mem_encoder=False,
             )
-            feat, pos = self.encode_memory(feats, sizes, out["pred_masks"], out["object_score_logits"], from_points=True)
+            feat, pos = self.encode_memory(
+                feats, sizes, out["pred_masks"], out["object_score_logits"], from_points=True
+            )
             maskmem.append(feat)
             ptrs.append(out["obj_ptr"])
             scores.append(out["object_score_logits"])
@@ -362,8 +376,11 @@ class InContextSAM2(SAM2Base):
         for s in range(images.shape[0]):
             if s % batch == 0:
                 encoded = self.encode_slices(images[s : s + batch])
-            levels = {key: [f[s % batch : s % batch + 1].expand(K, -1, -1, -1) for f in encoded[key]] for key in encoded
-                      if key in ("backbone_fpn", "vision_pos_enc")}
+            levels = {
+                key: [f[s % batch : s % batch + 1].expand(K, -1, -1, -1) for f in encoded[key]]
+                for key in encoded
+                if key in ("backbone_fpn", "vision_pos_enc")
+            }
             out = self.encode_support_slices([self.slice_features(levels)], masks[s : s + 1])
             maskmem.append(out["maskmem_features"][0].to(self.memory_storage_dtype))
             ptrs.append(out["obj_ptr"][0])
@@ -380,4 +397,3 @@ class InContextSAM2(SAM2Base):
             image_size=self.image_size,
             architecture=self.architecture,
         )
-

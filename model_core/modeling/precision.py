@@ -24,7 +24,7 @@ from typing import Any, ContextManager
 
 import torch
 
-__all__ = ["PRECISIONS", "cpu_bf16_capability", "bf16_supported", "resolve_precision", "autocast"]
+__all__ = ["PRECISIONS", "autocast", "bf16_supported", "cpu_bf16_capability", "resolve_precision"]
 
 #: accepted values of every ``precision`` option
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -61,8 +61,10 @@ def cpu_bf16_capability() -> dict[str, Any]:
     if flags is not None:
         amx, avx512 = "amx_bf16" in flags, "avx512_bf16" in flags
         sources.append("/proc/cpuinfo")
-    probes = {"amx_bf16": getattr(torch.cpu, "_is_amx_tile_supported", None),
-              "avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None)}
+    probes = {
+        "amx_bf16": getattr(torch.cpu, "_is_amx_tile_supported", None),
+        "avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+    }
     if any(p is not None for p in probes.values()):
         sources.append("torch.cpu")
         try:

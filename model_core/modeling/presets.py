@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from model_core.modeling.checkpoint import load_checkpoint
 from model_core.modeling.precision import resolve_precision
 
-__all__ = ["PRESETS", "MODEL_TARGET", "VIDEO_PREDICTOR_SETTINGS", "preset_config", "build_icl_sam2"]
+__all__ = ["MODEL_TARGET", "PRESETS", "VIDEO_PREDICTOR_SETTINGS", "build_icl_sam2", "preset_config"]
 
 #: Class that every preset instantiates (a subclass of sam2's SAM2Base); training builds its
 #: subclass instead (``model_core.training.builder``), as sam2's training YAML names ``SAM2Train``.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SlicePrompt", "BOX_LABELS", "PAD_LABEL"]
+__all__ = ["BOX_LABELS", "PAD_LABEL", "SlicePrompt"]
 
 #: Labels SAM2 uses for the top-left and bottom-right corners of a box.
 BOX_LABELS = (2, 3)
@@ -41,7 +41,7 @@ class SlicePrompt:
     mask: torch.Tensor | None = None
     _validated_size: int | None = field(default=None, repr=False)
 
-    def validate(self, image_size: int) -> "SlicePrompt":
+    def validate(self, image_size: int) -> SlicePrompt:
         """Check shapes and ranges against a square grid; returns a normalised copy.
 
         Raises:
@@ -103,5 +103,3 @@ def _check_inside(xy: torch.Tensor, image_size: int, what: str) -> None:
             f"{what} {xy[i].tolist()} lies outside the {image_size}x{image_size} image; "
             f"coordinates are (x, y) pixels in [0, {image_size - 1}]."
         )
-
-

@@ -52,7 +52,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -62,90 +61,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from model_core.io.transforms import load_case
-from model_core.io.validation import InputError, ServiceBusy
+from model_core.io.validation import InputError
 from model_core.modeling.checkpoint import load_checkpoint
 from model_core.modeling.inputs import as_slices, volume_to_slices
 from model_core.modeling.memory import SupportMemory
 from model_core.modeling.presets import build_icl_sam2
 from model_core.modeling.prompts import SlicePrompt
 from model_core.predictor import VolumePredictor
+from model_core.serving.config import ServiceConfig, load_bundle_parser
+from model_core.serving.sessions import Session, Track, VolumeSlots
 from model_core.volume_state import VolumeState
 from model_core.workflows.inferers import InContextInferer, build_support
 from model_core.workflows.proposals import propose_image
 
-__all__ = ["ServiceConfig", "SegmentationService", "Segmentation", "VolumeSlots", "held_bytes", "load_bundle_parser"]
-
-
-def load_bundle_parser(bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None) -> ConfigParser:
-    """A ``ConfigParser`` of the bundle's ``train.json`` with ``config`` layered on top.
-
-    The same layering as ``python -m monai.bundle run --config_file "['train.json', '<config>']"``;
-    the paths are absolute, so it works from any working directory.
-    """
-    configs = os.path.join(os.path.abspath(bundle_dir), "configs")
-    parser = ConfigParser()
-    parser.read_config([os.path.join(configs, name) for name in dict.fromkeys(["train.json", config])])
-    parser["bundle_root"] = os.path.abspath(bundle_dir)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    return parser
-
-
-@dataclass
-class ServiceConfig:
-    """What a server configures (MONAI Label's ``--conf``).
-
-    Args:
-        bundle_dir: the MONAI bundle whose configs define pre- and postprocessing.
-        labels: ``{name: label value}`` of the structures to segment.
-        checkpoint: weights to load (reloaded when the file changes); missing = initial weights.
-        preset, image_size: the network (see :func:`~model_core.modeling.presets.build_icl_sam2`).
-        device: ``cpu`` or ``cuda``.
-        modality, window, percentiles: intensity scaling, as in the bundle.
-        channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
-        max_support_volumes: labelled volumes used as the support set (the most recent first).
-        num_support_slices: support slices per class.
-        session_cache_mb: memory cap of the interactive sessions: every tensor they hold (the
-            preprocessed volume and its model input slices, image features, results), see :func:`held_bytes`.
-        max_sessions: at most this many interactive sessions are kept.
-        max_preprocessing: requests that read and preprocess a volume at once (a first click on an
-            image, in-context segmentation, proposals); each holds its slot until it has answered.
-        preprocessing_wait_s: how long a request waits for such a slot before :class:`ServiceBusy`.
-        seed: seed of the initial weights when there is no checkpoint, so two starts give the same results.
-        incremental: a follow-up click re-runs only the changed slices and propagates outward
-            while the result still changes (False: every request replays all clicks over the
-            whole volume, the exact mode).
-        incremental_patience, incremental_iou: an incremental pass stops after this many
-            consecutive slices whose mask agrees with the previous result (IoU at least this).
-        precision: ``fp32``, ``bf16`` or ``auto`` (:mod:`model_core.modeling.precision`), passed to the network.
-    """
-
-    bundle_dir: str
-    labels: dict[str, int]
-    checkpoint: str | None = None
-    preset: str = "sam2.1_hiera_tiny"
-    image_size: int = 512
-    device: str = "cpu"
-    modality: str = "CT"
-    window: Sequence[float] = (-200.0, 300.0)
-    percentiles: Sequence[float] = (0.5, 99.5)
-    channel_mode: str = "replicate"
-    max_support_volumes: int = 4
-    num_support_slices: int = 3
-    session_cache_mb: float = 2048.0
-    max_sessions: int = 32
-    max_preprocessing: int = 2
-    preprocessing_wait_s: float = 30.0
-    seed: int = 0
-    incremental: bool = True
-    incremental_patience: int = 3
-    incremental_iou: float = 0.98
-    precision: str = "fp32"
+__all__ = ["Segmentation", "SegmentationService"]
 
 
 @dataclass
@@ -170,177 +103,6 @@ def _slice_prompt(entry: dict[str, Any]) -> SlicePrompt:
         labels=torch.tensor(entry["labels"]) if entry["labels"] else None,
         box=torch.tensor(entry["box"]) if entry["box"] is not None else None,
     )
-
-
-def held_bytes(*roots: Any, skip: tuple[type, ...] = ()) -> int:
-    """Bytes of every tensor and array reachable from ``roots``, each storage counted once.
-
-    Follows containers (dict, list, tuple, set), a ``MetaTensor``'s meta and applied
-    operations, and the attributes of this project's own objects (``model_core.*``);
-    views and expanded tensors count their whole storage (what stays allocated),
-    shared storages once. Objects of ``skip`` types (the network, a shared support
-    memory) and modules are not entered. Python objects' own overhead is not counted.
-
-    Why here: ``torch`` and ``sys.getsizeof`` size one tensor or object, not what a
-    structure of them keeps alive.
-    """
-    storages: set[tuple[str, int]] = set()
-    visited: set[int] = set()
-    total = 0
-    stack = list(roots)
-    while stack:
-        obj = stack.pop()
-        if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in visited:
-            continue
-        visited.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            key = (str(obj.device), storage.data_ptr())
-            if key not in storages:
-                storages.add(key)
-                total += storage.nbytes()
-            if isinstance(obj, MetaTensor):
-                stack += [obj.meta, obj.applied_operations]
-        elif isinstance(obj, np.ndarray):
-            base = obj
-            while isinstance(base.base, np.ndarray):
-                base = base.base
-            key = ("numpy", base.__array_interface__["data"][0])
-            if key not in storages:
-                storages.add(key)
-                total += base.nbytes
-        elif isinstance(obj, torch.nn.Module) or (skip and isinstance(obj, skip)):
-            continue
-        elif isinstance(obj, dict):
-            stack += list(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack += list(obj)
-        elif type(obj).__module__.startswith("model_core") and hasattr(obj, "__dict__"):
-            stack += list(vars(obj).values())
-    return total
-
-
-class VolumeSlots:
-    """At most ``slots`` requests hold a volume being read, preprocessed and worked on at once.
-
-    A waiting request gets a slot in arrival order within ``wait_s`` seconds, or
-    :class:`ServiceBusy` with a ``Retry-After`` estimated from how long recent slots were held.
-    ``threading.Semaphore`` bounds the count but neither keeps arrival order nor knows
-    how long to tell a client to wait.
-
-    Args:
-        slots: requests served at once (at least 1).
-        wait_s: longest wait for a slot (0: answer busy at once).
-        what: what a slot is for, in the busy message.
-    """
-
-    def __init__(self, slots: int, wait_s: float, what: str = "volumes being preprocessed"):
-        if int(slots) < 1:
-            raise ValueError(f"slots must be at least 1, got {slots!r}.")
-        if not float(wait_s) >= 0:
-            raise ValueError(f"wait_s must be a number of seconds >= 0, got {wait_s!r}.")
-        self.slots, self.wait_s, self.what = int(slots), float(wait_s), what
-        self._condition = threading.Condition()
-        self._busy = 0
-        self._queue: list[object] = []  # waiting tickets, oldest first
-        self._mean_hold: float | None = None  # seconds a slot is held, exponentially averaged
-
-    @property
-    def in_use(self) -> int:
-        return self._busy
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def retry_after(self) -> float:
-        """Seconds after which a new request probably gets a slot: the queue ahead times the mean hold."""
-        hold = self._mean_hold if self._mean_hold is not None else max(self.wait_s, 1.0)
-        rounds = math.ceil((len(self._queue) + 1) / self.slots)
-        return min(max(hold * rounds, 1.0), 3600.0)
-
-    @contextlib.contextmanager
-    def hold(self, wait_s: float | None = None):
-        """A slot for the ``with`` block, waiting at most ``wait_s`` seconds (default: the configured wait).
-
-        Raises:
-            ServiceBusy: no slot came free in time.
-        """
-        ticket = object()
-        wait_s = self.wait_s if wait_s is None else float(wait_s)
-        deadline = time.monotonic() + wait_s
-        with self._condition:
-            self._queue.append(ticket)
-            try:
-                while self._busy >= self.slots or self._queue[0] is not ticket:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ServiceBusy(
-                            f"The server is busy: {self._busy} {self.what} already (at most {self.slots}) and "
-                            f"{len(self._queue) - 1} more waiting; waited {wait_s:g} s. Retry after the "
-                            "Retry-After seconds.", self.retry_after())
-                    self._condition.wait(min(left, 3600.0))
-            finally:
-                self._queue.remove(ticket)
-                self._condition.notify_all()  # the next in line may go (or time out) now
-            self._busy += 1
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            held = time.monotonic() - start
-            with self._condition:
-                self._busy -= 1
-                self._mean_hold = held if self._mean_hold is None else 0.7 * self._mean_hold + 0.3 * held
-                self._condition.notify_all()
-
-
-class _Track:
-    """One structure's interactive result in a session: the clicks it answers and the volume state.
-
-    ``prompts`` is ``{slice: {"points": [[x, y], ...], "labels": [...], "box": [...] | None}}``
-    on the model grid, as the last request sent them (the plugins send the whole list).
-    """
-
-    def __init__(self, state: VolumeState, prompts: dict[int, dict[str, Any]], support: SupportMemory | None):
-        self.state, self.prompts, self.support = state, prompts, support
-
-    def changed_slices(self, prompts: dict[int, dict[str, Any]]) -> list[int] | None:
-        """Slices whose clicks grew since the last request; None when a click or box was removed
-        or changed (then only a full pass gives the right answer)."""
-        changed = []
-        for z, old in self.prompts.items():
-            new = prompts.get(z)
-            n = len(old["points"])
-            if new is None or new["box"] != old["box"] or new["points"][:n] != old["points"] or new["labels"][:n] != old["labels"]:
-                return None
-        for z, new in prompts.items():
-            if z not in self.prompts or new != self.prompts[z]:
-                changed.append(z)
-        return sorted(changed)
-
-
-class _Session:
-    """One client's interactive work on one image: the preprocessed volume, its feature cache
-    and, per structure, the last result (:class:`_Track`).
-
-    ``held`` is what the session holds in bytes, measured by :meth:`measure` whenever it
-    changes (by the thread that changed it, under the model lock), so the session table
-    can be summed without walking sessions another request is changing.
-    """
-
-    def __init__(self, image: MetaTensor, slices: torch.Tensor):
-        self.image, self.slices = image, slices
-        self.anchor = None  # the VolumeState whose feature cache later states share
-        self.tracks: dict[tuple[int, bool], _Track] = {}
-        self.used = time.monotonic()
-        self.held = self.measure()
-
-    def measure(self) -> int:
-        """Every tensor the session keeps (volume, slices, features, results, prompts' memories), each
-        storage once; not the network nor the shared support memory: what ``session_cache_mb`` caps."""
-        self.held = held_bytes(self.image, self.slices, self.anchor, self.tracks, skip=(SupportMemory,))
-        return self.held
 
 
 class SegmentationService:
@@ -386,7 +148,7 @@ class SegmentationService:
         self._network = None
         self._loaded_stamp: tuple | None = None
         self._support: tuple[str, SupportMemory] | None = None
-        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         #: requests that hold a volume being read and preprocessed (and then worked on) at once
         self.volume_slots = VolumeSlots(config.max_preprocessing, config.preprocessing_wait_s)
         #: number of times weights were (re)loaded from the checkpoint
@@ -415,8 +177,12 @@ class SegmentationService:
             if self._network is None or stamp != self._loaded_stamp:
                 with torch.random.fork_rng(devices=[]):  # untrained weights: the same at every start
                     torch.manual_seed(int(self.config.seed))
-                    network = build_icl_sam2(self.config.preset, image_size=int(self.config.image_size), device=self.device,
-                                             precision=self.config.precision)
+                    network = build_icl_sam2(
+                        self.config.preset,
+                        image_size=int(self.config.image_size),
+                        device=self.device,
+                        precision=self.config.precision,
+                    )
                 if stamp is not None:
                     load_checkpoint(network, stamp[0])
                     self.reloads += 1
@@ -452,17 +218,27 @@ class SegmentationService:
             ValueError: a class absent from all of them.
         """
         if not labelled:
-            raise InputError("No labelled volume yet: label at least one volume (save it as a final label) "
-                             "so in-context segmentation has a support set.")
+            raise InputError(
+                "No labelled volume yet: label at least one volume (save it as a final label) "
+                "so in-context segmentation has a support set."
+            )
         with self._lock:
             network = network if network is not None else self.network
             used = [dict(item) for item in labelled[: max(int(self.config.max_support_volumes), 1)]]
-            stamp = [[item["image"], item["label"], *(os.stat(item[k]).st_mtime_ns for k in ("image", "label"))]
-                     for item in used]
+            stamp = [
+                [item["image"], item["label"], *(os.stat(item[k]).st_mtime_ns for k in ("image", "label"))]
+                for item in used
+            ]
             key = json.dumps([stamp, network.architecture["weights"]])
             if self._support is None or self._support[0] != key:
-                memory = build_support(network, used, self.support_preprocessing, self.classes,
-                                       int(self.config.num_support_slices), channel_mode=self.config.channel_mode)
+                memory = build_support(
+                    network,
+                    used,
+                    self.support_preprocessing,
+                    self.classes,
+                    int(self.config.num_support_slices),
+                    channel_mode=self.config.channel_mode,
+                )
                 self._support = (key, memory)
             return self._support[1]
 
@@ -488,8 +264,13 @@ class SegmentationService:
         item = load_case({"image": image_path}, self.preprocessing)
         image = item["image"]
         size = network.image_size
-        if (self.config.channel_mode == "replicate" and image.dtype == torch.float32 and image.ndim == 4
-                and image.shape[0] == 1 and tuple(image.shape[1:3]) == (size, size)):
+        if (
+            self.config.channel_mode == "replicate"
+            and image.dtype == torch.float32
+            and image.ndim == 4
+            and image.shape[0] == 1
+            and tuple(image.shape[1:3]) == (size, size)
+        ):
             volume = image.as_tensor().clamp_(0, 1)[0]  # (H, W, D), the image's own storage
             return image, volume.permute(2, 0, 1)[:, None].expand(-1, 3, -1, -1)
         slices = volume_to_slices(as_slices(image).float().clamp(0, 1), size, self.config.channel_mode)
@@ -497,7 +278,9 @@ class SegmentationService:
 
     def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
         """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space."""
-        pred = MetaTensor(probabilities, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+        pred = MetaTensor(
+            probabilities, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
+        )
         data = {"image": image, "pred": pred}
         # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
         out = self.postprocessing(data)["pred"]
@@ -533,8 +316,12 @@ class SegmentationService:
                 encoded = network.encoded_slices - encoded
             label = self._to_original(image, probabilities, self.classes)
         confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
-        info = {**self.model_info(network), "encoded_slices": encoded,
-                "seconds": round(time.perf_counter() - start, 3), "support_volumes": len(labelled[: self.config.max_support_volumes])}
+        info = {
+            **self.model_info(network),
+            "encoded_slices": encoded,
+            "seconds": round(time.perf_counter() - start, 3),
+            "support_volumes": len(labelled[: self.config.max_support_volumes]),
+        }
         return Segmentation(label, confidence, info)
 
     # ------------------------------------------------------------------ proposals
@@ -561,7 +348,7 @@ class SegmentationService:
         return result
 
     # ------------------------------------------------------------------ interactive
-    def _session(self, client: str, image_path: str, network, slot: contextlib.ExitStack) -> _Session:
+    def _session(self, client: str, image_path: str, network, slot: contextlib.ExitStack) -> Session:
         """The client's session on this image; a new one reads and preprocesses the file outside every lock,
         holding a volume slot (entered on ``slot``, so it is held until the request has answered)."""
         key = (str(client), os.path.abspath(image_path))
@@ -569,7 +356,7 @@ class SegmentationService:
             session = self._sessions.get(key)
         if session is None:
             slot.enter_context(self.volume_slots.hold())
-            fresh = _Session(*self.preprocess(image_path, network))
+            fresh = Session(*self.preprocess(image_path, network))
             with self._sessions_lock:  # a concurrent request of the same client may have made one meanwhile
                 session = self._sessions.setdefault(key, fresh)
                 if session is fresh:
@@ -580,7 +367,7 @@ class SegmentationService:
             session.used = time.monotonic()
         return session
 
-    def _enforce_cache_limits(self, current: _Session) -> None:
+    def _enforce_cache_limits(self, current: Session) -> None:
         """Measure the session just worked on and evict the least recently used sessions over ``max_sessions``
         or ``session_cache_mb`` (under the model lock, so no other request changes ``current`` meanwhile)."""
         current.measure()
@@ -588,17 +375,21 @@ class SegmentationService:
             self._evict(current)
 
     def session_bytes(self, client: str, image_path: str) -> int | None:
-        """What the client's session on this image holds in bytes, as ``session_cache_mb`` counts it (None: no session)."""
+        """What the client's session on this image holds in bytes, as ``session_cache_mb`` counts it (None: no
+        session).
+        """
         with self._sessions_lock:
             session = self._sessions.get((str(client), os.path.abspath(image_path)))
             return None if session is None else session.held
 
     def _session_totals(self) -> dict[str, Any]:
         with self._sessions_lock:
-            return {"session_cache_mb": round(sum(s.held for s in self._sessions.values()) / 2**20, 2),
-                    "sessions": len(self._sessions)}
+            return {
+                "session_cache_mb": round(sum(s.held for s in self._sessions.values()) / 2**20, 2),
+                "sessions": len(self._sessions),
+            }
 
-    def _evict(self, current: _Session) -> None:
+    def _evict(self, current: Session) -> None:
         """Drop the least recently used other sessions until the table fits its caps (under the sessions lock);
         when ``current`` alone is over the MiB cap, its least recently used slice features go."""
         cap = int(float(self.config.session_cache_mb) * 2**20)
@@ -614,8 +405,14 @@ class SegmentationService:
             features.shrink(max(cap - (current.held - features.nbytes), 0))
             current.measure()
 
-    def _correct(self, predictor: VolumePredictor, state: VolumeState, value: int,
-                 prompts: dict[int, dict[str, Any]], changed: list[int]) -> int:
+    def _correct(
+        self,
+        predictor: VolumePredictor,
+        state: VolumeState,
+        value: int,
+        prompts: dict[int, dict[str, Any]],
+        changed: list[int],
+    ) -> int:
         """Apply the clicks of ``changed`` slices to a used state and propagate outward while the result changes.
 
         Each changed slice is segmented as a replay from scratch would segment it
@@ -638,7 +435,9 @@ class SegmentationService:
         for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
             agreeing = 0
             # the replay's forward pass starts with no memories behind it; its backward pass has the forward pass's
-            for z, _ in predictor.propagate(state, start_slice=start, direction=direction, warm_start=direction == "backward"):
+            for z, _ in predictor.propagate(
+                state, start_slice=start, direction=direction, warm_start=direction == "backward"
+            ):
                 if z == start:
                     continue  # a prompted slice: not tracked again
                 ran += 1
@@ -692,7 +491,10 @@ class SegmentationService:
             if len(p) != 3:
                 raise InputError(f"{what} point {list(p)} must be [i, j, k] voxel indices of the image.")
             if np.any(np.asarray(p, dtype=np.float64) < 0) or np.any(np.asarray(p, dtype=np.float64) > shape - 1):
-                raise InputError(f"{what} point {list(p)} is outside the image (voxel indices 0..{(shape - 1).astype(int).tolist()}).")
+                raise InputError(
+                    f"{what} point {list(p)} is outside the image "
+                    f"(voxel indices 0..{(shape - 1).astype(int).tolist()})."
+                )
 
     @torch.inference_mode()
     def interact(
@@ -778,15 +580,19 @@ class SegmentationService:
                     ran = self._correct(predictor, state, value, prompts, changed)
                     track.prompts = prompts
                 else:
-                    state = predictor.init_state(session.slices, support, objects,
-                                                 feature_cache_slices=session.slices.shape[0],
-                                                 share_features_with=session.anchor)
+                    state = predictor.init_state(
+                        session.slices,
+                        support,
+                        objects,
+                        feature_cache_slices=session.slices.shape[0],
+                        share_features_with=session.anchor,
+                    )
                     if session.anchor is None:
                         session.anchor = state
                     for z, entry in sorted(prompts.items()):
                         predictor.add_prompt(state, z, value, _slice_prompt(entry))
                     ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
-                    session.tracks[track_key] = _Track(state, prompts, support)
+                    session.tracks[track_key] = Track(state, prompts, support)
                     mode = "full"
                 # (K, D, h, w), this request's copy
                 low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()
@@ -800,13 +606,21 @@ class SegmentationService:
             if roi is not None:  # nothing outside the ROI's slices
                 k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
                 outside = torch.ones(D, dtype=torch.bool)
-                outside[int(max(np.floor(k_lo), 0)): int(np.ceil(k_hi)) + 1] = False
+                outside[int(max(np.floor(k_lo), 0)) : int(np.ceil(k_hi)) + 1] = False
                 probs[objects.index(value), :, :, outside] = 0
             probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
-            result = self._to_original(image, probabilities, objects) if from_in_context else \
-                self._to_original(image, probabilities, [value])
-            info = {**self.model_info(network), "encoded_slices": encoded,
-                    "seconds": round(time.perf_counter() - start, 3), "prompted_slices": sorted(prompts),
-                    "mode": mode, "propagated_slices": ran,
-                    **self._session_totals()}
+            result = (
+                self._to_original(image, probabilities, objects)
+                if from_in_context
+                else self._to_original(image, probabilities, [value])
+            )
+            info = {
+                **self.model_info(network),
+                "encoded_slices": encoded,
+                "seconds": round(time.perf_counter() - start, 3),
+                "prompted_slices": sorted(prompts),
+                "mode": mode,
+                "propagated_slices": ran,
+                **self._session_totals(),
+            }
             return Segmentation(result, {}, info)

@@ -68,7 +68,9 @@ class EpisodeSampler:
         self.classes = list(classes)
         self.num_support, self.num_query, self.image_size = num_support, num_query, image_size
         if not 1 <= objects_per_episode <= len(self.classes):
-            raise ValueError(f"objects_per_episode must be between 1 and {len(self.classes)}, got {objects_per_episode}.")
+            raise ValueError(
+                f"objects_per_episode must be between 1 and {len(self.classes)}, got {objects_per_episode}."
+            )
         self.objects_per_episode = objects_per_episode
         self.seed = int(seed)
         self.salt: list[int] = []  # set by load_state_dict: a resumed run's workers draw new episodes
@@ -81,7 +83,7 @@ class EpisodeSampler:
             if sum(len(p) > 0 for p in self.present[c]) < 2:
                 raise ValueError(f"Class {c} appears in fewer than two volumes; it cannot make episodes.")
 
-    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> "EpisodeSampler":
+    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> EpisodeSampler:
         """Reseed the episode stream (MONAI's ``Randomizable.set_random_state`` contract).
 
         Args:

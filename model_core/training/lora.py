@@ -31,20 +31,39 @@ from model_core.io.files import atomic_path
 from model_core.modeling.checkpoint import save_checkpoint
 from model_core.modeling.presets import build_icl_sam2
 
-__all__ = ["LORA_TARGETS", "lora_target_modules", "attach_lora", "lora_settings", "adapter_parameter_names", "adapter_state", "load_adapter_state", "save_adapters", "load_adapters", "merge_lora", "merged_copy", "merged_state_dict", "merge_adapter_file"]
+__all__ = [
+    "LORA_TARGETS",
+    "adapter_parameter_names",
+    "adapter_state",
+    "attach_lora",
+    "load_adapter_state",
+    "load_adapters",
+    "lora_settings",
+    "lora_target_modules",
+    "merge_adapter_file",
+    "merge_lora",
+    "merged_copy",
+    "merged_state_dict",
+    "save_adapters",
+]
 
 #: Named LoRA target groups: a regular expression over module names (``re.fullmatch``,
 #: ``torch.nn.Linear`` modules only) and what it selects.
 LORA_TARGETS: dict[str, tuple[str, str]] = {
-    "image_encoder.attn": (r"image_encoder\.trunk\.blocks\.\d+\.attn\.(qkv|proj)",
-                           "Hiera's attention qkv and output projections"),
+    "image_encoder.attn": (
+        r"image_encoder\.trunk\.blocks\.\d+\.attn\.(qkv|proj)",
+        "Hiera's attention qkv and output projections",
+    ),
     "image_encoder.mlp": (r"image_encoder\.trunk\.blocks\.\d+\.mlp\.layers\.\d+", "Hiera's MLP layers"),
-    "memory_attention.attn": (r"memory_attention\.layers\.\d+\.(self_attn|cross_attn_image)\.(q|k|v|out)_proj",
-                              "memory attention's self and cross attention projections"),
+    "memory_attention.attn": (
+        r"memory_attention\.layers\.\d+\.(self_attn|cross_attn_image)\.(q|k|v|out)_proj",
+        "memory attention's self and cross attention projections",
+    ),
     "mask_decoder.transformer": (
         r"sam_mask_decoder\.transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
         r"|final_attn_token_to_image)\.(q|k|v|out)_proj",
-        "the mask decoder's two-way transformer attention projections"),
+        "the mask decoder's two-way transformer attention projections",
+    ),
 }
 
 _ADAPTER_NAME = "default"
@@ -74,7 +93,9 @@ def lora_target_modules(model: torch.nn.Module, targets: str | Sequence[str]) ->
         pattern = re.compile(LORA_TARGETS[group][0])
         found = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and pattern.fullmatch(n)]
         if not found:
-            raise ValueError(f"LoRA target group {group!r} ({LORA_TARGETS[group][1]}) selects no Linear layer in this model.")
+            raise ValueError(
+                f"LoRA target group {group!r} ({LORA_TARGETS[group][1]}) selects no Linear layer in this model."
+            )
         modules += found
     return modules
 
@@ -84,9 +105,14 @@ def lora_settings(model: torch.nn.Module) -> dict[str, Any] | None:
     return getattr(model, "lora", None)
 
 
-def attach_lora(model: torch.nn.Module, rank: int, targets: str | Sequence[str] = ("image_encoder.attn",),
-                alpha: float | None = None, target_modules: Sequence[str] | None = None,
-                base_checkpoint: str | None = None) -> torch.nn.Module:
+def attach_lora(
+    model: torch.nn.Module,
+    rank: int,
+    targets: str | Sequence[str] = ("image_encoder.attn",),
+    alpha: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    base_checkpoint: str | None = None,
+) -> torch.nn.Module:
     """Inject LoRA adapters into ``model`` in place, through peft (``LoraModel`` with explicit module names).
 
     Adapters start as peft initialises them (``B = 0``): the adapted model computes what the
@@ -128,8 +154,13 @@ def attach_lora(model: torch.nn.Module, rank: int, targets: str | Sequence[str] 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(target_modules))
     tuner = LoraModel(model, config, _ADAPTER_NAME)
     model.__dict__[_TUNER] = tuner
-    model.lora = {"rank": rank, "alpha": alpha, "targets": targets, "target_modules": list(target_modules),
-                  "base_checkpoint": base_checkpoint}
+    model.lora = {
+        "rank": rank,
+        "alpha": alpha,
+        "targets": targets,
+        "target_modules": list(target_modules),
+        "base_checkpoint": base_checkpoint,
+    }
     return model
 
 
@@ -163,10 +194,15 @@ def adapter_state(model: torch.nn.Module) -> dict[str, Any]:
 
     settings = _require_lora(model)
     adapters = adapter_parameter_names(model)
-    trained = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad and n not in adapters}
+    trained = {
+        n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad and n not in adapters
+    }
     state = get_peft_model_state_dict(model, adapter_name=_ADAPTER_NAME)
-    return {"settings": copy.deepcopy(settings), "adapters": {k: v.detach().cpu().clone() for k, v in state.items()},
-            "trained": trained}
+    return {
+        "settings": copy.deepcopy(settings),
+        "adapters": {k: v.detach().cpu().clone() for k, v in state.items()},
+        "trained": trained,
+    }
 
 
 def load_adapter_state(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
@@ -179,20 +215,26 @@ def load_adapter_state(model: torch.nn.Module, state: dict[str, Any]) -> torch.n
     from peft.utils import set_peft_model_state_dict
 
     if not isinstance(state, dict) or not {"settings", "adapters"} <= set(state):
-        raise ValueError("Not a LoRA adapter state: expected {'settings', 'adapters', 'trained'} (see model_core.training.lora).")
+        raise ValueError(
+            "Not a LoRA adapter state: expected {'settings', 'adapters', 'trained'} (see model_core.training.lora)."
+        )
     s = state["settings"]
     current = lora_settings(model)
     if current is None:
         attach_lora(model, int(s["rank"]), s["targets"], s["alpha"], s["target_modules"], s.get("base_checkpoint"))
     elif any(current[k] != s[k] for k in ("rank", "alpha", "target_modules")):
-        raise ValueError(f"Adapter settings (rank {s['rank']}, alpha {s['alpha']}, targets {s['targets']}) differ from "
-                         f"the model's (rank {current['rank']}, alpha {current['alpha']}, targets {current['targets']}).")
+        raise ValueError(
+            f"Adapter settings (rank {s['rank']}, alpha {s['alpha']}, targets {s['targets']}) differ from "
+            f"the model's (rank {current['rank']}, alpha {current['alpha']}, targets {current['targets']})."
+        )
     result = set_peft_model_state_dict(model, state["adapters"], adapter_name=_ADAPTER_NAME)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     own = dict(model.named_parameters())
     strays = sorted(set(state.get("trained", {})) - set(own))
     if unexpected or strays:
-        raise ValueError(f"Adapter weights do not fit this model: unexpected {unexpected[:5]}, unknown trained {strays[:5]}.")
+        raise ValueError(
+            f"Adapter weights do not fit this model: unexpected {unexpected[:5]}, unknown trained {strays[:5]}."
+        )
     with torch.no_grad():
         for name, value in state.get("trained", {}).items():
             if own[name].shape != value.shape:
@@ -206,7 +248,11 @@ def save_adapters(model: torch.nn.Module, path: str | os.PathLike, record: dict[
 
     Preset and image size are read from the model when the record lacks them.
     """
-    record = {"preset": getattr(model, "preset", None), "image_size": getattr(model, "image_size", None), **(record or {})}
+    record = {
+        "preset": getattr(model, "preset", None),
+        "image_size": getattr(model, "image_size", None),
+        **(record or {}),
+    }
     with atomic_path(path) as tmp:
         torch.save({"lora": adapter_state(model), "icl_sam2": record}, tmp)
 
@@ -260,8 +306,9 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged_copy(model).state_dict()
 
 
-def merge_adapter_file(adapter_file: str, output: str, base_checkpoint: str | None = None,
-                       device: str | torch.device = "cpu") -> str:
+def merge_adapter_file(
+    adapter_file: str, output: str, base_checkpoint: str | None = None, device: str | torch.device = "cpu"
+) -> str:
     """Base checkpoint + adapter file -> a plain merged checkpoint (for serving or inference).
 
     Args:
@@ -283,9 +330,12 @@ def merge_adapter_file(adapter_file: str, output: str, base_checkpoint: str | No
     record = data.get("icl_sam2") or {}
     base = base_checkpoint or data["lora"]["settings"].get("base_checkpoint")
     if not base:
-        raise ValueError(f"{adapter_file!r} records no base checkpoint (trained from random weights); pass base_checkpoint.")
-    model = build_icl_sam2(record.get("preset", "sam2.1_hiera_tiny"), image_size=record.get("image_size"), checkpoint=base,
-                           device=device)
+        raise ValueError(
+            f"{adapter_file!r} records no base checkpoint (trained from random weights); pass base_checkpoint."
+        )
+    model = build_icl_sam2(
+        record.get("preset", "sam2.1_hiera_tiny"), image_size=record.get("image_size"), checkpoint=base, device=device
+    )
     load_adapter_state(model, data["lora"])
     save_checkpoint(merge_lora(model), output, {k: v for k, v in record.items() if k not in ("preset", "image_size")})
     return output

@@ -49,7 +49,9 @@ class ICLSAM2Loss(torch.nn.Module):
         self.return_parts = return_parts
         self.last_parts: dict[str, float] = {}
 
-    def forward(self, outputs: dict[str, list[torch.Tensor]], query_masks: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def forward(
+        self, outputs: dict[str, list[torch.Tensor]], query_masks: torch.Tensor
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
         """Loss of an episode batch.
 
         Args:
@@ -68,7 +70,9 @@ class ICLSAM2Loss(torch.nn.Module):
             logits = outputs["multimask_logits"][q]  # (N, M, H, W)
             target = query_masks[:, q].flatten(0, 1)[:, None].to(logits.device, logits.dtype)  # (N, 1, H, W)
             if target.shape[-2:] != logits.shape[-2:]:
-                raise ValueError(f"query_masks are {tuple(target.shape[-2:])} but predictions are {tuple(logits.shape[-2:])}.")
+                raise ValueError(
+                    f"query_masks are {tuple(target.shape[-2:])} but predictions are {tuple(logits.shape[-2:])}."
+                )
             target_m = target.expand_as(logits)
             present = (target.flatten(1).sum(1) > 0).to(logits.dtype)  # (N,)
             focal = self.focal(logits, target_m).flatten(2).mean(-1)  # (N, M)

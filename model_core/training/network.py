@@ -27,7 +27,7 @@ from model_core.training.trainable import (
     resolve_trainable,
 )
 
-__all__ = ["InContextSAM2Train", "EncoderFeatureCache"]
+__all__ = ["EncoderFeatureCache", "InContextSAM2Train"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,10 @@ class InContextSAM2Train(InContextSAM2):
         if settings is not None:
             overlap = sorted({parameter_unit(n) for n in settings["target_modules"]} & units)
             if overlap:
-                logger.warning(f"LoRA targets lie in trainable group(s) {overlap}: their base weights train as well as "
-                               "the adapters (freeze those groups to train only the adapters there).")
+                logger.warning(
+                    f"LoRA targets lie in trainable group(s) {overlap}: their base weights train as well as "
+                    "the adapters (freeze those groups to train only the adapters there)."
+                )
         summary = self.trainable_summary()
         logger.info(format_trainable_summary(summary, self.trainable, settings))
         return summary
@@ -132,7 +134,9 @@ class InContextSAM2Train(InContextSAM2):
                 r["trainable"] += p.numel() if p.requires_grad else 0
         return out
 
-    def param_groups(self, lr: float, encoder_lr: float | None = None, weight_decay: float = 0.01) -> list[dict[str, Any]]:
+    def param_groups(
+        self, lr: float, encoder_lr: float | None = None, weight_decay: float = 0.01
+    ) -> list[dict[str, Any]]:
         """Trainable parameters in groups for an optimizer (image encoder, LoRA adapters, the rest).
 
         Args:
@@ -154,8 +158,10 @@ class InContextSAM2Train(InContextSAM2):
             no_decay = p.ndim <= 1 or "pos_embed" in name or name.endswith("_embed") or "tpos_enc" in name
             groups.setdefault((part, no_decay), []).append(p)
         if not groups:
-            raise ValueError(f"Nothing to train: trainable is {list(getattr(self, 'trainable', ()))} and there are no LoRA "
-                             "adapters. Name groups to train (e.g. 'frozen', ['mask_decoder']) or set lora_rank > 0.")
+            raise ValueError(
+                f"Nothing to train: trainable is {list(getattr(self, 'trainable', ()))} and there are no LoRA "
+                "adapters. Name groups to train (e.g. 'frozen', ['mask_decoder']) or set lora_rank > 0."
+            )
         out = []
         for (part, no_decay), params in sorted(groups.items()):
             out.append(
@@ -168,7 +174,7 @@ class InContextSAM2Train(InContextSAM2):
             )
         return out
 
-    def cache_encoder_features(self, max_slices: int, device: str | torch.device = "cpu") -> "InContextSAM2Train":
+    def cache_encoder_features(self, max_slices: int, device: str | torch.device = "cpu") -> InContextSAM2Train:
         """Reuse training slices' image features across epochs while the encoder is frozen.
 
         Args:
@@ -196,12 +202,20 @@ class InContextSAM2Train(InContextSAM2):
                 "Set feature_cache_slices to 0 or freeze it."
             )
 
-    def _episode_features(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
+    def _episode_features(
+        self, images: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> dict[str, list[torch.Tensor]]:
         """sam2 ``backbone_out`` levels for ``(N, 3, H, W)`` images, from the feature cache where it has them."""
+
         def encode(x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-            outs = [self.encode_slices(x[i : i + self.encoder_batch_size]) for i in range(0, x.shape[0], self.encoder_batch_size)]
-            return {key: [torch.cat([o[key][lvl] for o in outs]) for lvl in range(len(outs[0][key]))]
-                    for key in ("backbone_fpn", "vision_pos_enc")}
+            outs = [
+                self.encode_slices(x[i : i + self.encoder_batch_size])
+                for i in range(0, x.shape[0], self.encoder_batch_size)
+            ]
+            return {
+                key: [torch.cat([o[key][lvl] for o in outs]) for lvl in range(len(outs[0][key]))]
+                for key in ("backbone_fpn", "vision_pos_enc")
+            }
 
         cache = self.feature_cache
         if cache is None or keys is None:
@@ -244,7 +258,8 @@ class InContextSAM2Train(InContextSAM2):
 
         Each episode's K objects are tracks; tracks are episode-major (``n = b * K + k``).
         Support slices become conditioning memories from ground truth (the same path
-        as :meth:`~model_core.modeling.network.InContextSAM2.build_support_memory`); query slices are tracked in order with
+        as :meth:`~model_core.modeling.network.InContextSAM2.build_support_memory`); query slices are tracked in order
+        with
         memory attention, as in SAM2's training. Prompted query slices also become
         conditioning frames.
 
@@ -278,7 +293,9 @@ class InContextSAM2Train(InContextSAM2):
             raise ValueError(f"query_prompts must have one entry per query slice ({Q}), got {len(query_prompts)}.")
         self.check_images(support_images.flatten(0, 1), "support images")
         self.check_images(query_images.flatten(0, 1), "query images")
-        masks = self.check_masks(support_masks.flatten(0, 1), B * S, "support masks").view(B, S, K, *support_masks.shape[-2:])
+        masks = self.check_masks(support_masks.flatten(0, 1), B * S, "support masks").view(
+            B, S, K, *support_masks.shape[-2:]
+        )
         N = B * K
         keys = None
         if support_keys is not None and query_keys is not None:

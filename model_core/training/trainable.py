@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["TRAINABLE_GROUPS", "TRAINABLE_ALIASES", "resolve_trainable", "parameter_unit", "format_trainable_summary"]
+__all__ = ["TRAINABLE_ALIASES", "TRAINABLE_GROUPS", "format_trainable_summary", "parameter_unit", "resolve_trainable"]
 
 
 #: The freezing matrix's groups and the ``SAM2Base`` attributes each owns. Submodules go to
@@ -60,7 +60,10 @@ def resolve_trainable(trainable: str | Sequence[str]) -> tuple[str, ...]:
     Raises:
         ValueError: a name that is none of these, or not a string or list; the message lists the valid names.
     """
-    valid = f"groups {list(TRAINABLE_GROUPS)}, subgroups {list(_SUBGROUPS['image_encoder'])} or aliases {list(TRAINABLE_ALIASES)}"
+    valid = (
+        f"groups {list(TRAINABLE_GROUPS)}, subgroups {list(_SUBGROUPS['image_encoder'])} or aliases "
+        f"{list(TRAINABLE_ALIASES)}"
+    )
     names = [trainable] if isinstance(trainable, str) else trainable
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"trainable must be a name or a list of names among {valid}; got {trainable!r}.")
@@ -87,17 +90,24 @@ def parameter_unit(name: str) -> str:
     head, _, rest = name.partition(".")
     group = _OWNER.get(head)
     if group is None:
-        raise ValueError(f"Parameter {name!r} belongs to no trainable group; add its attribute {head!r} to "
-                         "model_core.training.trainable.TRAINABLE_GROUPS.")
+        raise ValueError(
+            f"Parameter {name!r} belongs to no trainable group; add its attribute {head!r} to "
+            "model_core.training.trainable.TRAINABLE_GROUPS."
+        )
     if group in _SUBGROUPS:
         return f"{group}.{rest.partition('.')[0]}"
     return group
 
 
-def format_trainable_summary(summary: dict[str, dict[str, int]], units: Sequence[str], lora: dict[str, Any] | None) -> str:
+def format_trainable_summary(
+    summary: dict[str, dict[str, int]], units: Sequence[str], lora: dict[str, Any] | None
+) -> str:
     """The training log's table of trainable parameters per group (from ``InContextSAM2Train.trainable_summary``)."""
-    lines = [f"Trainable parameters (trainable: {list(units)}; "
-             + (f"LoRA rank {lora['rank']} on {lora['targets']}" if lora else "no LoRA") + "):"]
+    lines = [
+        f"Trainable parameters (trainable: {list(units)}; "
+        + (f"LoRA rank {lora['rank']} on {lora['targets']}" if lora else "no LoRA")
+        + "):"
+    ]
     for group, row in summary.items():
         if group == "lora" and not lora:
             continue

@@ -1,4 +1,5 @@
-"""The bundle's LiteMedSAM inference (``bundle/configs/medsam_lite.json``): images and boxes in, label maps (and Dice) out.
+"""The bundle's LiteMedSAM inference (``bundle/configs/medsam_lite.json``): images and boxes in, label maps (and Dice)
+out.
 
 ``monai.bundle run`` needs one object whose method does the work; MONAI's ``Evaluator``
 and ``SaveImaged`` assume a network that maps a whole (resampled) image to logits, whereas
@@ -42,7 +43,7 @@ from model_core.medsam_lite.volume import (
     segment_structures,
 )
 
-__all__ = ["BoxInference", "CASE_COLUMNS"]
+__all__ = ["CASE_COLUMNS", "BoxInference"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,22 @@ class BoxInference:
             None: boxes from the labels.
         structures: ``{name: label value}`` to take from the labels (default: every value in each label,
             named by its value).
-        modality, window, percentiles: MedSAM's intensity rule (:func:`~model_core.medsam_lite.volume.normalize_intensity`).
+        modality, window, percentiles: MedSAM's intensity rule
+        (:func:`~model_core.medsam_lite.volume.normalize_intensity`).
         min_iou: stopping rule of a box without slice range (none in files or labels: kept for completeness).
     """
 
-    def __init__(self, model: LiteMedSAM, output_dir: str, boxes_file: str | None = None,
-                 structures: dict[str, int] | None = None, modality: str = "MRI", window: Sequence[float] = CT_WINDOW,
-                 percentiles: Sequence[float] = MRI_PERCENTILES, min_iou: float = STOP_IOU):
+    def __init__(
+        self,
+        model: LiteMedSAM,
+        output_dir: str,
+        boxes_file: str | None = None,
+        structures: dict[str, int] | None = None,
+        modality: str = "MRI",
+        window: Sequence[float] = CT_WINDOW,
+        percentiles: Sequence[float] = MRI_PERCENTILES,
+        min_iou: float = STOP_IOU,
+    ):
         self.model, self.output_dir = model, Path(output_dir)
         self.boxes = read_box_file(boxes_file) if boxes_file else None
         self.structures = None if structures is None else {str(k): int(v) for k, v in dict(structures).items()}
@@ -76,8 +86,10 @@ class BoxInference:
             for key in (image, os.path.abspath(image), os.path.basename(image)):
                 if key in self.boxes:
                     return self.boxes[key]
-            raise InputError(f"boxes_file has no entry for image {os.path.basename(image)!r} (keys are file names or "
-                             f"paths; it has {sorted(self.boxes)[:5]}).")
+            raise InputError(
+                f"boxes_file has no entry for image {os.path.basename(image)!r} (keys are file names or "
+                f"paths; it has {sorted(self.boxes)[:5]})."
+            )
         if label is None:
             raise InputError("No boxes: give boxes_file, or labels to take each structure's bounding box from.")
         names = self.structures or {str(int(v)): int(v) for v in np.unique(label) if v > 0}
@@ -97,7 +109,9 @@ class BoxInference:
         if not images:
             raise InputError("images is empty: give the image files to segment (--images '[\"a.nii.gz\"]').")
         if labels and len(labels) != len(images):
-            raise InputError(f"labels has {len(labels)} files for {len(images)} images; give one label per image or none.")
+            raise InputError(
+                f"labels has {len(labels)} files for {len(images)} images; give one label per image or none."
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []
         for n, image in enumerate(images):
@@ -123,11 +137,14 @@ class BoxInference:
         if label_path is not None:
             reference = as_3d(load_volume(label_path, "label")[0], "label", min_size=1).astype(np.int32)
             if reference.shape != volume.shape:
-                raise InputError(f"The label {os.path.basename(label_path)} has shape {reference.shape}, the image "
-                                 f"{volume.shape}; they must be on the same grid.")
+                raise InputError(
+                    f"The label {os.path.basename(label_path)} has shape {reference.shape}, the image "
+                    f"{volume.shape}; they must be on the same grid."
+                )
         structures = self._structures(image, reference)
-        label, info = segment_structures(self.model, volume, structures, self.modality, self.window, self.percentiles,
-                                         self.min_iou, dtype=np.int16)
+        label, info = segment_structures(
+            self.model, volume, structures, self.modality, self.window, self.percentiles, self.min_iou, dtype=np.int16
+        )
         out = self.output_dir / f"{volume_stem(image)}_seg.nii.gz"
         with atomic_path(out, ".nii.gz") as tmp:
             nib.save(nib.Nifti1Image(label, affine), tmp)
@@ -135,8 +152,14 @@ class BoxInference:
         metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         for s in structures:
             run = info["structures"][s.name]
-            row = {"image": os.path.basename(image), "structure": s.name, "value": s.value, "voxels": run["voxels"],
-                   "predicted_iou": run["iou"], "slices": len(run["slices"])}
+            row = {
+                "image": os.path.basename(image),
+                "structure": s.name,
+                "value": s.value,
+                "voxels": run["voxels"],
+                "predicted_iou": run["iou"],
+                "slices": len(run["slices"]),
+            }
             if reference is not None:
                 pred = torch.from_numpy(label == s.value)[None, None].float()
                 ref = torch.from_numpy(reference == s.value)[None, None].float()
@@ -151,6 +174,9 @@ class BoxInference:
             if row.get("dice") not in (None, ""):
                 per.setdefault(row["structure"], []).append(float(row["dice"]))
         stats = lambda v: {"n": len(v), "mean": float(np.mean(v)), "median": float(np.median(v))}  # noqa: E731
-        return {"images": images, "failed": sorted({r["image"] for r in rows if r.get("error")}),
-                "dice": {name: stats(v) for name, v in per.items()},
-                "dice_all": stats([d for v in per.values() for d in v]) if per else None}
+        return {
+            "images": images,
+            "failed": sorted({r["image"] for r in rows if r.get("error")}),
+            "dice": {name: stats(v) for name, v in per.items()},
+            "dice_all": stats([d for v in per.values() for d in v]) if per else None,
+        }

@@ -20,7 +20,14 @@ from model_core.training.lora import (
     merged_state_dict,
 )
 
-__all__ = ["ArchitectureRecord", "TrainingCheckpointSaver", "find_resume_checkpoint", "resume_training", "MergedWeights", "AdapterCheckpoint"]
+__all__ = [
+    "AdapterCheckpoint",
+    "ArchitectureRecord",
+    "MergedWeights",
+    "TrainingCheckpointSaver",
+    "find_resume_checkpoint",
+    "resume_training",
+]
 
 
 class ArchitectureRecord:
@@ -36,12 +43,22 @@ class ArchitectureRecord:
         preset, image_size, classes, modality, window, percentiles, channel_mode: the training config.
     """
 
-    def __init__(self, preset: str, image_size: int, classes: Any = None, modality: str | None = None,
-                 window: Any = None, percentiles: Any = None, channel_mode: str | None = None):
+    def __init__(
+        self,
+        preset: str,
+        image_size: int,
+        classes: Any = None,
+        modality: str | None = None,
+        window: Any = None,
+        percentiles: Any = None,
+        channel_mode: str | None = None,
+    ):
         self.record = {
-            "preset": str(preset), "image_size": int(image_size),
+            "preset": str(preset),
+            "image_size": int(image_size),
             "classes": [int(c) for c in classes] if classes is not None else None,
-            "modality": modality, "window": [float(v) for v in window] if window is not None else None,
+            "modality": modality,
+            "window": [float(v) for v in window] if window is not None else None,
             "percentiles": [float(v) for v in percentiles] if percentiles is not None else None,
             "channel_mode": channel_mode,
         }
@@ -94,14 +111,22 @@ def find_resume_checkpoint(ckpt_dir: str, prefixes: tuple[str, ...] = ("latest_"
         try:
             if "trainer" in torch.load(path, map_location="cpu", weights_only=True):
                 return path
-        except Exception:  # noqa: BLE001 - a half-written or foreign file: try the next one
+        except Exception:
             continue
-    raise ValueError(f"Nothing to resume from: {ckpt_dir!r} holds no training checkpoint (latest_*.pt or model_final.pt "
-                     "with a trainer state). Start without resume, or point ckpt_dir at the interrupted run's folder.")
+    raise ValueError(
+        f"Nothing to resume from: {ckpt_dir!r} holds no training checkpoint (latest_*.pt or model_final.pt "
+        "with a trainer state). Start without resume, or point ckpt_dir at the interrupted run's folder."
+    )
 
 
-def resume_training(trainer, objects: dict[str, Any], ckpt_dir: str, best_saver=None, best_file: str = "model.pt",
-                    map_location: Any = None) -> str:
+def resume_training(
+    trainer,
+    objects: dict[str, Any],
+    ckpt_dir: str,
+    best_saver=None,
+    best_file: str = "model.pt",
+    map_location: Any = None,
+) -> str:
     """Continue an interrupted bundle run where it stopped.
 
     Restores, when the trainer starts, the weights, optimizer, LR schedule, engine
@@ -123,7 +148,9 @@ def resume_training(trainer, objects: dict[str, Any], ckpt_dir: str, best_saver=
     """
 
     path = find_resume_checkpoint(ckpt_dir)
-    CheckpointLoader(load_path=path, load_dict={**objects, "trainer": trainer}, map_location=map_location).attach(trainer)
+    CheckpointLoader(load_path=path, load_dict={**objects, "trainer": trainer}, map_location=map_location).attach(
+        trainer
+    )
     best = os.path.join(ckpt_dir, best_file)
     if best_saver is not None and os.path.isfile(best):
         record = torch.load(best, map_location="cpu", weights_only=True)

@@ -78,8 +78,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.transform, self.label_merge, self.cache_dir = transform, label_merge, cache_dir
         volumes = [self._volume(item) for item in data]
         try:
-            self.sampler = EpisodeSampler(volumes, list(classes), num_support, num_query, image_size,
-                                          objects_per_episode, seed, channel_mode)
+            self.sampler = EpisodeSampler(
+                volumes, list(classes), num_support, num_query, image_size, objects_per_episode, seed, channel_mode
+            )
         except ValueError as e:  # the sampler sees arrays; the files are named here
             raise ValueError(f"{e} {self.class_files(data, volumes, classes)}") from e
         self.episodes_per_epoch = int(episodes_per_epoch)
@@ -89,8 +90,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         """Which label files hold each class (after ``label_merge``), so a user can see which file to fix or add."""
         parts = []
         for c in classes:
-            files = [str(item.get("label")) for item, (_, label) in zip(data, volumes)
-                     if np.any(np.asarray(label) == c)]
+            files = [
+                str(item.get("label")) for item, (_, label) in zip(data, volumes) if np.any(np.asarray(label) == c)
+            ]
             parts.append(f"class {c}: {files}")
         return f"Label files holding each class ({len(data)} training volumes): " + "; ".join(parts) + "."
 
@@ -98,16 +100,25 @@ class EpisodeDataset(torch.utils.data.Dataset):
         out = load_case(item, self.transform)
         image, label = as_slices(out["image"]).float(), as_slices(out["label"]).round().long()
         if image.shape != label.shape:
-            raise ValueError(f"Case {item.get('image')!r}: image {tuple(image.shape)} and label {tuple(label.shape)} "
-                             "differ after preprocessing.")
+            raise ValueError(
+                f"Case {item.get('image')!r}: image {tuple(image.shape)} and label {tuple(label.shape)} "
+                "differ after preprocessing."
+            )
         return image.clamp(0, 1).numpy(), merge_labels(label, self.label_merge).numpy().astype(np.int16)
 
     def _volume(self, item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         if not self.cache_dir:
             return self._preprocess(item)
         stamp = {k: [item[k], os.path.getmtime(item[k])] for k in ("image", "label") if isinstance(item.get(k), str)}
-        description = json.dumps([stamp, item.get("channel"), describe_transform(self.transform),
-                                  {str(k): list(v) for k, v in (self.label_merge or {}).items()}], default=str)
+        description = json.dumps(
+            [
+                stamp,
+                item.get("channel"),
+                describe_transform(self.transform),
+                {str(k): list(v) for k, v in (self.label_merge or {}).items()},
+            ],
+            default=str,
+        )
         key = hashlib.sha1(description.encode()).hexdigest()[:20]
         paths = [os.path.join(self.cache_dir, f"{key}_{part}.npy") for part in ("image", "label")]
         if not all(os.path.isfile(p) for p in paths):
@@ -125,8 +136,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.sampler.sample(1).items()}
 
-    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> "EpisodeDataset":
-        """Reseed the episodes (``monai.data.DataLoader`` does, per worker; see :meth:`EpisodeSampler.set_random_state`)."""
+    def set_random_state(self, seed: int | None = None, state: np.random.Generator | None = None) -> EpisodeDataset:
+        """Reseed the episodes (``monai.data.DataLoader`` does, per worker; see
+        :meth:`EpisodeSampler.set_random_state`).
+        """
         self.sampler.set_random_state(seed, state)
         return self
 
@@ -139,7 +152,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
 
 class EpisodePrepareBatch(PrepareBatch):
-    """Hands a collated episode batch to :meth:`InContextSAM2Train.forward <model_core.training.network.InContextSAM2Train.forward>` inside ``SupervisedTrainer``.
+    """Hands a collated episode batch to :meth:`InContextSAM2Train.forward
+    <model_core.training.network.InContextSAM2Train.forward>` inside ``SupervisedTrainer``.
 
     Returns ``(support_images, query_masks, (support_masks, query_images, prompts), keys)``:
     the trainer calls ``network(support_images, support_masks, query_images, prompts, **keys)``
@@ -150,8 +164,12 @@ class EpisodePrepareBatch(PrepareBatch):
         seed: random seed of the prompts.
     """
 
-    def __init__(self, click_probability: float = 0.0, box_probability: float = 0.0, box_jitter: int = 20, seed: int = 0):
-        self.prompts = PromptSampler(click_probability, box_probability, box_jitter, torch.Generator().manual_seed(seed))
+    def __init__(
+        self, click_probability: float = 0.0, box_probability: float = 0.0, box_jitter: int = 20, seed: int = 0
+    ):
+        self.prompts = PromptSampler(
+            click_probability, box_probability, box_jitter, torch.Generator().manual_seed(seed)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt random stream (for resuming)."""
@@ -167,5 +185,3 @@ class EpisodePrepareBatch(PrepareBatch):
         # slice ids let a network with a feature cache skip slices it has encoded before
         keys = {k: batchdata[k] for k in ("support_keys", "query_keys") if k in batchdata}
         return b["support_images"], query_masks, (b["support_masks"], b["query_images"], prompts), keys
-
-

@@ -16,7 +16,7 @@ from monai.engines.utils import IterationEvents
 from model_core.io.files import atomic_path
 from model_core.workflows.inferers import InContextInferer
 
-__all__ = ["GradientClipHandler", "ConfidenceSaver"]
+__all__ = ["ConfidenceSaver", "GradientClipHandler"]
 
 
 class GradientClipHandler:
@@ -45,8 +45,10 @@ class GradientClipHandler:
     @staticmethod
     def _check(engine) -> None:
         if int(getattr(engine, "accumulation_steps", 1)) > 1:
-            raise ValueError("GradientClipHandler clips after every backward pass; with accumulation_steps > 1 it would "
-                             "clip (and unscale) partial sums. Use accumulation_steps 1 or clip elsewhere.")
+            raise ValueError(
+                "GradientClipHandler clips after every backward pass; with accumulation_steps > 1 it would "
+                "clip (and unscale) partial sums. Use accumulation_steps 1 or clip elsewhere."
+            )
 
     def __call__(self, engine) -> None:
         scaler = getattr(engine, "scaler", None)
@@ -77,14 +79,23 @@ class ConfidenceSaver:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        images = engine.state.batch["image"] if isinstance(engine.state.batch, dict) else [b["image"] for b in engine.state.batch]
+        images = (
+            engine.state.batch["image"]
+            if isinstance(engine.state.batch, dict)
+            else [b["image"] for b in engine.state.batch]
+        )
         os.makedirs(self.output_dir, exist_ok=True)
         for image, confidence in zip(images, self.inferer.last_confidence):
             source = str(image.meta.get("filename_or_obj", "volume"))
             name = os.path.basename(os.path.normpath(source))
             # named as MONAI's SaveImaged names the label map (a DICOM series folder keeps its whole name)
-            stem = name if os.path.isdir(source) else name[:-7] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
-            values = {self.names.get(int(c), str(c)): round(float(v), 4) for c, v in zip(self.inferer.support.object_ids, confidence)}
+            stem = (
+                name if os.path.isdir(source) else name[:-7] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+            )
+            values = {
+                self.names.get(int(c), str(c)): round(float(v), 4)
+                for c, v in zip(self.inferer.support.object_ids, confidence)
+            }
             path = os.path.join(self.output_dir, f"{stem}_confidence.json")
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump({"image": source, "confidence": values}, f, indent=2)

@@ -27,7 +27,7 @@ from model_core.modeling.inputs import as_slices, class_masks, volume_to_slices
 from model_core.modeling.memory import MemoryPolicy, SupportMemory
 from model_core.predictor import VolumePredictor
 
-__all__ = ["build_support", "InContextInferer", "InContextSliceNet", "support_slice_choice"]
+__all__ = ["InContextInferer", "InContextSliceNet", "build_support", "support_slice_choice"]
 
 
 def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], per_class: int) -> list[tuple[int, int]]:
@@ -42,7 +42,11 @@ def support_slice_choice(labels: Sequence[np.ndarray], classes: Sequence[int], p
     """
     chosen: set[tuple[int, int]] = set()
     for c in classes:
-        having = [(v, int(z)) for v, lab in enumerate(labels) for z in np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0]]
+        having = [
+            (v, int(z))
+            for v, lab in enumerate(labels)
+            for z in np.nonzero((lab == c).reshape(lab.shape[0], -1).any(1))[0]
+        ]
         if not having:
             raise InputError(f"Class {c} is absent from the support set; label it on at least one support slice.")
         n = len(having)
@@ -121,8 +125,13 @@ class InContextInferer(Inferer):
         channel_mode: ``replicate`` or ``2.5d``, as the model was trained.
     """
 
-    def __init__(self, support: SupportMemory | Callable[[], SupportMemory], policy: str | MemoryPolicy = "recent",
-                 direction: str = "forward", channel_mode: str = "replicate"):
+    def __init__(
+        self,
+        support: SupportMemory | Callable[[], SupportMemory],
+        policy: str | MemoryPolicy = "recent",
+        direction: str = "forward",
+        channel_mode: str = "replicate",
+    ):
         super().__init__()
         self._builder = support if callable(support) else None
         self._memory = None if callable(support) else support
@@ -158,11 +167,19 @@ class InContextInferer(Inferer):
         support = self.support_for(network)
         outs, self.last_confidence = [], []
         for b in range(inputs.shape[0]):
-            slices = volume_to_slices(as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
-                                      network.image_size, self.channel_mode)
+            slices = volume_to_slices(
+                as_slices(inputs[b].as_tensor() if isinstance(inputs, MetaTensor) else inputs[b]).clamp(0, 1),
+                network.image_size,
+                self.channel_mode,
+            )
             pred = VolumePredictor(network).segment_volume(
-                slices, support, policy=self.policy, direction=self.direction,
-                output_size=tuple(inputs.shape[2:4]), return_logits=True)
+                slices,
+                support,
+                policy=self.policy,
+                direction=self.direction,
+                output_size=tuple(inputs.shape[2:4]),
+                return_logits=True,
+            )
             probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             background = 1 - probs.max(0, keepdim=True).values
             outs.append(torch.cat([background, probs]))
@@ -203,7 +220,7 @@ class InContextSliceNet(torch.nn.Module):
         """
         if callable(self._support) and not isinstance(self._support, SupportMemory):
             self._support = self._support()
-        pred = VolumePredictor(self.network).segment_volume(images, self._support, policy=self.policy, return_logits=True)
+        pred = VolumePredictor(self.network).segment_volume(
+            images, self._support, policy=self.policy, return_logits=True
+        )
         return pred.logits.float().transpose(0, 1).to(images.device)
-
-

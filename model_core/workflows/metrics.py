@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import CumulativeIterationMetric
 
-__all__ = ["voxel_spacing", "MetricInMillimetres"]
+__all__ = ["MetricInMillimetres", "voxel_spacing"]
 
 
 def voxel_spacing(image: torch.Tensor) -> tuple[float, ...]:
@@ -48,8 +48,8 @@ class MetricInMillimetres:
 
     def __call__(self, y_pred: Sequence[torch.Tensor] | torch.Tensor, y: Sequence[torch.Tensor] | torch.Tensor) -> None:
         """Args:
-            y_pred, y: one-hot ``(B, C, *spatial)`` batches or lists of ``(C, *spatial)``; the
-                spacing is read from ``y`` (the reference on its original grid).
+        y_pred, y: one-hot ``(B, C, *spatial)`` batches or lists of ``(C, *spatial)``; the
+            spacing is read from ``y`` (the reference on its original grid).
         """
         for pred, truth in zip(y_pred, y):
             self.metric(pred[None], truth[None], spacing=voxel_spacing(truth))

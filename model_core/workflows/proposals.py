@@ -23,7 +23,16 @@ from model_core.io.files import atomic_path
 from model_core.modeling.inputs import as_slices, volume_to_slices
 from model_core.proposals import Candidate, Proposals, ProposalSettings, propose_slices
 
-__all__ = ["voxel_volume", "labels_to_original", "slice_axis", "finalize_candidates", "propose_image", "ProposalInferer", "ProposalsToOriginald", "ProposalSaver"]
+__all__ = [
+    "ProposalInferer",
+    "ProposalSaver",
+    "ProposalsToOriginald",
+    "finalize_candidates",
+    "labels_to_original",
+    "propose_image",
+    "slice_axis",
+    "voxel_volume",
+]
 
 
 # ---------------------------------------------------------------------------- original space
@@ -40,9 +49,12 @@ def labels_to_original(label: torch.Tensor, image: MetaTensor, preprocessing: Ca
     Returns:
         ``(1, *original spatial shape)`` int16 ``MetaTensor`` with the original affine.
     """
-    pred = MetaTensor(label[None].float(), meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+    pred = MetaTensor(
+        label[None].float(), meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
+    )
     inverted = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True)(
-        {"image": image, "pred": pred})["pred"]
+        {"image": image, "pred": pred}
+    )["pred"]
     return MetaTensor(torch.as_tensor(inverted).round().to(torch.int16), meta=inverted.meta)
 
 
@@ -55,8 +67,9 @@ def slice_axis(image: MetaTensor) -> int:
     return int(np.argmax(cosines))
 
 
-def finalize_candidates(label: MetaTensor, candidates: Sequence[Candidate], axis: int = 2
-                        ) -> tuple[MetaTensor, list[dict[str, Any]]]:
+def finalize_candidates(
+    label: MetaTensor, candidates: Sequence[Candidate], axis: int = 2
+) -> tuple[MetaTensor, list[dict[str, Any]]]:
     """Measure the candidates in the image's original space and renumber them ``1..N``.
 
     A candidate too small to survive the mapping to a coarser original grid is dropped.
@@ -89,15 +102,24 @@ def finalize_candidates(label: MetaTensor, candidates: Sequence[Candidate], axis
         inside = array[box] == n
         other = tuple(a for a in range(3) if a != axis)
         along = np.nonzero(inside.any(axis=other))[0] + box[axis].start
-        out.append({"label": value, "voxels": int(counts[n]), "volume_mm3": round(float(counts[n]) * mm3, 3),
-                    "bbox": [[int(s.start) for s in box], [int(s.stop) - 1 for s in box]],
-                    "slice_axis": int(axis), "slices": [int(k) for k in along], **candidate.summary()})
+        out.append(
+            {
+                "label": value,
+                "voxels": int(counts[n]),
+                "volume_mm3": round(float(counts[n]) * mm3, 3),
+                "bbox": [[int(s.start) for s in box], [int(s.stop) - 1 for s in box]],
+                "slice_axis": int(axis),
+                "slices": [int(k) for k in along],
+                **candidate.summary(),
+            }
+        )
     relabelled = MetaTensor(torch.from_numpy(lut[array][None]), meta=label.meta)
     return relabelled, out
 
 
-def propose_image(network, image: MetaTensor, preprocessing: Callable, settings: ProposalSettings,
-                  channel_mode: str = "replicate") -> Proposals:
+def propose_image(
+    network, image: MetaTensor, preprocessing: Callable, settings: ProposalSettings, channel_mode: str = "replicate"
+) -> Proposals:
     """Proposals of one preprocessed volume, in its original space.
 
     Args:
@@ -180,8 +202,14 @@ class ProposalsToOriginald(MapTransform):
         candidates_key: where the list of candidate dicts goes.
     """
 
-    def __init__(self, keys: KeysCollection, inferer: ProposalInferer, image_key: str = "image",
-                 candidates_key: str = "candidates", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        inferer: ProposalInferer,
+        image_key: str = "image",
+        candidates_key: str = "candidates",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.inferer, self.image_key, self.candidates_key = inferer, image_key, candidates_key
 
@@ -212,8 +240,13 @@ class ProposalSaver:
         output_postfix: the label maps' postfix (as given to ``SaveImaged``).
     """
 
-    def __init__(self, output_dir: str, settings: ProposalSettings | dict[str, Any] | None = None, output_postfix: str = "proposals",
-                 candidates_key: str = "candidates"):
+    def __init__(
+        self,
+        output_dir: str,
+        settings: ProposalSettings | dict[str, Any] | None = None,
+        output_postfix: str = "proposals",
+        candidates_key: str = "candidates",
+    ):
         self.output_dir, self.postfix, self.key = output_dir, output_postfix, candidates_key
         self.settings = asdict(_settings(settings))
 
@@ -229,7 +262,12 @@ class ProposalSaver:
             name = os.path.basename(os.path.normpath(source))
             stem = name[:-7] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
             path = os.path.join(self.output_dir, f"{stem}_proposals.json")
-            record = {"image": source, "label_file": f"{stem}_{self.postfix}.nii.gz", "settings": self.settings,
-                      "counts": item.get(f"{self.key}_counts", {}), "candidates": item[self.key]}
+            record = {
+                "image": source,
+                "label_file": f"{stem}_{self.postfix}.nii.gz",
+                "settings": self.settings,
+                "counts": item.get(f"{self.key}_counts", {}),
+                "candidates": item[self.key],
+            }
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump(record, f, indent=2)

@@ -82,8 +82,10 @@ def check_info(info: Any, field: str) -> dict[str, Any]:
     if info is None:
         return {}
     if not isinstance(info, dict):
-        raise InputError(f"{field} must be a JSON object (e.g. {{}} or {{\"client\": \"slicer\"}}), "
-                         f"got {type(info).__name__}.", status=422)
+        raise InputError(
+            f'{field} must be a JSON object (e.g. {{}} or {{"client": "slicer"}}), got {type(info).__name__}.',
+            status=422,
+        )
 
     def bad(value: Any, where: str) -> str | None:
         if isinstance(value, float) and not math.isfinite(value):
@@ -149,13 +151,17 @@ def repair_index(index_path: str) -> str | None:
     if os.path.exists(backup) and _index_problem(backup) is None:
         with atomic_path(index_path, durable=True) as tmp:
             shutil.copyfile(backup, tmp)
-        source = (f"its last good copy {backup} (the index before its last change) and the files on disk; "
-                  "the info recorded by that last change may be missing")
+        source = (
+            f"its last good copy {backup} (the index before its last change) and the files on disk; "
+            "the info recorded by that last change may be missing"
+        )
     else:
         fsync_folder(os.path.dirname(os.path.abspath(index_path)))
         source = "the files on disk (no readable copy: the labels' recorded info is lost, ts and name are new)"
-    message = (f"The datastore index {index_path} could not be read ({problem}). It was kept as {broken}, "
-               f"and the index was rebuilt from {source}.")
+    message = (
+        f"The datastore index {index_path} could not be read ({problem}). It was kept as {broken}, "
+        f"and the index was rebuilt from {source}."
+    )
     logger.warning(message)
     return message
 
@@ -193,9 +199,15 @@ class CheckedDatastore(LocalDatastore):
         label_values: the configured label values; a label may hold only these and 0.
     """
 
-    def __init__(self, datastore_path: str, label_values: Iterable[int] = (), labels_dir: str = "labels",
-                 extensions: str | Iterable[str] = ("*.nii.gz", "*.nii"), datastore_config: str = "datastore_v2.json",
-                 **kwargs: Any):
+    def __init__(
+        self,
+        datastore_path: str,
+        label_values: Iterable[int] = (),
+        labels_dir: str = "labels",
+        extensions: str | Iterable[str] = ("*.nii.gz", "*.nii"),
+        datastore_config: str = "datastore_v2.json",
+        **kwargs: Any,
+    ):
         self.label_values = tuple(sorted(int(v) for v in label_values))
         #: the folder holding one folder per label tag (``LocalDatastore``'s layout: ``<labels_dir>/<tag>/<id><ext>``)
         self.labels_root = os.path.realpath(os.path.join(datastore_path, labels_dir))
@@ -206,8 +218,9 @@ class CheckedDatastore(LocalDatastore):
         with FileLock(os.path.join(datastore_path, ".lock")):  # LocalDatastore's lock file: one repair at a time
             repaired = repair_index(os.path.join(datastore_path, datastore_config))
         self._clear_stale_temporaries(datastore_path)
-        super().__init__(datastore_path, labels_dir=labels_dir, extensions=patterns, datastore_config=datastore_config,
-                         **kwargs)
+        super().__init__(
+            datastore_path, labels_dir=labels_dir, extensions=patterns, datastore_config=datastore_config, **kwargs
+        )
         if repaired and kwargs.get("read_only"):  # LocalDatastore reconciles with the disk only when writable
             self.refresh()
 
@@ -233,7 +246,7 @@ class CheckedDatastore(LocalDatastore):
         The content is ``LocalDatastore``'s own (``json()``: the model without ``base_path``).
         """
         path = self._datastore_config_path
-        with self._lock, (FileLock(self._lock_file) if lock else contextlib.nullcontext()):
+        with self._lock, FileLock(self._lock_file) if lock else contextlib.nullcontext():
             text = json.dumps(self.json(), indent=2, default=str)
             self._ignore_event_config = True  # LocalDatastore's watcher: our own write is no external change
             if os.path.exists(path) and os.stat(path).st_mtime == self._config_ts:
@@ -292,11 +305,17 @@ class CheckedDatastore(LocalDatastore):
             with self._lock:
                 existing = self.get_image_uri(image_id)  # "" when there is none
                 if existing:
-                    if (existing.lower().endswith(ext) and os.path.isfile(existing)
-                            and filecmp.cmp(existing, image_filename, shallow=False)):
+                    if (
+                        existing.lower().endswith(ext)
+                        and os.path.isfile(existing)
+                        and filecmp.cmp(existing, image_filename, shallow=False)
+                    ):
                         return image_id  # the same file again
-                    raise InputError(f"Image {image_id!r} is already in the datastore with other content; upload it "
-                                     "under another id, or delete the existing one first.", status=409)
+                    raise InputError(
+                        f"Image {image_id!r} is already in the datastore with other content; upload it "
+                        "under another id, or delete the existing one first.",
+                        status=409,
+                    )
                 name = f"{image_id}{ext}"
                 with atomic_path(os.path.join(self._datastore.image_path(), name), durable=True) as tmp:
                     shutil.copyfile(image_filename, tmp)
@@ -357,13 +376,19 @@ class CheckedDatastore(LocalDatastore):
         for image_id in self.get_labeled_images():
             label_id = self.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value)
             if label_id:
-                out.append({"id": image_id, "image": self.get_image_uri(image_id),
-                            "label": self.get_label_uri(label_id, DefaultLabelTag.FINAL.value)})
+                out.append(
+                    {
+                        "id": image_id,
+                        "image": self.get_image_uri(image_id),
+                        "label": self.get_label_uri(label_id, DefaultLabelTag.FINAL.value),
+                    }
+                )
         return out
 
 
-def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None = None
-                     ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def labelled_volumes(
+    datastore, label_values: Iterable[int], exclude: str | None = None
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The final labels usable as a support set, most recently labelled first, and those skipped.
 
     A stored label that breaks the rules of ``model_core.io.validation`` (placed in the
@@ -382,15 +407,18 @@ def labelled_volumes(datastore, label_values: Iterable[int], exclude: str | None
     values = tuple(label_values)
     try:
         entries = datastore.final_labels()
-    except Exception as e:  # noqa: BLE001 - e.g. a SEG that cannot be decoded: the PACS's content, said not hidden
+    except Exception as e:
         logger.exception("Support set: the labelled volumes could not be listed")
-        raise InputError(f"The labelled volumes could not be read from the datastore: {type(e).__name__}: {e}",
-                         status=502) from e
+        raise InputError(
+            f"The labelled volumes could not be read from the datastore: {type(e).__name__}: {e}", status=502
+        ) from e
     for entry in entries:
         image_id, image, label = entry["id"], entry["image"], entry["label"]
         if exclude and image and os.path.realpath(image) == os.path.realpath(exclude):
             continue
-        problem = entry.get("problem") or (label_problem(label, image, values) if label and image else "its files are missing")
+        problem = entry.get("problem") or (
+            label_problem(label, image, values) if label and image else "its files are missing"
+        )
         if problem:
             logger.warning(f"Support set: skipped the final label of {image_id!r}: {problem}")
             skipped.append({"id": image_id, "reason": problem})

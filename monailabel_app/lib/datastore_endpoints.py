@@ -35,7 +35,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from email.utils import formatdate
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 from urllib.parse import quote
 
 from fastapi import Depends, File, Form, HTTPException, UploadFile
@@ -50,7 +50,7 @@ from lib.datastore import VOLUME_EXTENSIONS, check_info, volume_extension
 from lib.requests import check_id, check_tag, http_error, parse_json_object
 from model_core.io.validation import InputError
 
-__all__ = ["parse_info", "serve_one_version", "ENDPOINTS"]
+__all__ = ["ENDPOINTS", "parse_info", "serve_one_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def save_label(
 
 
 def add_image(
-    image: Optional[str] = None,
+    image: str | None = None,
     params: str = Form("{}"),
     file: UploadFile = File(...),
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
@@ -170,8 +170,11 @@ def serve_one_version(path: str, what: str) -> StreamingResponse:
     name = os.path.basename(path)
     quoted = quote(name)
     disposition = f'attachment; filename="{name}"' if quoted == name else f"attachment; filename*=utf-8''{quoted}"
-    headers = {"content-length": str(info.st_size), "content-disposition": disposition,
-               "last-modified": formatdate(info.st_mtime, usegmt=True)}
+    headers = {
+        "content-length": str(info.st_size),
+        "content-disposition": disposition,
+        "last-modified": formatdate(info.st_mtime, usegmt=True),
+    }
     return StreamingResponse(_chunks(file, info.st_size), media_type=get_mime_type(path), headers=headers)
 
 

@@ -66,8 +66,10 @@ def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], o
         raise InputError(f"The SEG series in {seg_dir!r} has no instance.")
     try:
         segments_image, names = decode_seg(pydicom.dcmread(files[0]))
-    except Exception as e:  # noqa: BLE001 - any decoding failure means "not a usable SEG"
-        raise InputError(f"The DICOM SEG {os.path.basename(files[0])!r} cannot be decoded ({type(e).__name__}: {e}).") from e
+    except Exception as e:
+        raise InputError(
+            f"The DICOM SEG {os.path.basename(files[0])!r} cannot be decoded ({type(e).__name__}: {e})."
+        ) from e
     lut = np.zeros(max(names, default=0) + 1, dtype=np.uint16)
     used, ignored = {}, []
     for number, name in names.items():
@@ -96,14 +98,23 @@ def _check_on_grid(seg, image, name: str, tolerance: float = 1e-3) -> None:
     if not np.allclose(seg.GetDirection(), image.GetDirection(), atol=tolerance):
         raise InputError(f"The DICOM SEG {name!r} has another orientation than its image series.", status=422)
     if not np.allclose(seg.GetSpacing(), image.GetSpacing(), rtol=tolerance, atol=tolerance):
-        raise InputError(f"The DICOM SEG {name!r} has spacing {np.round(seg.GetSpacing(), 4).tolist()} but its image series "
-                         f"{np.round(image.GetSpacing(), 4).tolist()}.", status=422)
+        raise InputError(
+            f"The DICOM SEG {name!r} has spacing {np.round(seg.GetSpacing(), 4).tolist()} but its image series "
+            f"{np.round(image.GetSpacing(), 4).tolist()}.",
+            status=422,
+        )
     start = np.asarray(image.TransformPhysicalPointToContinuousIndex(seg.GetOrigin()))
     end = start + np.asarray(seg.GetSize()) - 1
-    if not np.allclose(start, np.round(start), atol=1e-2) or np.any(np.round(start) < 0) or \
-            np.any(np.round(end) > np.asarray(image.GetSize()) - 1):
-        raise InputError(f"The DICOM SEG {name!r} frames are not on its image series' grid (they start at voxel "
-                         f"{np.round(start, 2).tolist()} of an image of size {list(image.GetSize())}).", status=422)
+    if (
+        not np.allclose(start, np.round(start), atol=1e-2)
+        or np.any(np.round(start) < 0)
+        or np.any(np.round(end) > np.asarray(image.GetSize()) - 1)
+    ):
+        raise InputError(
+            f"The DICOM SEG {name!r} frames are not on its image series' grid (they start at voxel "
+            f"{np.round(start, 2).tolist()} of an image of size {list(image.GetSize())}).",
+            status=422,
+        )
 
 
 class CheckedDICOMwebDatastore(DICOMWebDatastore):
@@ -117,8 +128,14 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         list_ttl: seconds a series list is reused.
     """
 
-    def __init__(self, client, labels: dict[str, int], modalities: Iterable[str] = ("CT", "MR"),
-                 cache_path: str | None = None, list_ttl: float = 5.0):
+    def __init__(
+        self,
+        client,
+        labels: dict[str, int],
+        modalities: Iterable[str] = ("CT", "MR"),
+        cache_path: str | None = None,
+        list_ttl: float = 5.0,
+    ):
         self.labels = dict(labels)
         self.modalities = [str(m) for m in modalities]
         self.list_ttl = float(list_ttl)
@@ -126,11 +143,18 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         self._download_lock = threading.RLock()
         try:
             client.search_for_series(search_filters={"Modality": self.modalities[0]}, limit=1)
-        except Exception as e:  # noqa: BLE001 - any failure here means the server cannot use this PACS
-            raise ValueError(f"The DICOMweb server {client.base_url!r} (--studies) is not reachable or not DICOMweb: "
-                             f"{type(e).__name__}: {e}. Start the PACS (icl-sam2 orthanc) or fix the URL.") from e
-        super().__init__(client, search_filter={"Modality": self.modalities[0]}, cache_path=cache_path,
-                         fetch_by_frame=False, convert_to_nifti=True)
+        except Exception as e:
+            raise ValueError(
+                f"The DICOMweb server {client.base_url!r} (--studies) is not reachable or not DICOMweb: "
+                f"{type(e).__name__}: {e}. Start the PACS (icl-sam2 orthanc) or fix the URL."
+            ) from e
+        super().__init__(
+            client,
+            search_filter={"Modality": self.modalities[0]},
+            cache_path=cache_path,
+            fetch_by_frame=False,
+            convert_to_nifti=True,
+        )
 
     # ------------------------------------------------------------------ lists
     def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -144,7 +168,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
     def _series(self, filters: dict[str, Any]) -> list[Dataset]:
         try:
             return [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=filters)]
-        except Exception as e:  # noqa: BLE001 - the PACS went away or answered nonsense: a 502 that says so
+        except Exception as e:
             raise http_error(self._pacs_error(e, "Listing series")) from e
 
     def status(self) -> dict[str, Any]:
@@ -167,15 +191,19 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
 
     def seg_links(self) -> dict[str, str]:
         """``{image series UID: SEG series UID}`` of the SEGs that reference a listed image (the newest SEG wins)."""
+
         def compute():
             images, links, dates = set(self.list_images()), {}, {}
             for seg in self._series({"Modality": "SEG"}):
-                meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
-                                                                               str(seg.SeriesInstanceUID))[0])
+                meta = Dataset.from_json(
+                    self._client.retrieve_series_metadata(str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))[0]
+                )
                 referenced = meta.get("ReferencedSeriesSequence")
                 target = str(referenced[0].SeriesInstanceUID) if referenced else None
                 if target not in images:
-                    logger.warning(f"SEG {seg.SeriesInstanceUID} references no listed image series ({target}); ignored.")
+                    logger.warning(
+                        f"SEG {seg.SeriesInstanceUID} references no listed image series ({target}); ignored."
+                    )
                     continue
                 stamp = f"{meta.get('ContentDate', '')}{meta.get('ContentTime', '')}{meta.get('SeriesNumber', '')}"
                 if target not in links or stamp >= dates[target]:
@@ -210,15 +238,17 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         with self._download_lock:
             try:
                 return super().get_image_uri(image_id)
-            except Exception as e:  # noqa: BLE001 - said to the client, with the series and the cause
+            except Exception as e:
                 raise http_error(self._pacs_error(e, f"Series {image_id}")) from e
 
     def _pacs_error(self, error: Exception, what: str) -> InputError:
         import requests
 
         if isinstance(error, (requests.RequestException, ConnectionError)):
-            return InputError(f"{what}: the PACS at {self._client.base_url} did not answer ({type(error).__name__}: "
-                              f"{error}).", status=502)
+            return InputError(
+                f"{what}: the PACS at {self._client.base_url} did not answer ({type(error).__name__}: {error}).",
+                status=502,
+            )
         return InputError(f"{what} cannot be read as a volume ({type(error).__name__}: {error}).", status=422)
 
     def _label_of(self, image_id: str, seg_id: str, image: str) -> str:
@@ -232,7 +262,9 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             with atomic_path(label, suffix=".nii.gz") as tmp:
                 info = seg_to_label(seg_dir, image, self.labels, tmp)
             if info["ignored"]:
-                logger.warning(f"SEG {seg_id} of {image_id}: segments {info['ignored']} are not configured labels; left out.")
+                logger.warning(
+                    f"SEG {seg_id} of {image_id}: segments {info['ignored']} are not configured labels; left out."
+                )
         return label
 
     def final_labels(self) -> list[dict[str, str]]:
@@ -247,7 +279,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
                 try:
                     image = self.get_image_uri(image_id)
                     out.append({"id": image_id, "image": image, "label": self._label_of(image_id, seg_id, image)})
-                except Exception as e:  # noqa: BLE001 - one bad SEG or series never takes the support set down
+                except Exception as e:
                     problem = getattr(e, "detail", None) or str(self._pacs_error(e, f"SEG {seg_id}"))
                     out.append({"id": image_id, "image": "", "label": "", "problem": str(problem)})
         return out
@@ -262,11 +294,17 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
 
     # ------------------------------------------------------------------ writes
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        raise http_error(InputError("This server's images are the PACS's series: store new images in the PACS "
-                                    "(DICOM STOW-RS or C-STORE), not through MONAI Label.", status=405))
+        raise http_error(
+            InputError(
+                "This server's images are the PACS's series: store new images in the PACS "
+                "(DICOM STOW-RS or C-STORE), not through MONAI Label.",
+                status=405,
+            )
+        )
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
-                   label_id: str = "") -> str:
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
         """A final label becomes a DICOM SEG in the PACS (segments named after ``--conf labels``); others stay local."""
         try:
             check_id(image_id, "image")

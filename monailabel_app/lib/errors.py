@@ -32,7 +32,7 @@ from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["install", "server_fault", "INCIDENT_MESSAGE"]
+__all__ = ["INCIDENT_MESSAGE", "install", "server_fault"]
 
 #: the answer to a server fault (``{incident}`` is filled in); tests and users grep for "incident"
 INCIDENT_MESSAGE = "The server failed on this request (incident {incident}; the cause is in the server log)."
@@ -41,8 +41,10 @@ INCIDENT_MESSAGE = "The server failed on this request (incident {incident}; the 
 def server_fault(error: BaseException, where: str = "") -> tuple[str, str]:
     """Log ``error`` with its traceback under a new incident id; returns ``(incident, message for the client)``."""
     incident = uuid.uuid4().hex[:8]
-    logger.error(f"Server fault {incident}{f' ({where})' if where else ''}: {type(error).__name__}: {error}",
-                 exc_info=(type(error), error, error.__traceback__))
+    logger.error(
+        f"Server fault {incident}{f' ({where})' if where else ''}: {type(error).__name__}: {error}",
+        exc_info=(type(error), error, error.__traceback__),
+    )
     return incident, INCIDENT_MESSAGE.format(incident=incident)
 
 

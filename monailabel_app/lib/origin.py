@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_origins", "cors_middleware", "SameOriginGuard", "SAFE_METHODS"]
+__all__ = ["SAFE_METHODS", "SameOriginGuard", "cors_middleware", "parse_origins"]
 
 #: methods that change nothing on this server (none of its GET or HEAD routes writes)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -49,8 +49,9 @@ def _origin(value: str) -> str:
     """``scheme://host[:port]`` of ``value`` as browsers write it in ``Origin`` (lower case, no path, no slash)."""
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"{value!r} is not an origin: write scheme://host[:port], "
-                         "e.g. 'https://viewer.example.org:3000'")
+        raise ValueError(
+            f"{value!r} is not an origin: write scheme://host[:port], e.g. 'https://viewer.example.org:3000'"
+        )
     default = {"http": 80, "https": 443}[parts.scheme]
     port = f":{parts.port}" if parts.port and parts.port != default else ""
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
@@ -67,10 +68,12 @@ def parse_origins(value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         text = value.strip()
-        value = json.loads(text) if text[:1] in ("[", "{", "\"") else [v for v in text.split(",") if v.strip()]
+        value = json.loads(text) if text[:1] in ("[", "{", '"') else [v for v in text.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError("--conf allowed_origins must be a JSON list of origins, "
-                         f"e.g. '[\"https://viewer.example.org\"]', got {value!r}.")
+        raise ValueError(
+            "--conf allowed_origins must be a JSON list of origins, "
+            f"e.g. '[\"https://viewer.example.org\"]', got {value!r}."
+        )
     if any(v.strip() == "*" for v in value):
         raise ValueError("--conf allowed_origins: '*' would let every web site read the datastore; name the origins.")
     try:
@@ -81,8 +84,9 @@ def parse_origins(value: Any) -> tuple[str, ...]:
 
 def cors_middleware(allowed: Iterable[str]) -> Middleware:
     """Starlette's CORS for ``allowed`` origins only (no cookies: MONAI Label authenticates with bearer tokens)."""
-    return Middleware(CORSMiddleware, allow_origins=list(allowed), allow_credentials=False, allow_methods=["*"],
-                      allow_headers=["*"])
+    return Middleware(
+        CORSMiddleware, allow_origins=list(allowed), allow_credentials=False, allow_methods=["*"], allow_headers=["*"]
+    )
 
 
 class SameOriginGuard:
@@ -123,13 +127,17 @@ class SameOriginGuard:
                 return None
             if normal in self.allowed:
                 return None
-            return (f"Cross-origin request refused: a page from {origin!r} may not change this server "
-                    f"({scope['method']} {scope['path']}); only the server's own pages ({own}) and the origins of "
-                    "--conf allowed_origins may.")
+            return (
+                f"Cross-origin request refused: a page from {origin!r} may not change this server "
+                f"({scope['method']} {scope['path']}); only the server's own pages ({own}) and the origins of "
+                "--conf allowed_origins may."
+            )
         if site in _CROSS_SITE:
-            return (f"Cross-origin request refused: the browser says this {scope['method']} comes from another site "
-                    f"(Sec-Fetch-Site: {site}); only the server's own pages and the origins of --conf allowed_origins "
-                    "may change this server.")
+            return (
+                f"Cross-origin request refused: the browser says this {scope['method']} comes from another site "
+                f"(Sec-Fetch-Site: {site}); only the server's own pages and the origins of --conf allowed_origins "
+                "may change this server."
+            )
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

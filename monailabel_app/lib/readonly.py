@@ -26,15 +26,16 @@ from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["READ_ONLY_SETTING", "read_only_error", "refuse_if_read_only", "ReadOnlyDatastore"]
+__all__ = ["READ_ONLY_SETTING", "ReadOnlyDatastore", "read_only_error", "refuse_if_read_only"]
 
 READ_ONLY_SETTING = "MONAI_LABEL_DATASTORE_READ_ONLY"
 
 
 def read_only_error(what: str) -> InputError:
     """The 403 of a write in read-only mode; ``what`` names the write (``"label uploads"``)."""
-    return InputError(f"This server is read-only ({READ_ONLY_SETTING}=true): {what} are refused; nothing was changed.",
-                      status=403)
+    return InputError(
+        f"This server is read-only ({READ_ONLY_SETTING}=true): {what} are refused; nothing was changed.", status=403
+    )
 
 
 def is_read_only() -> bool:

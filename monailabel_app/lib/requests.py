@@ -27,16 +27,39 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model_core.io.validation import InputError
 
-__all__ = ["ID_RULE", "check_id", "check_tag", "InContextParams", "InteractiveParams", "MedSAMLiteParams", "parse_params",
-           "parse_json_object", "check_json_numbers", "http_error",
-           "RESULT_EXTENSIONS", "RESULT_DTYPES", "FINAL_TAG", "MAX_JSON_INT"]
+__all__ = [
+    "FINAL_TAG",
+    "ID_RULE",
+    "MAX_JSON_INT",
+    "RESULT_DTYPES",
+    "RESULT_EXTENSIONS",
+    "InContextParams",
+    "InteractiveParams",
+    "MedSAMLiteParams",
+    "check_id",
+    "check_json_numbers",
+    "check_tag",
+    "http_error",
+    "parse_json_object",
+    "parse_params",
+]
 
 ID_RULE = "1 to 128 characters: letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -73,19 +96,22 @@ _Number = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
 _Point = Annotated[list[_Number], Field(min_length=3, max_length=3)]
 
 
-class _Params(BaseModel):
+class BaseParams(BaseModel):
     """What every model of this app accepts."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    model: Optional[str] = Field(None, description="must equal the model in the URL when given")
-    image: Optional[str] = Field(None, description="must equal the image in the URL when given")
+    model: str | None = Field(None, description="must equal the model in the URL when given")
+    image: str | None = Field(None, description="must equal the image in the URL when given")
     result_extension: Literal[".nii.gz", ".nii", ".nrrd", "nii.gz", "nii", "nrrd"] = Field(
-        ".nii.gz", description="file format of the returned label map")
-    result_dtype: Literal["uint8", "uint16", "int16", "int32"] = Field("uint16", description="integer type of the label map")
+        ".nii.gz", description="file format of the returned label map"
+    )
+    result_dtype: Literal["uint8", "uint16", "int16", "int32"] = Field(
+        "uint16", description="integer type of the label map"
+    )
     save_label: StrictBool = Field(False, description="also store the result in the datastore (never as 'final')")
     label_tag: str = Field("original", description="tag the result is stored under with save_label")
-    client_id: Optional[str] = Field(None, description="the plugin's client id; sessions are per client and image")
+    client_id: str | None = Field(None, description="the plugin's client id; sessions are per client and image")
 
     @field_validator("result_extension")
     @classmethod
@@ -97,30 +123,38 @@ class _Params(BaseModel):
     def _tag(cls, value: str) -> str:
         check_tag(value, "label_tag")
         if value == FINAL_TAG:
-            raise ValueError(f"results are never stored as {FINAL_TAG!r} (the users' own labels); "
-                             "use another tag such as 'original'")
+            raise ValueError(
+                f"results are never stored as {FINAL_TAG!r} (the users' own labels); use another tag such as 'original'"
+            )
         return value
 
     @field_validator("client_id")
     @classmethod
-    def _client(cls, value: Optional[str]) -> Optional[str]:
+    def _client(cls, value: str | None) -> str | None:
         return None if value is None else check_id(value, "client_id")
 
 
-class InContextParams(_Params):
+class InContextParams(BaseParams):
     """``icl_sam2``: every configured structure, in context of the labelled volumes."""
 
 
-class InteractiveParams(_Params):
+class InteractiveParams(BaseParams):
     """``icl_sam2_interactive``: clicks and an ROI box as the Slicer and OHIF plugins send them."""
 
-    foreground: list[_Point] = Field(default_factory=list, max_length=MAX_POINTS,
-                                     description="[[i, j, k], ...] voxel indices of the image (JSON numbers)")
-    background: list[_Point] = Field(default_factory=list, max_length=MAX_POINTS,
-                                     description="[[i, j, k], ...] voxel indices of the image (JSON numbers)")
-    roi: Optional[Annotated[list[_Number], Field(min_length=6, max_length=6)]] = Field(
-        None, description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI); [] or null for none")
-    label: Optional[str] = Field(None, description="the structure's name (default: the first configured label)")
+    foreground: list[_Point] = Field(
+        default_factory=list,
+        max_length=MAX_POINTS,
+        description="[[i, j, k], ...] voxel indices of the image (JSON numbers)",
+    )
+    background: list[_Point] = Field(
+        default_factory=list,
+        max_length=MAX_POINTS,
+        description="[[i, j, k], ...] voxel indices of the image (JSON numbers)",
+    )
+    roi: Annotated[list[_Number], Field(min_length=6, max_length=6)] | None = Field(
+        None, description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI); [] or null for none"
+    )
+    label: str | None = Field(None, description="the structure's name (default: the first configured label)")
     from_in_context: StrictBool = Field(False, description="start from the in-context result and correct it")
 
     @field_validator("roi", mode="before")
@@ -129,7 +163,7 @@ class InteractiveParams(_Params):
         return None if value == [] else value
 
 
-def _ordered(value: Optional[list], pairs: tuple[tuple[int, int, str], ...]) -> Optional[list]:
+def _ordered(value: list | None, pairs: tuple[tuple[int, int, str], ...]) -> list | None:
     """``value`` if each (lo, hi) pair of its entries is in order with non-zero size, else a ValueError saying which."""
     if value is None:
         return value
@@ -141,7 +175,7 @@ def _ordered(value: Optional[list], pairs: tuple[tuple[int, int, str], ...]) -> 
     return value
 
 
-class MedSAMLiteParams(_Params):
+class MedSAMLiteParams(BaseParams):
     """``medsam_lite``: one box prompt, as Slicer's ROI or as a box on a slice (OHIF), for LiteMedSAM.
 
     Coordinates are inclusive voxel indices of the image file; the box lies in the ``(i, j)``
@@ -150,15 +184,19 @@ class MedSAMLiteParams(_Params):
     image (also a 422 naming the field).
     """
 
-    roi: Optional[Annotated[list[_Number], Field(min_length=6, max_length=6)]] = Field(
-        None, description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI): the box on the middle slice of k0..k1, "
-                          "propagated through those slices; k0 == k1 for one slice")
-    box: Optional[Annotated[list[_Number], Field(min_length=4, max_length=4)]] = Field(
-        None, description="[i0, j0, i1, j1] voxel box on slice `slice` (OHIF's rectangle)")
-    slice: Optional[StrictInt] = Field(None, description="k of the slice `box` is drawn on")
-    slice_range: Optional[Annotated[list[StrictInt], Field(min_length=2, max_length=2)]] = Field(
-        None, description="[k0, k1] slices to segment with `box` (inclusive); none: propagate until the structure ends")
-    label: Optional[str] = Field(None, description="the structure's name (default: the first configured label)")
+    roi: Annotated[list[_Number], Field(min_length=6, max_length=6)] | None = Field(
+        None,
+        description="[i0, i1, j0, j1, k0, k1] voxel box (Slicer's ROI): the box on the middle slice of k0..k1, "
+        "propagated through those slices; k0 == k1 for one slice",
+    )
+    box: Annotated[list[_Number], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="[i0, j0, i1, j1] voxel box on slice `slice` (OHIF's rectangle)"
+    )
+    slice: StrictInt | None = Field(None, description="k of the slice `box` is drawn on")
+    slice_range: Annotated[list[StrictInt], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[k0, k1] slices to segment with `box` (inclusive); none: propagate until the structure ends"
+    )
+    label: str | None = Field(None, description="the structure's name (default: the first configured label)")
 
     @field_validator("roi", "box", "slice_range", mode="before")
     @classmethod
@@ -167,23 +205,25 @@ class MedSAMLiteParams(_Params):
 
     @field_validator("roi")
     @classmethod
-    def _roi(cls, value: Optional[list]) -> Optional[list]:
+    def _roi(cls, value: list | None) -> list | None:
         return _ordered(value, ((0, 1, "i0, i1"), (2, 3, "j0, j1"), (4, 5, "k0, k1")))
 
     @field_validator("box")
     @classmethod
-    def _box(cls, value: Optional[list]) -> Optional[list]:
+    def _box(cls, value: list | None) -> list | None:
         return _ordered(value, ((0, 2, "i0, i1"), (1, 3, "j0, j1")))
 
     @field_validator("slice_range")
     @classmethod
-    def _range(cls, value: Optional[list]) -> Optional[list]:
+    def _range(cls, value: list | None) -> list | None:
         return _ordered(value, ((0, 1, "k0, k1"),))
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "MedSAMLiteParams":
+    def _one_prompt(self) -> MedSAMLiteParams:
         if (self.roi is None) == (self.box is None):
-            raise ValueError("give exactly one prompt: roi [i0, i1, j0, j1, k0, k1], or box [i0, j0, i1, j1] with slice")
+            raise ValueError(
+                "give exactly one prompt: roi [i0, i1, j0, j1, k0, k1], or box [i0, j0, i1, j1] with slice"
+            )
         if self.box is not None and self.slice is None:
             raise ValueError("box needs slice: the k of the slice it is drawn on")
         if self.roi is not None and (self.slice is not None or self.slice_range is not None):
@@ -191,7 +231,7 @@ class MedSAMLiteParams(_Params):
         return self
 
 
-SCHEMAS: dict[str, type[_Params]] = {"segmentation": InContextParams, "deepgrow": InteractiveParams}
+SCHEMAS: dict[str, type[BaseParams]] = {"segmentation": InContextParams, "deepgrow": InteractiveParams}
 
 
 def _field(loc: tuple) -> str:
@@ -208,8 +248,11 @@ def check_json_numbers(value: Any, field: str) -> None:
     if isinstance(value, int):
         if abs(value) > MAX_JSON_INT:
             digits = len(str(abs(value)))
-            raise InputError(f"{field}: a number of {digits} digits; numbers in a request are at most 2^53 "
-                             f"({MAX_JSON_INT}) in magnitude.", status=422)
+            raise InputError(
+                f"{field}: a number of {digits} digits; numbers in a request are at most 2^53 "
+                f"({MAX_JSON_INT}) in magnitude.",
+                status=422,
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             check_json_numbers(item, f"{field}.{key}")
@@ -237,7 +280,7 @@ def parse_json_object(raw: Any, field: str, default: str = "{}") -> dict:
     return raw
 
 
-def parse_params(schema: type[_Params], raw: Any) -> _Params:
+def parse_params(schema: type[BaseParams], raw: Any) -> BaseParams:
     """Validate a request's params against ``schema``.
 
     Raises:

@@ -49,7 +49,7 @@ from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rule", "ROUTES", "install", "mounted_routes", "check_infer_request", "check_arguments"]
+__all__ = ["ROUTES", "Rule", "check_arguments", "check_infer_request", "install", "mounted_routes"]
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,10 @@ def _drop(why: str) -> Rule:
 
 _CDN = "its page loads JavaScript from a CDN into this origin, where it could drive every route; /openapi.json stays"
 _FORWARDS = "the proxy forwards POST bodies and headers as they are"
-_BATCH = ("batch inference: its defaults ask for CUDA on all GPUs (a division by zero on CPU) and store every result; "
-          "no client of this app uses it, and scoring runs the model over the datastore")
+_BATCH = (
+    "batch inference: its defaults ask for CUDA on all GPUs (a division by zero on CPU) and store every result; "
+    "no client of this app uses it, and scoring runs the model over the datastore"
+)
 
 #: (method, path) -> the review; ``("*", path)`` is a mount (every method)
 ROUTES: dict[tuple[str, str], Rule] = {
@@ -96,87 +98,132 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/"): _drop(f"Swagger UI: {_CDN}"),
     ("GET", "/favicon.ico"): Rule(True, "the icon browsers ask for"),
     ("*", "/static"): _drop("a second copy of the OHIF files served at /ohif; nothing links to it"),
-    ("POST", "/reload"): _drop("drops the app instance, so the next request loads a second app and its models; "
-                               "no client uses it"),
+    ("POST", "/reload"): _drop(
+        "drops the app instance, so the next request loads a second app and its models; no client uses it"
+    ),
     # authentication (mounted by MONAI Label only with MONAI_LABEL_AUTH_ENABLE=true)
     ("GET", "/auth/"): Rule(True, "Slicer and OHIF ask whether authentication is on"),
     ("POST", "/auth/token"): Rule(True, "log in: a token from the Keycloak realm"),
     ("GET", "/auth/token/valid"): Rule(True, "Slicer checks its token"),
     # the app
     ("GET", "/info/"): Rule(True, "models, labels and options: the first call of Slicer and OHIF", "user"),
-    ("POST", "/infer/{model}"): Rule(True, "every model of the app (Slicer, OHIF): image id, session or upload",
-                                     "user", threaded=True, checks=("infer",)),
+    ("POST", "/infer/{model}"): Rule(
+        True,
+        "every model of the app (Slicer, OHIF): image id, session or upload",
+        "user",
+        threaded=True,
+        checks=("infer",),
+    ),
     ("POST", "/infer/wsi/{model}"): _drop("whole-slide images, not volumes; it took any server path as the image"),
     ("POST", "/infer/wsi_v2/{model}"): _drop("whole-slide images, not volumes; it took any server path as the image"),
     ("GET", "/batch/infer"): _drop(_BATCH),
     ("POST", "/batch/infer/{model}"): _drop(_BATCH),
     ("DELETE", "/batch/infer"): _drop(_BATCH),
     ("GET", "/train/"): Rule(True, "training status (Slicer, OHIF)", "user"),
-    ("POST", "/train/"): Rule(True, "Update Model in Slicer and OHIF: every trainer", "admin",
-                              writes="training runs (they publish a new model)"),
-    ("POST", "/train/{model}"): Rule(True, "train one model", "admin",
-                                     writes="training runs (they publish a new model)", checks=("trainer",)),
+    ("POST", "/train/"): Rule(
+        True,
+        "Update Model in Slicer and OHIF: every trainer",
+        "admin",
+        writes="training runs (they publish a new model)",
+    ),
+    ("POST", "/train/{model}"): Rule(
+        True, "train one model", "admin", writes="training runs (they publish a new model)", checks=("trainer",)
+    ),
     ("DELETE", "/train/"): Rule(True, "stop training (Slicer, OHIF)", "admin"),
-    ("POST", "/activelearning/{strategy}"): Rule(True, "Next Sample in Slicer and OHIF", "user", threaded=True,
-                                                 checks=("strategy",)),
+    ("POST", "/activelearning/{strategy}"): Rule(
+        True, "Next Sample in Slicer and OHIF", "user", threaded=True, checks=("strategy",)
+    ),
     ("GET", "/scoring/"): Rule(True, "scoring status", "user"),
     ("POST", "/scoring/"): _drop("deprecated; no client uses it; POST /scoring/{method} runs one method"),
-    ("POST", "/scoring/{method}"): Rule(True, "score the datastore's images for active learning", "annotator",
-                                        writes="scoring runs (they store scores in the datastore)", threaded=True,
-                                        checks=("scoring",)),
+    ("POST", "/scoring/{method}"): Rule(
+        True,
+        "score the datastore's images for active learning",
+        "annotator",
+        writes="scoring runs (they store scores in the datastore)",
+        threaded=True,
+        checks=("scoring",),
+    ),
     ("DELETE", "/scoring/"): Rule(True, "stop scoring", "annotator"),
     # the datastore
     ("GET", "/datastore/"): Rule(True, "the datastore listing (Slicer)", "user"),
-    ("PUT", "/datastore/"): Rule(True, "image upload (MONAILabelClient.upload_image uses this path)", "annotator",
-                                 writes="image uploads", threaded=True),
+    ("PUT", "/datastore/"): Rule(
+        True,
+        "image upload (MONAILabelClient.upload_image uses this path)",
+        "annotator",
+        writes="image uploads",
+        threaded=True,
+    ),
     ("PUT", "/datastore/image"): Rule(True, "image upload", "annotator", writes="image uploads", threaded=True),
-    ("DELETE", "/datastore/image"): Rule(True, "delete an image and its labels", "admin", writes="image deletions",
-                                         checks=("image",)),
+    ("DELETE", "/datastore/image"): Rule(
+        True, "delete an image and its labels", "admin", writes="image deletions", checks=("image",)
+    ),
     ("DELETE", "/datastore/"): _drop("deprecated alias of DELETE /datastore/image; no client uses it"),
     ("HEAD", "/datastore/image"): Rule(True, "does an image exist (Slicer)", "user", checks=("image", "checksum")),
     ("GET", "/datastore/image"): Rule(True, "image download (Slicer)", "user", checks=("image",)),
     ("GET", "/datastore/image/info"): Rule(True, "an image's info (scores, strategy)", "user", checks=("image",)),
-    ("PUT", "/datastore/image/info"): Rule(True, "update an image's info", "annotator", writes="image info updates",
-                                           checks=("image",)),
-    ("PUT", "/datastore/label"): Rule(True, "label upload (Slicer's Submit Label, OHIF)", "annotator",
-                                      writes="label uploads", threaded=True, checks=("image",)),
+    ("PUT", "/datastore/image/info"): Rule(
+        True, "update an image's info", "annotator", writes="image info updates", checks=("image",)
+    ),
+    ("PUT", "/datastore/label"): Rule(
+        True,
+        "label upload (Slicer's Submit Label, OHIF)",
+        "annotator",
+        writes="label uploads",
+        threaded=True,
+        checks=("image",),
+    ),
     ("DELETE", "/datastore/label"): Rule(True, "delete a label", "admin", writes="label deletions", checks=("label",)),
     ("HEAD", "/datastore/label"): Rule(True, "does a label exist", "user", checks=("label",)),
     ("GET", "/datastore/label"): Rule(True, "label download (Slicer)", "user", checks=("label",)),
     ("GET", "/datastore/label/info"): Rule(True, "a label's info", "user", checks=("label",)),
-    ("PUT", "/datastore/label/info"): Rule(True, "update a label's info", "annotator", writes="label info updates",
-                                           checks=("label",)),
-    ("PUT", "/datastore/updatelabelinfo"): _drop("deprecated alias of PUT /datastore/label/info (MONAI Label's X-ray "
-                                                 "reviewer module); no client of this app uses it"),
-    ("GET", "/datastore/dataset"): Rule(True, "every labelled image and its labels as a ZIP", "annotator",
-                                        checks=("dataset",), remove_after_send=True),
+    ("PUT", "/datastore/label/info"): Rule(
+        True, "update a label's info", "annotator", writes="label info updates", checks=("label",)
+    ),
+    ("PUT", "/datastore/updatelabelinfo"): _drop(
+        "deprecated alias of PUT /datastore/label/info (MONAI Label's X-ray "
+        "reviewer module); no client of this app uses it"
+    ),
+    ("GET", "/datastore/dataset"): Rule(
+        True, "every labelled image and its labels as a ZIP", "annotator", checks=("dataset",), remove_after_send=True
+    ),
     # sessions: a volume sent for inference outside the datastore (Slicer's plugin)
     ("GET", "/session/{session_id}"): Rule(True, "a session's info or volume", "user", checks=("session",)),
-    ("PUT", "/session/"): Rule(True, "Slicer sends a volume that is not in the datastore (lib/sessions.py extracts "
-                                     "archives safely)", "user", threaded=True),
+    ("PUT", "/session/"): Rule(
+        True,
+        "Slicer sends a volume that is not in the datastore (lib/sessions.py extracts archives safely)",
+        "user",
+        threaded=True,
+    ),
     ("DELETE", "/session/{session_id}"): Rule(True, "end a session", "user", checks=("session",)),
     # the model files and the logs
     ("GET", "/model/{model}"): _drop("downloads the served weights; no client uses it"),
     ("GET", "/model/info/{model}"): _drop("the served weights' checksum; no client uses it"),
-    ("PUT", "/model/{model}"): _drop("replaces the served weights with an uploaded pickle (code runs when it is "
-                                     "loaded); models are published by training only"),
+    ("PUT", "/model/{model}"): _drop(
+        "replaces the served weights with an uploaded pickle (code runs when it is "
+        "loaded); models are published by training only"
+    ),
     ("DELETE", "/model/{model}"): _drop("moves the served weights away; no client uses it"),
     ("GET", "/logs/"): _drop("the server log (paths, request parameters) to any user; it is read on the server"),
     ("GET", "/logs/gpu"): _drop("runs nvidia-smi for any user; no client uses it"),
     # OHIF and its DICOMweb proxy
     ("GET", "/ohif/{path:path}"): Rule(True, "the bundled OHIF viewer", "user"),
-    ("GET", "/proxy/dicom/wado/{path:path}"): Rule(True, "OHIF reads series (WADO-RS/URI) from the PACS", "user",
-                                                   checks=("proxy",), pacs_only=True),
-    ("GET", "/proxy/dicom/qido/{path:path}"): Rule(True, "OHIF searches the PACS (QIDO-RS)", "user",
-                                                   checks=("proxy",), pacs_only=True),
+    ("GET", "/proxy/dicom/wado/{path:path}"): Rule(
+        True, "OHIF reads series (WADO-RS/URI) from the PACS", "user", checks=("proxy",), pacs_only=True
+    ),
+    ("GET", "/proxy/dicom/qido/{path:path}"): Rule(
+        True, "OHIF searches the PACS (QIDO-RS)", "user", checks=("proxy",), pacs_only=True
+    ),
     ("POST", "/proxy/dicom/wado/{path:path}"): _drop(f"WADO is a read; {_FORWARDS}"),
     ("POST", "/proxy/dicom/qido/{path:path}"): _drop(f"QIDO is a read; {_FORWARDS}"),
-    ("GET", "/proxy/dicom/stow/{path:path}"): _drop("STOW is a write to the PACS; labels reach it through the checked "
-                                                    "datastore only"),
-    ("POST", "/proxy/dicom/stow/{path:path}"): _drop("STOW writes to the PACS unchecked; labels reach it through the "
-                                                     "checked datastore only"),
-    ("GET", "/proxy/dicom/{path:path}"): _drop("any path of the PACS server (its REST API beyond DICOMweb); "
-                                               "OHIF uses wado and qido only"),
+    ("GET", "/proxy/dicom/stow/{path:path}"): _drop(
+        "STOW is a write to the PACS; labels reach it through the checked datastore only"
+    ),
+    ("POST", "/proxy/dicom/stow/{path:path}"): _drop(
+        "STOW writes to the PACS unchecked; labels reach it through the checked datastore only"
+    ),
+    ("GET", "/proxy/dicom/{path:path}"): _drop(
+        "any path of the PACS server (its REST API beyond DICOMweb); OHIF uses wado and qido only"
+    ),
     ("POST", "/proxy/dicom/{path:path}"): _drop("any path of the PACS server, written to; OHIF uses wado and qido"),
 }
 
@@ -264,6 +311,7 @@ def _known(kind: str, attribute: str, field: str) -> Callable[[Any, dict[str, An
         known = getattr(app, attribute) or {}
         if name not in known:
             _fail(f"Unknown {kind} {name!r}; this server has {sorted(known)}.", 404)
+
     return check
 
 
@@ -287,8 +335,10 @@ def _check_proxy(app: Any, kwargs: dict[str, Any]) -> None:
     path = kwargs.get("path") or ""
     parts = path.replace("\\", "/").split("/")
     if path.startswith("/") or any(p in (".", "..") for p in parts) or "://" in path or "\\" in path:
-        _fail(f"path {path[:100]!r}: the proxy forwards DICOMweb paths below the PACS root only "
-              "(no absolute path, no '.' or '..').")
+        _fail(
+            f"path {path[:100]!r}: the proxy forwards DICOMweb paths below the PACS root only "
+            "(no absolute path, no '.' or '..')."
+        )
 
 
 def _check_dicom_seg_output(app: Any, params: Any) -> None:
@@ -296,11 +346,14 @@ def _check_dicom_seg_output(app: Any, params: Any) -> None:
     from monailabel.datastore.dicom import DICOMWebDatastore
 
     if not isinstance(app.datastore(), DICOMWebDatastore):
-        raise InputError("output=dicom_seg needs a DICOMweb datastore (--studies http://.../dicom-web); this server's "
-                         "datastore is a folder: ask for output=image.")
+        raise InputError(
+            "output=dicom_seg needs a DICOMweb datastore (--studies http://.../dicom-web); this server's "
+            "datastore is a folder: ask for output=image."
+        )
     if params is None or not getattr(params, "model_extra", {}).get("label_info"):
-        raise InputError("params.label_info: output=dicom_seg needs the segments' descriptions (a list, one per "
-                         "label).", status=422)
+        raise InputError(
+            "params.label_info: output=dicom_seg needs the segments' descriptions (a list, one per label).", status=422
+        )
 
 
 def check_infer_request(app: Any, kwargs: dict[str, Any]) -> None:
@@ -321,11 +374,17 @@ def check_infer_request(app: Any, kwargs: dict[str, Any]) -> None:
         params = parse_params(schema, kwargs.get("params")) if schema is not None else None
         if params is not None:
             if params.model is not None and params.model != model:
-                raise InputError(f"params.model {params.model!r} contradicts the model in the URL ({model!r}); "
-                                 "leave it out: the URL names the model that runs.", status=422)
+                raise InputError(
+                    f"params.model {params.model!r} contradicts the model in the URL ({model!r}); "
+                    "leave it out: the URL names the model that runs.",
+                    status=422,
+                )
             if params.image is not None and params.image != kwargs.get("image"):
-                raise InputError(f"params.image {params.image!r} contradicts the image in the URL "
-                                 f"({kwargs.get('image')!r}); leave it out: the URL names the image.", status=422)
+                raise InputError(
+                    f"params.image {params.image!r} contradicts the image in the URL "
+                    f"({kwargs.get('image')!r}); leave it out: the URL names the image.",
+                    status=422,
+                )
             if params.save_label:
                 refuse_if_read_only("results stored with save_label")
         if getattr(kwargs.get("output"), "value", kwargs.get("output")) == "dicom_seg":
@@ -334,8 +393,10 @@ def check_infer_request(app: Any, kwargs: dict[str, Any]) -> None:
             check_id(kwargs["session_id"], "session_id")
             sessions = app.sessions()
             if sessions is None or sessions.get_session(kwargs["session_id"], update_ts=False) is None:
-                raise InputError(f"Session {kwargs['session_id']!r} not found (sessions expire after "
-                                 "MONAI_LABEL_SESSION_EXPIRY).", status=404)
+                raise InputError(
+                    f"Session {kwargs['session_id']!r} not found (sessions expire after MONAI_LABEL_SESSION_EXPIRY).",
+                    status=404,
+                )
         image = kwargs.get("image") or ""
         if kwargs.get("file") is None and not kwargs.get("session_id"):
             if not image:
@@ -373,7 +434,7 @@ def _cleanup(kwargs: dict[str, Any]) -> None:
     for task in [t for t in tasks if getattr(t, "func", None) is remove_file]:
         try:
             task.func(*task.args, **task.kwargs)
-        except OSError as e:  # noqa: PERF203 - best effort: the file may be gone already
+        except OSError as e:
             logger.debug(f"Cleanup of {task.args}: {e}")
         tasks.remove(task)
 
@@ -405,6 +466,7 @@ def _wrap(endpoint: Callable, rule: Rule, app: Any) -> Callable:
             check(app, kwargs)
 
     if rule.threaded or not inspect.iscoroutinefunction(endpoint):  # a plain function blocks: the thread pool
+
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 before(kwargs)
@@ -414,6 +476,7 @@ def _wrap(endpoint: Callable, rule: Rule, app: Any) -> Callable:
                 _cleanup(kwargs)
                 raise
     else:
+
         async def run(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
             try:
                 before(kwargs)
@@ -498,9 +561,16 @@ def install(app: Any) -> None:
                     raise RuntimeError(f"{sorted(keys)}: several replacement endpoints for one route")
                 endpoint = replacements.pop() if replacements else route.endpoint
                 route = APIRoute(
-                    route.path, _wrap(endpoint, rules[0], app), methods=list(route.methods), name=route.name,
-                    summary=route.summary, description=route.description, tags=route.tags, responses=route.responses,
-                    dependencies=route.dependencies, include_in_schema=route.include_in_schema,
+                    route.path,
+                    _wrap(endpoint, rules[0], app),
+                    methods=list(route.methods),
+                    name=route.name,
+                    summary=route.summary,
+                    description=route.description,
+                    tags=route.tags,
+                    responses=route.responses,
+                    dependencies=route.dependencies,
+                    include_in_schema=route.include_in_schema,
                     deprecated=route.deprecated,
                 )
                 wrapped.append(f"{'/'.join(sorted(route.methods))} {prefix}{route.path}")
@@ -529,4 +599,3 @@ def _install_middleware(fastapi_app: Any, app: Any) -> None:
     fastapi_app.user_middleware[:] = [origin.cors_middleware(allowed), guard, *others]
     fastapi_app.middleware_stack = None  # rebuilt on the next request, with the handlers and the middleware above
     logger.info(f"Cross-origin access: {list(allowed) if allowed else 'none (same origin only)'}")
-

@@ -66,17 +66,27 @@ def member_problem(name: str) -> str | None:
 
 def _refuse(name: str, problem: str, status: int = 400) -> InputError:
     shown = name if len(name) <= 200 else name[:200] + "..."
-    return InputError(f"files: the archive member {shown!r} {problem}; nothing was extracted. An archive may hold only "
-                      "regular files and folders with relative names inside the archive.", status=status)
+    return InputError(
+        f"files: the archive member {shown!r} {problem}; nothing was extracted. An archive may hold only "
+        "regular files and folders with relative names inside the archive.",
+        status=status,
+    )
 
 
 def _bounds(count: int, total: int, name: str, max_files: int, max_bytes: int) -> None:
     if count > max_files:
-        raise _refuse(name, f"is member number {count}: an archive may hold at most {max_files} members "
-                            "(--conf session_max_files)", status=413)
+        raise _refuse(
+            name,
+            f"is member number {count}: an archive may hold at most {max_files} members (--conf session_max_files)",
+            status=413,
+        )
     if total > max_bytes:
-        raise _refuse(name, f"brings the archive's content to {total} bytes: at most {max_bytes} bytes are extracted "
-                            "(--conf session_max_mb)", status=413)
+        raise _refuse(
+            name,
+            f"brings the archive's content to {total} bytes: at most {max_bytes} bytes are extracted "
+            "(--conf session_max_mb)",
+            status=413,
+        )
 
 
 def _tar_members(archive: tarfile.TarFile, max_files: int, max_bytes: int) -> list[tarfile.TarInfo]:
@@ -84,8 +94,17 @@ def _tar_members(archive: tarfile.TarFile, max_files: int, max_bytes: int) -> li
     for member in archive:  # one header at a time: a huge archive is refused before its data is read
         problem = member_problem(member.name)
         if problem is None and not (member.isreg() or member.isdir()):
-            kind = ("a symbolic link" if member.issym() else "a hard link" if member.islnk() else
-                    "a FIFO" if member.isfifo() else "a device file" if member.isdev() else "not a regular file")
+            kind = (
+                "a symbolic link"
+                if member.issym()
+                else "a hard link"
+                if member.islnk()
+                else "a FIFO"
+                if member.isfifo()
+                else "a device file"
+                if member.isdev()
+                else "not a regular file"
+            )
             problem = f"is {kind}"
         if problem:
             raise _refuse(member.name, problem)
@@ -142,8 +161,10 @@ def extract_archive(path: str, folder: str, max_files: int, max_bytes: int) -> N
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
             raise InputError(f"files: the archive cannot be read ({type(e).__name__}: {e}).") from e
         return
-    raise InputError("files: uncompress=true takes a tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) or zip archive; "
-                     "this upload is neither.")
+    raise InputError(
+        "files: uncompress=true takes a tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) or zip archive; "
+        "this upload is neither."
+    )
 
 
 class CheckedSessions(Sessions):
@@ -185,8 +206,10 @@ class CheckedSessions(Sessions):
         for root, _, files in os.walk(path):
             found += [os.path.join(root, f) for f in files if f.lower().endswith(VOLUME_EXTENSIONS)]
         if len(found) != 1:
-            raise InputError(f"session_id: the session holds {len(found)} volume files ({list(VOLUME_EXTENSIONS)}); "
-                             "this app segments one volume per session: send the volume itself, or an archive of one.")
+            raise InputError(
+                f"session_id: the session holds {len(found)} volume files ({list(VOLUME_EXTENSIONS)}); "
+                "this app segments one volume per session: send the volume itself, or an archive of one."
+            )
         return found[0]
 
     def owns(self, path: Any) -> bool:

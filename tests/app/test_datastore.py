@@ -95,11 +95,14 @@ def test_a_label_in_another_format_replaces_the_old_file(store):
     assert _on_disk(datastore)["case0"]["labels"]["final"]["ext"] == ".nii"
 
 
-@pytest.mark.parametrize("image_id, tag, status, message", [
-    ("case0", "../../x", 400, "is not a valid id"),
-    ("../case0", "final", 400, "is not a valid id"),
-    ("nothing", "final", 404, "not in the datastore"),
-])
+@pytest.mark.parametrize(
+    "image_id, tag, status, message",
+    [
+        ("case0", "../../x", 400, "is not a valid id"),
+        ("../case0", "final", 400, "is not a valid id"),
+        ("nothing", "final", 404, "not in the datastore"),
+    ],
+)
 def test_a_refused_label_changes_nothing(store, image_id, tag, status, message):
     datastore, uploads = store
     with pytest.raises(HTTPException) as e:
@@ -132,13 +135,16 @@ def test_an_added_image_is_recorded_with_its_info(store):
 
 
 # ---------------------------------------------------------------- the info stored with a label or an image
-@pytest.mark.parametrize("info, message", [
-    ([1], "params must be a JSON object"),
-    ("x", "params must be a JSON object"),
-    ({"a": float("nan")}, "params.a is nan: numbers must be finite"),
-    ({"a": {"b": [1, float("inf")]}}, "params.a.b[1] is inf: numbers must be finite"),
-    ({"a": object()}, "params.a is a object: only JSON values are stored"),
-])
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        ([1], "params must be a JSON object"),
+        ("x", "params must be a JSON object"),
+        ({"a": float("nan")}, "params.a is nan: numbers must be finite"),
+        ({"a": {"b": [1, float("inf")]}}, "params.a.b[1] is inf: numbers must be finite"),
+        ({"a": object()}, "params.a is a object: only JSON values are stored"),
+    ],
+)
 def test_info_that_cannot_be_stored_is_refused_before_anything_is_written(store, info, message):
     """A list used to reach ``{**label_info}`` after the label was replaced (a 500 with the label changed)."""
     datastore, uploads = store
@@ -191,7 +197,7 @@ def test_the_index_keeps_its_previous_version_beside_it(store):
     assert json.loads(open(_index(datastore)).read())["objects"]["case0"]["labels"]["final"]["info"]["n"] == 2
 
 
-@pytest.mark.parametrize("content", [b"", b"{\"name\": \"x\", \"objects\": {", b"[1, 2]", b"\x00" * 64])
+@pytest.mark.parametrize("content", [b"", b'{"name": "x", "objects": {', b"[1, 2]", b"\x00" * 64])
 def test_an_unreadable_index_is_rebuilt_from_its_last_good_copy(store, caplog, content):
     datastore, uploads = store
     datastore.save_label("case0", _label(uploads, "first", 1), "final", {"by": "annotator"})
@@ -229,10 +235,13 @@ def test_writes_interrupted_by_a_kill_are_cleared_at_start(store):
 
     datastore, _ = store
     folder = os.path.dirname(datastore.labels_root)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    stale = [os.path.join(folder, f".datastore_v2.json.{dead.stdout.strip()}.0123456789ab.tmp"),
-             os.path.join(datastore.labels_root, "final", f".case0.nii.gz.{dead.stdout.strip()}.0123456789ab.tmp")]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    stale = [
+        os.path.join(folder, f".datastore_v2.json.{dead.stdout.strip()}.0123456789ab.tmp"),
+        os.path.join(datastore.labels_root, "final", f".case0.nii.gz.{dead.stdout.strip()}.0123456789ab.tmp"),
+    ]
     live = os.path.join(folder, f".datastore_v2.json.{os.getpid()}.0123456789ab.tmp")  # a writer still running
     for path in stale + [live]:
         open(path, "w").write("half")

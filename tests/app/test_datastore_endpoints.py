@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from .conftest import Server
-
 from model_core.io.phantoms import write_phantom_dataset
+
+from .conftest import Server
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server per module
 
@@ -31,16 +31,20 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 
 def _tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its SHA-256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """Images ``case0..2`` (case0 labelled), two label versions of different sizes, the server's own temp folder."""
     root = tmp_path_factory.mktemp("endpoints")
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=3, validation=0, test=0,
-                                                     shape=(16, 64, 64))).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(root / "src"), train=3, validation=0, test=0, shape=(16, 64, 64))).read_text()
+    )
     studies = root / "studies"
     studies.mkdir()
     for i, case in enumerate(datalist["training"]):
@@ -53,9 +57,18 @@ def site(tmp_path_factory):
     assert versions[0].stat().st_size != versions[1].stat().st_size
     temp = root / "server_tmp"  # the server's TMPDIR: where MONAI Label left the uploads it failed on
     temp.mkdir()
-    server = Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu",
-                              "checkpoint": str(root / "models" / "model.pt")}, root / "server.log",
-                    env={"TMPDIR": str(temp)})
+    server = Server(
+        studies,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(root / "models" / "model.pt"),
+        },
+        root / "server.log",
+        env={"TMPDIR": str(temp)},
+    )
     site = {"root": root, "studies": studies, "url": server.url, "versions": versions, "temp": temp}
     assert _put_label(site, "case0", versions[0]).status_code == 200
     yield site
@@ -76,15 +89,25 @@ def unchanged(site):
 def _put_label(site, image: str, path: Path, params: str | None = None, tag: str = "final", name: str | None = None):
     data = {} if params is None else {"params": params}
     with open(path, "rb") as f:
-        return requests.put(f"{site['url']}/datastore/label", params={"image": image, "tag": tag}, data=data,
-                            files={"label": (name or path.name, f)}, timeout=120)
+        return requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": image, "tag": tag},
+            data=data,
+            files={"label": (name or path.name, f)},
+            timeout=120,
+        )
 
 
 def _put_image(site, image: str | None, path: Path, params: str | None = None, name: str | None = None):
     data = {} if params is None else {"params": params}
     with open(path, "rb") as f:
-        return requests.put(f"{site['url']}/datastore/image", params={"image": image} if image else {}, data=data,
-                            files={"file": (name or path.name, f)}, timeout=120)
+        return requests.put(
+            f"{site['url']}/datastore/image",
+            params={"image": image} if image else {},
+            data=data,
+            files={"file": (name or path.name, f)},
+            timeout=120,
+        )
 
 
 def _detail(response) -> str:
@@ -141,8 +164,9 @@ def test_the_client_file_name_is_never_used_as_a_path(site):
     assert response.status_code == 400 and "the file name has 306 characters" in _detail(response)
     response = _put_image(site, None, site["studies"] / "case2.nii.gz", name="case2 copy.nii.gz")
     assert response.status_code == 400 and "is not a valid id" in _detail(response)  # the id would come from it
-    response = _put_image(site, "case2_copy", site["studies"] / "case2.nii.gz", '{"source": "test"}',
-                          name="../case2.nii.gz")
+    response = _put_image(
+        site, "case2_copy", site["studies"] / "case2.nii.gz", '{"source": "test"}', name="../case2.nii.gz"
+    )
     assert response.status_code == 200 and response.json() == {"image": "case2_copy"}
     info = requests.get(f"{site['url']}/datastore/image/info", params={"image": "case2_copy"}, timeout=30).json()
     assert info["source"] == "test" and info["name"] == "case2_copy.nii.gz"
@@ -175,17 +199,22 @@ def test_downloads_are_one_whole_version_while_the_label_is_saved(site):
     def download() -> None:
         while saves_left[0] > 0:
             try:
-                response = requests.get(f"{site['url']}/datastore/label", params={"label": "case0", "tag": "final"},
-                                        timeout=60)
+                response = requests.get(
+                    f"{site['url']}/datastore/label", params={"label": "case0", "tag": "final"}, timeout=60
+                )
             except requests.RequestException as e:  # an incomplete read: the length of one version, the body of another
                 note(f"failed: {type(e).__name__}")
                 continue
-            whole = (response.status_code == 200 and response.content in versions
-                     and int(response.headers["content-length"]) == len(response.content))
+            whole = (
+                response.status_code == 200
+                and response.content in versions
+                and int(response.headers["content-length"]) == len(response.content)
+            )
             note("whole" if whole else f"torn ({response.status_code}, {len(response.content)} bytes)")
 
-    threads = [threading.Thread(target=save, args=(i,)) for i in range(4)] + \
-              [threading.Thread(target=download) for _ in range(4)]
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(4)] + [
+        threading.Thread(target=download) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

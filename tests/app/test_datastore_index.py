@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import requests
 
-from .conftest import Server
-
 from lib.datastore import CheckedDatastore
 from model_core.io.phantoms import write_phantom_dataset
+
+from .conftest import Server
 
 pytestmark = pytest.mark.slow  # real MONAI Label servers, started five times
 
@@ -45,8 +45,11 @@ TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{12}\.tmp.*")
 def site(tmp_path_factory):
     """Phantom images ``case0..3`` and two versions of a label of different sizes (``versions[0]``, ``versions[1]``)."""
     root = tmp_path_factory.mktemp("index")
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=IMAGES, validation=0, test=0,
-                                                     shape=(16, 64, 64))).read_text())
+    datalist = json.loads(
+        Path(
+            write_phantom_dataset(str(root / "src"), train=IMAGES, validation=0, test=0, shape=(16, 64, 64))
+        ).read_text()
+    )
     studies = root / "studies"
     studies.mkdir()
     for i, case in enumerate(datalist["training"]):
@@ -58,13 +61,21 @@ def site(tmp_path_factory):
         nib.save(nib.Nifti1Image(array, np.eye(4)), str(root / f"{name}.nii.gz"))
         versions.append(root / f"{name}.nii.gz")
     assert versions[0].stat().st_size != versions[1].stat().st_size
-    return {"root": root, "studies": studies, "versions": versions,
-            "bytes": {p.read_bytes() for p in versions}}
+    return {"root": root, "studies": studies, "versions": versions, "bytes": {p.read_bytes() for p in versions}}
 
 
 def _start(site, studies: Path, name: str) -> Server:
-    return Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu",
-                            "checkpoint": str(site["root"] / "models" / "model.pt")}, site["root"] / f"{name}.log")
+    return Server(
+        studies,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(site["root"] / "models" / "model.pt"),
+        },
+        site["root"] / f"{name}.log",
+    )
 
 
 def _kill(server: Server) -> None:
@@ -77,8 +88,13 @@ def _kill(server: Server) -> None:
 
 def _put_label(url: str, image: str, path: Path, info: dict) -> requests.Response:
     with open(path, "rb") as f:
-        return requests.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
-                            data={"params": json.dumps(info)}, files={"label": (path.name, f)}, timeout=60)
+        return requests.put(
+            f"{url}/datastore/label",
+            params={"image": image, "tag": "final"},
+            data={"params": json.dumps(info)},
+            files={"label": (path.name, f)},
+            timeout=60,
+        )
 
 
 def _check_acknowledged(site, server: Server, acknowledged: dict[str, int], in_flight: dict[str, int]) -> None:
@@ -87,18 +103,24 @@ def _check_acknowledged(site, server: Server, acknowledged: dict[str, int], in_f
     for image, seq in acknowledged.items():
         label = objects[image]["labels"].get("final")
         assert label, f"the label of {image} (saved with 200, seq {seq}) is missing after the kill"
-        assert label["info"].get("seq") in {seq, in_flight.get(image)}, \
+        assert label["info"].get("seq") in {seq, in_flight.get(image)}, (
             f"{image}: info {label['info']} after the kill; the last save answered 200 had seq {seq}"
+        )
         assert label["info"]["name"] == f"{image}.nii.gz"
         body = requests.get(f"{server.url}/datastore/label", params={"label": image, "tag": "final"}, timeout=30)
         assert body.status_code == 200 and body.content in site["bytes"], f"{image}: the stored label is not whole"
-    left = [p.name for folder in (site["studies"], site["studies"] / "labels" / "final") for p in folder.iterdir()
-            if TEMPORARY.fullmatch(p.name)]
+    left = [
+        p.name
+        for folder in (site["studies"], site["studies"] / "labels" / "final")
+        for p in folder.iterdir()
+        if TEMPORARY.fullmatch(p.name)
+    ]
     assert not left, f"temporary files of interrupted writes were left: {left}"
 
 
-def _save_until_killed(site, server: Server, acknowledged: dict[str, int], in_flight: dict[str, int],
-                       seconds: float) -> bool:
+def _save_until_killed(
+    site, server: Server, acknowledged: dict[str, int], in_flight: dict[str, int], seconds: float
+) -> bool:
     """One thread per image saves its label again and again; the server is killed as soon as its index is
     seen empty, else after ``seconds``. Returns whether the index was seen empty."""
     index = site["studies"] / "datastore_v2.json"

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from .conftest import Server
-
 from model_core.io.phantoms import write_phantom_dataset as make_dataset
+
+from .conftest import Server
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)
@@ -33,16 +33,22 @@ pytestmark = pytest.mark.slow  # a real MONAI Label server per module
 
 def _tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its SHA-256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """``root/box/studies`` is the datastore; ``root/box`` must hold nothing else, ever."""
     root = tmp_path_factory.mktemp("hostile")
-    datalist = json.loads(Path(make_dataset(str(root / "src"), train=4, validation=0, test=0,
-                                            shape=(SHAPE[2], SHAPE[0], SHAPE[1]))).read_text())
+    datalist = json.loads(
+        Path(
+            make_dataset(str(root / "src"), train=4, validation=0, test=0, shape=(SHAPE[2], SHAPE[0], SHAPE[1]))
+        ).read_text()
+    )
     studies = root / "box" / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for i, case in enumerate(datalist["training"]):
@@ -50,12 +56,28 @@ def site(tmp_path_factory):
     shutil.copy(root / "src" / datalist["training"][0]["label"], studies / "labels" / "final" / "case0.nii.gz")
     run_dir = root / "run"  # the server's working directory, where a relative escape would land
     run_dir.mkdir()
-    server = Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu",
-                              "checkpoint": str(root / "models" / "model.pt")}, run_dir / "server.log")
+    server = Server(
+        studies,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(root / "models" / "model.pt"),
+        },
+        run_dir / "server.log",
+    )
     files = root / "files"
     files.mkdir()
-    yield {"root": root, "studies": studies, "server": server, "url": server.url, "files": files,
-           "src": root / "src", "datalist": datalist}
+    yield {
+        "root": root,
+        "studies": studies,
+        "server": server,
+        "url": server.url,
+        "files": files,
+        "src": root / "src",
+        "datalist": datalist,
+    }
     server.stop()
 
 
@@ -68,7 +90,9 @@ def guard(site):
     yield
     assert requests.get(f"{site['url']}/info/", timeout=30).status_code == 200, "the server stopped serving"
     assert sorted(os.listdir(box)) == ["studies"], f"a file escaped the studies folder: {os.listdir(box)}"
-    assert set(os.listdir(run_dir)) <= run_before | {"logs"}, f"a file appeared in the server's folder: {set(os.listdir(run_dir)) - run_before}"
+    assert set(os.listdir(run_dir)) <= run_before | {"logs"}, (
+        f"a file appeared in the server's folder: {set(os.listdir(run_dir)) - run_before}"
+    )
     for escaped in ("/tmp/escaped_tag", "/tmp/escaped_image", "/tmp/x", "/x"):
         assert not os.path.exists(escaped), f"{escaped} was written"
     after = _tree(box / "studies" / "labels")
@@ -87,19 +111,26 @@ def _image_affine(site) -> np.ndarray:
 
 def put_label(site, image: str, path: Path, tag: str = "final"):
     with open(path, "rb") as f:
-        return requests.put(f"{site['url']}/datastore/label", params={"image": image, "tag": tag},
-                            files={"label": (path.name, f)}, timeout=120)
+        return requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": image, "tag": tag},
+            files={"label": (path.name, f)},
+            timeout=120,
+        )
 
 
 def put_image(site, image: str, path: Path):
     with open(path, "rb") as f:
-        return requests.put(f"{site['url']}/datastore/image", params={"image": image},
-                            files={"file": (path.name, f)}, timeout=120)
+        return requests.put(
+            f"{site['url']}/datastore/image", params={"image": image}, files={"file": (path.name, f)}, timeout=120
+        )
 
 
 def infer(site, model: str, image: str, params, timeout=300):
     body = params if isinstance(params, str) else json.dumps(params)
-    return requests.post(f"{site['url']}/infer/{model}", params={"image": image}, data={"params": body}, timeout=timeout)
+    return requests.post(
+        f"{site['url']}/infer/{model}", params={"image": image}, data={"params": body}, timeout=timeout
+    )
 
 
 def _detail(response) -> str:
@@ -137,9 +168,17 @@ def test_image_ids_cannot_leave_the_datastore(site, guard, image_id):
 def test_inference_results_are_never_saved_outside_or_as_final(site, guard):
     params = {"foreground": [[30, 30, 8]], "label": "blob", "save_label": True}
     response = infer(site, "icl_sam2_interactive", "case2", {**params, "label_tag": "../../x"})
-    assert response.status_code == 422 and "params.label_tag" in _detail(response) and "not a valid id" in _detail(response)
+    assert (
+        response.status_code == 422
+        and "params.label_tag" in _detail(response)
+        and "not a valid id" in _detail(response)
+    )
     response = infer(site, "icl_sam2_interactive", "case0", {**params, "label_tag": "final"})
-    assert response.status_code == 422 and "params.label_tag" in _detail(response) and "never stored as 'final'" in _detail(response)
+    assert (
+        response.status_code == 422
+        and "params.label_tag" in _detail(response)
+        and "never stored as 'final'" in _detail(response)
+    )
     # a valid non-final tag is stored through the checked datastore, beside the user's final label
     response = infer(site, "icl_sam2_interactive", "case0", {**params, "label_tag": "proposal"})
     assert response.status_code == 200
@@ -174,13 +213,16 @@ def test_unknown_image_and_empty_id_are_4xx(site, guard):
 
 
 # ---------------------------------------------------------------- bad uploads
-@pytest.mark.parametrize("name, array, message", [
-    ("four_d", np.random.rand(*SHAPE, 3).astype(np.float32), "3D scalar volume"),
-    ("five_d", np.random.rand(*SHAPE, 1, 2).astype(np.float32), "3D scalar volume"),
-    ("two_d", np.random.rand(64, 64).astype(np.float32), "3D scalar volume"),
-    ("tiny", np.ones((1, 1, 1), np.float32), "at least 4 voxels"),
-    ("all_nan", np.full(SHAPE, np.nan, np.float32), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "name, array, message",
+    [
+        ("four_d", np.random.rand(*SHAPE, 3).astype(np.float32), "3D scalar volume"),
+        ("five_d", np.random.rand(*SHAPE, 1, 2).astype(np.float32), "3D scalar volume"),
+        ("two_d", np.random.rand(64, 64).astype(np.float32), "3D scalar volume"),
+        ("tiny", np.ones((1, 1, 1), np.float32), "at least 4 voxels"),
+        ("all_nan", np.full(SHAPE, np.nan, np.float32), "NaN or infinite"),
+    ],
+)
 def test_images_the_model_cannot_use_are_refused(site, guard, name, array, message):
     before = _tree(site["studies"])
     response = put_image(site, name, _nifti(site, f"{name}.nii.gz", array))
@@ -196,13 +238,16 @@ def test_an_image_id_is_never_silently_replaced(site, guard):
     assert put_image(site, "case3", same).status_code == 200  # the same bytes again: idempotent
 
 
-@pytest.mark.parametrize("name, values, message", [
-    ("float", 0.5, "non-integer values"),
-    ("negative", -1, "not configured labels"),
-    ("seven", 7, "not configured labels"),
-    ("two_hundred", 200, "not configured labels"),
-    ("four_d", None, "3D scalar volume"),
-])
+@pytest.mark.parametrize(
+    "name, values, message",
+    [
+        ("float", 0.5, "non-integer values"),
+        ("negative", -1, "not configured labels"),
+        ("seven", 7, "not configured labels"),
+        ("two_hundred", 200, "not configured labels"),
+        ("four_d", None, "3D scalar volume"),
+    ],
+)
 def test_labels_the_model_cannot_use_are_refused(site, guard, name, values, message):
     affine = _image_affine(site)
     if values is None:
@@ -229,15 +274,22 @@ def test_a_bad_stored_label_is_skipped_not_fatal(site, guard):
     nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 3), np.uint8), _image_affine(site)), str(bad))
     try:
         deadline = time.time() + 30  # the datastore notices new files on its own
-        while "case3" not in {i for i, o in requests.get(f"{site['url']}/datastore/", params={"output": "all"},
-                                                          timeout=30).json()["objects"].items() if o.get("labels")}:
+        while "case3" not in {
+            i
+            for i, o in requests.get(f"{site['url']}/datastore/", params={"output": "all"}, timeout=30)
+            .json()["objects"]
+            .items()
+            if o.get("labels")
+        }:
             assert time.time() < deadline, "the datastore did not pick up the file"
             time.sleep(0.5)
         response = infer(site, "icl_sam2", "case1", {})
         assert response.status_code == 200, _detail(response)
         info = json.loads(response.content.split(b'name="params"')[1].split(b"\r\n\r\n", 1)[1].split(b"\r\n--")[0])
         assert info["support_volumes"] == 1
-        assert [s["id"] for s in info["skipped_support"]] == ["case3"] and "3D scalar volume" in info["skipped_support"][0]["reason"]
+        assert [s["id"] for s in info["skipped_support"]] == ["case3"] and "3D scalar volume" in info[
+            "skipped_support"
+        ][0]["reason"]
         scoring = requests.post(f"{site['url']}/scoring/icl_sam2_confidence", params={"run_sync": "true"}, timeout=300)
         assert scoring.status_code == 200
     finally:
@@ -245,28 +297,31 @@ def test_a_bad_stored_label_is_skipped_not_fatal(site, guard):
 
 
 # ---------------------------------------------------------------- typed parameters
-@pytest.mark.parametrize("params, field", [
-    ('{"foreground": [[NaN, 30, 8]]}', "params.foreground[0][0]"),
-    ({"foreground": [[None, 30, 8]]}, "params.foreground[0][0]"),
-    ({"foreground": [[30, 30, 8]], "roi": [1, 2, None, 4, 5, 6]}, "params.roi[2]"),
-    ('{"roi": [1, 60, 2, 60, 3, Infinity]}', "params.roi[5]"),
-    ({"foreground": 5}, "params.foreground"),
-    ({"foreground": [1, 2, 3]}, "params.foreground[0]"),
-    ({"foreground": True}, "params.foreground"),
-    ({"foreground": [[True, True, True]]}, "params.foreground[0][0]"),
-    ({"foreground": [["30", "30", "8"]]}, "params.foreground[0][0]"),
-    ({"foreground": [[30, 30, 8]], "label": ["blob"]}, "params.label"),
-    ({"roi": 5}, "params.roi"),
-    ({"roi": [[1, 2], [3, 4], [5, 6]]}, "params.roi[0]"),
-    ({"foreground": [[30, 30, 8]], "label_tag": "t" * 300, "save_label": True}, "params.label_tag"),
-    ({"foreground": [[30, 30, 8]], "result_dtype": "bogus"}, "params.result_dtype"),
-    ({"foreground": [[30, 30, 8]], "result_dtype": "float16"}, "params.result_dtype"),
-    ({"foreground": [[30, 30, 8]], "result_extension": ".exe"}, "params.result_extension"),
-    ({"foreground": [[30, 30, 8]], "from_in_context": "yes"}, "params.from_in_context"),
-    ({"foreground": [[30, 30, 8]], "client_id": "../x"}, "params.client_id"),
-    ("[1, 2]", "params must be a JSON object"),
-    ("{not json", "params is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ('{"foreground": [[NaN, 30, 8]]}', "params.foreground[0][0]"),
+        ({"foreground": [[None, 30, 8]]}, "params.foreground[0][0]"),
+        ({"foreground": [[30, 30, 8]], "roi": [1, 2, None, 4, 5, 6]}, "params.roi[2]"),
+        ('{"roi": [1, 60, 2, 60, 3, Infinity]}', "params.roi[5]"),
+        ({"foreground": 5}, "params.foreground"),
+        ({"foreground": [1, 2, 3]}, "params.foreground[0]"),
+        ({"foreground": True}, "params.foreground"),
+        ({"foreground": [[True, True, True]]}, "params.foreground[0][0]"),
+        ({"foreground": [["30", "30", "8"]]}, "params.foreground[0][0]"),
+        ({"foreground": [[30, 30, 8]], "label": ["blob"]}, "params.label"),
+        ({"roi": 5}, "params.roi"),
+        ({"roi": [[1, 2], [3, 4], [5, 6]]}, "params.roi[0]"),
+        ({"foreground": [[30, 30, 8]], "label_tag": "t" * 300, "save_label": True}, "params.label_tag"),
+        ({"foreground": [[30, 30, 8]], "result_dtype": "bogus"}, "params.result_dtype"),
+        ({"foreground": [[30, 30, 8]], "result_dtype": "float16"}, "params.result_dtype"),
+        ({"foreground": [[30, 30, 8]], "result_extension": ".exe"}, "params.result_extension"),
+        ({"foreground": [[30, 30, 8]], "from_in_context": "yes"}, "params.from_in_context"),
+        ({"foreground": [[30, 30, 8]], "client_id": "../x"}, "params.client_id"),
+        ("[1, 2]", "params must be a JSON object"),
+        ("{not json", "params is not valid JSON"),
+    ],
+)
 def test_wrong_parameters_are_422_naming_the_field(site, guard, params, field):
     response = infer(site, "icl_sam2_interactive", "case1", params)
     assert response.status_code == 422 and field in _detail(response), (response.status_code, _detail(response))
@@ -280,9 +335,20 @@ def test_over_long_and_slashed_image_ids_are_400(site, guard):
 
 def test_plugin_extras_are_accepted(site, guard):
     """What OHIF and Slicer send besides the model's own fields is ignored, not an error."""
-    response = infer(site, "icl_sam2_interactive", "case1", {"foreground": [[30, 30, 8]], "background": [],
-                                                              "roi": [], "result_compress": False, "largest_cc": False,
-                                                              "result_extension": "nrrd", "result_dtype": "uint8"})
+    response = infer(
+        site,
+        "icl_sam2_interactive",
+        "case1",
+        {
+            "foreground": [[30, 30, 8]],
+            "background": [],
+            "roi": [],
+            "result_compress": False,
+            "largest_cc": False,
+            "result_extension": "nrrd",
+            "result_dtype": "uint8",
+        },
+    )
     assert response.status_code == 200, _detail(response)
 
 

@@ -17,8 +17,13 @@ from .conftest import ROOT, Server
 
 pytestmark = pytest.mark.slow  # a real MONAI Label server
 
-SETTINGS = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "max_slice_fraction": 0.5,
-            "max_volume_mm3": 4000.0}
+SETTINGS = {
+    "points_per_side": 4,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "max_slice_fraction": 0.5,
+    "max_volume_mm3": 4000.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +32,27 @@ def study(tmp_path_factory):
     studies = root / "studies"
     studies.mkdir()
     write_lesion_phantom(studies / "case0.nii.gz")
-    server = Server(studies, {"models": "icl_sam2,lesion_proposals", "preset": "tiny", "image_size": "64",
-                              "labels": json.dumps({"lesion": 1}), "device": "cpu", "modality": "MRI",
-                              "proposal_settings": json.dumps(SETTINGS), "checkpoint": str(root / "model.pt")},
-                    root / "server.log", env={"PYTHONPATH": str(ROOT)})  # this checkout's model_core, not the installed one
-    yield {"root": root, "studies": studies, "server": server,
-           "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester")}
+    server = Server(
+        studies,
+        {
+            "models": "icl_sam2,lesion_proposals",
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps({"lesion": 1}),
+            "device": "cpu",
+            "modality": "MRI",
+            "proposal_settings": json.dumps(SETTINGS),
+            "checkpoint": str(root / "model.pt"),
+        },
+        root / "server.log",
+        env={"PYTHONPATH": str(ROOT)},
+    )  # this checkout's model_core, not the installed one
+    yield {
+        "root": root,
+        "studies": studies,
+        "server": server,
+        "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester"),
+    }
     server.stop()
 
 
@@ -81,12 +101,15 @@ def test_proposals_then_accepted_candidates_saved_as_final(study):
     assert np.array_equal(saved, accepted)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"accept": [999]}, "params.accept: [999] are not candidates"),
-    ({"save_label": True}, "give accept"),
-    ({"points_per_side": 0}, "params.points_per_side"),
-    ({"min_volume_mm3": 50.0, "max_volume_mm3": 10.0}, "max_volume_mm3"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"accept": [999]}, "params.accept: [999] are not candidates"),
+        ({"save_label": True}, "give accept"),
+        ({"points_per_side": 0}, "params.points_per_side"),
+        ({"min_volume_mm3": 50.0, "max_volume_mm3": 10.0}, "max_volume_mm3"),
+    ],
+)
 def test_bad_proposal_requests_are_422_with_the_reason(study, params, message):
     with pytest.raises(MONAILabelClientException) as error:
         _infer(study, params)

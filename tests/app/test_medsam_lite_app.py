@@ -38,11 +38,28 @@ def study(tmp_path_factory):
     affine = np.diag([-0.9, -0.9, 3.0, 1.0])  # LPS-like flips and thick slices: the label must come back on this grid
     affine[:3, 3] = [40.0, 30.0, -10.0]
     nib.save(nib.Nifti1Image(image, affine), str(studies / "bright.nii.gz"))
-    server = Server(studies, {"models": "icl_sam2,medsam_lite", "preset": "tiny", "image_size": "64", "device": "cpu",
-                              "precision": "fp32", "labels": json.dumps({"object": 1}), "modality": "CT",
-                              "window": "[0, 500]", "checkpoint": str(root / "none.pt")}, root / "server.log")
-    yield {"root": root, "server": server, "object": obj, "affine": nib.load(str(studies / "bright.nii.gz")).affine,
-           "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester")}
+    server = Server(
+        studies,
+        {
+            "models": "icl_sam2,medsam_lite",
+            "preset": "tiny",
+            "image_size": "64",
+            "device": "cpu",
+            "precision": "fp32",
+            "labels": json.dumps({"object": 1}),
+            "modality": "CT",
+            "window": "[0, 500]",
+            "checkpoint": str(root / "none.pt"),
+        },
+        root / "server.log",
+    )
+    yield {
+        "root": root,
+        "server": server,
+        "object": obj,
+        "affine": nib.load(str(studies / "bright.nii.gz")).affine,
+        "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester"),
+    }
     server.stop()
 
 
@@ -74,7 +91,9 @@ def test_slicer_roi_segments_the_object_in_the_image_space(study):
     dice = _dice(label == 1, obj)
     print(f"\nmedsam_lite ROI Dice {dice:.3f}, {info['seconds']} s, slices {info['segmented_slices']}")
     assert dice > 0.8, info  # measured 0.995 on this volume
-    assert info["encoded_slices"] == roi[5] - roi[4] + 1 and sorted(info["segmented_slices"]) == list(range(roi[4], roi[5] + 1))
+    assert info["encoded_slices"] == roi[5] - roi[4] + 1 and sorted(info["segmented_slices"]) == list(
+        range(roi[4], roi[5] + 1)
+    )
 
 
 def test_ohif_box_on_one_slice(study):
@@ -86,15 +105,18 @@ def test_ohif_box_on_one_slice(study):
     assert _dice(label[:, :, 2] == 1, obj) > 0.8
 
 
-@pytest.mark.parametrize("params, field, words", [
-    ({"roi": [30, 20, 10, 60, 0, 4]}, "params.roi", "reversed"),
-    ({"roi": [20, 20, 10, 60, 0, 4]}, "params.roi", "zero size"),
-    ({"roi": [10, 120, 10, 60, 0, 4]}, "params.roi", "outside the image"),
-    ({"box": [10, 10, 50, 90], "slice": 2}, "params.box", "outside"),
-    ({"box": [10, 10, 50, 50], "slice": 5}, "params.slice", "outside"),
-    ({"box": [10, 10, 50, 50], "slice": 2, "slice_range": [4, 1]}, "params.slice_range", "reversed"),
-    ({"box": [10, 10, 50, 50]}, "slice", "needs slice"),
-])
+@pytest.mark.parametrize(
+    "params, field, words",
+    [
+        ({"roi": [30, 20, 10, 60, 0, 4]}, "params.roi", "reversed"),
+        ({"roi": [20, 20, 10, 60, 0, 4]}, "params.roi", "zero size"),
+        ({"roi": [10, 120, 10, 60, 0, 4]}, "params.roi", "outside the image"),
+        ({"box": [10, 10, 50, 90], "slice": 2}, "params.box", "outside"),
+        ({"box": [10, 10, 50, 50], "slice": 5}, "params.slice", "outside"),
+        ({"box": [10, 10, 50, 50], "slice": 2, "slice_range": [4, 1]}, "params.slice_range", "reversed"),
+        ({"box": [10, 10, 50, 50]}, "slice", "needs slice"),
+    ],
+)
 def test_a_bad_box_is_a_422_naming_the_field(study, params, field, words):
     with pytest.raises(MONAILabelClientException) as error:
         study["client"].infer("medsam_lite", "bright", params)

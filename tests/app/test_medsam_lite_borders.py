@@ -7,8 +7,6 @@ so these were accepted before too: the test keeps it that way.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -24,8 +22,9 @@ SHAPES = {"larger": (300, 280, 4), "smaller": (40, 48, 4)}
 
 @pytest.fixture(scope="module")
 def runner():
-    return LiteMedSAMRunner(medsam_lite_settings({"labels": '{"object": 1}', "device": "cpu", "precision": "fp32",
-                                                  "modality": "MRI"}))
+    return LiteMedSAMRunner(
+        medsam_lite_settings({"labels": '{"object": 1}', "device": "cpu", "precision": "fp32", "modality": "MRI"})
+    )
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -39,8 +38,10 @@ def test_boxes_touching_the_border_are_segmented_on_the_image_grid(runner, tmp_p
     nib.save(nib.Nifti1Image(volume, affine), str(path))
     # one slice each (LiteMedSAM encodes a slice in seconds on a CPU): the whole first slice, and a box in
     # the opposite corner of the last slice
-    for raw in ({"roi": [0, I - 1, 0, J - 1, 0, 0]}, {"box": [I - 6, J - 6, I - 1, J - 1], "slice": K - 1,
-                                                       "slice_range": [K - 1, K - 1]}):
+    for raw in (
+        {"roi": [0, I - 1, 0, J - 1, 0, 0]},
+        {"box": [I - 6, J - 6, I - 1, J - 1], "slice": K - 1, "slice_range": [K - 1, K - 1]},
+    ):
         seg = runner.segment(str(path), parse_params(MedSAMLiteParams, raw))
         assert tuple(seg.label.shape) == (1, I, J, K), raw
         assert np.allclose(np.asarray(seg.label.affine), affine), raw

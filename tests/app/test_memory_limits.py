@@ -15,7 +15,8 @@ from lib.infers.icl_sam2 import InteractiveInfer
 from lib.infers.medsam_lite import LiteMedSAMRunner, MedSAMLiteInfer
 from lib.settings import medsam_lite_settings
 from model_core.io.phantoms import make_phantom
-from model_core.serving.service import SegmentationService, ServiceConfig
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1}
@@ -36,9 +37,18 @@ def _busy_answer(task, request) -> HTTPException:
 
 
 def test_interactive_infer_answers_503_with_retry_after(image, tmp_path):
-    service = SegmentationService(ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, preset="tiny",
-                                                image_size=64, checkpoint=str(tmp_path / "none.pt"), window=(0, 1),
-                                                max_preprocessing=1, preprocessing_wait_s=0))
+    service = SegmentationService(
+        ServiceConfig(
+            bundle_dir=str(ROOT / "bundle"),
+            labels=LABELS,
+            preset="tiny",
+            image_size=64,
+            checkpoint=str(tmp_path / "none.pt"),
+            window=(0, 1),
+            max_preprocessing=1,
+            preprocessing_wait_s=0,
+        )
+    )
     task = InteractiveInfer(lambda: service, lambda: None, LABELS)
     with service.volume_slots.hold():
         answer = _busy_answer(task, {"image": image, "foreground": [[20, 20, 3]], "client_id": "bob"})
@@ -47,8 +57,9 @@ def test_interactive_infer_answers_503_with_retry_after(image, tmp_path):
 
 
 def test_medsam_lite_answers_503_with_retry_after(image):
-    settings = medsam_lite_settings({"labels": '{"blob": 1}', "device": "cpu", "max_preprocessing": "1",
-                                     "preprocessing_wait_s": "0"})
+    settings = medsam_lite_settings(
+        {"labels": '{"blob": 1}', "device": "cpu", "max_preprocessing": "1", "preprocessing_wait_s": "0"}
+    )
     runner = LiteMedSAMRunner(settings)
     task = MedSAMLiteInfer(lambda: runner, LABELS)
     with runner.volume_slots.hold():
@@ -56,8 +67,15 @@ def test_medsam_lite_answers_503_with_retry_after(image):
     assert answer.status_code == 503 and int(answer.headers["Retry-After"]) >= 1
 
 
-@pytest.mark.parametrize("name, value", [("max_preprocessing", "0"), ("max_preprocessing", "two"),
-                                         ("preprocessing_wait_s", "-1"), ("preprocessing_wait_s", "soon")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("max_preprocessing", "0"),
+        ("max_preprocessing", "two"),
+        ("preprocessing_wait_s", "-1"),
+        ("preprocessing_wait_s", "soon"),
+    ],
+)
 def test_bad_limits_stop_the_server_naming_the_option(name, value):
     with pytest.raises(ValueError, match=f"--conf {name}"):
         medsam_lite_settings({"labels": '{"blob": 1}', "device": "cpu", name: value})

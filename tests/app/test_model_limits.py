@@ -21,10 +21,10 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from .conftest import Server
-
 from model_core import build_icl_sam2, save_checkpoint
 from model_core.io.phantoms import make_phantom, write_phantom_dataset
+
+from .conftest import Server
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 #: images whose size is not the model's (64): (I, J, K) and voxel spacing (negative: stored flipped)
@@ -36,27 +36,52 @@ pytestmark = pytest.mark.slow  # a real MONAI Label server, training runs
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("model_limits")
-    datalist = json.loads(Path(write_phantom_dataset(str(root / "src"), train=3, validation=0, test=0,
-                                                     shape=(16, 64, 64))).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(root / "src"), train=3, validation=0, test=0, shape=(16, 64, 64))).read_text()
+    )
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for i, case in enumerate(datalist["training"]):
         shutil.copy(root / "src" / case["image"], studies / f"case{i}.nii.gz")
     for name, ((I, J, K), spacing) in BORDER_IMAGES.items():
         image, _ = make_phantom((K, J, I), seed=3)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
-                                 np.diag([*spacing, 1.0])), str(studies / f"{name}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(
+                np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32), np.diag([*spacing, 1.0])
+            ),
+            str(studies / f"{name}.nii.gz"),
+        )
     rng = np.random.default_rng(0)
-    nib.save(nib.Nifti1Image(rng.random((256, 256, 64), dtype=np.float32), np.diag([0.8, 0.8, 1.5, 1.0])),
-             str(studies / "big.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(rng.random((256, 256, 64), dtype=np.float32), np.diag([0.8, 0.8, 1.5, 1.0])),
+        str(studies / "big.nii.gz"),
+    )
     checkpoint = root / "published" / "model.pt"
     checkpoint.parent.mkdir()
     save_checkpoint(build_icl_sam2("tiny", image_size=64), str(checkpoint))
-    server = Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu",
-                              "checkpoint": str(checkpoint), "max_preprocessing": "1", "preprocessing_wait_s": "0"},
-                    root / "server.log")
-    yield {"root": root, "studies": studies, "src": root / "src", "datalist": datalist, "server": server,
-           "url": server.url, "checkpoint": checkpoint, "log": root / "server.log"}
+    server = Server(
+        studies,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(checkpoint),
+            "max_preprocessing": "1",
+            "preprocessing_wait_s": "0",
+        },
+        root / "server.log",
+    )
+    yield {
+        "root": root,
+        "studies": studies,
+        "src": root / "src",
+        "datalist": datalist,
+        "server": server,
+        "url": server.url,
+        "checkpoint": checkpoint,
+        "log": root / "server.log",
+    }
     server.stop()
 
 
@@ -81,10 +106,11 @@ def test_clicks_on_corners_and_edges_and_a_whole_image_roi_answer_200(site, aliv
     (I, J, K), _ = BORDER_IMAGES[name]
     client = _client(site, f"border_{name}")
     corners = [[i, j, K // 2] for i in (0, I // 2, I - 1) for j in (0, J // 2, J - 1) if (i, j) != (I // 2, J // 2)]
-    path, info = client.infer("icl_sam2_interactive", name, {"foreground": corners,
-                                                             "background": [[0, 0, 0], [I - 1, J - 1, K - 1]]})
+    path, _info = client.infer(
+        "icl_sam2_interactive", name, {"foreground": corners, "background": [[0, 0, 0], [I - 1, J - 1, K - 1]]}
+    )
     _on_the_image_grid(site, path, name)
-    path, info = client.infer("icl_sam2_interactive", name, {"roi": [0, I - 1, 0, J - 1, 0, K - 1]})
+    path, _info = client.infer("icl_sam2_interactive", name, {"roi": [0, I - 1, 0, J - 1, 0, K - 1]})
     _on_the_image_grid(site, path, name)
 
 
@@ -97,9 +123,14 @@ def test_simultaneous_first_clicks_beyond_the_cap_get_503_with_retry_after(site,
 
     def first_click(n: int) -> None:
         start.wait(60)
-        answers.append(requests.post(f"{site['url']}/infer/icl_sam2_interactive", params={"image": "big"},
-                                     data={"params": json.dumps({"foreground": [[128, 128, 32]],
-                                                                 "client_id": f"burst{n}"})}, timeout=600))
+        answers.append(
+            requests.post(
+                f"{site['url']}/infer/icl_sam2_interactive",
+                params={"image": "big"},
+                data={"params": json.dumps({"foreground": [[128, 128, 32]], "client_id": f"burst{n}"})},
+                timeout=600,
+            )
+        )
 
     threads = [threading.Thread(target=first_click, args=(n,)) for n in range(4)]
     [t.start() for t in threads]
@@ -113,8 +144,9 @@ def test_simultaneous_first_clicks_beyond_the_cap_get_503_with_retry_after(site,
 
 # ---------------------------------------------------------------- case 10: training says what is wrong
 def _train(site) -> dict:
-    response = requests.post(f"{site['url']}/train/icl_sam2", json={"max_epochs": 1, "episodes_per_epoch": 2,
-                                                                    "device": "cpu"}, timeout=60)
+    response = requests.post(
+        f"{site['url']}/train/icl_sam2", json={"max_epochs": 1, "episodes_per_epoch": 2, "device": "cpu"}, timeout=60
+    )
     assert response.status_code == 200, response.text
     task = response.json()["id"]
     deadline = time.time() + 900
@@ -146,8 +178,18 @@ def test_training_names_a_bad_label_and_fails_without_publishing_when_too_few_ar
         _hand_placed(site, case, None)
     bad = _hand_placed(site, 2, 7)  # a value that is not configured, placed by hand
     deadline = time.time() + 30  # the datastore notices the files on its own
-    while len([i for i, o in requests.get(f"{site['url']}/datastore/", params={"output": "all"}, timeout=30)
-               .json()["objects"].items() if o.get("labels")]) < 3:
+    while (
+        len(
+            [
+                i
+                for i, o in requests.get(f"{site['url']}/datastore/", params={"output": "all"}, timeout=30)
+                .json()["objects"]
+                .items()
+                if o.get("labels")
+            ]
+        )
+        < 3
+    ):
         assert time.time() < deadline, "the datastore did not pick up the labels"
         time.sleep(0.5)
     before = _sha(site["checkpoint"])

@@ -11,39 +11,45 @@ from __future__ import annotations
 import json
 
 import pytest
+import requests
 
 from icl_sam2.serve import with_cors_origins
 from icl_sam2.servers import ICL_SAM2_SERVE
-import requests
-
 from lib.origin import parse_origins
 
 from . import sites
-from .conftest import ROOT
 from .sites import detail, guarded
 
 VIEWER = "http://viewer.example:3000"
 EVIL = "http://evil.example"
 
 
-@pytest.mark.parametrize("value, origins", [
-    ('["http://viewer.example:3000"]', ("http://viewer.example:3000",)),
-    ('["http://viewer.example:3000/", "HTTPS://Viewer.Example:443"]',
-     ("http://viewer.example:3000", "https://viewer.example")),
-    ("http://a.example, http://b.example:80", ("http://a.example", "http://b.example")),
-    ("[]", ()),
-    ("", ()),
-])
+@pytest.mark.parametrize(
+    "value, origins",
+    [
+        ('["http://viewer.example:3000"]', ("http://viewer.example:3000",)),
+        (
+            '["http://viewer.example:3000/", "HTTPS://Viewer.Example:443"]',
+            ("http://viewer.example:3000", "https://viewer.example"),
+        ),
+        ("http://a.example, http://b.example:80", ("http://a.example", "http://b.example")),
+        ("[]", ()),
+        ("", ()),
+    ],
+)
 def test_origins_are_written_as_browsers_send_them(value, origins):
     assert parse_origins(value) == origins
 
 
-@pytest.mark.parametrize("value, message", [
-    ('["*"]', "name the origins"),
-    ('["viewer.example"]', "is not an origin"),
-    ('["http://viewer.example/ohif"]', "is not an origin"),
-    ('{"a": 1}', "must be a JSON list"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('["*"]', "name the origins"),
+        ('["viewer.example"]', "is not an origin"),
+        ('["http://viewer.example/ohif"]', "is not an origin"),
+        ('{"a": 1}', "must be a JSON list"),
+    ],
+)
 def test_bad_origins_stop_the_server_with_a_message(value, message):
     with pytest.raises(ValueError, match=message):
         parse_origins(value)
@@ -60,8 +66,7 @@ def test_monai_label_cors_origins_becomes_our_option():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     site = sites.make_site(tmp_path_factory.mktemp("origin"))
-    server = sites.start(site, env={"MONAI_LABEL_CORS_ORIGINS": f'["{VIEWER}"]'},
-                         launcher=ICL_SAM2_SERVE)
+    server = sites.start(site, env={"MONAI_LABEL_CORS_ORIGINS": f'["{VIEWER}"]'}, launcher=ICL_SAM2_SERVE)
     yield site
     server.stop()
 
@@ -74,14 +79,20 @@ def guard(site):
 
 @pytest.mark.slow
 def test_a_named_origin_may_use_the_server(site, guard):
-    response = requests.options(f"{site['url']}/datastore/label", timeout=60,
-                                headers={"Origin": VIEWER, "Access-Control-Request-Method": "PUT"})
+    response = requests.options(
+        f"{site['url']}/datastore/label", timeout=60, headers={"Origin": VIEWER, "Access-Control-Request-Method": "PUT"}
+    )
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == VIEWER
     response = requests.get(f"{site['url']}/info/", headers={"Origin": VIEWER}, timeout=60)
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == VIEWER
     params = json.dumps({"foreground": [[30, 30, 8]], "label": "blob", "save_label": True, "label_tag": "viewer"})
-    response = requests.post(f"{site['url']}/infer/icl_sam2_interactive", params={"image": "case1"}, timeout=300,
-                             data={"params": params}, headers={"Origin": VIEWER, "Sec-Fetch-Site": "cross-site"})
+    response = requests.post(
+        f"{site['url']}/infer/icl_sam2_interactive",
+        params={"image": "case1"},
+        timeout=300,
+        data={"params": params},
+        headers={"Origin": VIEWER, "Sec-Fetch-Site": "cross-site"},
+    )
     assert response.status_code == 200 and (site["studies"] / "labels" / "viewer" / "case1.nii.gz").is_file()
 
 

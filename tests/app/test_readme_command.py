@@ -17,7 +17,6 @@ from icl_sam2.servers import free_port
 
 from .conftest import ROOT
 
-
 pytestmark = pytest.mark.slow  # starts the README's servers
 
 
@@ -39,8 +38,14 @@ def test_the_readmes_server_command_starts_on_loopback(readme, tmp_path):
     command = commands[0].replace("/data/my_study", str(studies)) + f" --port {port}"
     log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=ROOT,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -62,7 +67,7 @@ def test_the_readmes_server_command_starts_on_loopback(readme, tmp_path):
 def _block_after(readme: str, heading: str) -> list[str]:
     """The lines of the first bash block after ``heading``."""
     text = (ROOT / readme).read_text()
-    block = re.search(r"```bash\n(.*?)```", text[text.index(heading):], flags=re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", text[text.index(heading) :], flags=re.S).group(1)
     return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
@@ -76,21 +81,42 @@ def test_the_readmes_ohif_commands_start_a_pacs_a_study_and_the_server(tmp_path)
             pytest.skip(f"Orthanc is not installable here (no apt-get): {reason}")
         pytest.fail(reason)
     pacs_port, server_port = free_port(), free_port()
-    lines = [line.replace("/tmp/pacs", str(tmp_path / "pacs")).replace("8042", str(pacs_port)) for line in
-             _block_after("docs/app.md", "## Use it from OHIF")]
+    lines = [
+        line.replace("/tmp/pacs", str(tmp_path / "pacs")).replace("8042", str(pacs_port))
+        for line in _block_after("docs/app.md", "## Use it from OHIF")
+    ]
     assert len(lines) == 3 and lines[0].endswith("&") and "icl-sam2 serve" in lines[2], lines
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+    }
     started = []
     try:
-        started.append(subprocess.Popen(["bash", "-c", lines[0].rstrip("&").strip()], cwd=ROOT, env=env,
-                                        stdout=open(tmp_path / "pacs.log", "w"), stderr=subprocess.STDOUT,
-                                        start_new_session=True))
+        started.append(
+            subprocess.Popen(
+                ["bash", "-c", lines[0].rstrip("&").strip()],
+                cwd=ROOT,
+                env=env,
+                stdout=open(tmp_path / "pacs.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         study = subprocess.run(["bash", "-c", lines[1]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert study.returncode == 0, study.stderr[-3000:]
         log = tmp_path / "server.log"
-        started.append(subprocess.Popen(["bash", "-c", f"{lines[2]} --port {server_port}"], cwd=ROOT, env=env,
-                                        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        started.append(
+            subprocess.Popen(
+                ["bash", "-c", f"{lines[2]} --port {server_port}"],
+                cwd=ROOT,
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         deadline = time.time() + 180
         while True:
             assert started[-1].poll() is None, log.read_text()[-3000:]

@@ -11,8 +11,8 @@ import torch
 from monai.data import MetaTensor
 
 from lib.infers import icl_sam2 as infers  # the app's lib: pytest's pythonpath (pyproject.toml) has the app folder
-from model_core.serving.service import Segmentation
 from model_core.io.validation import InputError
+from model_core.serving.service import Segmentation
 
 
 def _segmentation(value: int) -> Segmentation:

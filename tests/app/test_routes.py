@@ -59,11 +59,17 @@ def _route_table(folder: Path, env: dict[str, str]) -> dict:
     command = [sys.executable, str(ROOT / "tests" / "app" / "route_table.py"), str(folder / "studies")]
     for key, value in {**sites.CONF, "checkpoint": str(folder / "model.pt")}.items():
         command += ["--conf", key, value]
-    done = subprocess.run(command, cwd=folder / "run", capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **env})
+    done = subprocess.run(
+        command,
+        cwd=folder / "run",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **env},
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROUTE TABLE ")]
     assert lines, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(lines[-1][len("ROUTE TABLE "):])
+    return json.loads(lines[-1][len("ROUTE TABLE ") :])
 
 
 def test_every_route_is_reviewed_and_only_the_kept_ones_are_mounted(tmp_path):
@@ -82,13 +88,27 @@ def test_every_route_is_reviewed_and_only_the_kept_ones_are_mounted(tmp_path):
         assert table["roles"][f"{method} {path}"] == (f"monailabel-{role}" if role else None), (method, path)
 
 
-@pytest.mark.parametrize("method, path", [
-    ("POST", "/infer/wsi/icl_sam2_interactive"), ("POST", "/infer/wsi_v2/medsam_lite"),
-    ("POST", "/batch/infer/icl_sam2"), ("GET", "/batch/infer"), ("GET", "/logs/"), ("GET", "/logs/gpu"),
-    ("GET", "/model/icl_sam2"), ("PUT", "/model/icl_sam2"), ("DELETE", "/model/icl_sam2"), ("POST", "/reload"),
-    ("GET", "/docs"), ("GET", "/"), ("GET", "/static/favicon.ico"), ("GET", "/proxy/dicom/qido/studies"),
-    ("POST", "/proxy/dicom/stow/studies"), ("POST", "/scoring/"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/infer/wsi/icl_sam2_interactive"),
+        ("POST", "/infer/wsi_v2/medsam_lite"),
+        ("POST", "/batch/infer/icl_sam2"),
+        ("GET", "/batch/infer"),
+        ("GET", "/logs/"),
+        ("GET", "/logs/gpu"),
+        ("GET", "/model/icl_sam2"),
+        ("PUT", "/model/icl_sam2"),
+        ("DELETE", "/model/icl_sam2"),
+        ("POST", "/reload"),
+        ("GET", "/docs"),
+        ("GET", "/"),
+        ("GET", "/static/favicon.ico"),
+        ("GET", "/proxy/dicom/qido/studies"),
+        ("POST", "/proxy/dicom/stow/studies"),
+        ("POST", "/scoring/"),
+    ],
+)
 def test_routes_not_mounted_answer_404(site, guard, method, path):
     """Case 2: whole-slide inference took a server path as the image; now it is not mounted. Case 8: batch
     inference on CPU and the proxy without a PACS were 500s."""
@@ -103,10 +123,13 @@ def test_routes_not_mounted_answer_404(site, guard, method, path):
     assert response.status_code == (405 if path == "/scoring/" else 404), (response.status_code, response.text[:300])
 
 
-@pytest.mark.parametrize("method, path, params", [
-    ("DELETE", "/datastore/", {"id": "case3"}),
-    ("PUT", "/datastore/updatelabelinfo", {"label": "case0", "tag": "final"}),
-])
+@pytest.mark.parametrize(
+    "method, path, params",
+    [
+        ("DELETE", "/datastore/", {"id": "case3"}),
+        ("PUT", "/datastore/updatelabelinfo", {"label": "case0", "tag": "final"}),
+    ],
+)
 def test_deprecated_aliases_are_not_mounted(site, guard, method, path, params):
     response = requests.request(method, f"{site['url']}{path}", params=params, data={"params": "{}"}, timeout=60)
     assert response.status_code in (404, 405) and (site["studies"] / "case3.nii.gz").is_file()
@@ -130,8 +153,12 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
 
 
 def _session(site, body: bytes, name: str = "upload.tar.gz", uncompress: bool = True):
-    return requests.put(f"{site['url']}/session/", params={"uncompress": str(uncompress).lower()},
-                        files={"files": (name, body)}, timeout=120)
+    return requests.put(
+        f"{site['url']}/session/",
+        params={"uncompress": str(uncompress).lower()},
+        files={"files": (name, body)},
+        timeout=120,
+    )
 
 
 def _relative(target: Path) -> str:
@@ -139,8 +166,9 @@ def _relative(target: Path) -> str:
     return os.path.relpath(str(target), os.path.join(tempfile.gettempdir(), "x"))
 
 
-@pytest.mark.parametrize("case", ["dotdot", "onto_final_label", "absolute", "symlink", "hardlink", "device",
-                                  "zip_dotdot"])
+@pytest.mark.parametrize(
+    "case", ["dotdot", "onto_final_label", "absolute", "symlink", "hardlink", "device", "zip_dotdot"]
+)
 def test_session_archives_cannot_write_outside_the_session(site, guard, case):
     root, final = site["root"], _final(site)
     sessions_before = set(os.listdir(root / "sessions"))
@@ -191,13 +219,18 @@ def test_a_session_volume_is_segmented_and_never_stored(site, guard):
     assert Path(response.json()["session_info"]["path"]).resolve().is_relative_to((site["root"] / "sessions").resolve())
     params = {"foreground": [[30, 30, 8]], "label": "blob", "save_label": True, "label_tag": "fromsession"}
     query = {"session_id": session_id, "image": "CT Chest (2)"}  # Slicer sends its volume node's name beside a session
-    response = requests.post(f"{site['url']}/infer/icl_sam2_interactive", params=query,
-                             data={"params": json.dumps(params)}, timeout=300)
+    response = requests.post(
+        f"{site['url']}/infer/icl_sam2_interactive", params=query, data={"params": json.dumps(params)}, timeout=300
+    )
     assert response.status_code == 200, detail(response)
     assert not (site["studies"] / "labels" / "fromsession").exists(), "a session's result reached the datastore"
     assert requests.delete(f"{site['url']}/session/{session_id}", timeout=60).status_code == 200
-    response = requests.post(f"{site['url']}/infer/icl_sam2_interactive", params={"session_id": session_id},
-                             data={"params": json.dumps(params)}, timeout=300)
+    response = requests.post(
+        f"{site['url']}/infer/icl_sam2_interactive",
+        params={"session_id": session_id},
+        data={"params": json.dumps(params)},
+        timeout=300,
+    )
     assert response.status_code == 404 and "not found" in detail(response)
 
 
@@ -228,21 +261,25 @@ def test_a_fault_is_a_500_with_an_incident_id_and_its_cause_logged(site, guard):
 
 # ---------------------------------------------------------------- case 8: one error rule
 def _infer(site, model: str, params: str, image: str = "case1", **kwargs):
-    return requests.post(f"{site['url']}/infer/{model}", params={"image": image}, data={"params": params},
-                         timeout=300, **kwargs)
+    return requests.post(
+        f"{site['url']}/infer/{model}", params={"image": image}, data={"params": params}, timeout=300, **kwargs
+    )
 
 
 BIG = "9" * 400  # beyond a float: OverflowError in a finite check
 
 
-@pytest.mark.parametrize("model, params, field", [
-    ("icl_sam2_interactive", f'{{"foreground": [[{BIG}, 30, 8]]}}', "params.foreground[0][0]"),
-    ("icl_sam2_interactive", f'{{"foreground": [[30, 30, 8]], "roi": [1, 2, 3, {BIG}, 5, 6]}}', "params.roi[3]"),
-    ("medsam_lite", f'{{"box": [10, 10, 40, 40], "slice": {BIG}}}', "params.slice"),
-    ("medsam_lite", f'{{"roi": [10, {BIG}, 10, 40, 2, 8]}}', "params.roi[1]"),
-    ("lesion_proposals", f'{{"min_volume_mm3": {BIG}}}', "params.min_volume_mm3"),
-    ("icl_sam2", f'{{"anything": {{"deep": [{BIG}]}}}}', "params.anything.deep[0]"),
-])
+@pytest.mark.parametrize(
+    "model, params, field",
+    [
+        ("icl_sam2_interactive", f'{{"foreground": [[{BIG}, 30, 8]]}}', "params.foreground[0][0]"),
+        ("icl_sam2_interactive", f'{{"foreground": [[30, 30, 8]], "roi": [1, 2, 3, {BIG}, 5, 6]}}', "params.roi[3]"),
+        ("medsam_lite", f'{{"box": [10, 10, 40, 40], "slice": {BIG}}}', "params.slice"),
+        ("medsam_lite", f'{{"roi": [10, {BIG}, 10, 40, 2, 8]}}', "params.roi[1]"),
+        ("lesion_proposals", f'{{"min_volume_mm3": {BIG}}}', "params.min_volume_mm3"),
+        ("icl_sam2", f'{{"anything": {{"deep": [{BIG}]}}}}', "params.anything.deep[0]"),
+    ],
+)
 def test_numbers_with_hundreds_of_digits_are_422_naming_the_field(site, guard, model, params, field):
     response = _infer(site, model, params)
     assert response.status_code == 422 and field in detail(response), detail(response)
@@ -254,41 +291,86 @@ def test_numbers_with_thousands_of_digits_are_4xx(site, guard):
     response = _infer(site, "icl_sam2", f'{{"x": {huge}}}')
     assert response.status_code == 422 and "params is not valid JSON" in detail(response)
     for path in ("/activelearning/random", "/train/icl_sam2", "/scoring/icl_sam2_confidence"):
-        response = requests.post(f"{site['url']}{path}", data=f'{{"x": {huge}}}',
-                                 headers={"content-type": "application/json"}, timeout=60)
+        response = requests.post(
+            f"{site['url']}{path}", data=f'{{"x": {huge}}}', headers={"content-type": "application/json"}, timeout=60
+        )
         assert 400 <= response.status_code < 500, (path, response.status_code)
     response = requests.post(f"{site['url']}/activelearning/random", json={"x": [int(BIG)]}, timeout=60)
     assert response.status_code == 422 and "params.x[0]" in detail(response)
 
 
-@pytest.mark.parametrize("method, path, kwargs, status, message", [
-    ("POST", "/activelearning/nope", {"json": {}}, 404, "Unknown strategy 'nope'"),
-    ("POST", "/scoring/nope", {"json": {}}, 404, "Unknown scoring method 'nope'"),
-    ("POST", "/train/nope", {"json": {}}, 404, "Unknown model 'nope'"),
-    ("DELETE", "/datastore/image", {"params": {"id": "nope"}}, 404, "Image 'nope' is not in the datastore"),
-    ("PUT", "/datastore/image/info", {"params": {"image": "nope"}, "data": {"info": "{}"}}, 404,
-     "Image 'nope' is not in the datastore"),
-    ("PUT", "/datastore/image/info", {"params": {"image": "case1"}, "data": {"info": "[1]"}}, 422,
-     "info must be a JSON object"),
-    ("PUT", "/datastore/image/info", {"params": {"image": "case1"}, "data": {"info": "{not json"}}, 422,
-     "info is not valid JSON"),
-    ("PUT", "/datastore/label/info", {"params": {"label": "case1", "tag": "final"}, "data": {"info": "{}"}}, 404,
-     "has no label tagged 'final'"),
-    ("DELETE", "/datastore/label", {"params": {"id": "case0", "tag": "../../x"}}, 400,
-     "tag '../../x' is not a valid id"),
-    ("DELETE", "/datastore/label", {"params": {"id": "../case0", "tag": "final"}}, 400,
-     "id '../case0' is not a valid id"),
-    ("GET", "/datastore/label", {"params": {"label": "case0", "tag": "../final"}}, 400,
-     "tag '../final' is not a valid id"),
-    ("GET", "/datastore/image", {"params": {"image": "/etc/hostname"}}, 400, "is not a valid id"),
-    ("HEAD", "/datastore/image", {"params": {"image": "case1", "check_sum": "SHA1:abc"}}, 400, None),
-    ("POST", "/infer/icl_sam2", {"params": {"image": "case1", "output": "dicom_seg"}, "data": {"params": "{}"}}, 400,
-     "output=dicom_seg needs a DICOMweb datastore"),
-    ("GET", "/datastore/dataset", {"params": {"limit_cases": "9" * 5000}}, 422, "query.limit_cases"),
-    ("GET", "/datastore/dataset", {"params": {"limit_cases": "many"}}, 422, "query.limit_cases"),
-])
-def test_client_mistakes_on_monai_label_routes_are_4xx_naming_what_is_wrong(site, guard, method, path, kwargs, status,
-                                                                          message):
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, message",
+    [
+        ("POST", "/activelearning/nope", {"json": {}}, 404, "Unknown strategy 'nope'"),
+        ("POST", "/scoring/nope", {"json": {}}, 404, "Unknown scoring method 'nope'"),
+        ("POST", "/train/nope", {"json": {}}, 404, "Unknown model 'nope'"),
+        ("DELETE", "/datastore/image", {"params": {"id": "nope"}}, 404, "Image 'nope' is not in the datastore"),
+        (
+            "PUT",
+            "/datastore/image/info",
+            {"params": {"image": "nope"}, "data": {"info": "{}"}},
+            404,
+            "Image 'nope' is not in the datastore",
+        ),
+        (
+            "PUT",
+            "/datastore/image/info",
+            {"params": {"image": "case1"}, "data": {"info": "[1]"}},
+            422,
+            "info must be a JSON object",
+        ),
+        (
+            "PUT",
+            "/datastore/image/info",
+            {"params": {"image": "case1"}, "data": {"info": "{not json"}},
+            422,
+            "info is not valid JSON",
+        ),
+        (
+            "PUT",
+            "/datastore/label/info",
+            {"params": {"label": "case1", "tag": "final"}, "data": {"info": "{}"}},
+            404,
+            "has no label tagged 'final'",
+        ),
+        (
+            "DELETE",
+            "/datastore/label",
+            {"params": {"id": "case0", "tag": "../../x"}},
+            400,
+            "tag '../../x' is not a valid id",
+        ),
+        (
+            "DELETE",
+            "/datastore/label",
+            {"params": {"id": "../case0", "tag": "final"}},
+            400,
+            "id '../case0' is not a valid id",
+        ),
+        (
+            "GET",
+            "/datastore/label",
+            {"params": {"label": "case0", "tag": "../final"}},
+            400,
+            "tag '../final' is not a valid id",
+        ),
+        ("GET", "/datastore/image", {"params": {"image": "/etc/hostname"}}, 400, "is not a valid id"),
+        ("HEAD", "/datastore/image", {"params": {"image": "case1", "check_sum": "SHA1:abc"}}, 400, None),
+        (
+            "POST",
+            "/infer/icl_sam2",
+            {"params": {"image": "case1", "output": "dicom_seg"}, "data": {"params": "{}"}},
+            400,
+            "output=dicom_seg needs a DICOMweb datastore",
+        ),
+        ("GET", "/datastore/dataset", {"params": {"limit_cases": "9" * 5000}}, 422, "query.limit_cases"),
+        ("GET", "/datastore/dataset", {"params": {"limit_cases": "many"}}, 422, "query.limit_cases"),
+    ],
+)
+def test_client_mistakes_on_monai_label_routes_are_4xx_naming_what_is_wrong(
+    site, guard, method, path, kwargs, status, message
+):
     before = tree(site["studies"])
     response = requests.request(method, f"{site['url']}{path}", timeout=120, **kwargs)
     assert response.status_code == status, (response.status_code, response.text[:300])
@@ -302,19 +384,26 @@ def test_client_mistakes_on_monai_label_routes_are_4xx_naming_what_is_wrong(site
 def test_a_label_upload_with_bad_params_is_422_and_stores_nothing(site, guard, params):
     before = tree(site["studies"] / "labels")
     with open(site["label"], "rb") as f:
-        response = requests.put(f"{site['url']}/datastore/label", params={"image": "case0", "tag": "final"},
-                                data={"params": params}, files={"label": ("label.nii.gz", f)}, timeout=120)
+        response = requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": "case0", "tag": "final"},
+            data={"params": params},
+            files={"label": ("label.nii.gz", f)},
+            timeout=120,
+        )
     assert response.status_code == 422 and "params" in detail(response), detail(response)
     assert tree(site["studies"] / "labels") == before
 
 
-@pytest.mark.parametrize("path, field", [("/datastore/image", "file"), ("/datastore/label", "label"),
-                                         ("/session/", "files")])
+@pytest.mark.parametrize(
+    "path, field", [("/datastore/image", "file"), ("/datastore/label", "label"), ("/session/", "files")]
+)
 def test_upload_names_too_long_for_the_file_system_are_400(site, guard, path, field):
     name = "a." + "b" * 300 + ".nii.gz"
     with open(site["studies"] / "case2.nii.gz", "rb") as f:
-        response = requests.put(f"{site['url']}{path}", params={"image": "case2", "tag": "final"},
-                                files={field: (name, f)}, timeout=120)
+        response = requests.put(
+            f"{site['url']}{path}", params={"image": "case2", "tag": "final"}, files={field: (name, f)}, timeout=120
+        )
     assert response.status_code == 400 and f"{field}: the file name has" in detail(response), detail(response)
 
 
@@ -332,30 +421,48 @@ EVIL = "http://evil.example"
 def test_no_cross_origin_access_not_even_reads(site, guard):
     response = requests.get(f"{site['url']}/datastore/", params={"output": "all"}, headers={"Origin": EVIL}, timeout=60)
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
-    response = requests.options(f"{site['url']}/datastore/label", timeout=60,
-                                headers={"Origin": EVIL, "Access-Control-Request-Method": "DELETE"})
+    response = requests.options(
+        f"{site['url']}/datastore/label",
+        timeout=60,
+        headers={"Origin": EVIL, "Access-Control-Request-Method": "DELETE"},
+    )
     assert "access-control-allow-origin" not in response.headers and response.status_code >= 400
 
 
 @pytest.mark.parametrize("encoding", ["urlencoded", "multipart", "text/plain"])
 def test_a_cross_origin_form_post_is_refused_and_stores_nothing(site, guard, encoding):
     params = json.dumps({"foreground": [[30, 30, 8]], "label": "blob", "save_label": True, "label_tag": "evil"})
-    body = {"urlencoded": {"data": {"params": params}},
-            "multipart": {"files": {"params": (None, params)}},
-            "text/plain": {"data": f"params={params}", "headers": {"Content-Type": "text/plain"}}}[encoding]
+    body = {
+        "urlencoded": {"data": {"params": params}},
+        "multipart": {"files": {"params": (None, params)}},
+        "text/plain": {"data": f"params={params}", "headers": {"Content-Type": "text/plain"}},
+    }[encoding]
     headers = {"Origin": EVIL, **body.pop("headers", {})}
-    response = requests.post(f"{site['url']}/infer/icl_sam2_interactive", params={"image": "case1"}, headers=headers,
-                             timeout=300, **body)
+    response = requests.post(
+        f"{site['url']}/infer/icl_sam2_interactive", params={"image": "case1"}, headers=headers, timeout=300, **body
+    )
     assert response.status_code == 403 and "Cross-origin request refused" in detail(response), detail(response)
     assert not (site["studies"] / "labels" / "evil").exists()
 
 
-@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                                     {"Origin": "null"}, {"Origin": "http://127.0.0.1:1"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:1"},
+    ],
+)
 def test_requests_a_browser_marks_as_cross_site_are_refused(site, guard, headers):
     with open(site["label"], "rb") as f:
-        response = requests.put(f"{site['url']}/datastore/label", params={"image": "case0", "tag": "final"},
-                                files={"label": ("label.nii.gz", f)}, headers=headers, timeout=120)
+        response = requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": "case0", "tag": "final"},
+            files={"label": ("label.nii.gz", f)},
+            headers=headers,
+            timeout=120,
+        )
     assert response.status_code == 403 and "Cross-origin request refused" in detail(response)
     response = requests.delete(f"{site['url']}/datastore/image", params={"id": "case3"}, headers=headers, timeout=60)
     assert response.status_code == 403 and (site["studies"] / "case3.nii.gz").is_file()

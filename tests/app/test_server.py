@@ -15,9 +15,9 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from .conftest import Server
-
 from model_core.io.phantoms import write_phantom_dataset as make_dataset
+
+from .conftest import Server
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 SHAPE = (64, 64, 16)  # i, j, k of the NIfTI files (axial slices along k)
@@ -29,18 +29,35 @@ pytestmark = pytest.mark.slow  # a real MONAI Label server per module
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
-    datalist = json.loads(Path(make_dataset(str(root / "src"), train=5, validation=0, test=0,
-                                            shape=(SHAPE[2], SHAPE[0], SHAPE[1]))).read_text())
+    datalist = json.loads(
+        Path(
+            make_dataset(str(root / "src"), train=5, validation=0, test=0, shape=(SHAPE[2], SHAPE[0], SHAPE[1]))
+        ).read_text()
+    )
     studies = root / "studies"
     studies.mkdir()
     labels = {}
     for i, case in enumerate(datalist["training"]):
         shutil.copy(root / "src" / case["image"], studies / f"case{i}.nii.gz")
         labels[f"case{i}"] = root / "src" / case["label"]
-    server = Server(studies, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu",
-                              "checkpoint": str(root / "published" / "model.pt")}, root / "server.log")
-    yield {"root": root, "studies": studies, "labels": labels, "server": server,
-           "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester")}
+    server = Server(
+        studies,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(root / "published" / "model.pt"),
+        },
+        root / "server.log",
+    )
+    yield {
+        "root": root,
+        "studies": studies,
+        "labels": labels,
+        "server": server,
+        "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester"),
+    }
     server.stop()
 
 
@@ -49,7 +66,9 @@ def _status(error: MONAILabelClientException) -> int:
 
 
 def _infer(study, model, image, params, client_id="tester"):
-    client = MONAILabelClient(study["server"].url, tmpdir=str(study["root"] / "client" / client_id), client_id=client_id)
+    client = MONAILabelClient(
+        study["server"].url, tmpdir=str(study["root"] / "client" / client_id), client_id=client_id
+    )
     start = time.perf_counter()
     path, info = client.infer(model, image, params)
     info = json.loads(info) if isinstance(info, (bytes, str)) else info
@@ -108,15 +127,17 @@ def test_save_label_then_in_context_segmentation_in_the_image_space(study):
 
 def test_a_follow_up_click_does_not_encode_the_image_again(study):
     first_params = {"foreground": [[32, 30, 8]], "background": [[4, 4, 8]], "label": "blob"}
-    path, first, t1 = _infer(study, "icl_sam2_interactive", "case3", first_params)
+    _path, first, t1 = _infer(study, "icl_sam2_interactive", "case3", first_params)
     assert first["encoded_slices"] == SHAPE[2]  # every slice once
     more = {**first_params, "foreground": [[32, 30, 8], [33, 31, 10]]}
     path2, second, t2 = _infer(study, "icl_sam2_interactive", "case3", more)
     assert second["encoded_slices"] == 0 and second["prompted_slices"] == [8, 10]
-    label, affine = _label(path2)
+    label, _affine = _label(path2)
     assert label.shape == SHAPE and set(np.unique(label).tolist()) <= {0, LABELS["blob"]}
-    print(f"\ninteractive: first click {t1:.2f} s, follow-up click {t2:.2f} s (image encoder calls: "
-          f"{first['encoded_slices']} then {second['encoded_slices']})")
+    print(
+        f"\ninteractive: first click {t1:.2f} s, follow-up click {t2:.2f} s (image encoder calls: "
+        f"{first['encoded_slices']} then {second['encoded_slices']})"
+    )
 
 
 def test_a_box_segments_within_its_slices_and_can_start_from_in_context(study):
@@ -126,8 +147,9 @@ def test_a_box_segments_within_its_slices_and_can_start_from_in_context(study):
     assert set(np.unique(label).tolist()) <= {0, LABELS["tube"]}
     assert not label[..., :5].any() and not label[..., 10:].any()  # nothing outside the ROI's slices
     assert info["encoded_slices"] == 0  # same client, same image: the session's features
-    path, info, _ = _infer(study, "icl_sam2_interactive", "case3",
-                           {"foreground": [[32, 30, 8]], "label": "blob", "from_in_context": True})
+    path, info, _ = _infer(
+        study, "icl_sam2_interactive", "case3", {"foreground": [[32, 30, 8]], "label": "blob", "from_in_context": True}
+    )
     label, _ = _label(path)
     assert set(np.unique(label).tolist()) <= {0, *LABELS.values()}  # the in-context map, corrected
 
@@ -141,7 +163,10 @@ def test_two_sessions_on_two_images_stay_isolated(study):
     def run(name, image, params):
         results[name] = _infer(study, "icl_sam2_interactive", image, params, client_id=name)
 
-    threads = [threading.Thread(target=run, args=("alice", "case4", a)), threading.Thread(target=run, args=("bob", "case2", b))]
+    threads = [
+        threading.Thread(target=run, args=("alice", "case4", a)),
+        threading.Thread(target=run, args=("bob", "case2", b)),
+    ]
     [t.start() for t in threads]
     [t.join() for t in threads]
     # alice's result did not change with bob working in parallel, and bob's session is his own
@@ -151,13 +176,16 @@ def test_two_sessions_on_two_images_stay_isolated(study):
     assert results["bob"][1]["sessions"] >= 2
 
 
-@pytest.mark.parametrize("params, status, message", [
-    ({"foreground": [[300, 30, 8]]}, 400, "outside the image"),
-    ({"foreground": [[3, 3]]}, 422, "params.foreground[0]: List should have at least 3 items"),
-    ({"roi": [20, 20, 10, 40, 4, 12]}, 400, "zero size"),
-    ({"label": "liver", "foreground": [[3, 3, 3]]}, 400, "Unknown label 'liver'"),
-    ({}, 400, "Nothing to segment from"),
-])
+@pytest.mark.parametrize(
+    "params, status, message",
+    [
+        ({"foreground": [[300, 30, 8]]}, 400, "outside the image"),
+        ({"foreground": [[3, 3]]}, 422, "params.foreground[0]: List should have at least 3 items"),
+        ({"roi": [20, 20, 10, 40, 4, 12]}, 400, "zero size"),
+        ({"label": "liver", "foreground": [[3, 3, 3]]}, 400, "Unknown label 'liver'"),
+        ({}, 400, "Nothing to segment from"),
+    ],
+)
 def test_bad_interactive_requests_are_4xx_with_the_reason(study, params, status, message):
     with pytest.raises(MONAILabelClientException) as error:
         study["client"].infer("icl_sam2_interactive", "case3", params)
@@ -197,8 +225,10 @@ def test_training_publishes_a_model_that_the_next_inference_uses(study):
         _save(study, case)
     _, before, _ = _infer(study, "icl_sam2", "case3", {})
     client = study["client"]
-    client.train_start("icl_sam2", {"max_epochs": 1, "episodes_per_epoch": 4, "train_encoder": "all",
-                                    "learning_rate": 1e-3, "device": "cpu"})
+    client.train_start(
+        "icl_sam2",
+        {"max_epochs": 1, "episodes_per_epoch": 4, "train_encoder": "all", "learning_rate": 1e-3, "device": "cpu"},
+    )
     deadline = time.time() + 600
     while time.time() < deadline:
         status = client.train_status()
@@ -212,9 +242,10 @@ def test_training_publishes_a_model_that_the_next_inference_uses(study):
     assert after["untrained"] is False and after["checkpoint"] == str(published)
     assert after["model_version"] != before["model_version"]
     # the version is the published weights': a network loaded from the file has the same fingerprint
+    import hashlib
+
     from model_core import build_icl_sam2
     from model_core.serving.service import SegmentationService  # noqa: F401  (fingerprint as the service computes it)
-    import hashlib
 
     network = build_icl_sam2("tiny", image_size=64, checkpoint=str(published))
     assert hashlib.sha1(json.dumps(network.architecture["weights"]).encode()).hexdigest()[:12] == after["model_version"]

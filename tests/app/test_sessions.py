@@ -38,16 +38,19 @@ def _refused(path: Path, folder: Path, **limits) -> InputError:
     return caught.value
 
 
-@pytest.mark.parametrize("name, kind, message", [
-    ("../escaped.txt", tarfile.REGTYPE, "has a '..' in its name"),
-    ("a/../../escaped.txt", tarfile.REGTYPE, "has a '..' in its name"),
-    ("/tmp/escaped.txt", tarfile.REGTYPE, "has an absolute name"),
-    ("link", tarfile.SYMTYPE, "is a symbolic link"),
-    ("hard", tarfile.LNKTYPE, "is a hard link"),
-    ("null", tarfile.CHRTYPE, "is a device file"),
-    ("disk", tarfile.BLKTYPE, "is a device file"),
-    ("pipe", tarfile.FIFOTYPE, "is a FIFO"),
-])
+@pytest.mark.parametrize(
+    "name, kind, message",
+    [
+        ("../escaped.txt", tarfile.REGTYPE, "has a '..' in its name"),
+        ("a/../../escaped.txt", tarfile.REGTYPE, "has a '..' in its name"),
+        ("/tmp/escaped.txt", tarfile.REGTYPE, "has an absolute name"),
+        ("link", tarfile.SYMTYPE, "is a symbolic link"),
+        ("hard", tarfile.LNKTYPE, "is a hard link"),
+        ("null", tarfile.CHRTYPE, "is a device file"),
+        ("disk", tarfile.BLKTYPE, "is a device file"),
+        ("pipe", tarfile.FIFOTYPE, "is a FIFO"),
+    ],
+)
 @pytest.mark.parametrize("mode", ["w", "w:gz"])
 def test_unsafe_tar_members_are_refused_by_name(tmp_path, name, kind, message, mode):
     data = b"x" if kind == tarfile.REGTYPE else None
@@ -68,7 +71,7 @@ def test_unsafe_zip_members_are_refused_by_name(tmp_path):
         assert repr(name) in str(error), str(error)
     with zipfile.ZipFile(tmp_path / "link.zip", "w") as archive:
         info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)  # a symbolic link, as Info-ZIP stores one
+        info.external_attr = 0o120777 << 16  # a symbolic link, as Info-ZIP stores one
         archive.writestr(info, "/etc/hostname")
     assert "is a symbolic link" in str(_refused(tmp_path / "link.zip", tmp_path / "out"))
 
@@ -97,9 +100,15 @@ def test_a_file_that_is_no_archive_is_a_400(tmp_path):
 
 
 def test_a_safe_archive_becomes_a_session_with_one_volume(tmp_path):
-    archive = tar(tmp_path / "ok.tgz", [("series", None, tarfile.DIRTYPE),
-                                        ("series/ct.nii.gz", b"volume", tarfile.REGTYPE),
-                                        ("series/notes.txt", b"text", tarfile.REGTYPE)], "w:gz")
+    archive = tar(
+        tmp_path / "ok.tgz",
+        [
+            ("series", None, tarfile.DIRTYPE),
+            ("series/ct.nii.gz", b"volume", tarfile.REGTYPE),
+            ("series/notes.txt", b"text", tarfile.REGTYPE),
+        ],
+        "w:gz",
+    )
     sessions = CheckedSessions(str(tmp_path / "store"), 3600, max_files=10, max_bytes=1 << 20)
     session_id, info = sessions.add_session(str(archive), uncompress=True)
     volume = sessions.volume(info.image)

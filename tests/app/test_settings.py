@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lib.settings import service_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,17 +16,22 @@ APP = str(ROOT / "monailabel_app")
 def test_incremental_corrections_are_on_by_default_and_configurable():
     config = service_config(dict(BASE), APP)
     assert (config.incremental, config.incremental_patience, config.incremental_iou) == (True, 3, 0.98)
-    config = service_config({**BASE, "incremental": "false", "incremental_patience": "5", "incremental_iou": "0.9"}, APP)
+    config = service_config(
+        {**BASE, "incremental": "false", "incremental_patience": "5", "incremental_iou": "0.9"}, APP
+    )
     assert (config.incremental, config.incremental_patience, config.incremental_iou) == (False, 5, 0.9)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("incremental", "maybe", "--conf incremental must be true or false, got 'maybe'"),
-    ("incremental_patience", "0", "--conf incremental_patience must be a whole number of at least 1, got '0'"),
-    ("incremental_patience", "2.5", "--conf incremental_patience must be a whole number of at least 1, got '2.5'"),
-    ("incremental_iou", "1.5", "--conf incremental_iou must be a number from 0 to 1, got '1.5'"),
-    ("incremental_iou", "x", "--conf incremental_iou must be a number from 0 to 1, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("incremental", "maybe", "--conf incremental must be true or false, got 'maybe'"),
+        ("incremental_patience", "0", "--conf incremental_patience must be a whole number of at least 1, got '0'"),
+        ("incremental_patience", "2.5", "--conf incremental_patience must be a whole number of at least 1, got '2.5'"),
+        ("incremental_iou", "1.5", "--conf incremental_iou must be a number from 0 to 1, got '1.5'"),
+        ("incremental_iou", "x", "--conf incremental_iou must be a number from 0 to 1, got 'x'"),
+    ],
+)
 def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
     with pytest.raises(ValueError) as e:
         service_config({**BASE, key: value}, APP)

@@ -22,15 +22,16 @@ import model_core.workflows.inferers
 from lib.datastore import CheckedDatastore
 from lib.trainers.icl_sam2 import ICLSAM2Train, TrainingFailed, root_cause
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.workflows.episodes import EpisodeDataset
 from model_core.io.phantoms import write_phantom_dataset
-from model_core.serving.service import ServiceConfig
 from model_core.io.validation import InputError
+from model_core.serving.config import ServiceConfig
+from model_core.workflows.episodes import EpisodeDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 #: each volume's label lacks one class, so no single volume can be validation's whole support set
 LACKS = [1, 2, 3, 1, 2]
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -38,8 +39,11 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture
 def study(tmp_path):
-    datalist = json.loads(Path(write_phantom_dataset(str(tmp_path / "src"), train=len(LACKS) + 1, validation=0, test=0,
-                                                     shape=(16, 64, 64))).read_text())
+    datalist = json.loads(
+        Path(
+            write_phantom_dataset(str(tmp_path / "src"), train=len(LACKS) + 1, validation=0, test=0, shape=(16, 64, 64))
+        ).read_text()
+    )
     studies = tmp_path / "studies"
     final = studies / "labels" / "final"
     final.mkdir(parents=True)
@@ -55,11 +59,22 @@ def study(tmp_path):
     checkpoint = tmp_path / "published" / "model.pt"
     checkpoint.parent.mkdir()
     save_checkpoint(build_icl_sam2("tiny", image_size=64), str(checkpoint))
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(checkpoint), preset="tiny",
-                           image_size=64, device="cpu")
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(checkpoint),
+        preset="tiny",
+        image_size=64,
+        device="cpu",
+    )
     trainer = ICLSAM2Train(config, str(tmp_path / "published" / "icl_sam2_training"), epochs=1, episodes=2)
     datastore = CheckedDatastore(str(studies), label_values=LABELS.values(), auto_reload=False)
-    return {"trainer": trainer, "datastore": datastore, "checkpoint": checkpoint, "bad": final / f"case{len(LACKS)}.nii.gz"}
+    return {
+        "trainer": trainer,
+        "datastore": datastore,
+        "checkpoint": checkpoint,
+        "bad": final / f"case{len(LACKS)}.nii.gz",
+    }
 
 
 REQUEST = {"model": "icl_sam2", "max_epochs": 1, "episodes_per_epoch": 2, "device": "cpu"}
@@ -73,8 +88,10 @@ def test_a_bad_label_is_left_out_and_named_and_the_support_covers_every_class(st
     skipped = result["skipped_labels"]
     assert [s["label"] for s in skipped] == [str(study["bad"].resolve())]
     assert "values [7] that are not configured labels" in skipped[0]["reason"]
-    assert any(str(study["bad"].resolve()) in r.getMessage() and "not configured labels" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        str(study["bad"].resolve()) in r.getMessage() and "not configured labels" in r.getMessage()
+        for r in caplog.records
+    )
     # every volume lacks a class, yet validation ran: its support set is two volumes that cover all three
     assert result["published"] == str(study["checkpoint"]) and _sha(study["checkpoint"]) != before
 
@@ -119,8 +136,9 @@ def test_root_cause_unwraps_the_config_parsers_errors():
 
 
 def test_episodes_name_the_label_files_of_a_class_in_too_few_volumes(tmp_path):
-    datalist = json.loads(Path(write_phantom_dataset(str(tmp_path), train=3, validation=0, test=0,
-                                                     shape=(8, 32, 32))).read_text())
+    datalist = json.loads(
+        Path(write_phantom_dataset(str(tmp_path), train=3, validation=0, test=0, shape=(8, 32, 32))).read_text()
+    )
     data = []
     for i, case in enumerate(datalist["training"]):
         label = nib.load(str(tmp_path / case["label"]))
@@ -132,7 +150,9 @@ def test_episodes_name_the_label_files_of_a_class_in_too_few_volumes(tmp_path):
         data.append({"image": str(tmp_path / case["image"]), "label": str(path)})
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
 
-    transform = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]), ScaleIntensityd("image")])
+    transform = Compose(
+        [LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]), ScaleIntensityd("image")]
+    )
     with pytest.raises(ValueError) as error:
         EpisodeDataset(data, transform, [1, 2, 3], num_support=1, num_query=1, image_size=32)
     message = str(error.value)

@@ -27,8 +27,16 @@ def test_evaluation_and_inference_load_the_best_checkpoint(tmp_path, layers):
     save_checkpoint(final, str(tmp_path / "model_final.pt"))
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in layers])
-    parser.update({"bundle_root": str(tmp_path), "ckpt_dir": str(tmp_path), "preset": "tiny", "image_size": 64,
-                   "device": "$torch.device('cpu')", "pretrained_checkpoint": None})
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "ckpt_dir": str(tmp_path),
+            "preset": "tiny",
+            "image_size": 64,
+            "device": "$torch.device('cpu')",
+            "pretrained_checkpoint": None,
+        }
+    )
     parser.parse()
     assert Path(parser.get_parsed_content("checkpoint")) == tmp_path / "model.pt"
     for i in range(len(parser["initialize"])):  # what `monai.bundle run` does first: load the weights

@@ -93,16 +93,25 @@ def series_affine(spacing=SPACING, origin=ORIGIN) -> np.ndarray:
 
 def as_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> Path:
     """Save a ``(slices, rows, columns)`` array on the series' grid: (column, row, slice) voxels."""
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), series_affine() if affine is None else affine),
-             str(path))
+    nib.save(
+        nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), series_affine() if affine is None else affine),
+        str(path),
+    )
     return path
 
 
 def _bundle(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     env.pop("MONAI_DICOM_READER", None)  # LoadImage's default reader order: ITK reads folders
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], check=False, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +164,28 @@ def inference(study):
         uid_series.append(folder)
     out = root / "out"
     queries = [series, same, unscaled, *uid_series]
-    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']", "--datalist_file", study["datalist"],
-                     "--preset", "tiny", "--image_size", str(SIZE), "--checkpoint", str(study["ckpt"]),
-                     "--query_images", json.dumps([str(q) for q in queries]),
-                     "--output_dir", str(out), "--intensity#window", WINDOW, "--classes", "[1,3]",
-                     "--class_names", '{"blob": 1, "block": 3}')
+    result = _bundle(
+        "--config_file",
+        "['bundle/configs/train.json','bundle/configs/inference.json']",
+        "--datalist_file",
+        study["datalist"],
+        "--preset",
+        "tiny",
+        "--image_size",
+        str(SIZE),
+        "--checkpoint",
+        str(study["ckpt"]),
+        "--query_images",
+        json.dumps([str(q) for q in queries]),
+        "--output_dir",
+        str(out),
+        "--intensity#window",
+        WINDOW,
+        "--classes",
+        "[1,3]",
+        "--class_names",
+        '{"blob": 1, "block": 3}',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {"out": out, "uid_series": uid_series}
 
@@ -206,18 +232,40 @@ def test_evaluation_with_dicom_series_images(study):
     image, label = make_phantom((12, SIZE, SIZE), seed=5)
     support = root / "support_series"
     write_ct_series(support, to_hu(image), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
-    support_label = as_nifti(label, root / "support_series_label.nii.gz", series_affine((1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
+    support_label = as_nifti(
+        label, root / "support_series_label.nii.gz", series_affine((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    )
     query_label = as_nifti(study["label"], root / "ct_series_label.nii.gz")
     datalist = root / "dicom_datalist.json"
-    datalist.write_text(json.dumps({
-        "training": [{"image": str(support), "label": str(support_label)}],
-        "validation": [{"image": str(study["series"]), "label": str(query_label)}],
-    }))
+    datalist.write_text(
+        json.dumps(
+            {
+                "training": [{"image": str(support), "label": str(support_label)}],
+                "validation": [{"image": str(study["series"]), "label": str(query_label)}],
+            }
+        )
+    )
     out = root / "metrics"
-    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
-                     "--datalist_file", str(datalist), "--preset", "tiny", "--image_size", str(SIZE),
-                     "--intensity#window", WINDOW, "--classes", "[1,2,3]", "--checkpoint", str(study["ckpt"]),
-                     "--ckpt_dir", str(root / "models"), "--output_dir", str(out))
+    result = _bundle(
+        "--config_file",
+        "['bundle/configs/train.json','bundle/configs/evaluate.json']",
+        "--datalist_file",
+        str(datalist),
+        "--preset",
+        "tiny",
+        "--image_size",
+        str(SIZE),
+        "--intensity#window",
+        WINDOW,
+        "--classes",
+        "[1,2,3]",
+        "--checkpoint",
+        str(study["ckpt"]),
+        "--ckpt_dir",
+        str(root / "models"),
+        "--output_dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("val_mean_dice", "val_nsd", "val_hd95"):
         with open(out / f"{name}_raw.csv") as f:
@@ -226,5 +274,5 @@ def test_evaluation_with_dicom_series_images(study):
         assert {"class0", "class1", "class2", "mean"} <= set(rows[0])
         assert (out / f"{name}_summary.csv").exists()
     with open(out / "val_mean_dice_raw.csv") as f:
-        dice = list(csv.DictReader(f))[0]
+        dice = next(iter(csv.DictReader(f)))
     assert 0.0 <= float(dice["mean"]) <= 1.0

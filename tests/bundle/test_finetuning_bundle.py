@@ -11,28 +11,60 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, load_checkpoint, save_checkpoint
+from model_core.io.phantoms import write_phantom_dataset
 from model_core.training import build_training_network
 from model_core.training.lora import load_adapters, merge_lora
-from model_core.io.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # monai.bundle runs in a subprocess
 
-SMALL = ["--preset", "tiny", "--image_size", "64", "--num_support", "2", "--num_query", "2", "--batch_size", "1",
-         "--episodes_per_epoch", "2", "--max_epochs", "1", "--classes", "[1,2]", "--intensity#window", "[0,1]",
-         "--learning_rate", "1e-2"]
+SMALL = [
+    "--preset",
+    "tiny",
+    "--image_size",
+    "64",
+    "--num_support",
+    "2",
+    "--num_query",
+    "2",
+    "--batch_size",
+    "1",
+    "--episodes_per_epoch",
+    "2",
+    "--max_epochs",
+    "1",
+    "--classes",
+    "[1,2]",
+    "--intensity#window",
+    "[0,1]",
+    "--learning_rate",
+    "1e-2",
+]
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json", *SMALL, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundle/configs/train.json",
+        *SMALL,
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    return write_phantom_dataset(str(tmp_path_factory.mktemp("phantoms")), train=2, validation=1, test=0, shape=(8, 64, 64))
+    return write_phantom_dataset(
+        str(tmp_path_factory.mktemp("phantoms")), train=2, validation=1, test=0, shape=(8, 64, 64)
+    )
 
 
 def test_lora_training_writes_adapters_and_a_merged_model(data, tmp_path):
@@ -40,9 +72,22 @@ def test_lora_training_writes_adapters_and_a_merged_model(data, tmp_path):
     base = str(tmp_path / "base.pt")
     save_checkpoint(build_icl_sam2("tiny", image_size=64), base)
     models = tmp_path / "models"
-    out = _run("--datalist_file", data, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out"),
-               "--pretrained_checkpoint", base, "--lora_rank", "4",
-               "--lora_targets", "['image_encoder.attn','mask_decoder.transformer']", "--trainable", "['memory_attention']")
+    out = _run(
+        "--datalist_file",
+        data,
+        "--ckpt_dir",
+        str(models),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--pretrained_checkpoint",
+        base,
+        "--lora_rank",
+        "4",
+        "--lora_targets",
+        "['image_encoder.attn','mask_decoder.transformer']",
+        "--trainable",
+        "['memory_attention']",
+    )
     log = out.stdout + out.stderr
     assert "Train completed" in log
     assert "Trainable parameters (trainable: ['memory_attention']; LoRA rank 4 on ['image_encoder.attn', " in log
@@ -55,10 +100,14 @@ def test_lora_training_writes_adapters_and_a_merged_model(data, tmp_path):
     # adapters (and the memory attention that trained beside them) on the base give the same network
     adapters = torch.load(models / "model_lora.pt", map_location="cpu", weights_only=True)
     assert adapters["lora"]["settings"]["rank"] == 4 and adapters["lora"]["settings"]["base_checkpoint"] == base
-    assert adapters["lora"]["adapters"] and all(k.startswith("memory_attention.") or k.split(".")[0] in
-                                                ("maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc", "obj_ptr_tpos_proj")
-                                                for k in adapters["lora"]["trained"])
-    rebuilt = merge_lora(load_adapters(build_icl_sam2("tiny", image_size=64, checkpoint=base), models / "model_lora.pt"))
+    assert adapters["lora"]["adapters"] and all(
+        k.startswith("memory_attention.")
+        or k.split(".")[0] in ("maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc", "obj_ptr_tpos_proj")
+        for k in adapters["lora"]["trained"]
+    )
+    rebuilt = merge_lora(
+        load_adapters(build_icl_sam2("tiny", image_size=64, checkpoint=base), models / "model_lora.pt")
+    )
     for k, v in rebuilt.state_dict().items():
         assert torch.allclose(v, state[k], atol=1e-6), k
     base_state = torch.load(base, weights_only=True)["model"]
@@ -68,7 +117,17 @@ def test_lora_training_writes_adapters_and_a_merged_model(data, tmp_path):
 
 
 def test_unknown_trainable_group_stops_the_run(data, tmp_path):
-    out = _run("--datalist_file", data, "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path), "--trainable", "['mask_decoder','decoder']", check=False)
+    out = _run(
+        "--datalist_file",
+        data,
+        "--ckpt_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path),
+        "--trainable",
+        "['mask_decoder','decoder']",
+        check=False,
+    )
     assert out.returncode != 0 and "Unknown trainable group 'decoder'" in out.stderr and "memory_encoder" in out.stderr
     assert not list(tmp_path.glob("*.pt"))
 
@@ -83,8 +142,16 @@ def test_evaluation_and_inference_build_a_plain_network_for_the_merged_model(tmp
     save_checkpoint(best, str(tmp_path / "model.pt"))
     parser = ConfigParser()
     parser.read_config([str(ROOT / "bundle/configs/train.json"), str(ROOT / "bundle/configs" / layer)])
-    parser.update({"bundle_root": str(tmp_path), "ckpt_dir": str(tmp_path), "preset": "tiny", "image_size": 64,
-                   "device": "$torch.device('cpu')", "lora_rank": 4})
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "ckpt_dir": str(tmp_path),
+            "preset": "tiny",
+            "image_size": 64,
+            "device": "$torch.device('cpu')",
+            "lora_rank": 4,
+        }
+    )
     parser.parse()
     for i in range(len(parser["initialize"])):
         parser.get_parsed_content(f"initialize#{i}")

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     ckpt = root / "model.pt"
     save_checkpoint(build_icl_sam2("tiny", image_size=SIZE), str(ckpt))
     # a query in another orientation (LPS-like flips), anisotropic spacing and a non-square in-plane size
-    image, label = make_phantom((10, 80, 72), seed=99)
+    image, _label = make_phantom((10, 80, 72), seed=99)
     affine = np.diag([-0.8, -0.9, 2.5, 1.0])
     affine[:3, 3] = [30.0, -12.0, 5.0]
     query = root / "query.nii.gz"
@@ -43,12 +43,36 @@ def setup(tmp_path_factory):
 
 
 def _infer(datalist, ckpt, query, out, extra=()):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']",
-           "--datalist_file", datalist, "--preset", "tiny", "--image_size", str(SIZE), "--checkpoint", str(ckpt),
-           "--query_images", json.dumps([str(query)]), "--output_dir", str(out), "--intensity#window", "[0,1]",
-           "--classes", "[1,3]", "--class_names", '{"blob": 1, "block": 3}', *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['bundle/configs/train.json','bundle/configs/inference.json']",
+        "--datalist_file",
+        datalist,
+        "--preset",
+        "tiny",
+        "--image_size",
+        str(SIZE),
+        "--checkpoint",
+        str(ckpt),
+        "--query_images",
+        json.dumps([str(query)]),
+        "--output_dir",
+        str(out),
+        "--intensity#window",
+        "[0,1]",
+        "--classes",
+        "[1,3]",
+        "--class_names",
+        '{"blob": 1, "block": 3}',
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
 
 
 def test_label_map_in_original_space_with_confidence(setup):
@@ -93,7 +117,8 @@ def test_optional_resampling_to_a_spacing_is_inverted_to_the_original_grid(setup
     seg = nib.load(str(out_dir / "query_seg.nii.gz"))
     assert seg.shape == (80, 72, 10) and np.allclose(seg.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 3}
-    # the model did see the resampled volume: the bundle's preprocessing gives 19 slices (9 gaps of 2.5 mm at 1.25 mm), not 10
+    # the model did see the resampled volume: the bundle's preprocessing gives 19 slices (9 gaps of 2.5 mm at 1.25
+    # mm), not 10
     from monai.bundle import ConfigParser
 
     for pixdim, depth in (([-1, -1, 1.25], 19), (None, 10)):

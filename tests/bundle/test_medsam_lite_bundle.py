@@ -1,4 +1,5 @@
-"""bundle/configs/medsam_lite.json through ``monai.bundle run``: boxes from a CSV or from a label, Dice per structure."""
+"""bundle/configs/medsam_lite.json through ``monai.bundle run``: boxes from a CSV or from a label, Dice per
+structure."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model_core.medsam_lite.volume import BoxPrompt, read_box_file
 from model_core.io.validation import InputError
+from model_core.medsam_lite.volume import BoxPrompt, read_box_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (80, 64, 4)  # (I, J, K)
@@ -25,7 +26,7 @@ def _case(folder: Path, name: str, seed: int) -> tuple[str, str]:
     rng = np.random.default_rng(seed)
     i, j = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
     label = np.zeros(SHAPE, dtype=np.uint8)
-    label[((i - 22) ** 2 + (j - 30) ** 2 <= 11 ** 2)] = 1
+    label[((i - 22) ** 2 + (j - 30) ** 2 <= 11**2)] = 1
     label[52:70, 18:44] = 2
     image = (80 + 8 * rng.standard_normal(SHAPE) + 300 * (label > 0)).astype(np.int16)
     affine = np.diag([1.2, 1.2, 4.0, 1.0])
@@ -37,9 +38,28 @@ def _case(folder: Path, name: str, seed: int) -> tuple[str, str]:
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/medsam_lite.json",
-                           "--output_dir", str(tmp_path / "out"), "--modality", "CT", "--window", "[0, 500]", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "bundle/configs/medsam_lite.json",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--modality",
+            "CT",
+            "--window",
+            "[0, 500]",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def _rows(tmp_path: Path) -> list[dict[str, str]]:
@@ -48,7 +68,9 @@ def _rows(tmp_path: Path) -> list[dict[str, str]]:
 
 
 def test_box_files_in_json_and_csv_and_their_errors(tmp_path):
-    (tmp_path / "b.json").write_text(json.dumps({"a.nii.gz": [{"name": "disc", "value": 1, "roi": [10, 34, 18, 42, 0, 3]}]}))
+    (tmp_path / "b.json").write_text(
+        json.dumps({"a.nii.gz": [{"name": "disc", "value": 1, "roi": [10, 34, 18, 42, 0, 3]}]})
+    )
     (tmp_path / "b.csv").write_text("image,name,value,i0,i1,j0,j1,k0,k1\na.nii.gz,disc,1,10,34,18,42,0,3\n")
     assert read_box_file(tmp_path / "b.json") == read_box_file(tmp_path / "b.csv")
     assert read_box_file(tmp_path / "b.csv")["a.nii.gz"][0].prompt == BoxPrompt((10.0, 18.0, 34.0, 42.0), 1, (0, 3))
@@ -69,12 +91,21 @@ def test_boxes_from_a_csv_then_from_labels_with_dice(tmp_path):
     good, good_gt = _case(tmp_path, "good", 0)
     other, other_gt = _case(tmp_path, "other", 1)
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,name,value,i0,i1,j0,j1,k0,k1\n"
-                     "good.nii.gz,disc,1,9,35,17,43,0,3\n"
-                     "good.nii.gz,square,2,50,71,16,45,1,2\n"
-                     "other.nii.gz,disc,1,9,95,17,43,0,3\n")  # i1 = 95 lies outside the 80 columns
-    result = _run(tmp_path, "--images", json.dumps([good, other]), "--labels", json.dumps([good_gt, other_gt]),
-                  "--boxes_file", str(boxes))
+    boxes.write_text(
+        "image,name,value,i0,i1,j0,j1,k0,k1\n"
+        "good.nii.gz,disc,1,9,35,17,43,0,3\n"
+        "good.nii.gz,square,2,50,71,16,45,1,2\n"
+        "other.nii.gz,disc,1,9,95,17,43,0,3\n"
+    )  # i1 = 95 lies outside the 80 columns
+    result = _run(
+        tmp_path,
+        "--images",
+        json.dumps([good, other]),
+        "--labels",
+        json.dumps([good_gt, other_gt]),
+        "--boxes_file",
+        str(boxes),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(tmp_path)
     by = {(r["image"], r["structure"]): r for r in rows}
@@ -90,9 +121,18 @@ def test_boxes_from_a_csv_then_from_labels_with_dice(tmp_path):
     assert summary["failed"] == ["other.nii.gz"] and set(summary["dice"]) == {"disc", "square"}
 
     # evaluation: each structure's box from its label, Dice by MONAI's DiceMetric
-    result = _run(tmp_path, "--images", json.dumps([other]), "--labels", json.dumps([other_gt]),
-                  "--structures", json.dumps({"disc": 1, "square": 2}))
+    result = _run(
+        tmp_path,
+        "--images",
+        json.dumps([other]),
+        "--labels",
+        json.dumps([other_gt]),
+        "--structures",
+        json.dumps({"disc": 1, "square": 2}),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     print(f"\nmedsam_lite bundle, boxes from labels: {summary['dice']}")
-    assert summary["failed"] == [] and summary["dice"]["disc"]["mean"] > 0.85 and summary["dice"]["square"]["mean"] > 0.85
+    assert (
+        summary["failed"] == [] and summary["dice"]["disc"]["mean"] > 0.85 and summary["dice"]["square"]["mean"] > 0.85
+    )

@@ -130,9 +130,27 @@ def test_verify_net_in_out_on_the_declared_input_and_output(tmp_path):
     from model_core.io.phantoms import write_phantom_dataset as make_dataset
 
     datalist = make_dataset(str(tmp_path / "data"), train=1, validation=0, test=0, shape=(6, 64, 64))
-    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "slice_network", "--meta_file", str(META_FILE),
-           "--config_file", str([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")]), "--device", "cpu", "--preset", "tiny",
-           "--datalist_file", datalist, "--intensity#window", "[0,1]", "--classes", "[1]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "verify_net_in_out",
+        "slice_network",
+        "--meta_file",
+        str(META_FILE),
+        "--config_file",
+        str([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "inference.json")]),
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--datalist_file",
+        datalist,
+        "--intensity#window",
+        "[0,1]",
+        "--classes",
+        "[1]",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "data shape of network is verified with no error" in out.stdout + out.stderr

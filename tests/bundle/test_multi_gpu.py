@@ -40,14 +40,16 @@ PROBE = {
     "probe_imports": ["$import hashlib", "$import json", "$from ignite.engine import Events"],
     "probe_record": "${'episodes': []}",
     "weights_sha": "$lambda: hashlib.sha256(b''.join(v.detach().cpu().contiguous().numpy().tobytes()"
-                   " for v in @network.state_dict().values())).hexdigest()",
+    " for v in @network.state_dict().values())).hexdigest()",
     "checked_run": [
         "$@probe_record.update(rank=dist.get_rank(), world_size=dist.get_world_size(), before=@weights_sha(),"
         " train_handlers=[type(h).__name__ for h in @train#trainer#train_handlers],"
         " val_handlers=[type(h).__name__ for h in @validate#evaluator#val_handlers],"
-        " trainer_network=type(@train#trainer.network).__name__, evaluator_network=type(@validate#evaluator.network).__name__)",
+        " trainer_network=type(@train#trainer.network).__name__, "
+        "evaluator_network=type(@validate#evaluator.network).__name__)",
         "$@train#trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: @probe_record['episodes'].append("
-        "hashlib.sha256(e.state.batch['query_images'].numpy().tobytes() + e.state.batch['query_masks'].numpy().tobytes()).hexdigest()))",
+        "hashlib.sha256(e.state.batch['query_images'].numpy().tobytes() + "
+        "e.state.batch['query_masks'].numpy().tobytes()).hexdigest()))",
         "$@train#trainer.run()",
         "$@probe_record.update(after=@weights_sha())",
         "$open(os.path.join(@probe_dir, f'rank{dist.get_rank()}.json'), 'w').write(json.dumps(@probe_record))",
@@ -75,11 +77,30 @@ def ddp_run(tmp_path_factory):
     probe_file = tmp / "probe.json"
     probe_file.write_text(json.dumps(PROBE))
     (tmp / "probe").mkdir()
-    overrides = {**SMALL, "datalist_file": datalist, "bundle_root": str(tmp / "bundle"), "ckpt_dir": str(tmp / "models"),
-                 "output_dir": str(tmp / "eval"), "probe_dir": str(tmp / "probe")}
+    overrides = {
+        **SMALL,
+        "datalist_file": datalist,
+        "bundle_root": str(tmp / "bundle"),
+        "ckpt_dir": str(tmp / "models"),
+        "output_dir": str(tmp / "eval"),
+        "probe_dir": str(tmp / "probe"),
+    }
     configs = str([*CONFIGS, str(probe_file)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "checked_run", "--config_file", configs, *_cli(overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "checked_run",
+        "--config_file",
+        configs,
+        *_cli(overrides),
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     log = out.stdout + out.stderr
@@ -115,9 +136,12 @@ def test_rank0_alone_writes_checkpoints_and_logs(ddp_run):
     assert r1["val_handlers"] == ["MetricsSaver"]  # it all-gathers file names, so every rank runs it
     models = tmp / "models"
     assert sorted(p.name for p in models.iterdir()) == sorted(
-        ["model.pt", "model_final.pt", f"latest_checkpoint_epoch={MAX_EPOCHS}.pt"])
+        ["model.pt", "model_final.pt", f"latest_checkpoint_epoch={MAX_EPOCHS}.pt"]
+    )
     # the final checkpoint holds the weights both ranks ended with
-    assert _state_sha(torch.load(models / "model_final.pt", map_location="cpu", weights_only=True)["model"]) == r0["after"]
+    assert (
+        _state_sha(torch.load(models / "model_final.pt", map_location="cpu", weights_only=True)["model"]) == r0["after"]
+    )
     # StatsHandler logs once per epoch (rank 0), not once per rank
     assert log.count("Metrics -- val_hd95") == MAX_EPOCHS
     assert log.count("-- train_loss:") == len(r0["episodes"])

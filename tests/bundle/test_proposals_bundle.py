@@ -25,17 +25,30 @@ def test_proposals_bundle_writes_candidates_and_scores(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "model.pt"
     save_checkpoint(build_icl_sam2("tiny", image_size=SIZE), str(ckpt))
-    query, affine = write_lesion_phantom(tmp_path / "query.nii.gz")
+    query, _affine = write_lesion_phantom(tmp_path / "query.nii.gz")
     out = tmp_path / "out"
-    # in-process, as `python -m monai.bundle run --config_file "['bundle/configs/train.json','bundle/configs/proposals.json']"
+    # in-process, as `python -m monai.bundle run --config_file
+    # "['bundle/configs/train.json','bundle/configs/proposals.json']"
     # --preset tiny ... --proposal_settings#points_per_side 4 ...` runs it (the README's command)
-    workflow = ConfigWorkflow(config_file=[str(ROOT / "bundle/configs/train.json"), str(ROOT / "bundle/configs/proposals.json")],
-                              meta_file=str(ROOT / "bundle/configs/metadata.json"), bundle_root=str(ROOT / "bundle"),
-                              preset="tiny", image_size=SIZE, device="$torch.device('cpu')", checkpoint=str(ckpt), modality="MRI",
-                              query_images=[str(query)], output_dir=str(out),
-                              **{"proposal_settings#points_per_side": 4, "proposal_settings#pred_iou_thresh": 0.0,
-                                 "proposal_settings#stability_score_thresh": 0.0, "proposal_settings#max_slice_fraction": 0.5,
-                                 "proposal_settings#max_volume_mm3": 4000.0})
+    workflow = ConfigWorkflow(
+        config_file=[str(ROOT / "bundle/configs/train.json"), str(ROOT / "bundle/configs/proposals.json")],
+        meta_file=str(ROOT / "bundle/configs/metadata.json"),
+        bundle_root=str(ROOT / "bundle"),
+        preset="tiny",
+        image_size=SIZE,
+        device="$torch.device('cpu')",
+        checkpoint=str(ckpt),
+        modality="MRI",
+        query_images=[str(query)],
+        output_dir=str(out),
+        **{
+            "proposal_settings#points_per_side": 4,
+            "proposal_settings#pred_iou_thresh": 0.0,
+            "proposal_settings#stability_score_thresh": 0.0,
+            "proposal_settings#max_slice_fraction": 0.5,
+            "proposal_settings#max_volume_mm3": 4000.0,
+        },
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -50,7 +63,11 @@ def test_proposals_bundle_writes_candidates_and_scores(tmp_path):
     candidates = record["candidates"]
     assert len(candidates) == record["counts"]["candidates"] > 0
     assert record["counts"]["generator_masks"] >= record["counts"]["linked_components"] >= len(candidates)
-    assert sorted(set(np.unique(array).tolist()) - {0}) == [c["label"] for c in candidates] == list(range(1, len(candidates) + 1))
+    assert (
+        sorted(set(np.unique(array).tolist()) - {0})
+        == [c["label"] for c in candidates]
+        == list(range(1, len(candidates) + 1))
+    )
     for c in candidates:
         where = np.argwhere(array == c["label"])
         assert c["voxels"] == len(where) and c["bbox"] == [where.min(0).tolist(), where.max(0).tolist()]

@@ -26,18 +26,28 @@ from model_core.io.mricron import ATLAS, NAMES, REGIONS, T1, available, make_stu
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not available(),
-    reason=f"real-data test needs the Debian package mricron-data ({T1}, {ATLAS}, {NAMES}); "
-           "install it with `apt-get install mricron-data` (.ci/run does)",
-)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not available(),
+        reason=f"real-data test needs the Debian package mricron-data ({T1}, {ATLAS}, {NAMES}); "
+        "install it with `apt-get install mricron-data` (.ci/run does)",
+    ),
+]
 
 SIZE = 64
 
 
 def _bundle(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], check=False, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +70,41 @@ def study(tmp_path_factory):
     assert nib.aff2axcodes(cases["lower"]["affine"]) == ("S", "R", "A")
     assert cases["lower"]["shape"][0] == 12  # slice axis first
     classes = list(content["labels"].values())
-    common = ["--datalist_file", str(datalist), "--preset", "tiny", "--image_size", str(SIZE), "--modality", "MRI",
-              "--classes", json.dumps(classes), "--checkpoint", "$None"]  # random weights (MONAI drops None overrides; "null" is a path)
-    return {"root": root, "datalist": datalist, "cases": cases, "classes": classes,
-            "class_names": dict(content["labels"]), "common": common}
+    common = [
+        "--datalist_file",
+        str(datalist),
+        "--preset",
+        "tiny",
+        "--image_size",
+        str(SIZE),
+        "--modality",
+        "MRI",
+        "--classes",
+        json.dumps(classes),
+        "--checkpoint",
+        "$None",
+    ]  # random weights (MONAI drops None overrides; "null" is a path)
+    return {
+        "root": root,
+        "datalist": datalist,
+        "cases": cases,
+        "classes": classes,
+        "class_names": dict(content["labels"]),
+        "common": common,
+    }
 
 
 def test_evaluation_on_real_mri_writes_per_case_metrics(study):
     out = study["root"] / "metrics"
-    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']", *study["common"],
-                     "--ckpt_dir", str(study["root"] / "models"), "--output_dir", str(out))
+    result = _bundle(
+        "--config_file",
+        "['bundle/configs/train.json','bundle/configs/evaluate.json']",
+        *study["common"],
+        "--ckpt_dir",
+        str(study["root"] / "models"),
+        "--output_dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val_mean_dice" in result.stderr + result.stdout
     queries = [study["cases"][n]["image"] for n in ("upper", "lower")]
@@ -91,9 +126,17 @@ def test_evaluation_on_real_mri_writes_per_case_metrics(study):
 def test_inference_on_real_mri_writes_label_maps_in_query_space(study):
     out = study["root"] / "inference"
     queries = {n: study["cases"][n] for n in ("upper", "lower")}
-    result = _bundle("--config_file", "['bundle/configs/train.json','bundle/configs/inference.json']", *study["common"],
-                     "--class_names", json.dumps(study["class_names"]),
-                     "--query_images", json.dumps([q["image"] for q in queries.values()]), "--output_dir", str(out))
+    result = _bundle(
+        "--config_file",
+        "['bundle/configs/train.json','bundle/configs/inference.json']",
+        *study["common"],
+        "--class_names",
+        json.dumps(study["class_names"]),
+        "--query_images",
+        json.dumps([q["image"] for q in queries.values()]),
+        "--output_dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name, query in queries.items():
         seg = nib.load(str(out / f"{name}_t1_seg.nii.gz"))

@@ -47,14 +47,32 @@ def _cli(overrides: dict) -> list[str]:
 
 
 def _run(workflow: str, overrides: dict, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", "bundle/configs/train.json", *_cli(overrides)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        workflow,
+        "--config_file",
+        "bundle/configs/train.json",
+        *_cli(overrides),
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
 
 
 def test_training_via_monai_bundle_run(phantoms, tmp_path):
-    out = _run("training", {**SMALL, "datalist_file": phantoms, "max_epochs": 2, "ckpt_dir": str(tmp_path / "models"),
-                            "output_dir": str(tmp_path)})
+    out = _run(
+        "training",
+        {
+            **SMALL,
+            "datalist_file": phantoms,
+            "max_epochs": 2,
+            "ckpt_dir": str(tmp_path / "models"),
+            "output_dir": str(tmp_path),
+        },
+    )
     log = out.stderr + out.stdout
     assert "Train completed" in log
     assert log.count("val_mean_dice:") >= 2  # validation on full volumes after each epoch
@@ -66,7 +84,9 @@ def test_training_via_monai_bundle_run(phantoms, tmp_path):
 
     for name in ("model.pt", "model_final.pt"):  # every checkpoint says what it was trained as
         record = checkpoint_record(str(tmp_path / "models" / name))
-        assert record["preset"] == "tiny" and record["image_size"] == 64 and record["classes"] == SMALL["classes"], record
+        assert record["preset"] == "tiny" and record["image_size"] == 64 and record["classes"] == SMALL["classes"], (
+            record
+        )
         assert record["modality"] == "CT" and record["window"] == [0.0, 1.0] and record["channel_mode"] == "replicate"
     final = tmp_path / "models" / "model_final.pt"
     assert final.exists() and (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()
@@ -85,9 +105,17 @@ def test_config_workflow_run_id(phantoms, tmp_path):
     """MONAI Label's BundleTrainTask drives bundles through ConfigWorkflow and the `run` id."""
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=str(ROOT / "bundle/configs/train.json"), workflow_type="train",
-                              **{**SMALL, "datalist_file": phantoms, "max_epochs": 1, "ckpt_dir": str(tmp_path / "m"),
-                                 "output_dir": str(tmp_path)})
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "bundle/configs/train.json"),
+        workflow_type="train",
+        **{
+            **SMALL,
+            "datalist_file": phantoms,
+            "max_epochs": 1,
+            "ckpt_dir": str(tmp_path / "m"),
+            "output_dir": str(tmp_path),
+        },
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -110,10 +138,17 @@ def test_bad_input_stops_before_training(phantoms, tmp_path):
     img = nib.load(str(base / cases["training"][0]["label"]))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), str(tmp_path / "short_label.nii.gz"))
     (tmp_path / "junk.nii.gz").write_bytes(b"\x00" * 64)
-    for bad_case, message in (({"label": str(tmp_path / "short_label.nii.gz")}, "they must be on the same grid"),
-                              ({"image": str(tmp_path / "junk.nii.gz")}, "as an image volume")):
-        listed = {**cases, "training": [{k: str(base / v) for k, v in cases["training"][0].items()} | bad_case,
-                                        *cases["training"][1:]]}
+    for bad_case, message in (
+        ({"label": str(tmp_path / "short_label.nii.gz")}, "they must be on the same grid"),
+        ({"image": str(tmp_path / "junk.nii.gz")}, "as an image volume"),
+    ):
+        listed = {
+            **cases,
+            "training": [
+                {k: str(base / v) for k, v in cases["training"][0].items()} | bad_case,
+                *cases["training"][1:],
+            ],
+        }
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(listed))
         out = _run("training", {**SMALL, "datalist_file": str(path)}, check=False)
@@ -132,7 +167,8 @@ INTERRUPT = {
     "probe": "${}",
     "resumed_run": [
         "$@probe.update(best_record=len(@validate#best_checkpoint._key_metric_checkpoint._saved))",
-        "$@train#trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: @probe.setdefault('first_iteration', e.state.iteration))",
+        "$@train#trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: "
+        "@probe.setdefault('first_iteration', e.state.iteration))",
         "$@train#trainer.run()",
         "$@probe.update(iteration=@train#trainer.state.iteration, epoch=@train#trainer.state.epoch,"
         " adam_steps=int(next(iter(@optimizer.state.values()))['step']), lr_steps=@lr_scheduler.last_epoch)",
@@ -146,12 +182,29 @@ def test_resume_after_an_interruption_continues_where_it_stopped(phantoms, tmp_p
     probe_config = tmp_path / "probe.json"
     probe_config.write_text(json.dumps(INTERRUPT))
     configs = str(["bundle/configs/train.json", str(probe_config)])
-    overrides = {**SMALL, "datalist_file": phantoms, "max_epochs": 3, "ckpt_dir": str(tmp_path / "models"),
-                 "output_dir": str(tmp_path), "probe_file": str(tmp_path / "state.json")}
+    overrides = {
+        **SMALL,
+        "datalist_file": phantoms,
+        "max_epochs": 3,
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path),
+        "probe_file": str(tmp_path / "state.json"),
+    }
 
     def run(workflow: str, **extra) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", configs, *_cli({**overrides, **extra})]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            workflow,
+            "--config_file",
+            configs,
+            *_cli({**overrides, **extra}),
+        ]
+        return subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+        )
 
     nothing = run("resumed_run", resume=True)
     assert nothing.returncode != 0 and "Nothing to resume from" in nothing.stderr

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model_core.io.phantoms import write_phantom_dataset
 from icl_sam2.cli import main
+from model_core.io.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,8 +20,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_export_then_verify_from_the_command_line(tmp_path, capsys):
     datalist = write_phantom_dataset(tmp_path / "data", train=1, validation=0, test=0, shape=(6, 16, 16))
     out = tmp_path / "coco"
-    main(["coco", "export", "--datalist", datalist, "--output_dir", str(out), "--encoding", "polygon", "--window", "[0,1]",
-          "--include_empty"])
+    main(
+        [
+            "coco",
+            "export",
+            "--datalist",
+            datalist,
+            "--output_dir",
+            str(out),
+            "--encoding",
+            "polygon",
+            "--window",
+            "[0,1]",
+            "--include_empty",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["training"]
     assert summary["images"] == 6 and summary["categories"] == 3 and Path(summary["json"]).is_file()
     assert len(list((out / "training").glob("*.png"))) == 6
@@ -47,9 +60,25 @@ def test_export_then_verify_from_the_command_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_command_runs_as_a_process(tmp_path, icl_sam2_command):
     datalist = write_phantom_dataset(tmp_path / "data", train=1, validation=0, test=0, shape=(6, 16, 16))
-    done = subprocess.run([*icl_sam2_command, "coco", "export", "--datalist", datalist,
-                           "--output_dir", str(tmp_path / "coco"), "--window", "0,1", "--axis", "coronal"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *icl_sam2_command,
+            "coco",
+            "export",
+            "--datalist",
+            datalist,
+            "--output_dir",
+            str(tmp_path / "coco"),
+            "--window",
+            "0,1",
+            "--axis",
+            "coronal",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])["training"]
     pngs = list((tmp_path / "coco" / "training").glob("*_coronal_*.png"))

@@ -21,8 +21,18 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
     """The README's first command (short settings): train, evaluate, infer and the real-MRI evaluation."""
-    out = _run(*icl_sam2_command, "demo", "--steps", "4", "--epochs", "2", "--image_size", "64",
-               "--bundle_root", str(tmp_path / "bundle")).stdout
+    out = _run(
+        *icl_sam2_command,
+        "demo",
+        "--steps",
+        "4",
+        "--epochs",
+        "2",
+        "--image_size",
+        "64",
+        "--bundle_root",
+        str(tmp_path / "bundle"),
+    ).stdout
     assert "-m monai.bundle run training --config_file bundle/configs/train.json" in out  # each step shown as a command
     assert "Held-out phantoms" in out
     for model in ("untrained", "trained"):

@@ -25,8 +25,13 @@ from pathlib import Path
 import numpy as np
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--use-gl=angle",
-                  "--ignore-gpu-blocklist", "--no-sandbox"]
+CHROMIUM_FLAGS = [
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--use-gl=angle",
+    "--ignore-gpu-blocklist",
+    "--no-sandbox",
+]
 LOOPBACK = ("http://127.0.0.1", "http://localhost", "data:", "blob:")
 
 _VOLUME_READY = """() => {
@@ -79,7 +84,7 @@ _CLICK_AT = """async ([viewportId, ijk]) => {
 def nrrd_mask(body: bytes) -> np.ndarray:
     """The label map of an ``/infer`` reply body (NRRD, as the panel asks) as a ``(K, J, I)`` bool array."""
     if b"\nNRRD" in body[:4096] or not body.startswith(b"NRRD"):  # a multipart reply: the file part
-        body = body[body.index(b"NRRD"):]
+        body = body[body.index(b"NRRD") :]
     head, _, data = body.partition(b"\n\n")
     fields = {}
     for line in head.decode("latin1").splitlines()[1:]:
@@ -89,8 +94,15 @@ def nrrd_mask(body: bytes) -> np.ndarray:
     sizes = [int(v) for v in fields["sizes"].split()]
     if fields.get("encoding", "raw") in ("gzip", "gz"):
         data = gzip.decompress(data)
-    dtype = {"unsigned char": np.uint8, "uchar": np.uint8, "uint8": np.uint8, "unsigned short": np.uint16,
-             "ushort": np.uint16, "short": np.int16, "int": np.int32}[fields["type"]]
+    dtype = {
+        "unsigned char": np.uint8,
+        "uchar": np.uint8,
+        "uint8": np.uint8,
+        "unsigned short": np.uint16,
+        "ushort": np.uint16,
+        "short": np.int16,
+        "int": np.int32,
+    }[fields["type"]]
     return np.frombuffer(data, dtype=dtype)[: int(np.prod(sizes))].reshape(sizes[::-1]) > 0
 
 
@@ -105,7 +117,9 @@ class OHIF:
         self.timings: dict[str, float] = {}
         self.aborted: list[str] = []
         self._playwright = sync_playwright().start()
-        self.browser = self._playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        self.browser = self._playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
         self.context = self.browser.new_context(viewport={"width": 1600, "height": 1000})
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
@@ -169,12 +183,17 @@ class OHIF:
         field.wait_for()
         field.fill(self.server + "/")
         field.blur()
-        with self.page.expect_response(lambda r: r.url.rstrip("/").endswith("/info") and r.request.method == "GET") as info:
+        with self.page.expect_response(
+            lambda r: r.url.rstrip("/").endswith("/info") and r.request.method == "GET"
+        ) as info:
             self.page.locator("table.settingsTable button.actionButton").click()
         assert info.value.status == 200, info.value.status
         # the panel creates segmentation '1' after connecting; until then the service throws
-        self.page.wait_for_function("() => { try { return !!window.services.segmentationService.getLabelmapVolume('1'); }"
-                                    " catch (e) { return false; } }", timeout=60000)
+        self.page.wait_for_function(
+            "() => { try { return !!window.services.segmentationService.getLabelmapVolume('1'); }"
+            " catch (e) { return false; } }",
+            timeout=60000,
+        )
         self.page.wait_for_timeout(1200)
         self._timed("connect", start)
         self.shot("03_connected")
@@ -189,7 +208,9 @@ class OHIF:
         """
         state = self.page.evaluate(_LABELMAP)
         i, j, k = state["dims"]
-        return np.asarray(state["data"], dtype=np.int32).reshape(k, j, i), {n: int(v) for n, v in state["segments"].items()}
+        return np.asarray(state["data"], dtype=np.int32).reshape(k, j, i), {
+            n: int(v) for n, v in state["segments"].items()
+        }
 
     def labelmap(self) -> np.ndarray:
         """Where OHIF's labelmap holds any segment, ``(K, J, I)`` bool."""
@@ -204,8 +225,11 @@ class OHIF:
         with self.page.expect_response(lambda r: "/infer/" in r.url, timeout=600000) as reply:
             section.locator('button[title="Run Segmentation"]').click()
         assert reply.value.status == 200, (reply.value.status, reply.value.text()[:500])
-        self.page.wait_for_function("() => window.services.segmentationService.getLabelmapVolume('1').voxelManager"
-                                    ".getCompleteScalarDataArray().some(v => v > 0)", timeout=60000)
+        self.page.wait_for_function(
+            "() => window.services.segmentationService.getLabelmapVolume('1').voxelManager"
+            ".getCompleteScalarDataArray().some(v => v > 0)",
+            timeout=60000,
+        )
         self._timed(f"auto_segmentation_{shot}", start)
         self.page.wait_for_timeout(800)
         self.shot(shot)
@@ -264,7 +288,9 @@ class OHIF:
         button = section.get_by_role("button", name="Update Model")
         if not button.is_visible():
             section.locator("label.tab-label").click()
-        with self.page.expect_response(lambda r: r.url.rstrip("/").endswith("/train") and r.request.method == "POST") as reply:
+        with self.page.expect_response(
+            lambda r: r.url.rstrip("/").endswith("/train") and r.request.method == "POST"
+        ) as reply:
             button.click()
         assert reply.value.status == 200, reply.value.status
         section.get_by_role("button", name="Stop Training").wait_for()

@@ -18,12 +18,10 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from icl_sam2 import dicom_study
-from model_core.io import dicom
-from icl_sam2 import servers
-from model_core.io import mricron
+from icl_sam2 import dicom_study, servers
 from icl_sam2.servers import MonaiLabelServer as Server
 from icl_sam2.servers import free_port
+from model_core.io import dicom, mricron
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,15 +32,35 @@ LABELS = {"blob": 1, "tube": 2, "block": 3}
 @pytest.fixture(scope="module")
 def site(pacs, tmp_path_factory):
     root = tmp_path_factory.mktemp("dicomweb_app")
-    study = dicom_study.make_study(pacs.url, "phantoms", cases=4, labelled=1, shape=(16, 64, 64), seed=5, work_dir=root / "ct")
+    study = dicom_study.make_study(
+        pacs.url, "phantoms", cases=4, labelled=1, shape=(16, 64, 64), seed=5, work_dir=root / "ct"
+    )
     mri = None
     if mricron.available():
-        mri = dicom_study.make_study(pacs.dicomweb, "mricron", labelled=0, regions=["Precentral_L"], work_dir=root / "mr")
-    server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
-                                         "device": "cpu", "checkpoint": str(root / "none.pt")},
-                    root / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")})
-    yield {"root": root, "pacs": pacs, "study": study, "mri": mri, "server": server, "url": server.url,
-           "client": DICOMwebClient(url=pacs.dicomweb)}
+        mri = dicom_study.make_study(
+            pacs.dicomweb, "mricron", labelled=0, regions=["Precentral_L"], work_dir=root / "mr"
+        )
+    server = Server(
+        pacs.dicomweb,
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": json.dumps(LABELS),
+            "device": "cpu",
+            "checkpoint": str(root / "none.pt"),
+        },
+        root / "server.log",
+        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")},
+    )
+    yield {
+        "root": root,
+        "pacs": pacs,
+        "study": study,
+        "mri": mri,
+        "server": server,
+        "url": server.url,
+        "client": DICOMwebClient(url=pacs.dicomweb),
+    }
     server.stop()
 
 
@@ -55,8 +73,12 @@ def _segs(site) -> list[Dataset]:
 
 
 def _infer(site, series_uid: str, model: str = "icl_sam2", params=None):
-    return requests.post(f"{site['url']}/infer/{model}", params={"image": series_uid},
-                         data={"params": json.dumps(params or {})}, timeout=600)
+    return requests.post(
+        f"{site['url']}/infer/{model}",
+        params={"image": series_uid},
+        data={"params": json.dumps(params or {})},
+        timeout=600,
+    )
 
 
 def test_a_url_is_a_pacs_and_ct_and_mr_series_are_listed(site):
@@ -90,13 +112,18 @@ def test_a_label_saved_through_the_api_becomes_a_seg_and_support(site):
     case = site["study"]["series"][1]
     before = {str(d.SeriesInstanceUID) for d in _segs(site)}
     with open(case["label"], "rb") as f:
-        response = requests.put(f"{site['url']}/datastore/label", params={"image": case["SeriesInstanceUID"], "tag": "final"},
-                                files={"label": ("label.nii.gz", f)}, timeout=300)
+        response = requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": case["SeriesInstanceUID"], "tag": "final"},
+            files={"label": ("label.nii.gz", f)},
+            timeout=300,
+        )
     assert response.status_code == 200, response.text
     new = [d for d in _segs(site) if str(d.SeriesInstanceUID) not in before]
     assert len(new) == 1, "the label did not reach the PACS as one DICOM SEG series"
-    seg = Dataset.from_json(site["client"].retrieve_series_metadata(str(new[0].StudyInstanceUID),
-                                                                    str(new[0].SeriesInstanceUID))[0])
+    seg = Dataset.from_json(
+        site["client"].retrieve_series_metadata(str(new[0].StudyInstanceUID), str(new[0].SeriesInstanceUID))[0]
+    )
     assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == case["SeriesInstanceUID"]
     assert sorted(str(s.SegmentLabel) for s in seg.SegmentSequence) == sorted(LABELS)  # named after --conf labels
     response = _infer(site, site["study"]["series"][3]["SeriesInstanceUID"])
@@ -110,14 +137,19 @@ def test_bad_labels_and_unknown_series_never_reach_the_pacs(site, tmp_path):
     bad = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.full(image.shape, 7, np.uint8), image.affine), str(bad))
     with open(bad, "rb") as f:
-        response = requests.put(f"{site['url']}/datastore/label", params={"image": case["SeriesInstanceUID"], "tag": "final"},
-                                files={"label": ("bad.nii.gz", f)}, timeout=120)
+        response = requests.put(
+            f"{site['url']}/datastore/label",
+            params={"image": case["SeriesInstanceUID"], "tag": "final"},
+            files={"label": ("bad.nii.gz", f)},
+            timeout=120,
+        )
     assert response.status_code == 400 and "not configured labels" in response.json()["detail"]
     response = _infer(site, "1.2.3.4.5.6.7.8.9")
     assert response.status_code == 404 and "not in the datastore" in response.json()["detail"]
     with open(case["image"], "rb") as f:
-        response = requests.put(f"{site['url']}/datastore/image", params={"image": "new"},
-                                files={"file": ("new.nii.gz", f)}, timeout=60)
+        response = requests.put(
+            f"{site['url']}/datastore/image", params={"image": "new"}, files={"file": ("new.nii.gz", f)}, timeout=60
+        )
     assert response.status_code == 405 and "store new images in the PACS" in response.json()["detail"]
     assert {str(d.SeriesInstanceUID) for d in _segs(site)} == before
 
@@ -131,7 +163,9 @@ def test_a_seg_off_its_image_grid_is_skipped_not_fatal(site, tmp_path):
     dataset = pydicom.dcmread(seg)
     for frame in dataset.PerFrameFunctionalGroupsSequence:  # move every frame by half a slice
         position = frame.PlanePositionSequence[0]
-        position.ImagePositionPatient = [float(v) + (0.5 if i == 2 else 0.0) for i, v in enumerate(position.ImagePositionPatient)]
+        position.ImagePositionPatient = [
+            float(v) + (0.5 if i == 2 else 0.0) for i, v in enumerate(position.ImagePositionPatient)
+        ]
     dataset.save_as(seg)
     dicom_study.upload(site["pacs"].url, [seg])
     time.sleep(6)  # the series lists are reused for 5 s
@@ -144,16 +178,25 @@ def test_a_seg_off_its_image_grid_is_skipped_not_fatal(site, tmp_path):
 def test_an_unreachable_pacs_stops_the_server_at_start_up_naming_it(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
     with pytest.raises(RuntimeError) as error:
-        Server(url, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu"},
-               tmp_path / "server.log")
+        Server(
+            url,
+            {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS), "device": "cpu"},
+            tmp_path / "server.log",
+        )
     assert f"The DICOMweb server '{url}' (--studies) is not reachable" in str(error.value)
 
 
 def test_a_series_that_is_no_volume_is_a_clear_4xx(site, tmp_path):
     one = tmp_path / "one_slice.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.int16), np.eye(4)), str(one))
-    files, uid = dicom.nifti_to_dicom_series(one, tmp_path / "one", modality="CT", patient_id="ONE",
-                                           study_uid=site["study"]["StudyInstanceUID"], series_number=50)
+    files, uid = dicom.nifti_to_dicom_series(
+        one,
+        tmp_path / "one",
+        modality="CT",
+        patient_id="ONE",
+        study_uid=site["study"]["StudyInstanceUID"],
+        series_number=50,
+    )
     dicom_study.upload(site["pacs"].url, files)
     time.sleep(6)  # the series lists are reused for 5 s
     response = _infer(site, uid)
@@ -167,19 +210,35 @@ def test_a_pacs_that_goes_away_is_a_502_and_the_server_keeps_serving(tmp_path):
         pytest.skip(reason)
     pacs = servers.Orthanc(tmp_path / "orthanc").start()
     try:
-        study = dicom_study.make_study(pacs.url, "phantoms", cases=1, labelled=0, shape=(8, 32, 32), seed=9, work_dir=tmp_path / "s")
-        server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
-                                        "device": "cpu", "dicomweb_list_ttl": "0"},
-                        tmp_path / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+        study = dicom_study.make_study(
+            pacs.url, "phantoms", cases=1, labelled=0, shape=(8, 32, 32), seed=9, work_dir=tmp_path / "s"
+        )
+        server = Server(
+            pacs.dicomweb,
+            {
+                "preset": "tiny",
+                "image_size": "64",
+                "labels": json.dumps(LABELS),
+                "device": "cpu",
+                "dicomweb_list_ttl": "0",
+            },
+            tmp_path / "server.log",
+            env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")},
+        )
     except BaseException:
         pacs.stop()
         raise
     try:
         pacs.stop()
-        response = requests.post(f"{server.url}/infer/icl_sam2_interactive",
-                                 params={"image": study["series"][0]["SeriesInstanceUID"]},
-                                 data={"params": json.dumps({"foreground": [[16, 16, 4]]})}, timeout=120)
-        assert response.status_code == 502 and f"the PACS at {pacs.dicomweb} did not answer" in response.json()["detail"]
+        response = requests.post(
+            f"{server.url}/infer/icl_sam2_interactive",
+            params={"image": study["series"][0]["SeriesInstanceUID"]},
+            data={"params": json.dumps({"foreground": [[16, 16, 4]]})},
+            timeout=120,
+        )
+        assert (
+            response.status_code == 502 and f"the PACS at {pacs.dicomweb} did not answer" in response.json()["detail"]
+        )
         info = requests.get(f"{server.url}/info/", timeout=60)
         assert info.status_code == 200 and "did not answer" in info.json()["datastore"]["error"]
     finally:

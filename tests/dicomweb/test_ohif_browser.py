@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from icl_sam2 import dicom_study
-from icl_sam2 import servers
+from icl_sam2 import dicom_study, servers
 from icl_sam2.servers import MonaiLabelServer as Server
 
 from .conftest import require_installed
@@ -36,25 +35,45 @@ def site(tmp_path_factory):
     require_installed(chromium_missing())
     root = tmp_path_factory.mktemp("ohif")
     with servers.Orthanc(root / "orthanc") as pacs:
-        support = dicom_study.make_study(pacs.url, "phantoms", cases=2, labelled=1, shape=(16, 64, 64), seed=11,
-                                 work_dir=root / "support")
-        query = dicom_study.make_study(pacs.url, "phantoms", cases=2, labelled=0, shape=(16, 64, 64), seed=12,
-                               work_dir=root / "query")
+        support = dicom_study.make_study(
+            pacs.url, "phantoms", cases=2, labelled=1, shape=(16, 64, 64), seed=11, work_dir=root / "support"
+        )
+        query = dicom_study.make_study(
+            pacs.url, "phantoms", cases=2, labelled=0, shape=(16, 64, 64), seed=12, work_dir=root / "query"
+        )
         published = root / "models" / "model.pt"
-        server = Server(pacs.dicomweb, {"preset": "tiny", "image_size": "64", "labels": json.dumps(LABELS),
-                                        "device": "cpu", "checkpoint": str(published),
-                                        "train_epochs": "1", "train_episodes": "2"},
-                        root / "server.log", env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")})
+        server = Server(
+            pacs.dicomweb,
+            {
+                "preset": "tiny",
+                "image_size": "64",
+                "labels": json.dumps(LABELS),
+                "device": "cpu",
+                "checkpoint": str(published),
+                "train_epochs": "1",
+                "train_episodes": "2",
+            },
+            root / "server.log",
+            env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")},
+        )
         shots = env_shots(root / "shots")
         browser = OHIF(server.url, shots)
         try:
-            yield {"root": root, "pacs": pacs, "support": support, "query": query, "server": server,
-                   "browser": browser, "published": published}
+            yield {
+                "root": root,
+                "pacs": pacs,
+                "support": support,
+                "query": query,
+                "server": server,
+                "browser": browser,
+                "published": published,
+            }
         finally:
             browser.close()
             server.stop()
-            print(f"\nOHIF screenshots: {shots} {sorted(p.name for p in shots.glob('*.png'))}; "
-                  f"timings {browser.timings}")
+            print(
+                f"\nOHIF screenshots: {shots} {sorted(p.name for p in shots.glob('*.png'))}; timings {browser.timings}"
+            )
 
 
 def test_ohif_end_to_end(site):
@@ -89,12 +108,15 @@ def test_ohif_end_to_end(site):
     assert (after != before).any(), "the click changed nothing"
 
     # 4. active learning: scores for every unlabelled series, then Next Sample with our strategy
-    scoring = requests.post(f"{site['server'].url}/scoring/icl_sam2_confidence", params={"run_sync": "true"}, timeout=600)
+    scoring = requests.post(
+        f"{site['server'].url}/scoring/icl_sam2_confidence", params={"run_sync": "true"}, timeout=600
+    )
     assert scoring.status_code == 200
     scores = {}
     for series in support["series"][1:] + query["series"]:
-        info = requests.get(f"{site['server'].url}/datastore/image/info", params={"image": series["SeriesInstanceUID"]},
-                            timeout=60).json()
+        info = requests.get(
+            f"{site['server'].url}/datastore/image/info", params={"image": series["SeriesInstanceUID"]}, timeout=60
+        ).json()
         scores[series["SeriesInstanceUID"]] = info["icl_sam2_confidence"]["mean"]
     sample = browser.next_sample("confidence")
     assert sample["id"] == min(scores, key=lambda uid: (scores[uid], uid)), (sample, scores)
@@ -102,12 +124,16 @@ def test_ohif_end_to_end(site):
     # 5. a label saved back through the API becomes a SEG in Orthanc (OHIF 0.8.5's panel has no save button)
     case = support["series"][1]
     with open(case["label"], "rb") as f:
-        saved = requests.put(f"{site['server'].url}/datastore/label",
-                             params={"image": case["SeriesInstanceUID"], "tag": "final"},
-                             files={"label": ("label.nii.gz", f)}, timeout=300)
+        saved = requests.put(
+            f"{site['server'].url}/datastore/label",
+            params={"image": case["SeriesInstanceUID"], "tag": "final"},
+            files={"label": ("label.nii.gz", f)},
+            timeout=300,
+        )
     assert saved.status_code == 200, saved.text
-    found = requests.post(f"{site['pacs'].url}/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
-                          timeout=30).json()
+    found = requests.post(
+        f"{site['pacs'].url}/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}}, timeout=30
+    ).json()
     assert len(found) == 2, found  # the support's SEG and the new one
 
     # 6. "Update Model" in the viewer trains a short run; its published model serves the next Auto-Segmentation
@@ -128,5 +154,6 @@ def test_ohif_end_to_end(site):
     info = re.findall(r"in-context \S+: (\{.*\})", site["server"].log.read_text())[-1]
     assert "'untrained': False" in info and str(site["published"]) in info
     assert "'support_volumes': 2" in info  # the label saved in step 5 is support now
-    assert all(url.startswith(("https://fonts.", "http://fonts.")) or "font" in url for url in browser.aborted), \
-        browser.aborted  # the viewer asked for nothing else outside loopback
+    assert all(url.startswith(("https://fonts.", "http://fonts.")) or "font" in url for url in browser.aborted), (
+        browser.aborted
+    )  # the viewer asked for nothing else outside loopback

@@ -18,11 +18,14 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from icl_sam2 import dicom_study
-from model_core.io import dicom
-from model_core.io import mricron
+from model_core.io import dicom, mricron
 
 LPS = np.diag([-1.0, -1.0, 1.0])
-CT_IMAGE, MR_IMAGE, SEGMENTATION = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
+CT_IMAGE, MR_IMAGE, SEGMENTATION = (
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.66.4",
+)
 MRI_REGIONS = ["Precentral_L", "Precentral_R"]
 
 # Dataset.from_json of WADO-RS metadata: Orthanc gives the SEG's pixels as a BulkDataURI, which we do not need
@@ -37,8 +40,15 @@ def client(pacs):
 @pytest.fixture(scope="module")
 def phantoms(pacs, tmp_path_factory):
     """Three 64 x 64 x 16 CT phantoms, the first two with a SEG, uploaded through Orthanc's REST API."""
-    return dicom_study.make_study(pacs.url, "phantoms", cases=3, labelled=2, shape=(16, 64, 64), seed=3,
-                          work_dir=tmp_path_factory.mktemp("phantoms"))
+    return dicom_study.make_study(
+        pacs.url,
+        "phantoms",
+        cases=3,
+        labelled=2,
+        shape=(16, 64, 64),
+        seed=3,
+        work_dir=tmp_path_factory.mktemp("phantoms"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,9 @@ def mri(pacs, tmp_path_factory):
     """The three Colin27 T1 views (support and lower with a SEG), uploaded through STOW-RS."""
     if not mricron.available():
         pytest.skip("needs Debian's mricron-data (apt-get install mricron-data; .ci/run does)")
-    return dicom_study.make_study(pacs.dicomweb, "mricron", labelled=2, regions=MRI_REGIONS,
-                          work_dir=tmp_path_factory.mktemp("mri"))
+    return dicom_study.make_study(
+        pacs.dicomweb, "mricron", labelled=2, regions=MRI_REGIONS, work_dir=tmp_path_factory.mktemp("mri")
+    )
 
 
 def _download(client: DICOMwebClient, study: str, series: str, folder: Path) -> list[Dataset]:
@@ -164,8 +175,9 @@ def test_monailabel_dicomweb_datastore_finds_the_segs_as_labels_of_their_series(
     for pair in pairs:
         entry = entries[Path(pair["image"]).name.split(".nii")[0]]
         image, label = sitk.ReadImage(pair["image"]), sitk.ReadImage(pair["label"])
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(label).transpose(2, 1, 0),
-                                      np.asarray(nib.load(entry["label"]).dataobj))
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(label).transpose(2, 1, 0), np.asarray(nib.load(entry["label"]).dataobj)
+        )
         np.testing.assert_allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3)
         np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-5)
 

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LESIONS = (((12, 14, 3), 3.0), ((30, 28, 5), 4.0), ((20, 36, 2), 2.5))
 
 
-def write_lesion_phantom(path: Path, shape: tuple[int, int, int] = (48, 44, 6), seed: int = 0) -> tuple[Path, np.ndarray]:
+def write_lesion_phantom(
+    path: Path, shape: tuple[int, int, int] = (48, 44, 6), seed: int = 0
+) -> tuple[Path, np.ndarray]:
     """Write the phantom (``shape`` = i, j, k voxels; 0.9 x 0.9 x 2 mm, the first axis flipped) to ``path``.
 
     Returns:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from model_core.io.phantoms import make_phantom
-from model_core.serving.service import SegmentationService, ServiceConfig
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -32,8 +33,14 @@ IMAGES = {
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("border")
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "none.pt"),
-                           preset="tiny", image_size=64, window=(0, 1))
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(root / "none.pt"),
+        preset="tiny",
+        image_size=64,
+        window=(0, 1),
+    )
     return SegmentationService(config), root
 
 
@@ -61,12 +68,17 @@ def _corners_and_edges(shape: tuple[int, int, int], k: int) -> list[list[int]]:
 def test_border_voxels_map_inside_the_model_grid(service, name):
     service, root = service
     path, shape = _image(root, name)
-    image, slices = service.preprocess(path, service.network)
+    image, _slices = service.preprocess(path, service.network)
     I, J, K = shape
     voxels = [[i, j, k] for i in (0, I - 1) for j in (0, J - 1) for k in (0, K - 1)]
     grid = service.to_model_grid(image, voxels)
     H, W, D = image.shape[1:]
-    assert np.all(grid >= 0) and np.all(grid[:, 0] <= W - 1) and np.all(grid[:, 1] <= H - 1) and np.all(grid[:, 2] <= D - 1)
+    assert (
+        np.all(grid >= 0)
+        and np.all(grid[:, 0] <= W - 1)
+        and np.all(grid[:, 1] <= H - 1)
+        and np.all(grid[:, 2] <= D - 1)
+    )
     inner = service.to_model_grid(image, [[I // 2, J // 2, K // 2]])[0]  # an inner voxel is not moved by the clamp
     assert 0 < inner[0] < W - 1 and 0 < inner[1] < H - 1
 

@@ -84,24 +84,51 @@ def test_score_case_reads_spacing_in_the_challenges_order(tmp_path):
 @pytest.mark.parametrize(
     "name,arrays,match",
     [
-        ("2D_nobox", {"imgs": np.zeros((32, 32, 3), np.uint8)},
-         r"case '2D_nobox', key 'boxes': missing from the npz \(it has \['imgs'\]\)"),
-        ("3D_flat", {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[1, 1, 0, 9, 9, 0]])},
-         r"case '3D_flat', key 'imgs': has shape \(32, 32\), not a 3D volume \(D, H, W\), but 'boxes' are 3D"),
-        ("3D_named", {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 9, 9]])},
-         r"case '3D_named', key 'boxes': has 4 columns \(2D boxes\) but the case is named 3D"),
-        ("2D_out", {"imgs": np.zeros((32, 40), np.uint8), "boxes": np.array([[1, 1, 9, 9], [30, 5, 50, 9]])},
-         r"case '2D_out', key 'boxes': box 1 \[30.0, 5.0, 50.0, 9.0\] lies outside the 32x40"),
-        ("2D_rev", {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[9, 1, 1, 9]])},
-         r"case '2D_rev', key 'boxes': box 0 .* is reversed"),
-        ("2D_zero", {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[4, 4, 4, 9]])},
-         r"case '2D_zero', key 'boxes': box 0 .* has zero size"),
-        ("3D_zrev", {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 3, 9, 9, 1]])},
-         r"case '3D_zrev', key 'boxes': box 0 has z_min 3 > z_max 1 \(reversed\)"),
-        ("3D_zout", {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 0, 9, 9, 4]])},
-         r"case '3D_zout', key 'boxes': box 0 has z range \[0, 4\] outside the volume's slice indices 0..3"),
-        ("2D_cols", {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.zeros((1, 5))},
-         r"case '2D_cols', key 'boxes': has shape \(1, 5\); \(N, 4\) .* or \(N, 6\)"),
+        (
+            "2D_nobox",
+            {"imgs": np.zeros((32, 32, 3), np.uint8)},
+            r"case '2D_nobox', key 'boxes': missing from the npz \(it has \['imgs'\]\)",
+        ),
+        (
+            "3D_flat",
+            {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[1, 1, 0, 9, 9, 0]])},
+            r"case '3D_flat', key 'imgs': has shape \(32, 32\), not a 3D volume \(D, H, W\), but 'boxes' are 3D",
+        ),
+        (
+            "3D_named",
+            {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 9, 9]])},
+            r"case '3D_named', key 'boxes': has 4 columns \(2D boxes\) but the case is named 3D",
+        ),
+        (
+            "2D_out",
+            {"imgs": np.zeros((32, 40), np.uint8), "boxes": np.array([[1, 1, 9, 9], [30, 5, 50, 9]])},
+            r"case '2D_out', key 'boxes': box 1 \[30.0, 5.0, 50.0, 9.0\] lies outside the 32x40",
+        ),
+        (
+            "2D_rev",
+            {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[9, 1, 1, 9]])},
+            r"case '2D_rev', key 'boxes': box 0 .* is reversed",
+        ),
+        (
+            "2D_zero",
+            {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.array([[4, 4, 4, 9]])},
+            r"case '2D_zero', key 'boxes': box 0 .* has zero size",
+        ),
+        (
+            "3D_zrev",
+            {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 3, 9, 9, 1]])},
+            r"case '3D_zrev', key 'boxes': box 0 has z_min 3 > z_max 1 \(reversed\)",
+        ),
+        (
+            "3D_zout",
+            {"imgs": np.zeros((4, 32, 32), np.uint8), "boxes": np.array([[1, 1, 0, 9, 9, 4]])},
+            r"case '3D_zout', key 'boxes': box 0 has z range \[0, 4\] outside the volume's slice indices 0..3",
+        ),
+        (
+            "2D_cols",
+            {"imgs": np.zeros((32, 32), np.uint8), "boxes": np.zeros((1, 5))},
+            r"case '2D_cols', key 'boxes': has shape \(1, 5\); \(N, 4\) .* or \(N, 6\)",
+        ),
     ],
 )
 def test_bad_cases_name_the_case_and_the_key(tmp_path, name, arrays, match):
@@ -139,8 +166,12 @@ def _write_cases(root: Path) -> None:
     # 2D, RGB uint8, two structures
     image, labels = _disk_image((120, 150), [(40, 40, 15), (75, 100, 25)], seed=1)
     rgb = np.repeat(image[..., None], 3, axis=2)
-    np.savez_compressed(imgs / "2D_disks.npz", imgs=rgb, boxes=np.array([_box(labels == 1), _box(labels == 2)]),
-                        spacing=np.array([1.0, 1.0]))
+    np.savez_compressed(
+        imgs / "2D_disks.npz",
+        imgs=rgb,
+        boxes=np.array([_box(labels == 1), _box(labels == 2)]),
+        spacing=np.array([1.0, 1.0]),
+    )
     np.savez_compressed(gts / "2D_disks.npz", gts=labels, spacing=np.array([1.0, 1.0]))
     # 2D grey, one structure
     image, labels = _disk_image((90, 70), [(45, 35, 18)], seed=2)
@@ -151,8 +182,9 @@ def _write_cases(root: Path) -> None:
     for z in range(6):
         volume[z], labels3[z] = _disk_image((64, 64), [(32, 30, 12)] if z in (2, 3) else [], seed=10 + z)
     x0, y0, x1, y1 = _box(labels3.any(axis=0))
-    np.savez_compressed(imgs / "3D_disk.npz", imgs=volume, boxes=np.array([[x0, y0, 2, x1, y1, 3]]),
-                        spacing=np.array([0.8, 0.8, 2.5]))
+    np.savez_compressed(
+        imgs / "3D_disk.npz", imgs=volume, boxes=np.array([[x0, y0, 2, x1, y1, 3]]), spacing=np.array([0.8, 0.8, 2.5])
+    )
     np.savez_compressed(gts / "3D_disk.npz", gts=labels3, spacing=np.array([0.8, 0.8, 2.5]))
     # broken: a 2D image given as 3D, an npz without boxes, a box outside the image
     np.savez_compressed(imgs / "3D_flat.npz", imgs=image, boxes=np.array([[10, 10, 0, 40, 40, 3]]))
@@ -169,9 +201,19 @@ def _run(command: list[str], *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path, icl_sam2_command):
-    """Both commands on generated cases with the real LiteMedSAM (4 slices encoded): broken cases are rows, not crashes."""
+    """Both commands on generated cases with the real LiteMedSAM (4 slices encoded): broken cases are rows, not
+    crashes.
+    """
     _write_cases(tmp_path)
-    infer = _run(icl_sam2_command, "challenge", "infer", "--input_dir", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "segs"))
+    infer = _run(
+        icl_sam2_command,
+        "challenge",
+        "infer",
+        "--input_dir",
+        str(tmp_path / "imgs"),
+        "--output_dir",
+        str(tmp_path / "segs"),
+    )
     assert infer.returncode == 0, infer.stderr
     summary = json.loads(infer.stdout.strip().splitlines()[-1])
     assert summary["cases"] == 6 and summary["ok"] == 3
@@ -185,8 +227,19 @@ def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path, icl
     assert not (tmp_path / "segs" / "2D_nobox.npz").exists()
 
     out = tmp_path / "metrics.csv"
-    evaluate = _run(icl_sam2_command, "challenge", "evaluate", "--seg_dir", str(tmp_path / "segs"), "--gt_dir",
-                    str(tmp_path / "gts"), "--output", str(out), "--summary", str(tmp_path / "summary.json"))
+    evaluate = _run(
+        icl_sam2_command,
+        "challenge",
+        "evaluate",
+        "--seg_dir",
+        str(tmp_path / "segs"),
+        "--gt_dir",
+        str(tmp_path / "gts"),
+        "--output",
+        str(out),
+        "--summary",
+        str(tmp_path / "summary.json"),
+    )
     assert evaluate.returncode == 0, evaluate.stderr
     with open(out, newline="") as f:
         rows = {row["case"]: row for row in csv.DictReader(f)}
@@ -199,7 +252,11 @@ def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path, icl
     assert "key 'imgs'" in rows["3D_flat"]["error"] and "not a 3D volume" in rows["3D_flat"]["error"]
     assert "key 'boxes'" in rows["2D_outside"]["error"] and "lies outside" in rows["2D_outside"]["error"]
     for case in ("3D_flat", "2D_outside", "2D_nobox"):
-        assert rows[case]["status"] == "failed" and rows[case]["DSC"] == "" and rows[case]["error"].startswith("inference:")
+        assert (
+            rows[case]["status"] == "failed"
+            and rows[case]["DSC"] == ""
+            and rows[case]["error"].startswith("inference:")
+        )
     result = json.loads(evaluate.stdout.strip().splitlines()[-1])
     assert result == {**json.loads((tmp_path / "summary.json").read_text()), "output": str(out)}
     assert result["cases"] == 6 and result["scored"] == 3 and result["failed"] == 3
@@ -209,5 +266,5 @@ def test_infer_and_evaluate_run_end_to_end_and_report_broken_cases(tmp_path, icl
 
     # the same scores in process (the command is a thin wrapper), and a missing segmentation is a failed row
     (tmp_path / "segs" / "2D_grey.npz").unlink()
-    scores, again = evaluate_folder(tmp_path / "segs", tmp_path / "gts")
+    _scores, again = evaluate_folder(tmp_path / "segs", tmp_path / "gts")
     assert again["scored"] == 2 and "no segmentation 2D_grey.npz" in again["failed_cases"]["2D_grey"]

@@ -136,15 +136,21 @@ def test_sam2_vs_sam21_key_difference(tmp_path):
     v2 = build_icl_sam2("sam2_hiera_tiny", image_size=64)
     path = str(tmp_path / "sam2.1.pt")
     torch.save({"model": v21.state_dict()}, path)
-    with pytest.raises(ValueError, match=r"Unexpected keys: \[no_obj_embed_spatial, obj_ptr_tpos_proj\.bias, "
-                                         r"obj_ptr_tpos_proj\.weight\]") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"Unexpected keys: \[no_obj_embed_spatial, obj_ptr_tpos_proj\.bias, "
+        r"obj_ptr_tpos_proj\.weight\]",
+    ) as e:
         load_checkpoint(v2, path)
     assert "Missing keys: []" in str(e.value)
 
     path2 = str(tmp_path / "sam2.pt")
     torch.save({"model": v2.state_dict()}, path2)
-    with pytest.raises(ValueError, match=r"Missing keys: \[no_obj_embed_spatial, obj_ptr_tpos_proj\.bias, "
-                                         r"obj_ptr_tpos_proj\.weight\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Missing keys: \[no_obj_embed_spatial, obj_ptr_tpos_proj\.bias, "
+        r"obj_ptr_tpos_proj\.weight\]",
+    ):
         load_checkpoint(v21, path2)
 
 
@@ -176,8 +182,11 @@ def test_missing_key_named(source, target, tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     path = str(tmp_path / "partial.pt")
     torch.save(sd, path)
-    with pytest.raises(ValueError, match=r"Missing keys: \[sam_mask_decoder\.iou_token\.weight\]\. "
-                                         r"Unexpected keys: \[extra\.weight\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Missing keys: \[sam_mask_decoder\.iou_token\.weight\]\. "
+        r"Unexpected keys: \[extra\.weight\]",
+    ):
         load_checkpoint(target, path)
 
 

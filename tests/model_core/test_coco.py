@@ -41,10 +41,11 @@ def phantoms(tmp_path_factory):
 
 
 def test_rle_export_reads_in_pycocotools_and_maps_back_to_volume_and_slice(phantoms):
-    datalist, summary, root = phantoms
+    _datalist, summary, root = phantoms
     coco = _coco(summary["training"]["json"])
     assert sorted((c["id"], c["name"]) for c in coco.dataset["categories"]) == sorted(
-        (v, k) for k, v in PHANTOM_LABELS.items())
+        (v, k) for k, v in PHANTOM_LABELS.items()
+    )
 
     expected_images = expected_annotations = 0
     for case in range(2):  # write_phantom_dataset seeds case i with i; label (D, H, W), axial slices along D
@@ -90,7 +91,7 @@ def test_rle_round_trip_is_voxel_exact(phantoms):
 
 
 def test_a_corrupted_label_is_found_slice_by_slice(phantoms, tmp_path):
-    datalist, _, root = phantoms
+    datalist, _, _root = phantoms
     data = tmp_path / "data"
     shutil.copytree(Path(datalist).parent, data)
     summary = export_coco(data / "datalist.json", tmp_path / "coco", window=PHANTOM_WINDOW)
@@ -125,8 +126,10 @@ def _ring_dataset(folder: Path, affine: np.ndarray | None = None) -> Path:
     affine = np.eye(4) if affine is None else affine
     nib.save(nib.Nifti1Image(image, affine), folder / "ring_image.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), folder / "ring_label.nii.gz")
-    datalist = {"labels": {"ring": 1, "dot": 2},
-                "training": [{"image": "ring_image.nii.gz", "label": "ring_label.nii.gz"}]}
+    datalist = {
+        "labels": {"ring": 1, "dot": 2},
+        "training": [{"image": "ring_image.nii.gz", "label": "ring_label.nii.gz"}],
+    }
     (folder / "datalist.json").write_text(json.dumps(datalist))
     return folder / "datalist.json"
 
@@ -144,7 +147,10 @@ def test_polygons_agree_above_stated_iou_and_verify_reports_the_filled_holes(tmp
     report = verify_coco(poly["json"])
     assert not report["ok"] and report["mismatched_voxels"] == 3 * 16  # the holes, filled: polygons are lossy
     assert {(m["slice_index"], m["category"], m["voxels"]) for m in report["mismatches"]} == {
-        (1, "ring", 16), (2, "ring", 16), (3, "ring", 16)}
+        (1, "ring", 16),
+        (2, "ring", 16),
+        (3, "ring", 16),
+    }
     assert report["iou"]["ring"] == pytest.approx(48 / 64) and report["iou"]["dot"] == 1.0  # 48 ring voxels a slice
     assert verify_coco(export_coco(ring, tmp_path / "ring_rle")["training"]["json"])["ok"]  # RLE keeps the hole
 
@@ -153,14 +159,18 @@ def test_options_axis_instances_empty_slices_and_a_flipped_affine(tmp_path):
     # the file's third axis runs inferior (flipped z) and its first two are swapped: (A, R, I) voxel axes
     affine = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, 0], [0, 0, 0, 1]], float)
     ring = _ring_dataset(tmp_path / "ring", affine)
-    summary = export_coco(ring, tmp_path / "out", instances="label", include_empty="true", modality="CT",
-                          window=(-200, 300))["training"]
+    summary = export_coco(
+        ring, tmp_path / "out", instances="label", include_empty="true", modality="CT", window=(-200, 300)
+    )["training"]
     coco = _coco(summary["json"])
     assert summary["images"] == 6 and summary["annotations"] == 3 + 1  # every slice; one annotation per label
     raw = np.asarray(nib.load(tmp_path / "ring" / "ring_label.nii.gz").dataobj)
     for img in coco.dataset["images"]:
-        decoded = sum(coco.annToMask(a) * a["category_id"] for a in coco.imgToAnns[img["id"]]) if coco.imgToAnns[
-            img["id"]] else np.zeros((img["height"], img["width"]))
+        decoded = (
+            sum(coco.annToMask(a) * a["category_id"] for a in coco.imgToAnns[img["id"]])
+            if coco.imgToAnns[img["id"]]
+            else np.zeros((img["height"], img["width"]))
+        )
         source = np.take(raw, img["source_slice_index"], axis=img["source_axis"])
         assert img["source_axis"] == 2 and img["source_slice_index"] == 5 - img["slice_index"]
         assert np.array_equal(decoded, source.T)  # RAS swaps the file's first two axes back
@@ -199,11 +209,12 @@ def test_bad_inputs_are_named(tmp_path):
         (dict(datalist=ok, splits="validation"), "no 'validation' list"),
         (dict(datalist=ok, splits="test"), "Entry 0 of 'test'.*has no \"label\""),
         (dict(datalist=ok, labels='{"a": -1}'), "positive integer"),
-        (dict(datalist=_write(tmp_path / "nolab", good, {"training": [entry]})), "has no \"labels\" mapping"),
-        (dict(datalist=_write(tmp_path / "float", good.astype(np.float32) * 0.5, one)),
-         "Entry 0 of 'training'.*\"label\" has non-integer values"),
-        (dict(datalist=_write(tmp_path / "extra", good * 4, one)),
-         "holds values \\[4\\] that are no category"),
+        (dict(datalist=_write(tmp_path / "nolab", good, {"training": [entry]})), 'has no "labels" mapping'),
+        (
+            dict(datalist=_write(tmp_path / "float", good.astype(np.float32) * 0.5, one)),
+            "Entry 0 of 'training'.*\"label\" has non-integer values",
+        ),
+        (dict(datalist=_write(tmp_path / "extra", good * 4, one)), "holds values \\[4\\] that are no category"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -217,8 +228,9 @@ def test_label_merge_is_applied_and_verify_needs_the_same_datalist(tmp_path):
     label = np.zeros((8, 8, 4), np.uint8)
     label[1:3, 1:3, 1], label[4:6, 4:6, 1], label[1:3, 5:7, 2] = 1, 2, 3  # KiTS23-like: kidney, tumour, cyst
     entry = {"image": "img.nii.gz", "label": "lab.nii.gz"}
-    merged = _write(tmp_path / "kits", label, {"labels": {"kidney": 1}, "label_merge": {"1": [1, 2]},
-                                               "training": [entry]})
+    merged = _write(
+        tmp_path / "kits", label, {"labels": {"kidney": 1}, "label_merge": {"1": [1, 2]}, "training": [entry]}
+    )
     summary = export_coco(merged, tmp_path / "out", instances="label")["training"]
     coco = _coco(summary["json"])
     assert [c["name"] for c in coco.dataset["categories"]] == ["kidney"]

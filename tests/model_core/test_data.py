@@ -12,15 +12,15 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 
-from model_core.training import build_training_network
-from model_core.workflows.episodes import EpisodeDataset, EpisodePrepareBatch
-from model_core.io.transforms import SelectChanneld
 from model_core.io.datalist import check_case, load_datalist
-from model_core.training.episodes import EpisodeSampler
-from model_core.modeling.inputs import slice_channels, volume_to_slices
-from model_core.training.losses import ICLSAM2Loss
 from model_core.io.phantoms import make_phantom
 from model_core.io.phantoms import write_phantom_dataset as make_dataset
+from model_core.io.transforms import SelectChanneld
+from model_core.modeling.inputs import slice_channels, volume_to_slices
+from model_core.training import build_training_network
+from model_core.training.episodes import EpisodeSampler
+from model_core.training.losses import ICLSAM2Loss
+from model_core.workflows.episodes import EpisodeDataset, EpisodePrepareBatch
 
 SIZE = 32
 
@@ -39,8 +39,13 @@ class CountingLoad(LoadImaged):
 
 
 def _transform(size: int = SIZE):
-    return Compose([CountingLoad(["image", "label"], image_only=True), EnsureChannelFirstd(["image", "label"]),
-                    Resized(["image", "label"], spatial_size=(size, size, -1), mode=("bilinear", "nearest"))])
+    return Compose(
+        [
+            CountingLoad(["image", "label"], image_only=True),
+            EnsureChannelFirstd(["image", "label"]),
+            Resized(["image", "label"], spatial_size=(size, size, -1), mode=("bilinear", "nearest")),
+        ]
+    )
 
 
 def _write(path: Path, array: np.ndarray, affine=None) -> str:
@@ -55,8 +60,14 @@ def test_check_case_names_shape_affine_and_unreadable_problems(tmp_path):
     with pytest.raises(ValueError, match=r"has shape \(8, 8, 4\) but its label .* has \(8, 8, 5\)"):
         check_case({"image": image, "label": _write(tmp_path / "deep.nii.gz", np.zeros((8, 8, 5), np.uint8))})
     with pytest.raises(ValueError, match="(?s)different affines .* resample the label onto the image grid"):
-        check_case({"image": image, "label": _write(tmp_path / "moved.nii.gz", np.zeros((8, 8, 4), np.uint8),
-                                                    np.diag([1.0, 1.0, 2.5, 1.0]))})
+        check_case(
+            {
+                "image": image,
+                "label": _write(
+                    tmp_path / "moved.nii.gz", np.zeros((8, 8, 4), np.uint8), np.diag([1.0, 1.0, 2.5, 1.0])
+                ),
+            }
+        )
     (tmp_path / "junk.nii.gz").write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match=r"image: cannot read .*junk\.nii\.gz.* as an image volume"):
         check_case({"image": str(tmp_path / "junk.nii.gz")})
@@ -99,7 +110,7 @@ def test_2p5d_channels_are_the_neighbouring_slices():
 def test_select_channel_of_a_multichannel_image():
     image = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 2, 2)
     assert SelectChanneld()({"image": image, "channel": 2})["image"].unique().tolist() == [2.0]
-    with pytest.raises(ValueError, match="has 4 channels .* \"channel\": N"):
+    with pytest.raises(ValueError, match='has 4 channels .* "channel": N'):
         SelectChanneld()({"image": image})
     with pytest.raises(ValueError, match="channel 7 asked for, but the image has 4"):
         SelectChanneld()({"image": image, "channel": 7})
@@ -110,7 +121,9 @@ def test_cache_dir_memory_maps_preprocessed_volumes_and_reuses_them(datalist, tm
     cases = load_datalist(datalist)
     in_memory = EpisodeDataset(cases, _transform(), [1, 2, 3], 2, 3, SIZE, objects_per_episode=2, seed=5)
     CountingLoad.calls = 0
-    lazy = EpisodeDataset(cases, _transform(), [1, 2, 3], 2, 3, SIZE, objects_per_episode=2, seed=5, cache_dir=str(tmp_path))
+    lazy = EpisodeDataset(
+        cases, _transform(), [1, 2, 3], 2, 3, SIZE, objects_per_episode=2, seed=5, cache_dir=str(tmp_path)
+    )
     assert CountingLoad.calls == len(cases)
     assert len(list(tmp_path.glob("*_image.npy"))) == len(cases) and not list(tmp_path.glob("*.tmp*"))
     assert all(isinstance(img, np.memmap) and img.dtype == np.float16 for img in lazy.sampler.images)
@@ -129,12 +142,15 @@ def test_cache_dir_memory_maps_preprocessed_volumes_and_reuses_them(datalist, tm
 @pytest.mark.slow
 def test_feature_cache_gives_the_same_training_step_without_encoding_again():
     volumes = [make_phantom((8, 64, 64), seed=i) for i in range(3)]
-    sampler = EpisodeSampler(volumes, [1, 2, 3], num_support=2, num_query=3, image_size=64, objects_per_episode=2, seed=0)
+    sampler = EpisodeSampler(
+        volumes, [1, 2, 3], num_support=2, num_query=3, image_size=64, objects_per_episode=2, seed=0
+    )
     batch = sampler.sample(2)
     inputs, targets, args, kwargs = EpisodePrepareBatch()(batch)
     assert set(kwargs) == {"support_keys", "query_keys"}
     torch.manual_seed(0)
     model = build_training_network("tiny", image_size=64, trainable="frozen").train()
+
     def loss(**keys):
         torch.manual_seed(1)  # memory attention has dropout in training mode
         return ICLSAM2Loss()(model(inputs, *args, **keys), targets)["loss"]
@@ -159,7 +175,10 @@ def test_feature_cache_refuses_a_trainable_encoder():
     model = build_training_network("tiny", image_size=64, trainable="all")
     with pytest.raises(ValueError, match="needs a frozen image encoder"):
         model.cache_encoder_features(10)
-    assert build_training_network("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache is None
+    assert (
+        build_training_network("tiny", image_size=64, trainable="frozen").cache_encoder_features(0).feature_cache
+        is None
+    )
 
 
 # ---------------------------------------------------------------- gradient clipping under mixed precision
@@ -173,13 +192,22 @@ def _clip_one_step(max_norm: float, scale: float):
     torch.nn.init.zeros_(network.weight)
     optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
     batch = {"image": torch.ones(1, 1), "label": torch.zeros(1, 1)}
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=network,
-                                optimizer=optimizer, loss_function=lambda pred, _: 100.0 * pred.sum(), amp=True,
-                                train_handlers=[GradientClipHandler(max_norm=max_norm)])
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=network,
+        optimizer=optimizer,
+        loss_function=lambda pred, _: 100.0 * pred.sum(),
+        amp=True,
+        train_handlers=[GradientClipHandler(max_norm=max_norm)],
+    )
     # Trainer.run makes a CUDA GradScaler under amp (disabled without CUDA); a CPU one scales and unscales the same way
     from ignite.engine import Events
 
-    trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", torch.amp.GradScaler("cpu", init_scale=scale)))
+    trainer.add_event_handler(
+        Events.STARTED, lambda e: setattr(e, "scaler", torch.amp.GradScaler("cpu", init_scale=scale))
+    )
     trainer.run()
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == scale
     return trainer, float(network.weight.detach()[0, 0])
@@ -197,10 +225,16 @@ def test_gradient_clip_refuses_gradient_accumulation():
     from model_core.workflows.handlers import GradientClipHandler
 
     network = torch.nn.Linear(1, 1)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, network=network,
-                                train_data_loader=[{"image": torch.ones(1, 1), "label": torch.zeros(1, 1)}],
-                                optimizer=torch.optim.SGD(network.parameters(), lr=1.0), loss_function=torch.nn.L1Loss(),
-                                accumulation_steps=2, train_handlers=[GradientClipHandler()])
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        network=network,
+        train_data_loader=[{"image": torch.ones(1, 1), "label": torch.zeros(1, 1)}],
+        optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
+        loss_function=torch.nn.L1Loss(),
+        accumulation_steps=2,
+        train_handlers=[GradientClipHandler()],
+    )
     with pytest.raises(ValueError, match="accumulation_steps"):
         trainer.run()
 
@@ -218,8 +252,15 @@ def _episode_keys(dataset, num_workers: int, seed: int = 0) -> list[tuple[int, .
 
 @pytest.mark.slow
 def test_loader_workers_draw_different_episodes_and_a_seed_repeats_the_run(datalist):
-    dataset = EpisodeDataset(load_datalist(datalist), _transform(), classes=[1, 2, 3], num_support=2, num_query=3,
-                             image_size=SIZE, episodes_per_epoch=8)
+    dataset = EpisodeDataset(
+        load_datalist(datalist),
+        _transform(),
+        classes=[1, 2, 3],
+        num_support=2,
+        num_query=3,
+        image_size=SIZE,
+        episodes_per_epoch=8,
+    )
     two_workers = _episode_keys(dataset, num_workers=2)
     # torch's DataLoader hands batches round-robin: even batches are worker 0's, odd ones worker 1's
     assert two_workers[0::2] != two_workers[1::2]

@@ -1,4 +1,6 @@
-"""model_core.io.datasets and model_core.io.datalist (and their command line, icl-sam2 datalist) on tiny generated datasets in every supported layout."""
+"""model_core.io.datasets and model_core.io.datalist (and their command line, icl-sam2 datalist) on tiny generated
+datasets in every supported layout.
+"""
 
 from __future__ import annotations
 
@@ -69,9 +71,16 @@ def _msd(root: Path, n: int = 5, test: int = 2, four_d: bool = False) -> Path:
     # macOS resource forks, as shipped in some MSD tarballs
     (root / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     training.append({"image": "./imagesTr/._liver_0.nii.gz", "label": "./labelsTr/._liver_0.nii.gz"})
-    meta = {"name": "Liver", "description": "tiny", "labels": {"0": "background", "1": "liver", "2": "cancer"},
-            "modality": {"0": "FLAIR", "1": "T1w"} if four_d else {"0": "CT"},
-            "numTraining": n, "numTest": test, "training": training, "test": tests}
+    meta = {
+        "name": "Liver",
+        "description": "tiny",
+        "labels": {"0": "background", "1": "liver", "2": "cancer"},
+        "modality": {"0": "FLAIR", "1": "T1w"} if four_d else {"0": "CT"},
+        "numTraining": n,
+        "numTest": test,
+        "training": training,
+        "test": tests,
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -101,8 +110,9 @@ def test_kits23_merges_kidney_and_tumour_and_splits_deterministically(tmp_path):
 
 
 def test_kits23_test_fraction_takes_labelled_cases(tmp_path):
-    dl = pdl.make_datalist(_kits23(tmp_path / "k", n=10), "kits23", output=tmp_path / "d.json",
-                           val_fraction=0.2, test_fraction=0.3, seed=3)
+    dl = pdl.make_datalist(
+        _kits23(tmp_path / "k", n=10), "kits23", output=tmp_path / "d.json", val_fraction=0.2, test_fraction=0.3, seed=3
+    )
     assert (dl["num_training"], dl["num_validation"], dl["num_test"]) == (5, 2, 3)
     images = [e["image"] for s in ("training", "validation", "test") for e in dl[s]]
     assert len(set(images)) == 10 and all("label" in e for e in dl["test"])
@@ -187,8 +197,10 @@ def test_json_preset_normalises_seg_to_label_and_keeps_splits(tmp_path):
     data = _kits23(tmp_path / "k", n=4)
     src = {
         "labels": {"0": "background", "1": "kidney"},
-        "training": [{"image": f"case_{i:05d}/imaging.nii.gz", "seg": f"case_{i:05d}/segmentation.nii.gz",
-                      "fold": i} for i in range(3)],
+        "training": [
+            {"image": f"case_{i:05d}/imaging.nii.gz", "seg": f"case_{i:05d}/segmentation.nii.gz", "fold": i}
+            for i in range(3)
+        ],
         "validation": [{"image": "case_00003/imaging.nii.gz", "seg": "case_00003/segmentation.nii.gz"}],
         "test": ["case_00003/imaging.nii.gz"],
     }
@@ -203,8 +215,11 @@ def test_json_preset_normalises_seg_to_label_and_keeps_splits(tmp_path):
     # only a training list: split like a folder
     (data / "train_only.json").write_text(json.dumps({"training": src["training"]}))
     dl = pdl.make_datalist(data, "json", output=out, datalist=data / "train_only.json", val_fraction=0.34)
-    assert (dl["num_training"], dl["num_validation"]) == (2, 1) and dl["labels"] == {"label_1": 1, "label_2": 2,
-                                                                                     "label_3": 3}
+    assert (dl["num_training"], dl["num_validation"]) == (2, 1) and dl["labels"] == {
+        "label_1": 1,
+        "label_2": 2,
+        "label_3": 3,
+    }
 
 
 # ----------------------------------------------------------------------------- errors
@@ -226,9 +241,11 @@ def test_boundary_errors(tmp_path):
         pdl.make_datalist(tmp_path / "empty", "generic", output=out)
     with pytest.raises(ValueError, match=r"has no dataset\.json"):
         pdl.make_datalist(tmp_path / "empty", "msd", output=out)
-    for kwargs, pattern in [({"val_fraction": 1.2}, r"val_fraction=1\.2 is out of range"),
-                            ({"test_fraction": -0.1}, r"test_fraction=-0\.1 is out of range"),
-                            ({"val_fraction": 0.6, "test_fraction": 0.5}, r"sum must be below 1")]:
+    for kwargs, pattern in [
+        ({"val_fraction": 1.2}, r"val_fraction=1\.2 is out of range"),
+        ({"test_fraction": -0.1}, r"test_fraction=-0\.1 is out of range"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, r"sum must be below 1"),
+    ]:
         with pytest.raises(ValueError, match=pattern):
             pdl.make_datalist(kits, "kits23", output=out, **kwargs)
     with pytest.raises(ValueError, match=r"training split is empty: 3 of 3 cases"):
@@ -275,10 +292,23 @@ def test_image_without_label_is_named(tmp_path):
 def test_cli_writes_the_datalist_atomically(tmp_path, icl_sam2_command):
     data = _msd(tmp_path / "Task01_BrainTumour", four_d=True)
     out = tmp_path / "lists" / "brats.json"
-    args = [*icl_sam2_command, "datalist", "--dataset_dir", str(data), "--preset", "msd",
-            "--val_fraction", "0.4", "--seed", "1", "--relative", "true"]
-    proc = subprocess.run(args + ["--output", str(out), "--channel", "0"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    args = [
+        *icl_sam2_command,
+        "datalist",
+        "--dataset_dir",
+        str(data),
+        "--preset",
+        "msd",
+        "--val_fraction",
+        "0.4",
+        "--seed",
+        "1",
+        "--relative",
+        "true",
+    ]
+    proc = subprocess.run(
+        args + ["--output", str(out), "--channel", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     dl = json.loads(out.read_text())
@@ -287,8 +317,9 @@ def test_cli_writes_the_datalist_atomically(tmp_path, icl_sam2_command):
     _resolves(dl, out)
     assert [p.name for p in out.parent.iterdir()] == ["brats.json"]  # no temporary file left behind
     # 4D without --channel: a clear error, nothing written
-    proc = subprocess.run(args + ["--output", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        args + ["--output", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "--channel" in proc.stderr and not (tmp_path / "x.json").exists()
 
 
@@ -301,9 +332,9 @@ def test_normalise_entry_is_the_one_seg_to_label_rule():
     assert pdl.normalise_entry(entry) == {"image": "a.nii.gz", "label": "a_seg.nii.gz", "channel": 0}
     assert "seg" in entry  # the caller's entry is left as it was
     assert pdl.normalise_entry({"image": "a", "label": "l", "seg": "l"}) == {"image": "a", "label": "l"}
-    with pytest.raises(ValueError, match="both \"label\" and \"seg\" and they differ"):
+    with pytest.raises(ValueError, match='both "label" and "seg" and they differ'):
         pdl.normalise_entry({"image": "a", "label": "l", "seg": "s"}, "training[3]")
-    with pytest.raises(ValueError, match="training\\[3\\] has no \"image\""):
+    with pytest.raises(ValueError, match='training\\[3\\] has no "image"'):
         pdl.normalise_entry({"label": "l"}, "training[3]")
     with pytest.raises(ValueError, match="expected an image path"):
         pdl.normalise_entry(3)
@@ -329,7 +360,11 @@ def test_phantom_dataset_reads_back_through_the_datalist(tmp_path):
 
     path = Path(write_phantom_dataset(tmp_path / "ph", train=2, validation=1, test=0, shape=(4, 16, 16), seed=3))
     datalist = json.loads(path.read_text())
-    assert datalist["labels"] == PHANTOM_LABELS and [len(datalist[s]) for s in ("training", "validation", "test")] == [2, 1, 0]
+    assert datalist["labels"] == PHANTOM_LABELS and [len(datalist[s]) for s in ("training", "validation", "test")] == [
+        2,
+        1,
+        0,
+    ]
     image, label = make_phantom((4, 16, 16), seed=3 * 1000 + 2)  # the third case
     entry = datalist["validation"][0]
     np.testing.assert_allclose(nib.load(path.parent / entry["image"]).get_fdata(), image.transpose(1, 2, 0), atol=1e-6)

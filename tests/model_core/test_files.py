@@ -50,13 +50,18 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_only_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = dead.stdout.strip()
-    names = {f".case0.nii.gz.{pid}.0123456789ab.tmp": False,  # its writer was killed
-             f".cache.npy.{pid}.0123456789ab.tmp.npy": False,  # with the suffix a writer asked for
-             f".case1.nii.gz.{os.getpid()}.0123456789ab.tmp": True,  # a writer still running
-             "case2.nii.gz": True, ".hidden": True, f".x.{pid}.short.tmp": True}
+    names = {
+        f".case0.nii.gz.{pid}.0123456789ab.tmp": False,  # its writer was killed
+        f".cache.npy.{pid}.0123456789ab.tmp.npy": False,  # with the suffix a writer asked for
+        f".case1.nii.gz.{os.getpid()}.0123456789ab.tmp": True,  # a writer still running
+        "case2.nii.gz": True,
+        ".hidden": True,
+        f".x.{pid}.short.tmp": True,
+    }
     for name in names:
         (tmp_path / name).write_text("x")
     removed = remove_stale_temporaries(tmp_path)

@@ -9,11 +9,21 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, load_checkpoint, save_checkpoint
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.training import build_training_network
 from model_core.training.episodes import EpisodeSampler
-from model_core.training.lora import LORA_TARGETS, adapter_parameter_names, load_adapters, lora_target_modules, merge_adapter_file, merge_lora, merged_copy, merged_state_dict, save_adapters
+from model_core.training.lora import (
+    LORA_TARGETS,
+    adapter_parameter_names,
+    load_adapters,
+    lora_target_modules,
+    merge_adapter_file,
+    merge_lora,
+    merged_copy,
+    merged_state_dict,
+    save_adapters,
+)
 from model_core.training.losses import ICLSAM2Loss
-from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.training.trainable import TRAINABLE_ALIASES, TRAINABLE_GROUPS, parameter_unit, resolve_trainable
 
 SIZE = 64
@@ -22,7 +32,9 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def batch():
     volumes = [make_phantom((12, SIZE, SIZE), seed=i) for i in range(3)]
-    sampler = EpisodeSampler(volumes, list(PHANTOM_LABELS.values()), num_support=1, num_query=1, image_size=SIZE, seed=0)
+    sampler = EpisodeSampler(
+        volumes, list(PHANTOM_LABELS.values()), num_support=1, num_query=1, image_size=SIZE, seed=0
+    )
     return sampler.sample(1)
 
 
@@ -37,7 +49,10 @@ def base_checkpoint(tmp_path_factory) -> str:
 def _forward(model, batch) -> torch.Tensor:
     with torch.no_grad():
         out = model.eval()(batch["support_images"], batch["support_masks"], batch["query_images"])
-    return torch.cat([torch.cat(out["multimask_logits"], 1), torch.cat(out["ious"], 1)[..., None, None].expand(-1, -1, SIZE, SIZE)], 1)
+    return torch.cat(
+        [torch.cat(out["multimask_logits"], 1), torch.cat(out["ious"], 1)[..., None, None].expand(-1, -1, SIZE, SIZE)],
+        1,
+    )
 
 
 def _train_steps(model, batch, steps: int = 1, lr: float = 1e-2) -> None:
@@ -81,7 +96,9 @@ def test_each_group_trains_exactly_its_parameters(model, group):
 
 def test_aliases_and_lists(model):
     assert resolve_trainable("all") == resolve_trainable(list(TRAINABLE_GROUPS))
-    assert "image_encoder.trunk" not in resolve_trainable("frozen") and "image_encoder.neck" not in resolve_trainable("frozen")
+    assert "image_encoder.trunk" not in resolve_trainable("frozen") and "image_encoder.neck" not in resolve_trainable(
+        "frozen"
+    )
     assert resolve_trainable("neck") == ("image_encoder.neck", *TRAINABLE_ALIASES["frozen"])
     assert resolve_trainable(["mask_decoder", "memory_attention"]) == ("memory_attention", "mask_decoder")
     model.set_trainable("neck")
@@ -95,7 +112,9 @@ def test_aliases_and_lists(model):
 
 def test_unknown_names_are_errors_that_list_the_valid_ones(model, caplog):
     for bad in ("decoder", ["mask_decoder", "hiera"], 3, [None]):
-        with pytest.raises(ValueError, match="image_encoder.*memory_attention.*memory_encoder.*prompt_encoder.*mask_decoder.*frozen"):
+        with pytest.raises(
+            ValueError, match="image_encoder.*memory_attention.*memory_encoder.*prompt_encoder.*mask_decoder.*frozen"
+        ):
             resolve_trainable(bad)
     with pytest.raises(ValueError, match="Unknown trainable group 'decoder'"):
         build_training_network("tiny", image_size=SIZE, trainable="decoder")
@@ -112,21 +131,32 @@ def test_unknown_names_are_errors_that_list_the_valid_ones(model, caplog):
 
 
 def test_lora_trains_only_adapters_of_the_expected_size():
-    model = build_training_network("tiny", image_size=SIZE, trainable="none", lora_rank=4,
-                           lora_targets=["image_encoder.attn", "mask_decoder.transformer"])
+    model = build_training_network(
+        "tiny",
+        image_size=SIZE,
+        trainable="none",
+        lora_rank=4,
+        lora_targets=["image_encoder.attn", "mask_decoder.transformer"],
+    )
     targets = model.lora["target_modules"]
     assert any(".attn.qkv" in t for t in targets) and any("final_attn_token_to_image.v_proj" in t for t in targets)
-    assert len(targets) == 2 * 5 + 4 * 7  # Hiera: qkv + proj in 5 blocks; two-way transformer: 7 attentions x q, k, v, out
+    assert (
+        len(targets) == 2 * 5 + 4 * 7
+    )  # Hiera: qkv + proj in 5 blocks; two-way transformer: 7 attentions x q, k, v, out
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == adapter_parameter_names(model) and all(".lora_" in n for n in trainable)
     modules = dict(model.named_modules())
     expected = sum(4 * (modules[t].in_features + modules[t].out_features) for t in targets)
     assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == expected
     assert model.trainable_summary()["lora"] == {"trainable": expected, "total": expected}
-    assert [g["name"] for g in model.param_groups(1e-3, 1e-5)] == ["lora"] and model.param_groups(1e-3, 1e-5)[0]["lr"] == 1e-3
+    assert [g["name"] for g in model.param_groups(1e-3, 1e-5)] == ["lora"] and model.param_groups(1e-3, 1e-5)[0][
+        "lr"
+    ] == 1e-3
     with pytest.raises(ValueError, match="Caching image features needs a frozen image encoder"):
         model.cache_encoder_features(8)  # adapters in the encoder change its features
-    decoder_only = build_training_network("tiny", image_size=SIZE, trainable="none", lora_rank=2, lora_targets="mask_decoder.transformer")
+    decoder_only = build_training_network(
+        "tiny", image_size=SIZE, trainable="none", lora_rank=2, lora_targets="mask_decoder.transformer"
+    )
     assert decoder_only.cache_encoder_features(8).feature_cache is not None
 
 
@@ -147,8 +177,14 @@ def test_bad_lora_options_are_errors():
 @pytest.mark.slow
 def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     torch.manual_seed(1)
-    model = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none", lora_rank=4,
-                           lora_targets=["image_encoder.attn", "mask_decoder.transformer"])
+    model = build_training_network(
+        "tiny",
+        image_size=SIZE,
+        checkpoint=base_checkpoint,
+        trainable="none",
+        lora_rank=4,
+        lora_targets=["image_encoder.attn", "mask_decoder.transformer"],
+    )
     adapters = adapter_parameter_names(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _train_steps(model, batch)
@@ -161,13 +197,17 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in base_keys)  # base weights bit-identical
     assert any(not torch.equal(before[k], after[k]) for k in adapters if "lora_B" in k)  # adapters trained
     adapted = _forward(model, batch)
-    plain = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none")  # episode forward
+    plain = build_training_network(
+        "tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"
+    )  # episode forward
     assert (adapted - _forward(plain, batch)).abs().max() > 1e-4  # the adapters change the output
 
     # save -> load onto a fresh base reproduces the outputs
     save_adapters(model, tmp_path / "model_lora.pt", {"classes": [1]})
-    fresh = load_adapters(build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"),
-                          tmp_path / "model_lora.pt")
+    fresh = load_adapters(
+        build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"),
+        tmp_path / "model_lora.pt",
+    )
     assert torch.equal(_forward(fresh, batch), adapted)
 
     # merge: the same outputs, a plain state dict the project's loader takes strictly
@@ -192,14 +232,19 @@ def test_lora_step_save_load_merge(batch, base_checkpoint, tmp_path):
 def test_adapter_file_keeps_what_the_freezing_matrix_trained(batch, base_checkpoint, tmp_path):
     """LoRA on the encoder plus a fully trained mask decoder: the file rebuilds both."""
     torch.manual_seed(2)
-    model = build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable=["mask_decoder"], lora_rank=2)
+    model = build_training_network(
+        "tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable=["mask_decoder"], lora_rank=2
+    )
     _train_steps(model, batch)
     save_adapters(model, tmp_path / "a.pt")
     data = torch.load(tmp_path / "a.pt", weights_only=True)
-    assert data["lora"]["trained"] and all(k.split(".")[0] in ("sam_mask_decoder", "obj_ptr_proj", "no_obj_ptr")
-                                           for k in data["lora"]["trained"])
+    assert data["lora"]["trained"] and all(
+        k.split(".")[0] in ("sam_mask_decoder", "obj_ptr_proj", "no_obj_ptr") for k in data["lora"]["trained"]
+    )
     assert data["lora"]["settings"]["base_checkpoint"] == base_checkpoint and data["icl_sam2"]["preset"] == "tiny"
-    fresh = load_adapters(build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"), tmp_path / "a.pt")
+    fresh = load_adapters(
+        build_training_network("tiny", image_size=SIZE, checkpoint=base_checkpoint, trainable="none"), tmp_path / "a.pt"
+    )
     assert torch.equal(_forward(fresh, batch), _forward(model, batch))
     with pytest.raises(ValueError, match="no LoRA adapter file"):
         load_adapters(build_icl_sam2("tiny", image_size=SIZE), base_checkpoint)

@@ -15,7 +15,8 @@ import torch
 
 from model_core import build_icl_sam2, save_checkpoint
 from model_core.io.phantoms import make_phantom
-from model_core.serving.service import SegmentationService, ServiceConfig
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,8 +47,17 @@ def study(tmp_path_factory):
 
 
 def _service(root, incremental: bool) -> SegmentationService:
-    return SegmentationService(ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "model.pt"),
-                                             preset="tiny", image_size=64, window=(0, 1), incremental=incremental))
+    return SegmentationService(
+        ServiceConfig(
+            bundle_dir=str(ROOT / "bundle"),
+            labels=LABELS,
+            checkpoint=str(root / "model.pt"),
+            preset="tiny",
+            image_size=64,
+            window=(0, 1),
+            incremental=incremental,
+        )
+    )
 
 
 def _voxels(label: np.ndarray, value: int, z: int, n: int) -> list[list[int]]:
@@ -71,8 +81,10 @@ def test_follow_up_clicks_agree_with_the_exact_replay_and_run_fewer_slices(study
     rounds = [
         {"foreground": _voxels(label, 1, mid, 1)},
         {"foreground": _voxels(label, 1, mid, 1) + _voxels(label, 1, mid + 2, 1)},  # a click on another slice
-        {"foreground": _voxels(label, 1, mid, 1) + _voxels(label, 1, mid + 2, 1),
-         "background": [[2, 2, mid + 2]]},  # a correction on that slice
+        {
+            "foreground": _voxels(label, 1, mid, 1) + _voxels(label, 1, mid + 2, 1),
+            "background": [[2, 2, mid + 2]],
+        },  # a correction on that slice
     ]
     for i, clicks in enumerate(rounds):
         a = exact.interact("ann", paths["image"], "blob", **clicks)

@@ -22,11 +22,14 @@ def test_mri_percentiles_scale_each_volume_by_its_own_range():
     assert (out[0, :10] == 0).all() and (out[0, -10:] == 1).all()  # the tails are clipped
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"modality": "PET"}, "modality must be 'CT' or 'MRI'"),
-    ({"modality": "CT", "window": (300, -200)}, "max > min"),
-    ({"modality": "MR", "percentiles": (99, 1)}, "lower < upper"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"modality": "PET"}, "modality must be 'CT' or 'MRI'"),
+        ({"modality": "CT", "window": (300, -200)}, "max > min"),
+        ({"modality": "MR", "percentiles": (99, 1)}, "lower < upper"),
+    ],
+)
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         intensity_scaling(**kwargs)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, box_from_mask, load_package_network
 from model_core.io.validation import InputError
+from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, box_from_mask, load_package_network
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,11 @@ def test_shipped_weights_load_strictly():
 def test_wrong_checkpoint_names_its_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": {"encoder.weight": torch.zeros(1)}}, path)
-    with pytest.raises(InputError, match=r"checkpoint .*does not fit LiteMedSAM: missing keys \['image_encoder.*"
-                                         r"unexpected keys \['encoder.weight'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"checkpoint .*does not fit LiteMedSAM: missing keys \['image_encoder.*"
+        r"unexpected keys \['encoder.weight'\]",
+    ):
         load_package_network(str(path))
     with pytest.raises(InputError, match="checkpoint .* does not exist"):
         load_package_network(str(tmp_path / "none.pt"))
@@ -81,8 +84,11 @@ def test_two_disks_with_tight_boxes_on_one_embedding(model):
 @pytest.mark.parametrize(
     "box,match",
     [
-        ((10, 10, 200, 50), r"box \[10.0, 10.0, 200.0, 50.0\] lies outside the 64x80 \(HxW\) slice; .*x in \[0, 80\] "
-                            r"and y in \[0, 64\]"),
+        (
+            (10, 10, 200, 50),
+            r"box \[10.0, 10.0, 200.0, 50.0\] lies outside the 64x80 \(HxW\) slice; .*x in \[0, 80\] "
+            r"and y in \[0, 64\]",
+        ),
         ((-1, 10, 20, 30), r"box .* lies outside the 64x80"),
         ((10, 10, 10, 30), r"box \[10.0, 10.0, 10.0, 30.0\] has zero size; x0 < x1 and y0 < y1 are needed"),
         ((30, 10, 20, 40), r"box \[30.0, 10.0, 20.0, 40.0\] is reversed .*x0 < x1 and y0 < y1"),
@@ -130,8 +136,17 @@ def test_bad_slices_are_refused(model, image, match):
         ({"box": (10, 10, 30, 30), "z": 2, "on_empty": "box", "min_iou": 0.9}, r"min_iou must be .* on_empty='stop'"),
         ({"box": (10, 10, 30, 30, 1)}, r"box must be 4 numbers \(x0, y0, x1, y1\) with z or z_range, or 6 numbers"),
     ],
-    ids=["no_z", "z_outside", "z_fraction", "range_reversed", "z_outside_range", "z_max_outside", "on_empty", "min_iou",
-         "five_numbers"],
+    ids=[
+        "no_z",
+        "z_outside",
+        "z_fraction",
+        "range_reversed",
+        "z_outside_range",
+        "z_max_outside",
+        "on_empty",
+        "min_iou",
+        "five_numbers",
+    ],
 )
 def test_bad_volume_arguments_name_the_argument(model, kwargs, match):
     before = model.encoded_slices

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_core.export.runtime import OnnxSlicePredictor, TorchSlicePredictor
 from model_core.export.onnx import export_slice_path, medsam_lite_slice_path, sam2_prompts, sam2_slice_path
+from model_core.export.runtime import OnnxSlicePredictor, TorchSlicePredictor
 from model_core.modeling.presets import build_icl_sam2
 
 TOL = 1e-3  # max abs difference of logits (and features, IoU) between onnxruntime and torch
@@ -139,7 +139,7 @@ def test_lite_medsam_decoder_agrees_with_boxes(lite_pair):
 
 
 def test_bad_inputs_name_the_field(sam2_pair, sam2_features, tmp_path):
-    torch_runner, onnx_runner = sam2_pair
+    torch_runner, _onnx_runner = sam2_pair
     prompts = sam2_prompts(points=[[1.0, 2.0]], labels=[1])
     for runner in sam2_pair:
         with pytest.raises(ValueError, match=r"image must have shape \(B, 3, 64, 64\)"):
@@ -204,10 +204,10 @@ def test_lite_medsam_runs_behind_the_same_interface_on_onnxruntime(lite_files):
     """LiteMedSAM (MedSAM's preprocessing, boxes, 3D propagation) with onnxruntime as its backend."""
     import numpy as np
 
-    from model_core.medsam_lite.model import LiteMedSAM
     from model_core.export.runtime import OnnxLiteMedSAMBackend
+    from model_core.medsam_lite.model import LiteMedSAM
 
-    path, files = lite_files
+    _path, files = lite_files
     torch_model = LiteMedSAM.from_package()
     onnx_model = LiteMedSAM(OnnxLiteMedSAMBackend(files["encoder"], files["decoder"]))
     yy, xx = np.mgrid[:96, :120]

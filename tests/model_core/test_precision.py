@@ -11,11 +11,11 @@ from sam2.modeling.sam2_base import SAM2Base
 
 import model_core.modeling.precision as precision
 from model_core import build_icl_sam2
-from model_core.training import build_training_network
-from model_core.training.losses import ICLSAM2Loss
 from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.modeling.precision import autocast, cpu_bf16_capability, resolve_precision
 from model_core.predictor import VolumePredictor
+from model_core.training import build_training_network
+from model_core.training.losses import ICLSAM2Loss
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -140,11 +140,18 @@ def test_fp32_computes_exactly_what_sam2base_does(monkeypatch):
         theirs = model.forward_image((images - model.pixel_mean) / model.pixel_std)
         assert all(torch.equal(a, b) for a, b in zip(ours["backbone_fpn"], theirs["backbone_fpn"]))
         feats, pos, sizes = model.slice_features({k: ours[k] for k in ("backbone_fpn", "vision_pos_enc")})
-        args = dict(frame_idx=0, is_init_cond_frame=True, current_vision_feats=[f[:, :1] for f in feats],
-                    current_vision_pos_embeds=[p[:, :1] for p in pos], feat_sizes=sizes,
-                    point_inputs={"point_coords": torch.tensor([[[20.0, 30.0]]]), "point_labels": torch.tensor([[1]])},
-                    mask_inputs=None, output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
-                    num_frames=1, run_mem_encoder=True)
+        args = dict(
+            frame_idx=0,
+            is_init_cond_frame=True,
+            current_vision_feats=[f[:, :1] for f in feats],
+            current_vision_pos_embeds=[p[:, :1] for p in pos],
+            feat_sizes=sizes,
+            point_inputs={"point_coords": torch.tensor([[[20.0, 30.0]]]), "point_labels": torch.tensor([[1]])},
+            mask_inputs=None,
+            output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+            num_frames=1,
+            run_mem_encoder=True,
+        )
         a, b = model.track_step(**args), SAM2Base.track_step(model, **args)
         for key in ("pred_masks", "obj_ptr", "object_score_logits", "maskmem_features", "ious"):
             assert a[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
@@ -202,7 +209,9 @@ def test_a_bf16_training_step_gives_finite_gradients():
     from model_core.training.episodes import EpisodeSampler
 
     volumes = [make_phantom((16, SIZE, SIZE), seed=i) for i in range(2)]
-    sampler = EpisodeSampler(volumes, list(PHANTOM_LABELS.values()), num_support=2, num_query=2, image_size=SIZE, seed=0)
+    sampler = EpisodeSampler(
+        volumes, list(PHANTOM_LABELS.values()), num_support=2, num_query=2, image_size=SIZE, seed=0
+    )
     torch.manual_seed(0)
     model = build_training_network("tiny", image_size=SIZE, trainable="all", precision="bf16")
     batch = sampler.sample(2)
@@ -245,7 +254,9 @@ def test_app_setting_is_validated():
     assert service_config({**base, "precision": "bf16"}, str(ROOT / "monailabel_app")).precision == "bf16"
     expected = "bf16" if cpu_bf16_capability()["bf16"] else "fp32"
     assert service_config(base, str(ROOT / "monailabel_app")).precision == expected
-    with pytest.raises(ValueError, match=r"--conf precision: precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"):
+    with pytest.raises(
+        ValueError, match=r"--conf precision: precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"
+    ):
         service_config({**base, "precision": "fp16"}, str(ROOT / "monailabel_app"))
 
 

@@ -157,7 +157,9 @@ def test_scored_and_oracle_policies_choose_other_memories(model, support):
     gt[:, :, 10:30, 10:30] = True
     for name in ("scored", "oracle"):
         policy = MemoryPolicy(name, pool_size=8, w_similarity=2.0)
-        pred = VolumePredictor(model).segment_volume(images, support, policy=policy, ground_truth=gt, return_logits=True)
+        pred = VolumePredictor(model).segment_volume(
+            images, support, policy=policy, ground_truth=gt, return_logits=True
+        )
         assert pred.masks.shape == recent.masks.shape
         # identical while fewer memories exist than slots, different once selection kicks in
         assert torch.equal(pred.logits[:, :2], recent.logits[:, :2])

@@ -15,10 +15,16 @@ import pytest
 import torch
 
 from model_core.modeling.presets import build_icl_sam2
-from model_core.proposals import ProposalSettings, SliceMask, build_candidates, link_slice_masks, paint_candidates, select_candidates
+from model_core.proposals import (
+    ProposalSettings,
+    SliceMask,
+    build_candidates,
+    link_slice_masks,
+    paint_candidates,
+    select_candidates,
+)
+from model_core.serving.config import load_bundle_parser
 from model_core.workflows.proposals import finalize_candidates, propose_image
-from model_core.serving.service import load_bundle_parser
-
 from tests.model_core.proposal_phantom import ROOT, write_lesion_phantom
 
 SIZE = 64
@@ -69,8 +75,10 @@ def test_two_spheres_give_two_components_with_their_slices_and_boxes():
         assert candidate.slices == list(range(centre[2] - radius, centre[2] + radius + 1))
         assert candidate.voxels == sum(int(m.sum()) for m in sphere.values())
         summary = candidate.summary()
-        assert summary["model_bbox"] == [[centre[0] - radius, centre[1] - radius, centre[2] - radius],
-                                         [centre[0] + radius, centre[1] + radius, centre[2] + radius]]
+        assert summary["model_bbox"] == [
+            [centre[0] - radius, centre[1] - radius, centre[2] - radius],
+            [centre[0] + radius, centre[1] + radius, centre[2] + radius],
+        ]
         assert summary["masks"] == len(sphere)
     assert first.predicted_iou == pytest.approx(0.95) and first.stability_score == pytest.approx(0.97)
     assert first.score == pytest.approx(0.95 * 0.97)
@@ -95,7 +103,14 @@ def test_overlapping_candidates_are_dropped_or_carved():
     part[8:12, 2:10] = True  # 32 per slice, 16 of them inside `big`
     inside = np.zeros(shape[:2], bool)
     inside[3:5, 3:5] = True  # entirely inside `big`
-    per_slice = [[SliceMask.from_mask(z, big, 0.9, 0.9), SliceMask.from_mask(z, part, 0.5, 0.5), SliceMask.from_mask(z, inside, 0.4, 0.4)] for z in range(2)]
+    per_slice = [
+        [
+            SliceMask.from_mask(z, big, 0.9, 0.9),
+            SliceMask.from_mask(z, part, 0.5, 0.5),
+            SliceMask.from_mask(z, inside, 0.4, 0.4),
+        ]
+        for z in range(2)
+    ]
     candidates = build_candidates(per_slice, link_slice_masks(per_slice, 0.5))
     assert len(candidates) == 3
     kept = select_candidates(candidates, ProposalSettings(max_overlap=0.6), 1.0)
@@ -133,8 +148,15 @@ def test_real_generator_on_a_lesion_phantom(network, tmp_path):
     parser = load_bundle_parser(str(ROOT / "bundle"), "inference.json", {"image_size": SIZE, "modality": "MRI"})
     preprocessing = parser.get_parsed_content("preprocessing")
     image = preprocessing({"image": str(path)})["image"]
-    settings = ProposalSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, max_slice_fraction=0.5,
-                                link_iou=0.2, max_volume_mm3=4000.0, max_overlap=0.5)
+    settings = ProposalSettings(
+        points_per_side=4,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        max_slice_fraction=0.5,
+        link_iou=0.2,
+        max_volume_mm3=4000.0,
+        max_overlap=0.5,
+    )
     result = propose_image(network, image, preprocessing, settings)
 
     # on the model grid: every candidate is the union of its generator masks, minus the voxels of better ones
@@ -197,7 +219,7 @@ def test_regions_match_full_masks():
         a, b = (np.zeros((20, 24), bool) for _ in range(2))
         for m in (a, b):
             r0, c0 = rng.integers(0, 15, 2)
-            m[r0: r0 + rng.integers(1, 8), c0: c0 + rng.integers(1, 8)] = rng.random() < 0.9
+            m[r0 : r0 + rng.integers(1, 8), c0 : c0 + rng.integers(1, 8)] = rng.random() < 0.9
         ra, rb = Region.from_mask(a), Region.from_mask(b)
         assert np.array_equal(ra.full(), a) and ra.area == int(a.sum())
         assert ra.intersection(rb) == int((a & b).sum())

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model_core import SlicePrompt, build_icl_sam2
-from model_core.reference import build_reference_predictor, reference_in_context, reference_interactive
 from model_core.predictor import VolumePredictor
+from model_core.reference import build_reference_predictor, reference_in_context, reference_interactive
 
 SIZE = 64
 PRESETS = ["tiny", "sam2.1_hiera_tiny", "sam2_hiera_tiny"]
@@ -107,7 +107,9 @@ def test_interactive_points_box_and_correction_equal_sam2(pair):
     state = VolumePredictor(model).init_state(images, object_ids=[0, 1])
     for prompts, start in rounds:
         for z, obj, kw in prompts:
-            VolumePredictor(model).add_prompt(state, z, obj, SlicePrompt(points=kw.get("points"), labels=kw.get("labels"), box=kw.get("box")))
+            VolumePredictor(model).add_prompt(
+                state, z, obj, SlicePrompt(points=kw.get("points"), labels=kw.get("labels"), box=kw.get("box"))
+            )
         ours = _ours(model, state, start_slice=start, direction="both")
     # slices not re-written by the second round keep the first round's result in `state`
     for z in range(D):

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.modeling.inputs import as_slices
-from model_core.io.transforms import load_case
 from model_core.io.phantoms import make_phantom
-from model_core.serving.service import SegmentationService, ServiceConfig
+from model_core.io.transforms import load_case
+from model_core.modeling.inputs import as_slices
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -40,8 +41,15 @@ def files(tmp_path_factory):
 
 
 def _service(root, **kw) -> SegmentationService:
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "model.pt"), preset="tiny",
-                           image_size=64, window=(0, 1), **kw)
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(root / "model.pt"),
+        preset="tiny",
+        image_size=64,
+        window=(0, 1),
+        **kw,
+    )
     return SegmentationService(config)
 
 
@@ -79,9 +87,15 @@ def test_sessions_are_evicted_by_count_and_capped_by_memory(files):
 
 
 def test_a_new_checkpoint_is_loaded_on_the_next_request(files, tmp_path):
-    root, cases = files
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(tmp_path / "m.pt"),
-                           preset="tiny", image_size=64, window=(0, 1))
+    _root, _cases = files
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(tmp_path / "m.pt"),
+        preset="tiny",
+        image_size=64,
+        window=(0, 1),
+    )
     service = SegmentationService(config)
     assert service.model_info()["untrained"] is True and service.reloads == 0
     torch.manual_seed(7)
@@ -99,9 +113,15 @@ def test_a_checkpoint_published_mid_request_waits_for_the_next_request(files, tm
     """The support memory and the query of one request use the same weights (one network per request)."""
     import model_core.serving.service as service_module
 
-    root, cases = files
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(tmp_path / "m.pt"),
-                           preset="tiny", image_size=64, window=(0, 1))
+    _root, cases = files
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(tmp_path / "m.pt"),
+        preset="tiny",
+        image_size=64,
+        window=(0, 1),
+    )
     service = SegmentationService(config)
     before = service.model_info()["model_version"]
     build = service_module.build_support
@@ -135,8 +155,6 @@ def test_support_is_cached_and_rebuilt_when_a_label_changes(files, tmp_path):
         service.segment(cases[1]["image"], [])
 
 
-
-
 def test_file_work_runs_while_another_request_holds_the_model(files, monkeypatch):
     """Reading, preprocessing and writing back a volume wait for no other client's model work."""
     import threading
@@ -146,12 +164,19 @@ def test_file_work_runs_while_another_request_holds_the_model(files, monkeypatch
     network = service.network  # loaded before the lock is taken
     steps = []
     real_preprocess, real_to_original = service.preprocess, service._to_original
-    monkeypatch.setattr(service, "preprocess", lambda *a, **k: (steps.append("preprocess"), real_preprocess(*a, **k))[1])
-    monkeypatch.setattr(service, "_to_original", lambda *a, **k: (steps.append("to_original"), real_to_original(*a, **k))[1])
+    monkeypatch.setattr(
+        service, "preprocess", lambda *a, **k: (steps.append("preprocess"), real_preprocess(*a, **k))[1]
+    )
+    monkeypatch.setattr(
+        service, "_to_original", lambda *a, **k: (steps.append("to_original"), real_to_original(*a, **k))[1]
+    )
     results = {}
     with service._lock:  # another request's model work
-        request = threading.Thread(target=lambda: results.update(
-            reply=service.interact("bob", cases[1]["image"], "blob", foreground=[[30, 20, 5]])))
+        request = threading.Thread(
+            target=lambda: results.update(
+                reply=service.interact("bob", cases[1]["image"], "blob", foreground=[[30, 20, 5]])
+            )
+        )
         request.start()
         deadline = time.monotonic() + 120
         while "preprocess" not in steps and time.monotonic() < deadline:

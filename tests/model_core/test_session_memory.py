@@ -16,10 +16,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from model_core.modeling.memory import SupportMemory
 from model_core.io.phantoms import make_phantom
-from model_core.serving.service import SegmentationService, ServiceConfig, VolumeSlots, held_bytes
 from model_core.io.validation import InputError, ServiceBusy
+from model_core.modeling.memory import SupportMemory
+from model_core.serving.config import ServiceConfig
+from model_core.serving.service import SegmentationService
+from model_core.serving.sessions import VolumeSlots, held_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -33,15 +35,26 @@ def images(tmp_path_factory):
     for seed in range(3):
         image, _ = make_phantom((SHAPE[2], SHAPE[1], SHAPE[0]), seed=seed)  # (D, H, W)
         path = root / f"case{seed}.nii.gz"
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32),
-                                 np.diag([0.9, 1.1, 2.0, 1.0])), str(path))
+        nib.save(
+            nib.Nifti1Image(
+                np.ascontiguousarray(image.transpose(2, 1, 0)).astype(np.float32), np.diag([0.9, 1.1, 2.0, 1.0])
+            ),
+            str(path),
+        )
         paths.append(str(path))
     return root, paths
 
 
 def _service(root: Path, **kw) -> SegmentationService:
-    config = ServiceConfig(bundle_dir=str(ROOT / "bundle"), labels=LABELS, checkpoint=str(root / "none.pt"),
-                           preset="tiny", image_size=64, window=(0, 1), **kw)
+    config = ServiceConfig(
+        bundle_dir=str(ROOT / "bundle"),
+        labels=LABELS,
+        checkpoint=str(root / "none.pt"),
+        preset="tiny",
+        image_size=64,
+        window=(0, 1),
+        **kw,
+    )
     return SegmentationService(config)
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from model_core import PromptSampler
+from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.training import build_training_network
 from model_core.training.episodes import EpisodeSampler
 from model_core.training.losses import ICLSAM2Loss
-from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 
 SIZE = 64
 
@@ -70,15 +70,27 @@ def test_loss_follows_sam2_recipe():
     bad = -good
     # best of three: the loss only sees the best candidate, whichever slot it is in
     outs = [
-        {"multimask_logits": [torch.cat([bad, good, bad], 1)], "ious": [torch.tensor([[0.0, 1.0, 0.0]])],
-         "object_score_logits": [torch.tensor([[10.0]])]},
-        {"multimask_logits": [torch.cat([bad, bad, good], 1)], "ious": [torch.tensor([[0.0, 0.0, 1.0]])],
-         "object_score_logits": [torch.tensor([[10.0]])]},
+        {
+            "multimask_logits": [torch.cat([bad, good, bad], 1)],
+            "ious": [torch.tensor([[0.0, 1.0, 0.0]])],
+            "object_score_logits": [torch.tensor([[10.0]])],
+        },
+        {
+            "multimask_logits": [torch.cat([bad, bad, good], 1)],
+            "ious": [torch.tensor([[0.0, 0.0, 1.0]])],
+            "object_score_logits": [torch.tensor([[10.0]])],
+        },
     ]
     a, b = loss(outs[0], target), loss(outs[1], target)
     assert torch.allclose(a["loss"], b["loss"]) and a["focal"] < 1e-4 and a["dice"] < 0.05 and a["iou"] < 1e-4
-    worst = loss({"multimask_logits": [bad.repeat(1, 3, 1, 1)], "ious": [torch.ones(1, 3)],
-                  "object_score_logits": [torch.tensor([[-10.0]])]}, target)
+    worst = loss(
+        {
+            "multimask_logits": [bad.repeat(1, 3, 1, 1)],
+            "ious": [torch.ones(1, 3)],
+            "object_score_logits": [torch.tensor([[-10.0]])],
+        },
+        target,
+    )
     assert worst["loss"] > 10 * a["loss"] + 1
     # an absent object: no mask or IoU loss, only the object score is trained
     empty = torch.zeros_like(target)
@@ -115,7 +127,9 @@ def test_loss_falls_on_a_tiny_in_context_task(sampler):
     losses = []
     for _ in range(40):
         batch = sampler.sample(4)
-        loss = loss_fn(model(batch["support_images"], batch["support_masks"], batch["query_images"]), batch["query_masks"])["loss"]
+        loss = loss_fn(
+            model(batch["support_images"], batch["support_masks"], batch["query_images"]), batch["query_masks"]
+        )["loss"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,7 +143,9 @@ def test_loss_falls_on_a_tiny_in_context_task(sampler):
 def test_episodes_share_slices_across_classes():
     volumes = [make_phantom((16, SIZE, SIZE), seed=i) for i in range(3)]
     classes = list(PHANTOM_LABELS.values())
-    sampler = EpisodeSampler(volumes, classes, num_support=3, num_query=4, image_size=SIZE, objects_per_episode=3, seed=1)
+    sampler = EpisodeSampler(
+        volumes, classes, num_support=3, num_query=4, image_size=SIZE, objects_per_episode=3, seed=1
+    )
     batch = sampler.sample(2)
     assert batch["support_images"].shape == (2, 3, 3, SIZE, SIZE)
     assert batch["support_masks"].shape == (2, 3, 3, SIZE, SIZE) and batch["support_masks"].dtype == torch.bool

@@ -46,7 +46,10 @@ def support(model):
         (torch.rand(1, 3, S, S) * 255, r"must be scaled to \[0, 1\].*CT window"),
         (torch.rand(1, 3, S, S) - 0.5, r"must be scaled to \[0, 1\]"),
         (torch.full((1, 3, S, S), float("nan")), r"must be scaled to \[0, 1\]"),
-        (torch.randint(0, 255, (1, 3, S, S), dtype=torch.int32), r"must be float in \[0, 1\] or uint8, got torch\.int32"),
+        (
+            torch.randint(0, 255, (1, 3, S, S), dtype=torch.int32),
+            r"must be float in \[0, 1\] or uint8, got torch\.int32",
+        ),
         (torch.zeros(0, 3, S, S), r"is empty \(no slices\)"),
         (torch.rand(1, 3, S, S).numpy(), r"must be a torch\.Tensor"),
     ],
@@ -64,8 +67,14 @@ def test_support_bad_images(model, images, match):
 @pytest.mark.parametrize(
     "masks,match",
     [
-        (torch.ones(1, S, S, dtype=torch.bool), r"support masks must be a tensor of shape \(N, K, 64, 64\), got \(1, 64, 64\)"),
-        (torch.ones(1, 1, 32, 32, dtype=torch.bool), r"have shape \(1, 1, 32, 32\) but the images are \(1, 3, 64, 64\)"),
+        (
+            torch.ones(1, S, S, dtype=torch.bool),
+            r"support masks must be a tensor of shape \(N, K, 64, 64\), got \(1, 64, 64\)",
+        ),
+        (
+            torch.ones(1, 1, 32, 32, dtype=torch.bool),
+            r"have shape \(1, 1, 32, 32\) but the images are \(1, 3, 64, 64\)",
+        ),
         (torch.ones(2, 1, S, S, dtype=torch.bool), r"have shape \(2, 1, 64, 64\) but the images are \(1, 3, 64, 64\)"),
         (torch.ones(1, 0, S, S, dtype=torch.bool), r"have no object channel \(K = 0\)"),
         (torch.full((1, 1, S, S), 0.5), r"must be binary \(bool or 0/1\)"),
@@ -81,7 +90,9 @@ def test_support_bad_masks(model, masks, match):
 def test_support_object_without_foreground(model):
     masks = _masks(2, 3)
     masks[:, 1] = False  # object id 2 never appears
-    with pytest.raises(ValueError, match=r"Support masks are empty for object\(s\) \[2\]: every object needs foreground"):
+    with pytest.raises(
+        ValueError, match=r"Support masks are empty for object\(s\) \[2\]: every object needs foreground"
+    ):
         model.build_support_memory(_images(2), masks)
     with pytest.raises(ValueError, match=r"empty for object\(s\) \['liver'\]"):
         model.build_support_memory(_images(2), masks, object_ids=["spleen", "liver", "kidney"])
@@ -204,13 +215,19 @@ def test_start_slice_out_of_range(model, support, start):
 @pytest.mark.parametrize(
     "prompt,match",
     [
-        (SlicePrompt(points=[[64.0, 10.0]], labels=[1]), r"Point \[64\.0, 10\.0\] lies outside the 64x64 image; .*\[0, 63\]"),
+        (
+            SlicePrompt(points=[[64.0, 10.0]], labels=[1]),
+            r"Point \[64\.0, 10\.0\] lies outside the 64x64 image; .*\[0, 63\]",
+        ),
         (SlicePrompt(points=[[10.0, 10.0], [3.0, -1.0]], labels=[1, 0]), r"Point \[3\.0, -1\.0\] lies outside"),
         (SlicePrompt(box=[10, 10, 10, 20]), r"zero or negative size; need x0 < x1 and y0 < y1"),
         (SlicePrompt(box=[10, 30, 20, 20]), r"zero or negative size"),
         (SlicePrompt(box=[10, 10, 70, 20]), r"Box corner \[70\.0, 20\.0\] lies outside the 64x64 image"),
         (SlicePrompt(box=[10, 10, 20]), r"A box is \(x0, y0, x1, y1\); got 3 numbers"),
-        (SlicePrompt(points=[[5.0, 5.0]], labels=[2]), r"Point labels must be 1 \(foreground\) or 0 \(background\), got \[2\]"),
+        (
+            SlicePrompt(points=[[5.0, 5.0]], labels=[2]),
+            r"Point labels must be 1 \(foreground\) or 0 \(background\), got \[2\]",
+        ),
         (SlicePrompt(points=[[5.0, 5.0]], labels=[-1]), r"Point labels must be 1"),
         (SlicePrompt(points=[[5.0, 5.0], [6.0, 6.0]], labels=[1]), r"Got 2 points but 1 labels"),
         (SlicePrompt(points=[[5.0, 5.0]]), r"Points and labels must be given together"),
@@ -222,9 +239,22 @@ def test_start_slice_out_of_range(model, support, start):
         (SlicePrompt(), r"needs at least one of: points with labels, a box, or a mask"),
     ],
     ids=[
-        "point_x_out", "point_y_negative", "box_zero_width", "box_inverted", "box_out", "box_3_numbers",
-        "label_2", "label_pad", "count_mismatch", "points_no_labels", "labels_no_points", "mask_and_points",
-        "mask_and_box", "mask_size", "mask_3d", "empty",
+        "point_x_out",
+        "point_y_negative",
+        "box_zero_width",
+        "box_inverted",
+        "box_out",
+        "box_3_numbers",
+        "label_2",
+        "label_pad",
+        "count_mismatch",
+        "points_no_labels",
+        "labels_no_points",
+        "mask_and_points",
+        "mask_and_box",
+        "mask_size",
+        "mask_3d",
+        "empty",
     ],
 )
 def test_slice_prompt_invalid(prompt, match):

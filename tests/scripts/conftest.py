@@ -18,10 +18,18 @@ def run_script():
 
     def run(script: str, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        done = subprocess.run([sys.executable, f"scripts/{script}", *map(str, args)], cwd=ROOT, capture_output=True,
-                              text=True, env=env, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, f"scripts/{script}", *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"scripts/{script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise AssertionError(
+                f"scripts/{script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         return done
 
     return run

@@ -36,8 +36,10 @@ class ICLSAM2(TaskConfig):
         self._status: tuple[Any, dict[str, Any]] | None = None
         checkpoint = self.settings.checkpoint
         if not os.path.isfile(checkpoint):
-            logger.warning(f"No checkpoint at {checkpoint}: the icl_sam2 models run UNTRAINED (initial) weights "
-                           f"(seed {self.settings.seed}). Train from the app, or pass --conf checkpoint <file>.")
+            logger.warning(
+                f"No checkpoint at {checkpoint}: the icl_sam2 models run UNTRAINED (initial) weights "
+                f"(seed {self.settings.seed}). Train from the app, or pass --conf checkpoint <file>."
+            )
         verify_checkpoint(self.settings)  # a checkpoint that does not fit stops the server here, not every request
 
     def status(self) -> dict[str, Any]:
@@ -51,29 +53,43 @@ class ICLSAM2(TaskConfig):
                     record = checkpoint_record(path)
                 except ValueError as e:  # e.g. being replaced right now: the next request reads it again
                     logger.warning(f"Cannot read the record of {path}: {e}")
-            status = {"checkpoint": path if stamp else None, "trained": stamp is not None,
-                      "preset": self.settings.preset, "image_size": int(self.settings.image_size),
-                      "trained_as": {k: record.get(k) for k in ("preset", "image_size", "classes", "modality")} if record else None,
-                      **self.compute()}
+            status = {
+                "checkpoint": path if stamp else None,
+                "trained": stamp is not None,
+                "preset": self.settings.preset,
+                "image_size": int(self.settings.image_size),
+                "trained_as": {k: record.get(k) for k in ("preset", "image_size", "classes", "modality")}
+                if record
+                else None,
+                **self.compute(),
+            }
             self._status = (stamp, status)
         return self._status[1]
 
     def compute(self) -> dict[str, Any]:
         """Device and precision served (``--conf device``/``precision``), with the CPU's bfloat16 support."""
         cpu = cpu_bf16_capability()
-        return {"device": str(self.settings.device), "precision": self.settings.precision,
-                "cpu_bf16": {k: cpu[k] for k in ("amx_bf16", "avx512_bf16", "processor")}}
+        return {
+            "device": str(self.settings.device),
+            "precision": self.settings.precision,
+            "cpu_bf16": {k: cpu[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
+        }
 
     def describe(self) -> str:
         """One line for the model's description, which Slicer and OHIF display."""
         s = self.status()
         arch = f"preset {s['preset']} at {s['image_size']} px"
         cpu = s["cpu_bf16"]
-        compute = (f"; {s['precision']} on {s['device']} (CPU AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
-                   f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'})")
+        compute = (
+            f"; {s['precision']} on {s['device']} (CPU AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
+            f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'})"
+        )
         if s["trained"]:
             return f"weights: {os.path.basename(s['checkpoint'])} ({arch}){compute}"
-        return f"weights: UNTRAINED, random initial weights (seed {self.settings.seed}; {arch}): train from the app first{compute}"
+        return (
+            f"weights: UNTRAINED, random initial weights (seed {self.settings.seed}; {arch}): train from "
+            f"the app first{compute}"
+        )
 
     def service(self) -> SegmentationService:
         with self._lock:
@@ -94,9 +110,12 @@ class ICLSAM2(TaskConfig):
 
     def trainer(self):
         # training runs beside the served checkpoint (published there when done)
-        return ICLSAM2Train(self.settings, os.path.join(os.path.dirname(self.settings.checkpoint), f"{self.name}_training"),
-                            epochs=int(self.conf.get("train_epochs", OPTIONS["train_epochs"][0])),
-                            episodes=int(self.conf.get("train_episodes", OPTIONS["train_episodes"][0])))
+        return ICLSAM2Train(
+            self.settings,
+            os.path.join(os.path.dirname(self.settings.checkpoint), f"{self.name}_training"),
+            epochs=int(self.conf.get("train_epochs", OPTIONS["train_epochs"][0])),
+            episodes=int(self.conf.get("train_episodes", OPTIONS["train_episodes"][0])),
+        )
 
     def strategy(self):
         return {"confidence": LeastConfidence()}

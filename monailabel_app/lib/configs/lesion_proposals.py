@@ -56,8 +56,11 @@ class LesionProposals(ICLSAM2):
         self.proposal_label = parse_proposal_label(conf, self.labels)
 
     def infer(self):
-        return {self.name: ProposalInfer(self.service, self.datastore, self.labels, self.describe,
-                                         self.proposal_defaults, self.proposal_label)}
+        return {
+            self.name: ProposalInfer(
+                self.service, self.datastore, self.labels, self.describe, self.proposal_defaults, self.proposal_label
+            )
+        }
 
     def trainer(self):
         return None

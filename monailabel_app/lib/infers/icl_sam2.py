@@ -12,15 +12,15 @@ import os
 import tempfile
 from typing import Any, Callable
 
+import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
-import nibabel as nib
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import labelled_volumes
 from lib.requests import InContextParams, InteractiveParams, http_error, parse_params
-from model_core.serving.service import Segmentation, SegmentationService
 from model_core.io.validation import InputError, image_problem
+from model_core.serving.service import Segmentation, SegmentationService
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: s
     os.makedirs(folder, exist_ok=True)
     array = np.asarray(segmentation.label)[0]  # (i, j, k)
     if array.size and int(array.max()) > np.iinfo(np.dtype(dtype)).max:
-        raise InputError(f"params.result_dtype {dtype!r} cannot hold label value {int(array.max())}; use uint16.", status=422)
+        raise InputError(
+            f"params.result_dtype {dtype!r} cannot hold label value {int(array.max())}; use uint16.", status=422
+        )
     array = array.astype(np.dtype(dtype))
     affine = np.asarray(segmentation.label.affine, dtype=np.float64)  # RAS, as nibabel and MONAI use
     fd, path = tempfile.mkstemp(suffix=extension, prefix="label_", dir=folder)
@@ -69,7 +71,7 @@ def _write(array: np.ndarray, affine: np.ndarray, path: str, extension: str) -> 
     itk.imwrite(image, path, compression=True)
 
 
-def _client_error(fn: Callable[[], Any]) -> Any:
+def client_error(fn: Callable[[], Any]) -> Any:
     """Run ``fn``: the caller's mistake (``InputError``) is a 4xx with its message; anything else is a server
     fault, answered by the app's one exception handler (``lib/errors.py``: a 500 quoting an incident id, the
     cause in the log)."""
@@ -79,12 +81,20 @@ def _client_error(fn: Callable[[], Any]) -> Any:
         raise http_error(e) from e
 
 
-class _ServiceInfer(InferTask):
+class ServiceInfer(InferTask):
     #: the pydantic schema of this model's params (lib/requests.py)
     params_schema: type = InContextParams
 
-    def __init__(self, service: Callable[[], SegmentationService], datastore: Callable[[], Any], type, labels, description,
-                 describe: Callable[[], str] = lambda: "", config=None):
+    def __init__(
+        self,
+        service: Callable[[], SegmentationService],
+        datastore: Callable[[], Any],
+        type,
+        labels,
+        description,
+        describe: Callable[[], str] = lambda: "",
+        config=None,
+    ):
         super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
         self._service, self._datastore, self._describe = service, datastore, describe
 
@@ -99,49 +109,59 @@ class _ServiceInfer(InferTask):
 
     def _params(self, request: dict[str, Any]):
         """The request's params, checked again here (batch inference and direct calls skip the route's check)."""
-        fields = {k: request[k] for k in self.params_schema.model_fields if k in request and k not in ("model", "image")}
-        return _client_error(lambda: parse_params(self.params_schema, fields))
+        fields = {
+            k: request[k] for k in self.params_schema.model_fields if k in request and k not in ("model", "image")
+        }
+        return client_error(lambda: parse_params(self.params_schema, fields))
 
     def _image(self, request: dict[str, Any]) -> str:
         """The image file (the app resolved the id), checked to be a volume the model can segment."""
         image = request.get("image")
         if not isinstance(image, str) or not image or not os.path.isfile(image):
-            raise HTTPException(status_code=404, detail=f"No image {request.get('image')!r}: pass a datastore image id.")
+            raise HTTPException(
+                status_code=404, detail=f"No image {request.get('image')!r}: pass a datastore image id."
+            )
         problem = image_problem(image)
         if problem:
             raise HTTPException(status_code=400, detail=f"This image cannot be segmented: {problem}")
         return image
 
     def _support(self, image: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        return _client_error(lambda: labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image))
+        return client_error(lambda: labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image))
 
     def _reply(self, params, seg: Segmentation, skipped: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
-        path = _client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
+        path = client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
         info = {"label_names": self._service().labels, "confidence": seg.confidence, **seg.info}
         if skipped:
             info["skipped_support"] = skipped  # which stored labels were left out of the support set, and why
         return path, info
 
 
-class InContextInfer(_ServiceInfer):
+class InContextInfer(ServiceInfer):
     """Segment every configured structure of a volume, in context of the datastore's labelled volumes."""
 
     params_schema = InContextParams
 
     def __init__(self, service, datastore, labels: dict[str, int], describe: Callable[[], str] = lambda: ""):
-        super().__init__(service, datastore, InferType.SEGMENTATION, labels,
-                         "In-context SAM2: segments the structures of the labelled volumes in a new volume", describe)
+        super().__init__(
+            service,
+            datastore,
+            InferType.SEGMENTATION,
+            labels,
+            "In-context SAM2: segments the structures of the labelled volumes in a new volume",
+            describe,
+        )
 
     def __call__(self, request: dict[str, Any]):
         params = self._params(request)
         image = self._image(request)
         labelled, skipped = self._support(image)
-        seg = _client_error(lambda: self._service().segment(image, labelled))
+        seg = client_error(lambda: self._service().segment(image, labelled))
         logger.info(f"in-context {os.path.basename(image)}: {seg.info}")
         return self._reply(params, seg, skipped)
 
 
-class InteractiveInfer(_ServiceInfer):
+class InteractiveInfer(ServiceInfer):
     """Clicks (``foreground``/``background`` [i, j, k]) and an ROI box, propagated through the volume.
 
     Request keys (as the Slicer and OHIF plugins send them): ``foreground``, ``background``,
@@ -153,17 +173,32 @@ class InteractiveInfer(_ServiceInfer):
     params_schema = InteractiveParams
 
     def __init__(self, service, datastore, labels: dict[str, int], describe: Callable[[], str] = lambda: ""):
-        super().__init__(service, datastore, InferType.DEEPGROW, labels,
-                         "Interactive SAM2: clicks and boxes on any slice, propagated through the volume", describe,
-                         config={"from_in_context": False})
+        super().__init__(
+            service,
+            datastore,
+            InferType.DEEPGROW,
+            labels,
+            "Interactive SAM2: clicks and boxes on any slice, propagated through the volume",
+            describe,
+            config={"from_in_context": False},
+        )
 
     def __call__(self, request: dict[str, Any]):
         params = self._params(request)
         image = self._image(request)
         labelled, skipped = self._support(image) if params.from_in_context else ([], [])
         client = params.client_id or str(request.get("session_id") or "anonymous")
-        seg = _client_error(lambda: self._service().interact(
-            client, image, label=params.label, foreground=params.foreground, background=params.background,
-            roi=params.roi, from_in_context=params.from_in_context, labelled=labelled))
+        seg = client_error(
+            lambda: self._service().interact(
+                client,
+                image,
+                label=params.label,
+                foreground=params.foreground,
+                background=params.background,
+                roi=params.roi,
+                from_in_context=params.from_in_context,
+                labelled=labelled,
+            )
+        )
         logger.info(f"interactive {os.path.basename(image)} for {client}: {seg.info}")
         return self._reply(params, seg, skipped)

@@ -9,8 +9,8 @@ from typing import Any, Callable
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.datastore import labelled_volumes
-from model_core.serving.service import SegmentationService
 from model_core.io.validation import image_problem
+from model_core.serving.service import SegmentationService
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,22 @@ class InContextConfidence(ScoringMethod):
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
         labelled, skipped_support = labelled_volumes(datastore, self._labels.values())
         if not labelled:
-            return {"scored": 0, "reason": "no labelled volume yet: nothing to segment in context",
-                    "skipped_support": skipped_support}
+            return {
+                "scored": 0,
+                "reason": "no labelled volume yet: nothing to segment in context",
+                "skipped_support": skipped_support,
+            }
         service = self._service()
         version = service.model_info()["model_version"]
         support = sorted(d["id"] for d in labelled[: service.config.max_support_volumes])
         scored, failed = {}, {}
         for image_id in datastore.get_unlabeled_images():
             previous = datastore.get_image_info(image_id).get(SCORE_KEY) or {}
-            if previous.get("model_version") == version and previous.get("support") == support and not request.get("force"):
+            if (
+                previous.get("model_version") == version
+                and previous.get("support") == support
+                and not request.get("force")
+            ):
                 if "mean" in previous:
                     scored[image_id] = previous["mean"]
                 else:
@@ -54,16 +61,26 @@ class InContextConfidence(ScoringMethod):
                 if problem:
                     raise ValueError(problem)
                 seg = service.segment(path, labelled, wait_s=math.inf)  # batch work queues, never busy
-            except Exception as e:  # noqa: BLE001 - one image that cannot be scored must not stop the others
+            except Exception as e:
                 reason = f"{type(e).__name__}: {e}"
                 logger.warning(f"Scoring skipped {image_id!r}: {reason}")
                 failed[image_id] = reason
-                datastore.update_image_info(image_id, {SCORE_KEY: {"failed": reason, "model_version": version,
-                                                                   "support": support}})
+                datastore.update_image_info(
+                    image_id, {SCORE_KEY: {"failed": reason, "model_version": version, "support": support}}
+                )
                 continue
             mean = sum(seg.confidence.values()) / max(len(seg.confidence), 1)
-            datastore.update_image_info(image_id, {SCORE_KEY: {"mean": round(mean, 4), "per_label": seg.confidence,
-                                                               "model_version": version, "support": support}})
+            datastore.update_image_info(
+                image_id,
+                {
+                    SCORE_KEY: {
+                        "mean": round(mean, 4),
+                        "per_label": seg.confidence,
+                        "model_version": version,
+                        "support": support,
+                    }
+                },
+            )
             scored[image_id] = round(mean, 4)
             logger.info(f"confidence of {image_id}: {mean:.4f}")
         return {"scored": len(scored), "confidence": scored, "skipped": failed, "skipped_support": skipped_support}

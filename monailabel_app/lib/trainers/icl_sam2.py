@@ -32,9 +32,9 @@ from typing import Any
 
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from model_core.modeling.checkpoint import read_state_dict, write_checkpoint
-from model_core.serving.service import ServiceConfig
 from model_core.io.validation import check_label_volume, image_problem
+from model_core.modeling.checkpoint import read_state_dict, write_checkpoint
+from model_core.serving.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,45 +105,51 @@ class ICLSAM2Train(BundleTrainTask):
     def _partition_datalist(self, datalist, request, shuffle=False):
         if len(datalist) < 2:
             skipped = "".join(f" Left out: {s['label']!r}: {s['reason']}" for s in self._skipped)
-            raise ValueError(f"Training needs at least two labelled volumes (support and query of an episode come from "
-                             f"different volumes); the datastore has {len(datalist)} usable. Label another one first."
-                             f"{skipped}")
+            raise ValueError(
+                f"Training needs at least two labelled volumes (support and query of an episode come from "
+                f"different volumes); the datastore has {len(datalist)} usable. Label another one first."
+                f"{skipped}"
+            )
         n_val = max(1, round(len(datalist) * float(request.get("val_split", 0.2)))) if len(datalist) >= 3 else 0
-        train, val = datalist[: len(datalist) - n_val], datalist[len(datalist) - n_val:]
+        train, val = datalist[: len(datalist) - n_val], datalist[len(datalist) - n_val :]
         if not val:  # too few volumes to hold one out: validate on a training volume (logged, not hidden)
             logger.warning("Fewer than 3 labelled volumes: validation uses a training volume.")
             val = train[-1:]
         return train, val
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        """Fine-tuning starts from the served checkpoint through ``pretrained_checkpoint`` (strict), not a loader handler."""
+        """Fine-tuning starts from the served checkpoint through ``pretrained_checkpoint`` (strict), not a loader
+        handler.
+        """
 
     def _update_overrides(self, overrides: dict[str, Any]) -> None:
         c, r = self.service_config, self._request
         run_dir = os.path.join(self.work_dir, "train")
         classes = sorted(c.labels.values())
-        overrides.update({
-            "ckpt_dir": run_dir,
-            "output_dir": os.path.join(run_dir, "outputs"),
-            "preset": c.preset,
-            "image_size": int(c.image_size),
-            "classes": classes,
-            "modality": c.modality,
-            "intensity#window": list(c.window),
-            "intensity#percentiles": list(c.percentiles),
-            "channel_mode": c.channel_mode,
-            "pretrained_checkpoint": c.checkpoint if c.checkpoint and os.path.isfile(c.checkpoint) else None,
-            "max_epochs": int(r.get("max_epochs", self.epochs)),
-            "episodes_per_epoch": int(r.get("episodes_per_epoch", self.episodes)),
-            "learning_rate": float(r.get("learning_rate", 5e-5)),
-            "encoder_learning_rate": float(r.get("learning_rate", 5e-5)) * 0.6,
-            "train_encoder": str(r.get("train_encoder", "frozen")),
-            "num_support": int(r.get("num_support", 3)),
-            "num_query": int(r.get("num_query", 4)),
-            "objects_per_episode": min(3, len(classes)),
-            "validate#support_data": self._support_volumes(overrides["train#dataset#data"], classes),
-            "num_support_slices": int(c.num_support_slices),
-        })
+        overrides.update(
+            {
+                "ckpt_dir": run_dir,
+                "output_dir": os.path.join(run_dir, "outputs"),
+                "preset": c.preset,
+                "image_size": int(c.image_size),
+                "classes": classes,
+                "modality": c.modality,
+                "intensity#window": list(c.window),
+                "intensity#percentiles": list(c.percentiles),
+                "channel_mode": c.channel_mode,
+                "pretrained_checkpoint": c.checkpoint if c.checkpoint and os.path.isfile(c.checkpoint) else None,
+                "max_epochs": int(r.get("max_epochs", self.epochs)),
+                "episodes_per_epoch": int(r.get("episodes_per_epoch", self.episodes)),
+                "learning_rate": float(r.get("learning_rate", 5e-5)),
+                "encoder_learning_rate": float(r.get("learning_rate", 5e-5)) * 0.6,
+                "train_encoder": str(r.get("train_encoder", "frozen")),
+                "num_support": int(r.get("num_support", 3)),
+                "num_query": int(r.get("num_query", 4)),
+                "objects_per_episode": min(3, len(classes)),
+                "validate#support_data": self._support_volumes(overrides["train#dataset#data"], classes),
+                "num_support_slices": int(c.num_support_slices),
+            }
+        )
 
     def _support_volumes(self, train: list[dict[str, Any]], classes: list[int]) -> list[dict[str, Any]]:
         """Validation's support set: the first training volume holding the most classes, then others for the classes it
@@ -178,8 +184,14 @@ class ICLSAM2Train(BundleTrainTask):
             raise RuntimeError(f"Training wrote no checkpoint in {run_dir}; nothing to publish.")
         state, record = read_state_dict(source)  # {"model": ..., "icl_sam2": <architecture record>, ...}
         target = self.service_config.checkpoint
-        meta = {**record, "preset": self.service_config.preset, "image_size": int(self.service_config.image_size),
-                "labels": self.service_config.labels, "published": time.time(), "source": source}
+        meta = {
+            **record,
+            "preset": self.service_config.preset,
+            "image_size": int(self.service_config.image_size),
+            "labels": self.service_config.labels,
+            "published": time.time(),
+            "source": source,
+        }
         write_checkpoint(state, target, meta)
         logger.info(f"Published {source} -> {target}")
         return target
@@ -194,10 +206,12 @@ class ICLSAM2Train(BundleTrainTask):
         since = time.time()
         try:
             result = super().__call__(self._request, datastore) or {}
-        except Exception as e:  # noqa: BLE001 - whatever failed, the run failed: say why, publish nothing
+        except Exception as e:
             cause = root_cause(e)
-            message = (f"Training failed, nothing was published (the served checkpoint is unchanged): "
-                       f"{type(cause).__name__}: {cause}")
+            message = (
+                f"Training failed, nothing was published (the served checkpoint is unchanged): "
+                f"{type(cause).__name__}: {cause}"
+            )
             logger.error(message, exc_info=e)  # the whole chain, for the log
             raise TrainingFailed(message) from None  # a short traceback, so the cause ends the output
         return {**result, "published": self.publish(since), "skipped_labels": self._skipped}

@@ -65,7 +65,13 @@ def _route_table(folder: Path, env: dict[str, str]) -> dict:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **env},
+        # the app's `lib` package, as MONAI Label's own loader finds it beside main.py
+        env={
+            **os.environ,
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "monailabel_app"), os.environ.get("PYTHONPATH")])),
+        },
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROUTE TABLE ")]
     assert lines, done.stdout[-3000:] + done.stderr[-3000:]

@@ -38,6 +38,20 @@ EVALUATE = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
 INFER = "['bundle/configs/train.json','bundle/configs/inference.json']"
 
 
+def phantom_training_args(steps: int, epochs: int) -> list[str]:
+    """The training recipe of the phantoms (``train.json`` overrides): the demo's and the tests' trained model.
+
+    Args:
+        steps: training iterations (batches of 2 episodes), split evenly into ``epochs`` (validation points).
+    """
+    episodes = max(2 * int(steps) // int(epochs), 2)
+    return [
+        *("--train_encoder", "all", "--learning_rate", "3e-4", "--encoder_learning_rate", "3e-4"),
+        *("--grad_clip", "1.0", "--num_support", "3", "--num_query", "4", "--objects_per_episode", "3"),
+        *("--batch_size", "2", "--episodes_per_epoch", str(episodes), "--max_epochs", str(epochs)),
+    ]
+
+
 def _bundle(*args: str) -> float:
     """Run ``python -m monai.bundle run ...`` from the repository root; returns its duration in seconds."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
@@ -104,7 +118,6 @@ def main(
         "--intensity#window",
         "[0,1]",
     ]
-    episodes = max(2 * steps // epochs, 2)
     train_seconds = _bundle(
         "training",
         "--config_file",
@@ -112,26 +125,7 @@ def main(
         *phantom_args,
         "--output_dir",
         str(outputs / "train"),
-        "--train_encoder",
-        "all",
-        "--learning_rate",
-        "3e-4",
-        "--encoder_learning_rate",
-        "3e-4",
-        "--grad_clip",
-        "1.0",
-        "--num_support",
-        "3",
-        "--num_query",
-        "4",
-        "--objects_per_episode",
-        "3",
-        "--batch_size",
-        "2",
-        "--episodes_per_epoch",
-        str(episodes),
-        "--max_epochs",
-        str(epochs),
+        *phantom_training_args(steps, epochs),
     )
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     results = {}

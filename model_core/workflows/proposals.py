@@ -21,7 +21,8 @@ from scipy import ndimage
 
 from model_core.io.files import atomic_path
 from model_core.modeling.inputs import as_slices, volume_to_slices
-from model_core.proposals import Candidate, Proposals, ProposalSettings, propose_slices
+from model_core.proposal_regions import Candidate, Proposals
+from model_core.proposals import ProposalSettings, propose_slices
 
 __all__ = [
     "ProposalInferer",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from model_core.modeling.presets import build_icl_sam2
+from model_core.proposal_regions import Candidate, Region
 from model_core.proposals import (
     ProposalSettings,
     SliceMask,
@@ -198,8 +199,6 @@ def test_real_generator_on_a_lesion_phantom(network, tmp_path):
 def test_finalize_drops_lost_candidates_and_renumbers():
     from monai.data import MetaTensor
 
-    from model_core.proposals import Candidate, Region
-
     array = np.zeros((1, 6, 6, 3), np.int16)
     array[0, 1:3, 1:3, 0] = 1
     array[0, 4, 4, 2] = 3  # candidate 2 vanished (e.g. on a coarser grid)
@@ -212,8 +211,6 @@ def test_finalize_drops_lost_candidates_and_renumbers():
 
 
 def test_regions_match_full_masks():
-    from model_core.proposals import Region
-
     rng = np.random.default_rng(0)
     for _ in range(20):
         a, b = (np.zeros((20, 24), bool) for _ in range(2))

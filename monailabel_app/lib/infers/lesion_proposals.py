@@ -32,7 +32,8 @@ from pydantic import Field, StrictFloat, StrictInt, model_validator
 from lib.infers.icl_sam2 import ServiceInfer, client_error, write_label
 from lib.requests import BaseParams, http_error
 from model_core.io.validation import InputError
-from model_core.proposals import Proposals, ProposalSettings
+from model_core.proposal_regions import Proposals
+from model_core.proposals import ProposalSettings
 from model_core.serving.service import Segmentation
 
 logger = logging.getLogger(__name__)

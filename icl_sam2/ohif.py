@@ -43,6 +43,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from icl_sam2.servers import free_port
+
 __all__ = [
     "OHIF_INTEGRITY",
     "OHIF_PACKAGE",
@@ -207,14 +218,6 @@ def viewer_app(dicomweb: str, dist: str | os.PathLike | None = None, name: str =
     Raises:
         ValueError: the viewer is not installed, or ``dicomweb`` is no http(s) URL.
     """
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.background import BackgroundTask
-    from starlette.exceptions import HTTPException
-    from starlette.responses import PlainTextResponse, Response, StreamingResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
     dist = Path(dist) if dist else ohif_dir()
     reason = missing(dist)
     if reason:
@@ -296,8 +299,6 @@ class OhifViewer:
     """
 
     def __init__(self, dicomweb: str, port: int | None = None, dist: str | os.PathLike | None = None):
-        from icl_sam2.servers import free_port
-
         self.app = viewer_app(dicomweb, dist)
         self.port = int(port) if port else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -305,8 +306,6 @@ class OhifViewer:
         self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> OhifViewer:
-        import uvicorn
-
         self._server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         )
@@ -345,10 +344,9 @@ def serve(dicomweb: str = "http://127.0.0.1:8042/dicom-web", port: int = 3000, h
     Args:
         dicomweb: the PACS's DICOMweb root (``icl-sam2 orthanc`` serves ``http://127.0.0.1:8042/dicom-web``).
         port: the viewer's port.
-        host: the address to listen on; loopback by default (the proxy reaches the PACS with no login of its own).
+        host: the address to listen on; loopback by default: another address lets the network read the PACS and
+            store into it through the proxy, with no login.
     """
-    import uvicorn
-
     app = viewer_app(dicomweb)
     print(f"OHIF {OHIF_VERSION} on http://{host}:{port}/  (PACS {dicomweb} at /dicom-web)", flush=True)
     uvicorn.run(app, host=host, port=int(port), log_level="warning")

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from model_core.io.dicom import decode_seg
@@ -61,8 +63,6 @@ def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], o
     Raises:
         InputError: no readable SEG (400), or its frames are not on the image's grid (422).
     """
-    import SimpleITK as sitk
-
     if os.path.isdir(seg_dir):
         files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir))
     else:
@@ -218,8 +218,6 @@ class Pacs:
     """
 
     def __init__(self, url: str):
-        from dicomweb_client import DICOMwebClient
-
         self.url = str(url).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is no DICOMweb root URL; give e.g. http://127.0.0.1:8042/dicom-web.")

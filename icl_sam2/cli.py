@@ -7,6 +7,8 @@
     icl-sam2 mricron-study --output_dir data/mricron     # a real T1 MRI study (Debian mricron-data)
     icl-sam2 orthanc --storage_dir /tmp/pacs             # a reference PACS (Debian orthanc)
     icl-sam2 dicom-study --orthanc http://127.0.0.1:8042 --source phantoms
+    icl-sam2 ohif install|serve ...                      # OHIF 3.13 on the PACS (icl_sam2/ohif.py)
+    icl-sam2 segment-studies --dicomweb http://127.0.0.1:8042/dicom-web   # in-context job over a PACS
     icl-sam2 coco export|verify ...                      # NIfTI datalists as COCO datasets
     icl-sam2 challenge infer|evaluate ...                # the CVPR 2024 "MedSAM on Laptop" format
     icl-sam2 onnx-export --model medsam_lite --output_dir onnx
@@ -20,17 +22,22 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import fire
 
-from icl_sam2 import demo, dicom_study, serve, servers
+from icl_sam2 import demo, dicom_study, ohif, serve, servers
 from model_core.export import coco, onnx, runtime
 from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
+from model_core.io.dicomweb import Pacs
 from model_core.medsam_lite import challenge
+from model_core.serving import pacs_job
 
 __all__ = ["COMMANDS", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _print_json(value: Any) -> None:
@@ -214,6 +221,67 @@ def challenge_evaluate(
     print(json.dumps({**result, "output": output}))
 
 
+def segment_studies(
+    dicomweb: str = "http://127.0.0.1:8042/dicom-web",
+    studies: str | Sequence[str] | None = None,
+    labels: dict | str | None = None,
+    checkpoint: str | None = None,
+    preset: str | None = None,
+    image_size: int | None = None,
+    modality: str | None = None,
+    window: Sequence[float] | None = None,
+    percentiles: Sequence[float] | None = None,
+    device: str = "cpu",
+    max_support_volumes: int = 4,
+    num_support_slices: int = 3,
+    bundle: str = str(ROOT / "bundle"),
+    work_dir: str | None = None,
+    store: bool = True,
+    dry_run: bool = False,
+) -> None:
+    """Segment every series of ``studies`` (default: all) that has no SEG yet, in context of the PACS's reviewed SEGs,
+    and store each result as a SEG identified as the model's (:mod:`model_core.serving.pacs_job`).
+
+    Prints one JSON line per series as it finishes, then a summary; exit code 1 when a series failed.
+    ``--labels '{"liver": 1}'`` chooses the structures (default: the segment names of the support SEGs);
+    ``preset``, ``image_size``, ``modality``, ``window`` and ``percentiles`` default to the checkpoint's record.
+    ``--dry_run`` prints which SEGs would be support and which series would be segmented, and stops.
+    """
+    if dry_run:
+        _print_json(pacs_job.plan_job(Pacs(dicomweb), studies, max_support_volumes).as_dict())
+        return
+    if isinstance(labels, str):
+        try:
+            labels = json.loads(labels)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--labels must be a JSON object such as '{{\"liver\": 1}}', got {labels!r}.") from e
+    settings = pacs_job.JobSettings(
+        bundle_dir=bundle,
+        checkpoint=checkpoint,
+        preset=preset,
+        image_size=image_size,
+        modality=modality,
+        window=window,
+        percentiles=percentiles,
+        device=device,
+        max_support_volumes=max_support_volumes,
+        num_support_slices=num_support_slices,
+    )
+    report = pacs_job.segment_studies(
+        dicomweb,
+        settings,
+        studies=studies,
+        labels=labels,
+        work_dir=work_dir,
+        store=store,
+        on_result=lambda result: print(json.dumps(result.__dict__), flush=True),
+    )
+    failed = [r["series_uid"] for r in report["results"] if r["status"] == "failed"]
+    print(json.dumps({k: v for k, v in report.items() if k != "results"} | {"failed": failed}, default=str))
+    if failed:
+        sys.exit(1)
+
+
 def onnx_export(
     model: str = "sam2",
     output_dir: str = "onnx",
@@ -247,9 +315,11 @@ COMMANDS: dict[str, Any] = {
     "mricron-study": make_mricron_study,
     "orthanc": servers.run_orthanc,
     "dicom-study": dicom_study.main,
+    "ohif": {"install": ohif.install_command, "serve": ohif.serve},
     "coco": {"export": coco_export, "verify": coco_verify},
     "challenge": {"infer": challenge_infer, "evaluate": challenge_evaluate},
     "onnx-export": onnx_export,
+    "segment-studies": segment_studies,
 }
 
 

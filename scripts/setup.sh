@@ -43,11 +43,23 @@ if [ -n "$stale" ]; then
   exit 1
 fi
 
+# The OHIF 3.13 viewer of `icl-sam2 ohif serve`: npm's prebuilt @ohif/app at the version and SHA-512 pinned in
+# icl_sam2/ohif.py, unpacked into .ohif/ (ignored by git) once; nothing is downloaded when the viewer runs.
+install_ohif() {
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: OHIF viewer in $(.venv/bin/python -c 'from icl_sam2.ohif import install; print(install())')"
+  else
+    echo "setup: npm not found, so the OHIF 3.13 viewer (icl-sam2 ohif serve) is not installed;" \
+      "install Node.js and npm (Debian: apt-get install npm) and run this again" >&2
+  fi
+}
+
 stamp=.venv/.installed
 want=$(cat requirements.txt "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
 # -I: not from the current folder (the repository root), so model_core must be the installed project
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -I -c "import model_core, monailabel" 2>/dev/null; then
   echo "setup: .venv is up to date"
+  install_ohif
   exit 0
 fi
 
@@ -100,3 +112,4 @@ if problems:
 EOF
 .venv/bin/python -I -c "import model_core, sam2, monai, monailabel, ignite; print('setup: ok', 'torch', __import__('torch').__version__)"
 echo "$want" > "$stamp"
+install_ohif

@@ -28,93 +28,19 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-import numpy as np
-import pydicom
-import SimpleITK as sitk
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
-from model_core.io.dicom import decode_seg
+from model_core.io.dicomweb import seg_to_label
 from model_core.io.files import atomic_path
 from model_core.io.validation import InputError, check_label_volume
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckedDICOMwebDatastore", "seg_to_label"]
-
-
-def seg_to_label(seg_dir: str, reference: str, values_by_name: dict[str, int], out_path: str) -> dict[str, Any]:
-    """Decode a DICOM SEG series into a label map on its image's grid.
-
-    Args:
-        seg_dir: folder holding the SEG instance.
-        reference: the image (NIfTI) whose grid the label must be on.
-        values_by_name: ``{segment label: label value}``; segments with other names are left out (returned).
-        out_path: the label map to write (NIfTI), ``(I, J, K)`` uint16 on the reference's grid.
-
-    Returns:
-        ``{"segments": {name: value}, "ignored": [names]}``.
-
-    Raises:
-        InputError: the folder holds no readable SEG.
-    """
-    files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir)) if os.path.isdir(seg_dir) else []
-    if not files:
-        raise InputError(f"The SEG series in {seg_dir!r} has no instance.")
-    try:
-        segments_image, names = decode_seg(pydicom.dcmread(files[0]))
-    except Exception as e:
-        raise InputError(
-            f"The DICOM SEG {os.path.basename(files[0])!r} cannot be decoded ({type(e).__name__}: {e})."
-        ) from e
-    lut = np.zeros(max(names, default=0) + 1, dtype=np.uint16)
-    used, ignored = {}, []
-    for number, name in names.items():
-        if name in values_by_name:
-            lut[number] = values_by_name[name]
-            used[name] = values_by_name[name]
-        else:
-            ignored.append(name)
-    _check_on_grid(segments_image, sitk.ReadImage(reference), os.path.basename(files[0]))
-    segments = sitk.GetArrayFromImage(segments_image)
-    mapped = sitk.GetImageFromArray(lut[np.clip(segments, 0, len(lut) - 1)])
-    mapped.CopyInformation(segments_image)
-    grid = sitk.ReadImage(reference)
-    # dcmqi stores only the slices that hold a segment: put the label back on the full image grid
-    on_grid = sitk.Resample(mapped, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    sitk.WriteImage(on_grid, out_path, True)
-    return {"segments": used, "ignored": ignored}
-
-
-def _check_on_grid(seg, image, name: str, tolerance: float = 1e-3) -> None:
-    """A SEG's frames must lie on its image's voxel grid: same direction and spacing, origin on a voxel, inside it.
-
-    Raises:
-        InputError: naming what differs.
-    """
-    if not np.allclose(seg.GetDirection(), image.GetDirection(), atol=tolerance):
-        raise InputError(f"The DICOM SEG {name!r} has another orientation than its image series.", status=422)
-    if not np.allclose(seg.GetSpacing(), image.GetSpacing(), rtol=tolerance, atol=tolerance):
-        raise InputError(
-            f"The DICOM SEG {name!r} has spacing {np.round(seg.GetSpacing(), 4).tolist()} but its image series "
-            f"{np.round(image.GetSpacing(), 4).tolist()}.",
-            status=422,
-        )
-    start = np.asarray(image.TransformPhysicalPointToContinuousIndex(seg.GetOrigin()))
-    end = start + np.asarray(seg.GetSize()) - 1
-    if (
-        not np.allclose(start, np.round(start), atol=1e-2)
-        or np.any(np.round(start) < 0)
-        or np.any(np.round(end) > np.asarray(image.GetSize()) - 1)
-    ):
-        raise InputError(
-            f"The DICOM SEG {name!r} frames are not on its image series' grid (they start at voxel "
-            f"{np.round(start, 2).tolist()} of an image of size {list(image.GetSize())}).",
-            status=422,
-        )
 
 
 class CheckedDICOMwebDatastore(DICOMWebDatastore):

@@ -1,4 +1,5 @@
-"""What the DICOMweb tests share: the rule for system packages, a real Orthanc (scripts/servers.py)."""
+"""What the DICOMweb tests share: the rule for system packages, a real Orthanc (icl_sam2/servers.py), the installed
+OHIF 3.13 (icl_sam2/ohif.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import shutil
 
 import pytest
 
-from icl_sam2 import servers
+from icl_sam2 import ohif, servers
 
 
 def require_installed(reason: str) -> None:
@@ -15,6 +16,15 @@ def require_installed(reason: str) -> None:
         if shutil.which("apt-get") is None:
             pytest.skip(f"not installable here (no apt-get): {reason}")
         pytest.fail(f"{reason} (CI's .ci/run installs it; it is required where apt-get exists)")
+
+
+def require_ohif() -> None:
+    """The pinned OHIF must be installed where npm exists (scripts/setup.sh installs it); skip only without npm."""
+    reason = ohif.missing()
+    if reason:
+        if shutil.which("npm") is None:
+            pytest.skip(f"not installable here (no npm): {reason}")
+        pytest.fail(f"{reason} (scripts/setup.sh installs it where npm exists)")
 
 
 @pytest.fixture(scope="module")

@@ -168,8 +168,8 @@ def _table(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main(
     output_dir: str = "runs/brain_atlas",
-    steps: int = 800,
-    epochs: int = 4,
+    steps: int = 3000,
+    epochs: int = 6,
     image_size: int = 128,
     heldout: Sequence[str] = HELDOUT,
     label_sets: Sequence[str] = tuple(LABEL_SETS),
@@ -178,6 +178,7 @@ def main(
     margin: int = 5,
     num_clicks: int = 5,
     checkpoint: str | None = None,
+    evaluate: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> None:
     """Write the data, train (unless ``checkpoint`` is given), evaluate every held-out structure, print the table.
@@ -189,14 +190,28 @@ def main(
         heldout, label_sets, views, num_support, margin: the data (:func:`write_brain_study`).
         num_clicks: corrective clicks of the protocol.
         checkpoint: evaluate these weights instead of training (the same ``image_size``).
+        evaluate: evaluate only these of the held-out structures (default all).
         device: ``cpu`` or ``cuda``.
     """
     started = time.perf_counter()
     root = Path(output_dir).resolve()
     t0 = time.perf_counter()
-    study = Path(write_brain_study(str(root / "data"), heldout, label_sets, views, num_support, margin))
+    study = root / "data" / "datalist.json"
+    settings = {
+        "heldout": list(heldout),
+        "label_sets": list(label_sets),
+        "views": list(views),
+        "num_support": num_support,
+        "margin": margin,
+    }
+    written = json.loads(study.read_text()).get("settings", {}) if study.is_file() else {}
+    if any(written.get(k) != v for k, v in settings.items()):  # written earlier with these settings: reused
+        study = Path(write_brain_study(str(root / "data"), heldout, label_sets, views, num_support, margin))
     data_seconds = time.perf_counter() - t0
     info = json.loads(study.read_text())
+    unknown = sorted(set(evaluate or ()) - set(heldout))
+    if unknown:
+        raise ValueError(f"--evaluate {unknown}: not held out ({list(heldout)}).")
     print(f"data: {study} ({len(info['classes'])} training classes, {len(info['training'])} training volumes)")
     train_seconds = None
     if checkpoint is None:
@@ -208,6 +223,8 @@ def main(
     seconds: dict[str, float] = {"bundle_evaluation": 0.0, "slice_boxes": 0.0, **{m: 0.0 for m in MODES}}
     for entry in info["heldout"]:
         name = entry["name"]
+        if evaluate and name not in evaluate:
+            continue
         folder = root / "eval" / name
         absolute = {part: {k: str(study.parent / v) for k, v in entry[part].items()} for part in ("support", "query")}
         split = write_datalist(

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from monai.bundle import ConfigWorkflow
 
 from model_core.modeling.checkpoint import read_state_dict
+from model_core.workflows.protocol import INITIAL_PROMPTS, MODES
 
 __all__ = ["CONFIGS", "main", "run_protocol"]
 
@@ -82,6 +83,13 @@ def main(
         time_limit_s: stop correcting a case after this many seconds.
         incremental: apply each click as the app does (False: replay every prompt over the whole volume).
     """
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}.")
+    if initial_prompt not in INITIAL_PROMPTS:
+        raise ValueError(f"--initial_prompt must be one of {INITIAL_PROMPTS}, got {initial_prompt!r}.")
+    for option, path in (("--datalist", datalist), ("--support_datalist", support_datalist)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{option} {path!r} is not a file; give an MSD datalist JSON.")
     record: dict[str, Any] = {}
     if checkpoint:
         _, record = read_state_dict(checkpoint)

@@ -26,6 +26,8 @@ and the others run.
 Grid: the model sees each axial slice resized to its ``image_size`` (bilinear, as
 :func:`~model_core.modeling.inputs.volume_to_slices`); clicks and boxes found on the image's own grid
 are mapped onto the model's, and predictions are resized back, so scores are on the image's voxels.
+Positions in the rows (``z, y, x``; a box ``x0, y0, x1, y1``) index the ``(D, H, W)`` slices: ``(k, i, j)``
+of the image after the preprocessing's orientation (RAS).
 """
 
 from __future__ import annotations

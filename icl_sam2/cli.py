@@ -12,6 +12,8 @@
     icl-sam2 coco export|verify ...                      # NIfTI datalists as COCO datasets
     icl-sam2 challenge infer|evaluate ...                # the CVPR 2024 "MedSAM on Laptop" format
     icl-sam2 onnx-export --model medsam_lite --output_dir onnx
+    icl-sam2 brain-atlas --output_dir runs/brain_atlas      # in-context learning on a real T1, held-out structures
+    icl-sam2 protocol --datalist data/phantoms/datalist.json --checkpoint models/model.pt   # CVPR 2025 clicks
 
 ``icl-sam2 <command> --help`` lists a command's options (Google's ``fire``). A mistake in the
 input (a missing file, a bad option) ends with one line saying what is wrong and exit code 2,
@@ -27,7 +29,7 @@ from typing import Any, Sequence
 
 import fire
 
-from icl_sam2 import demo, dicom_study, ohif, serve, servers
+from icl_sam2 import brain_atlas, demo, dicom_study, ohif, protocol, serve, servers
 from model_core.export import coco, onnx, runtime
 from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
@@ -320,6 +322,8 @@ COMMANDS: dict[str, Any] = {
     "challenge": {"infer": challenge_infer, "evaluate": challenge_evaluate},
     "onnx-export": onnx_export,
     "segment-studies": segment_studies,
+    "protocol": protocol.main,
+    "brain-atlas": brain_atlas.main,
 }
 
 

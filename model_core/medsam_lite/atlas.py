@@ -27,7 +27,7 @@ from model_core.io.validation import InputError
 from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, box_from_mask
 from model_core.medsam_lite.volume import normalize_intensity, volume_slices
 
-__all__ = ["dice", "evaluate_slices", "evaluate_volume", "evenly_spaced_slices", "summary"]
+__all__ = ["dice", "evaluate_slices", "evaluate_volume", "evenly_spaced_slices", "slice_box_masks", "summary"]
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -153,3 +153,25 @@ def evaluate_volume(
         "encoded_slices": model.encoded_slices - encoded,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def slice_box_masks(model: LiteMedSAM, volume: np.ndarray, reference: np.ndarray, min_voxels: int = 1) -> np.ndarray:
+    """LiteMedSAM given the structure's tight box on every slice that has it (the 2D baseline, an oracle prompt
+    per slice); slices without the structure stay empty.
+
+    Args:
+        volume: ``(D, H, W)`` intensities (each slice scaled by :meth:`LiteMedSAM.prepare`).
+        reference: ``(D, H, W)`` bool, the structure.
+        min_voxels: slices where the structure has fewer voxels get no box.
+
+    Returns:
+        ``(D, H, W)`` bool.
+    """
+    reference = np.asarray(reference, bool)
+    out = np.zeros(reference.shape, bool)
+    for z in range(reference.shape[0]):
+        box = box_from_mask(reference[z])
+        if reference[z].sum() < min_voxels or box is None or box[0] == box[2] or box[1] == box[3]:
+            continue
+        out[z] = model.segment_slice(np.asarray(volume[z]), box).mask
+    return out

@@ -223,7 +223,9 @@ class ICLSAM2App(MONAILabelApp):
                 info["models_status"].setdefault(name, {})["last_error"] = error
         datastore = info.get("datastore") or {}
         labelled = None if "error" in datastore else datastore.get("completed")
-        info["name"] = panel_name(self.name, untrained, labelled, self.last_errors.latest())
+        info["name"] = panel_name(
+            self.name, untrained, labelled, self.last_errors.latest(), str(datastore.get("error") or "")
+        )
         info["scoring_schedule"] = {
             "mode": self.scoring_mode if self._auto_update_scoring else "off",
             "idle_s": self.scoring_idle_s,

@@ -125,7 +125,9 @@ def main(
     )
     if loaded:
         print(f"LOADED MACHINE: load averages {[r['load_average'] for r in rows]} on {machine['cores']} cores")
-    print(f"  {'scoring':<10} {'size':>5} {'first in-context (s)':>21} {'click after Next Samples (s)':>29} {'runs':>5}")
+    print(
+        f"  {'scoring':<10} {'size':>5} {'first in-context (s)':>21} {'click after Next Samples (s)':>29} {'runs':>5}"
+    )
     for r in rows:
         print(
             f"  {r['scoring']:<10} {r['image_size']:>5} {r['first_request_s']:>21.2f} "

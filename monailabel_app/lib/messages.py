@@ -78,19 +78,24 @@ class LastErrors:
             return model, dict(self._errors[model])
 
 
-def panel_name(name: str, untrained: list[str], labelled: int | None, last: tuple[str, dict] | None) -> str:
+def panel_name(
+    name: str, untrained: list[str], labelled: int | None, last: tuple[str, dict] | None, datastore_error: str = ""
+) -> str:
     """The app's name with what OHIF's panel cannot otherwise show, e.g.
     ``ICL-SAM2 | icl_sam2: UNTRAINED weights | 1 labelled series | last error (icl_sam2, 400): ...``.
 
     Args:
         untrained: models that run untrained (random initial) weights.
-        labelled: series with a final label (None: unknown, e.g. the PACS does not answer).
+        labelled: series with a final label (None: unknown).
         last: ``(model, error)`` of :meth:`LastErrors.latest`.
+        datastore_error: why the datastore does not answer (a PACS that is down: the message names it).
     """
     parts = [name]
     parts += [f"{m}: UNTRAINED weights (random; train first)" for m in untrained]
-    if labelled is None:
-        parts.append("labelled series unknown (the datastore does not answer)")
+    if datastore_error:
+        parts.append(f"datastore not answering: {datastore_error[:300]}")
+    elif labelled is None:
+        parts.append("labelled series unknown")
     elif labelled == 0:
         parts.append("no labelled series yet: label one before Auto-Segmentation")
     else:

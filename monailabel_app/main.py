@@ -11,6 +11,7 @@ in lib/settings.py and under /info's ``config``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -31,11 +32,14 @@ from lib import routes
 from lib.activelearning.random import SafeRandom
 from lib.datastore import CheckedDatastore
 from lib.dicomweb import CheckedDICOMwebDatastore
+from lib.messages import LastErrors, panel_name
 from lib.origin import parse_origins
 from lib.readonly import ReadOnlyDatastore, is_read_only
 from lib.requests import check_id, http_error
+from lib.scoring.schedule import ScoringSchedule
 from lib.sessions import CheckedSessions
-from lib.settings import OPTIONS, parse_labels, parse_modalities
+from lib.settings import OPTIONS, parse_labels, parse_modalities, parse_scoring
+from model_core.io.seg_metadata import SegIdentity
 from model_core.io.validation import InputError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,11 @@ class ICLSAM2App(MONAILabelApp):
         self._app_dir = app_dir
         #: origins besides the server's own that browsers may use it from (lib/origin.py)
         self.allowed_origins = parse_origins(conf.get("allowed_origins", OPTIONS["allowed_origins"][0]))
+        self.scoring_mode, self.scoring_idle_s = parse_scoring(conf)
+        #: automatic scoring runs of the server (on_init_complete; lib/scoring/schedule.py)
+        self.scoring_schedule: ScoringSchedule | None = None
+        #: the last failed inference request per model, for /info and the OHIF panel (lib/messages.py)
+        self.last_errors = LastErrors()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -125,7 +134,19 @@ class ICLSAM2App(MONAILabelApp):
             parse_modalities(self._conf),
             cache_path=cache,
             list_ttl=float(self._conf.get("dicomweb_list_ttl", OPTIONS["dicomweb_list_ttl"][0])),
+            seg_identity=self.seg_identity,
         )
+
+    def seg_identity(self, label_info: dict) -> SegIdentity:
+        """Who made a label saved as final: a person (``MANUAL``), or, when its ``label_info`` names a served
+        model (``{"model": "icl_sam2"}``), that model's result approved by a person (``SEMIAUTOMATIC``, naming
+        the model and its weights)."""
+        model = label_info.get("model") if isinstance(label_info, dict) else None
+        task = self._infers.get(model) if isinstance(model, str) else None
+        if task is None:
+            return SegIdentity()
+        weights = getattr(task, "weights_info", None)
+        return SegIdentity.for_model(model, weights() if weights else {}, "SEMIAUTOMATIC")
 
     def _download_dcmqi_tools(self):
         """dcmqi's ``itkimage2segimage`` comes from its pinned wheel (requirements.txt), never from a download:
@@ -160,10 +181,20 @@ class ICLSAM2App(MONAILabelApp):
         return {name: trainer for name, trainer in trainers.items() if trainer is not None}
 
     def init_strategies(self):
-        strategies = {"random": SafeRandom(), "first": First()}
+        strategies = {"first": First()}
         for config in self._configs().values():
             strategies.update(config.strategy())
-        return strategies
+        return {"random": SafeRandom(choices=["random", *strategies]), **strategies}
+
+    def next_sample(self, request):
+        """MONAI Label's Next Sample; a strategy named in the request's options (OHIF's panel: ``random``'s
+        ``strategy`` option, ``lib/activelearning/random.py``) must be one of the server's (404 otherwise)."""
+        strategy = request.get("strategy") or "random"
+        if not isinstance(strategy, str) or strategy not in self._strategies:
+            raise http_error(
+                InputError(f"Unknown strategy {strategy!r}; this server has {sorted(self._strategies)}.", status=404)
+            )
+        return super().next_sample(request)
 
     def init_scoring_methods(self):
         methods = {}
@@ -172,13 +203,69 @@ class ICLSAM2App(MONAILabelApp):
         return methods
 
     def info(self):
+        """MONAI Label's info, with each model's weights, its last failed request, and the scoring schedule.
+
+        ``name`` is what OHIF's panel shows (its subtitle): it also says what the panel cannot
+        (untrained weights, labelled series, the last error; ``lib/messages.py``).
+        """
         info = super().info()
         info["config_options"] = {k: {"default": v[0], "about": v[1]} for k, v in OPTIONS.items()}
         info["models_status"] = {}
+        untrained = []
         for name, config in self._configs().items():
             status = config.status()
             info["models_status"][name] = {**status, "untrained": not status["trained"]}
+            if not status["trained"] and name in self._infers:
+                untrained.append(name)
+        for name in self._infers:
+            error = self.last_errors.get(name)
+            if error:
+                info["models_status"].setdefault(name, {})["last_error"] = error
+        datastore = info.get("datastore") or {}
+        labelled = None if "error" in datastore else datastore.get("completed")
+        info["name"] = panel_name(
+            self.name, untrained, labelled, self.last_errors.latest(), str(datastore.get("error") or "")
+        )
+        info["scoring_schedule"] = {
+            "mode": self.scoring_mode if self._auto_update_scoring else "off",
+            "idle_s": self.scoring_idle_s,
+            "runs_started": len(self.scoring_schedule.runs) if self.scoring_schedule else 0,
+        }
         return info
+
+    # ------------------------------------------------------------------ scoring (lib/scoring/schedule.py)
+    def on_init_complete(self):
+        super().on_init_complete()  # no schedule yet: MONAI Label's start-up run is left to async_scoring
+        if not self._server_mode:
+            return
+        mode = self.scoring_mode if self._auto_update_scoring else "off"
+        self.scoring_schedule = ScoringSchedule(
+            mode,
+            self.scoring_idle_s,
+            start_run=lambda: MONAILabelApp.async_scoring(self, None),
+            scores_key=self._scores_key,
+            weights_stamp=self._weights_stamp,
+        )
+        self.scoring_schedule.start()
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label calls this at start-up, after Next Sample and after training; with ``--conf scoring idle``
+        or ``off`` the schedule decides (start-up: no run; a training subprocess: the server sees the new weights)."""
+        if method is not None or self.scoring_mode == "immediate":
+            return super().async_scoring(method, params)
+        if self.scoring_schedule is not None:
+            self.scoring_schedule.ask("next sample")
+        return {}
+
+    def _weights_stamp(self):
+        stamps = []
+        for config in self._configs().values():
+            path = getattr(getattr(config, "settings", None), "checkpoint", None)
+            stamps.append((os.stat(path).st_mtime_ns, os.stat(path).st_size) if path and os.path.isfile(path) else None)
+        return tuple(stamps)
+
+    def _scores_key(self):
+        return self._weights_stamp(), tuple(sorted(self.datastore().get_labeled_images()))
 
     def _load_sessions(self, load=False):
         """MONAI Label's sessions, with archives extracted safely and session ids checked (``lib/sessions.py``)."""
@@ -209,6 +296,29 @@ class ICLSAM2App(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
+        """:meth:`resolved_infer`, with its failure kept for /info and OHIF's panel (``lib/messages.py``)."""
+        model = request.get("model")
+        known = isinstance(model, str) and model in self._infers
+        image = request.get("image") if isinstance(request.get("image"), str) else None
+        try:
+            result = self.resolved_infer(request, datastore)
+        except HTTPException as e:
+            if known:
+                self.last_errors.failed(model, e.status_code, e.detail, image and image[:200])
+            raise
+        except Exception as e:
+            if known:
+                self.last_errors.failed(model, 500, f"server fault ({type(e).__name__}); see the server's log", None)
+            raise
+        if known:
+            self.last_errors.succeeded(model)
+        return result
+
+    def _scoring_waits(self):
+        """While an inference runs, and ``scoring_idle_s`` after it, no automatic scoring run starts."""
+        return self.scoring_schedule.request() if self.scoring_schedule is not None else contextlib.nullcontext()
+
+    def resolved_infer(self, request, datastore=None):
         """MONAI Label's infer, with the image resolved only as a datastore id (or MONAI Label's own upload file).
 
         MONAI Label takes any existing path as the image and answers an unknown model or
@@ -235,10 +345,11 @@ class ICLSAM2App(MONAILabelApp):
             raise http_error(e) from e
         save = request.get("save_label") is True and image_id is not None
         tag = request.get("label_tag", "original")
-        result = super().infer(
-            {**request, "image": datastore.get_image_uri(image_id) if image_id else image, "save_label": False},
-            datastore,
-        )
+        with self._scoring_waits():
+            result = super().infer(
+                {**request, "image": datastore.get_image_uri(image_id) if image_id else image, "save_label": False},
+                datastore,
+            )
         if save and result.get("file"):
             # after MONAI Label's infer, which saves only when given an id it resolves itself; the tag was checked
             # (never 'final') by the params schema, the file is checked by the datastore like an upload
@@ -252,4 +363,6 @@ class ICLSAM2App(MONAILabelApp):
         # a new or changed label changes the support set: its memory is rebuilt on the next request
         for config in self._configs().values():
             config.invalidate_support()
+        if self.scoring_schedule is not None:
+            self.scoring_schedule.ask("label saved")  # the scores used the old support set
         return super().on_save_label(image_id, label_id)

@@ -25,6 +25,9 @@ SEG (pydicom-seg). One segment per label value present, numbered 1..M in the ord
 values, ``SegmentLabel`` the name from ``labels``; every slice is encoded (also empty ones), so
 the SEG decodes onto the image's grid. It shares the image's study and frame of reference and its
 ``ReferencedSeriesSequence`` names the image series (how MONAI Label's DICOMWebDatastore links it).
+Its names, recommended display colours, series description and identity (``MANUAL`` label, or a
+model's result naming the model and its weights; content creator ICL-SAM2) are
+:func:`model_core.io.seg_metadata.seg_metainfo`'s, the document the app's datastore hands to dcmqi.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from model_core.io.seg_metadata import CREATOR, SegIdentity, seg_metainfo
+
 __all__ = [
     "SOP_CLASSES",
+    "SegIdentity",
     "decode_seg",
     "dicom_grid",
     "label_to_dicom_seg",
@@ -62,16 +68,6 @@ LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 # tolerances of the geometry checks: directions (cosines), spacings (relative), positions (mm)
 DIRECTION_TOL, SPACING_TOL, POSITION_TOL = 1e-4, 1e-4, 1e-3
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "icl-sam2:dicom")  # namespace of our name-based UIDs
-COLOURS = [
-    (220, 60, 60),
-    (60, 160, 220),
-    (240, 200, 40),
-    (80, 200, 100),
-    (200, 90, 220),
-    (250, 140, 40),
-    (40, 200, 200),
-    (150, 110, 60),
-]
 
 
 def _ds(value: float) -> str:
@@ -357,9 +353,8 @@ def label_to_dicom_seg(
     strict: bool = True,
     series_uid: str | None = None,
     series_number: int = 300,
-    series_description: str = "Segmentation",
-    algorithm_name: str = "",
-    algorithm_type: str = "MANUAL",
+    series_description: str | None = None,
+    identity: SegIdentity | None = None,
 ) -> str:
     """Encode a label map as a DICOM SEG of the image series it lies on.
 
@@ -371,9 +366,12 @@ def label_to_dicom_seg(
         out_file: the SEG file to write.
         strict: refuse values the map holds that ``labels`` does not name (else they become background).
         series_uid: the SEG's SeriesInstanceUID; by default derived from the image series and the map.
-        series_number, series_description: the SEG series' number and description.
-        algorithm_name, algorithm_type: ``MANUAL`` (ground truth), ``SEMIAUTOMATIC`` or ``AUTOMATIC``
-            (then ``algorithm_name`` is required).
+        series_number: the SEG series' number.
+        series_description: its description (default: the source and the structures,
+            :func:`model_core.io.seg_metadata.series_description`).
+        identity: who made the segments (:class:`~model_core.io.seg_metadata.SegIdentity`; default a
+            ``MANUAL`` label); names, colours and identity are :func:`~model_core.io.seg_metadata.seg_metainfo`'s,
+            as in the SEGs the app stores.
 
     Returns:
         ``out_file``.
@@ -387,11 +385,7 @@ def label_to_dicom_seg(
     import SimpleITK as sitk
 
     labels = _check_labels(labels)
-    algorithm_type = str(algorithm_type).upper()
-    if algorithm_type not in ("MANUAL", "SEMIAUTOMATIC", "AUTOMATIC"):
-        raise ValueError(f"algorithm_type {algorithm_type!r} must be MANUAL, SEMIAUTOMATIC or AUTOMATIC.")
-    if algorithm_type != "MANUAL" and not algorithm_name:
-        raise ValueError(f"An {algorithm_type} segmentation needs algorithm_name (the model that made it).")
+    identity = identity or SegIdentity()
     data, origin, spacing, direction = dicom_grid(label_nii)
     if not (np.issubdtype(data.dtype, np.integer) or np.array_equal(data, np.rint(data))):
         raise ValueError("The label map holds non-integer values; give integer labels (0 = background).")
@@ -417,42 +411,14 @@ def label_to_dicom_seg(
     for number, value in enumerate(named, start=1):
         segments[data == value] = number
 
-    attributes = []
-    for number, value in enumerate(named, start=1):
-        name = by_value[value]
-        attributes.append(
-            {
-                "labelID": number,
-                "SegmentLabel": name,
-                "SegmentDescription": f"{name} (label value {value})",
-                "SegmentAlgorithmType": algorithm_type,
-                **({"SegmentAlgorithmName": algorithm_name} if algorithm_name else {}),
-                "SegmentedPropertyCategoryCodeSequence": {
-                    "CodeValue": "123037004",
-                    "CodingSchemeDesignator": "SCT",
-                    "CodeMeaning": "Anatomical Structure",
-                },
-                "SegmentedPropertyTypeCodeSequence": {
-                    "CodeValue": "91723000",
-                    "CodingSchemeDesignator": "SCT",
-                    "CodeMeaning": "Anatomical Structure",
-                },
-                "recommendedDisplayRGBValue": list(COLOURS[(number - 1) % len(COLOURS)]),
-            }
-        )
-    template = pydicom_seg.template.from_dcmqi_metainfo(
-        {
-            "ContentCreatorName": "ICL-SAM2",
-            "ClinicalTrialSeriesID": "ICL-SAM2",
-            "ClinicalTrialTimePointID": "1",
-            "SeriesDescription": series_description,
-            "SeriesNumber": str(int(series_number)),
-            "InstanceNumber": "1",
-            "ContentLabel": "SEGMENTATION",
-            "ContentDescription": series_description[:64],
-            "segmentAttributes": [attributes],
-        }
+    metainfo = seg_metainfo(
+        [(number, by_value[value]) for number, value in enumerate(named, start=1)],
+        labels,
+        identity,
+        series_number=series_number,
+        series_description_text=series_description,
     )
+    template = pydicom_seg.template.from_dcmqi_metainfo(metainfo)
     # the segmentation image on the series' own geometry (equal to the map's within the checks above)
     image = sitk.GetImageFromArray(np.ascontiguousarray(segments.transpose(2, 1, 0)))
     image.SetOrigin([float(v) for v in series["origin"]])
@@ -473,16 +439,21 @@ def label_to_dicom_seg(
     first = series["datasets"][0]
     seg.FrameOfReferenceUID = first.FrameOfReferenceUID
     seg.SeriesInstanceUID = series_uid or uid_from(
-        "seg", first.SeriesInstanceUID, _digest(segments, np.eye(4)), json.dumps(labels, sort_keys=True)
+        "seg",
+        first.SeriesInstanceUID,
+        _digest(segments, np.eye(4)),
+        json.dumps(labels, sort_keys=True),
+        identity.algorithm_type,
+        identity.algorithm_name,
     )
     seg.SOPInstanceUID = uid_from("seg-instance", seg.SeriesInstanceUID)
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     for key in ("StudyDescription", "BodyPartExamined"):
         if key in first:
             setattr(seg, key, first[key].value)
-    seg.Manufacturer, seg.ContentCreatorName = "ICL-SAM2", ""
+    seg.Manufacturer, seg.ContentCreatorName = CREATOR, metainfo["ContentCreatorName"]
     for segment in seg.SegmentSequence:  # pydicom-seg always writes one, empty: not allowed for MANUAL segments
-        if not algorithm_name and "SegmentAlgorithmName" in segment:
+        if identity.algorithm_type == "MANUAL" and "SegmentAlgorithmName" in segment:
             del segment.SegmentAlgorithmName
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)

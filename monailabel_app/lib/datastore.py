@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
+from watchdog.events import FileModifiedEvent
 
 from lib.requests import check_id, check_tag, http_error
 from model_core.io.files import atomic_path, fsync_folder, remove_stale_temporaries
@@ -223,6 +224,19 @@ class CheckedDatastore(LocalDatastore):
         )
         if repaired and kwargs.get("read_only"):  # LocalDatastore reconciles with the disk only when writable
             self.refresh()
+        if getattr(self, "_handler", None) is not None:  # auto_reload: LocalDatastore's folder watcher
+            self._handler.on_moved = self._on_index_replaced
+
+    def _on_index_replaced(self, event) -> None:
+        """Reload the index when another process replaced it (a scoring or training subprocess saving image info).
+
+        ``LocalDatastore`` reloads its index on a *modified* event; this class (in every process) replaces
+        the index by a rename (:meth:`_update_datastore_file`), which the watcher reports as a *move* onto
+        it: without this the server never saw the scores its scoring subprocess stored. The reload is
+        ``LocalDatastore``'s own (:meth:`_on_modify_event`: skipped for this process's own writes).
+        """
+        if os.fsdecode(getattr(event, "dest_path", "") or "") == self._datastore_config_path:
+            self._on_modify_event(FileModifiedEvent(self._datastore_config_path))
 
     def _clear_stale_temporaries(self, datastore_path: str) -> None:
         """Remove what writes killed midway left: temporary files beside the index, the images and the labels."""

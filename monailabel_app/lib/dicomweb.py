@@ -18,6 +18,8 @@ series, SEG upload through STOW-RS, its local cache). What it lacks for this app
   datastore"), a label must pass ``model_core.io.validation`` before anything is written
   to the PACS, and SEG segments are named after the configured labels. An unreachable
   PACS is an error at start-up naming the URL.
+- **SEGs viewers show well.** Its SEGs say "AIName", "Reader1" and ``AUTOMATIC`` and are drawn
+  in one colour; here they carry the project's names, colours and identity (:meth:`store_seg`).
 """
 
 from __future__ import annotations
@@ -28,19 +30,49 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+import pydicom
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.utils.dicom import dicom_web_download_series
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import itk_image_to_dicom_seg
+from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
 from model_core.io.dicomweb import seg_to_label
 from model_core.io.files import atomic_path
+from model_core.io.seg_metadata import SegIdentity, seg_metainfo
 from model_core.io.validation import InputError, check_label_volume
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckedDICOMwebDatastore", "seg_to_label"]
+__all__ = ["CheckedDICOMwebDatastore", "dcmqi_seg", "seg_to_label"]
+
+
+def dcmqi_seg(label_file: str, series_dir: str, metainfo: dict[str, Any]) -> str:
+    """A label map as a DICOM SEG of the series in ``series_dir``, by dcmqi (MONAI Label's ``itk_image_to_dicom_seg``).
+
+    Args:
+        label_file: the label map (NIfTI) on the series' grid; segments by label value.
+        series_dir: the series' DICOM files.
+        metainfo: :func:`model_core.io.seg_metadata.seg_metainfo` with ``labelID`` = label value.
+
+    Returns:
+        A new temporary ``.dcm`` file (the caller removes it). dcmqi writes "DCMQI" as content label and
+        description whatever its metadata says; they are set from ``metainfo`` here.
+
+    Raises:
+        RuntimeError: dcmqi wrote no SEG (its output is in the log).
+    """
+    seg_file = itk_image_to_dicom_seg(label_file, series_dir, metainfo)
+    if not os.path.isfile(seg_file) or not os.path.getsize(seg_file):
+        if os.path.exists(seg_file):
+            os.unlink(seg_file)
+        raise RuntimeError(f"dcmqi's itkimage2segimage wrote no SEG of {series_dir} (see its output above).")
+    seg = pydicom.dcmread(seg_file)
+    seg.ContentLabel, seg.ContentDescription = metainfo["ContentLabel"], metainfo["ContentDescription"]
+    seg.save_as(seg_file)
+    return seg_file
 
 
 class CheckedDICOMwebDatastore(DICOMWebDatastore):
@@ -52,6 +84,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         modalities: series modalities listed as images.
         cache_path: local cache of downloaded series (MONAI Label's).
         list_ttl: seconds a series list is reused.
+        seg_identity: who made a label saved as final, from its ``label_info`` (default: ``MANUAL``).
     """
 
     def __init__(
@@ -61,8 +94,10 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         modalities: Iterable[str] = ("CT", "MR"),
         cache_path: str | None = None,
         list_ttl: float = 5.0,
+        seg_identity: Callable[[dict[str, Any]], SegIdentity] | None = None,
     ):
         self.labels = dict(labels)
+        self.seg_identity = seg_identity or (lambda label_info: SegIdentity())
         self.modalities = [str(m) for m in modalities]
         self.list_ttl = float(list_ttl)
         self._lists: dict[str, tuple[float, Any]] = {}
@@ -231,7 +266,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
     ) -> str:
-        """A final label becomes a DICOM SEG in the PACS (segments named after ``--conf labels``); others stay local."""
+        """A final label becomes a DICOM SEG in the PACS (:meth:`store_seg`); other tags stay local (MONAI Label's)."""
         try:
             check_id(image_id, "image")
             check_tag(label_tag, "tag")
@@ -242,11 +277,52 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         except InputError as e:
             logger.info(f"Rejected label for {image_id!r} ({label_tag!r}): {e}")
             raise http_error(e) from e
-        names = {v: k for k, v in self.labels.items()}
         label_info = dict(label_info or {})
-        # MONAI Label names the SEG's segments from label_info, in the order of the values present
-        label_info["label_info"] = [{"name": names[v], "description": names[v]} for v in values]
+        if label_tag != DefaultLabelTag.FINAL.value:
+            with self._download_lock:
+                return super().save_label(image_id, label_filename, label_tag, label_info)
         with self._download_lock:
-            saved = super().save_label(image_id, label_filename, label_tag, label_info)
+            label_info.update(self.store_seg(image_id, label_filename, values, label_info))
+            # the local record of the label, as MONAI Label's own save does after its upload
+            saved = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         self._lists.clear()  # the new SEG is support for the next request
         return saved
+
+    def store_seg(
+        self, image_id: str, label_filename: str, values: Iterable[int], label_info: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the label as a DICOM SEG of its series with dcmqi and store it in the PACS.
+
+        MONAI Label's ``nifti_to_dicom_seg`` builds dcmqi's metadata itself, with a fixed top level
+        (series "AIName", creator "Reader1", every segment ``AUTOMATIC`` by "MONAILABEL", one
+        colour for names outside its anatomy table); here its dcmqi step (``itk_image_to_dicom_seg``)
+        and its upload (``dicom_web_upload_dcm``) get the project's metadata
+        (:func:`model_core.io.seg_metadata.seg_metainfo`, the same as :func:`model_core.io.dicom.label_to_dicom_seg`
+        writes): segments named after ``--conf labels`` with their own colours, the series description
+        naming the source and the structures, content creator ICL-SAM2, and who made it
+        (``seg_identity(label_info)``: ``MANUAL``, or a served model's result when ``label_info`` names it).
+
+        Returns:
+            The SEG's ``SeriesInstanceUID`` with the series' ``Modality``, ``PatientID``, ``StudyInstanceUID``.
+
+        Raises:
+            HTTPException: 502 the PACS did not take it (naming the PACS).
+            RuntimeError: dcmqi wrote no SEG (:func:`dcmqi_seg`).
+        """
+        names = {v: k for k, v in self.labels.items()}
+        identity = self.seg_identity(label_info)
+        metainfo = seg_metainfo([(int(v), names[int(v)]) for v in values], self.labels, identity)
+        series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))  # downloaded above
+        seg_file = dcmqi_seg(label_filename, series_dir, metainfo)
+        try:
+            seg_uid = dicom_web_upload_dcm(seg_file, self._client)
+        except Exception as e:
+            raise http_error(self._pacs_error(e, f"Storing the SEG of {image_id}")) from e
+        finally:
+            os.unlink(seg_file)
+        info = self.get_image_info(image_id)
+        logger.info(f"Stored SEG {seg_uid} of {image_id}: {metainfo['SeriesDescription']!r} ({identity})")
+        return {
+            "SeriesInstanceUID": seg_uid,
+            **{k: info.get(k) for k in ("Modality", "PatientID", "StudyInstanceUID")},
+        }

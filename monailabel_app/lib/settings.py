@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lib.scoring.schedule import MODES as SCORING_MODES
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
 from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
 from model_core.serving.config import ServiceConfig
@@ -28,7 +29,11 @@ logger = logging.getLogger(__name__)
 OPTIONS: dict[str, tuple[Any, str]] = {
     "bundle": (None, "the MONAI bundle folder (default: the repository's bundle/)"),
     "preset": ("sam2.1_hiera_tiny", "network preset (model_core.modeling.presets)"),
-    "image_size": (512, "model input size (a multiple of 32)"),
+    "image_size": (
+        None,
+        "model input size (a multiple of 32); default the checkpoint's, else 512 on CUDA and 256 on CPU "
+        "(where 512 costs about 4 times as much per slice)",
+    ),
     "checkpoint": (None, "weights; training publishes here (default: <bundle>/models/model.pt)"),
     "device": (None, "cpu or cuda (default: cuda when available)"),
     "precision": (
@@ -90,6 +95,14 @@ OPTIONS: dict[str, tuple[Any, str]] = {
         "JSON list of web origins (scheme://host[:port]) that browsers may use this server from, "
         "besides its own pages; default none",
     ),
+    "scoring": (
+        "idle",
+        "when automatic scoring runs: idle (after Next Sample, a saved label or new weights, once no inference "
+        "request ran for scoring_idle_s, only when weights or labels changed, at idle CPU priority; none at "
+        "start-up), immediate (MONAI Label's: at start-up and after every Next Sample and training) or off "
+        "(only POST /scoring/<method>)",
+    ),
+    "scoring_idle_s": (30, "seconds without an inference request before an automatic scoring run starts"),
     "session_max_mb": (2048, "most MiB an archive sent to /session with uncompress=true may extract to"),
     "session_max_files": (10000, "most members such an archive may hold"),
 }
@@ -135,6 +148,14 @@ def apply_malloc_threshold(conf: dict[str, str]) -> int | None:
         logger.warning(f"glibc refused the mmap threshold of {kib} KiB; its default stays.")
         return None
     return kib
+
+
+def parse_scoring(conf: dict[str, str]) -> tuple[str, float]:
+    """``--conf scoring`` and ``scoring_idle_s`` (``lib/scoring/schedule.py``), or a ValueError naming the option."""
+    mode = str(conf.get("scoring") or OPTIONS["scoring"][0]).strip().lower()
+    if mode not in SCORING_MODES:
+        raise ValueError(f"--conf scoring must be one of {', '.join(SCORING_MODES)}, got {conf.get('scoring')!r}.")
+    return mode, _seconds("scoring_idle_s", conf.get("scoring_idle_s", OPTIONS["scoring_idle_s"][0]))
 
 
 def parse_modalities(conf: dict[str, str]) -> list[str]:
@@ -189,7 +210,17 @@ def parse_precision(conf: dict[str, str], device: str) -> str:
         raise ValueError(f"--conf precision: {e}") from e
 
 
-def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
+#: image size served without ``--conf image_size`` or a checkpoint that records one: Hiera's cost grows with the
+#: pixels and memory attention's with their square, so on a CPU 512 px took minutes per volume (issue 23)
+DEFAULT_IMAGE_SIZE = {"cuda": 512, "cpu": 256}
+
+
+def default_image_size(device: str) -> int:
+    """The image size served on ``device`` when neither ``--conf image_size`` nor the checkpoint gives one."""
+    return DEFAULT_IMAGE_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def _architecture(conf: dict[str, str], checkpoint: str, device: str = "cpu") -> dict[str, Any]:
     """Preset, image size and intensity settings to serve: the checkpoint's record reconciled with ``--conf``."""
     record: dict[str, Any] = {}
     if os.path.isfile(checkpoint):
@@ -217,7 +248,8 @@ def _architecture(conf: dict[str, str], checkpoint: str) -> dict[str, Any]:
                     f"--conf {key} to serve the checkpoint's architecture, or pass another --conf checkpoint."
                 )
             logger.warning(f"--conf {key} {given!r} overrides the checkpoint's {key} {saved!r}.")
-        out[key] = given if given is not None else saved if saved is not None else convert(OPTIONS[key][0])
+        default = default_image_size(device) if key == "image_size" else OPTIONS[key][0]
+        out[key] = given if given is not None else saved if saved is not None else convert(default)
     out["record"] = record
     return out
 
@@ -260,7 +292,12 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
             f"CPU {cpu['processor']}: AMX-BF16 {cpu['amx_bf16']}, AVX512-BF16 {cpu['avx512_bf16']}."
         )
     checkpoint = os.path.abspath(get("checkpoint") or os.path.join(bundle, "models", "model.pt"))
-    arch = _architecture(conf, checkpoint)
+    arch = _architecture(conf, checkpoint, device)
+    if conf.get("image_size") in (None, "") and not arch["record"].get("image_size"):
+        logger.info(
+            f"Image size {arch['image_size']} px, the default on {device} (--conf image_size to choose; 512 costs "
+            "about 4 times as much per slice as 256 on a CPU)."
+        )
     if arch["record"]:
         logger.info(
             f"Checkpoint {checkpoint}: trained as preset {arch['preset']!r} at {arch['image_size']} px "

@@ -247,3 +247,25 @@ def test_writes_interrupted_by_a_kill_are_cleared_at_start(store):
         open(path, "w").write("half")
     CheckedDatastore(folder)
     assert [os.path.exists(p) for p in stale + [live]] == [False, False, True]
+
+
+def test_info_another_process_stores_reaches_the_server(tmp_path):
+    """A scoring subprocess stores image info through its own datastore (an atomic rename of the index): the
+    server's datastore, watching the folder, reads it (before, it never saw the scores the strategy needs)."""
+    import time
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    _save(studies / "case0.nii.gz", np.random.default_rng(0).random(SHAPE).astype(np.float32))
+    server = CheckedDatastore(str(studies), label_values=(1,), auto_reload=True)
+    try:
+        subprocess_side = CheckedDatastore(str(studies), label_values=(1,), auto_reload=False)
+        subprocess_side.update_image_info("case0", {"icl_sam2_confidence": {"mean": 0.5}})
+        deadline = time.time() + 30
+        while time.time() < deadline and "icl_sam2_confidence" not in server.get_image_info("case0"):
+            time.sleep(0.1)
+        assert server.get_image_info("case0")["icl_sam2_confidence"] == {"mean": 0.5}
+        server.update_image_info("case0", {"note": "own write"})  # its own writes change nothing else
+        assert server.get_image_info("case0")["icl_sam2_confidence"] == {"mean": 0.5}
+    finally:
+        server._observer.stop()

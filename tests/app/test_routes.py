@@ -309,6 +309,8 @@ def test_numbers_with_thousands_of_digits_are_4xx(site, guard):
     "method, path, kwargs, status, message",
     [
         ("POST", "/activelearning/nope", {"json": {}}, 404, "Unknown strategy 'nope'"),
+        # random's strategy option (what OHIF's panel can pass on) names a strategy of the server's
+        ("POST", "/activelearning/random", {"json": {"strategy": "nope"}}, 404, "Unknown strategy 'nope'"),
         ("POST", "/scoring/nope", {"json": {}}, 404, "Unknown scoring method 'nope'"),
         ("POST", "/train/nope", {"json": {}}, 404, "Unknown model 'nope'"),
         ("DELETE", "/datastore/image", {"params": {"id": "nope"}}, 404, "Image 'nope' is not in the datastore"),

@@ -217,7 +217,7 @@ def test_unknown_model_and_corrupt_uploads_are_4xx_and_the_server_keeps_serving(
         client.save_label("case0", str(small), tag="final")
     assert "400" in error.value.msg and "same grid" in error.value.msg
     assert saved.read_bytes() == before
-    assert client.info()["name"] == "ICL-SAM2"  # still serving
+    assert client.info()["name"].startswith("ICL-SAM2")  # still serving
 
 
 def test_training_publishes_a_model_that_the_next_inference_uses(study):

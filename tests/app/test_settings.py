@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.settings import service_config
+from lib.settings import default_image_size, parse_scoring, service_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"bundle": str(ROOT / "bundle"), "device": "cpu", "checkpoint": "/nonexistent/model.pt", "precision": "fp32"}
@@ -36,3 +36,20 @@ def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
     with pytest.raises(ValueError) as e:
         service_config({**BASE, key: value}, APP)
     assert message in str(e.value)
+
+
+def test_the_image_size_fits_the_device_unless_given():
+    """Issue 23: 512 px on a 2-core CPU took minutes per volume; without --conf or a checkpoint's record a CPU
+    serves 256 (a GPU 512)."""
+    assert service_config(dict(BASE), APP).image_size == 256 == default_image_size("cpu")
+    assert default_image_size("cuda") == default_image_size("cuda:1") == 512
+    assert service_config({**BASE, "image_size": "512"}, APP).image_size == 512
+
+
+def test_the_scoring_schedule_options():
+    assert parse_scoring({}) == ("idle", 30.0)
+    assert parse_scoring({"scoring": "Immediate", "scoring_idle_s": "5"}) == ("immediate", 5.0)
+    with pytest.raises(ValueError, match="--conf scoring must be one of idle, immediate, off, got 'sometimes'"):
+        parse_scoring({"scoring": "sometimes"})
+    with pytest.raises(ValueError, match="--conf scoring_idle_s must be a number of seconds from 0 to 3600"):
+        parse_scoring({"scoring_idle_s": "-1"})

@@ -81,6 +81,28 @@ _CLICK_AT = """async ([viewportId, ijk]) => {
 }"""
 
 
+_WATCH_TEXTS = """window.__texts = [];
+window.addEventListener('DOMContentLoaded', () => new MutationObserver(ms => {
+  for (const m of ms) for (const n of m.addedNodes) {
+    const t = (n.innerText || n.textContent || '').trim(); if (t) window.__texts.push(t.slice(0, 500)); }
+}).observe(document.body, {childList: true, subtree: true}));"""
+
+_SEGMENTS = """() => {
+  const service = window.services.segmentationService;
+  const viewportId = window.services.viewportGridService.getState().activeViewportId;
+  const out = [];
+  for (const s of service.getSegmentations()) {
+    for (const g of Object.values(s.segments || {})) {
+      if (!g) continue;
+      let color = null;
+      try { color = service.getSegmentColor(viewportId, s.segmentationId, g.segmentIndex); } catch (e) {}
+      out.push({segmentation: s.label, index: g.segmentIndex, label: g.label, color: color && color.slice(0, 3)});
+    }
+  }
+  return out;
+}"""
+
+
 def nrrd_mask(body: bytes) -> np.ndarray:
     """The label map of an ``/infer`` reply body (NRRD, as the panel asks) as a ``(K, J, I)`` bool array."""
     if b"\nNRRD" in body[:4096] or not body.startswith(b"NRRD"):  # a multipart reply: the file part
@@ -124,6 +146,19 @@ class OHIF:
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.page.on("dialog", lambda dialog: dialog.accept())  # Next Sample confirms with window.confirm
+        #: uncaught page errors and console errors (not failed loads of blocked fonts)
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+        self.page.on(
+            "console",
+            lambda m: (
+                self.errors.append(f"console: {m.text}")
+                if m.type == "error" and "Failed to load resource" not in m.text
+                else None
+            ),
+        )
+        # every text the page adds (OHIF's notifications come and go): window.__texts
+        self.context.add_init_script(_WATCH_TEXTS)
 
     def _route(self, route) -> None:
         if route.request.url.startswith(LOOPBACK):
@@ -176,6 +211,46 @@ class OHIF:
         self._dismiss_banner()
         self._timed("open_study", start)
         self.shot("02_viewer")
+
+    def open_series(self, study_uid: str, series_uid: str | None = None, mode: str = "monai-label") -> None:
+        """Open a study (only ``series_uid`` of it, when given) by URL in ``mode`` (``monai-label``, ``viewer``)."""
+        url = f"{self.server}/ohif/{mode}?StudyInstanceUIDs={study_uid}"
+        self.page.goto(url + (f"&SeriesInstanceUIDs={series_uid}" if series_uid else ""))
+        self.page.locator('[data-cy^="study-browser-thumbnail"]').first.wait_for(timeout=60000)
+        if mode == "monai-label":  # its viewports are volumes; the Basic Viewer's are stacks
+            self.wait_volume()
+        else:
+            self.page.wait_for_timeout(3000)
+        self._dismiss_banner()
+
+    def open_seg(self, description: str) -> None:
+        """Double-click the SEG thumbnail showing ``description`` and answer OHIF's "open this Segmentation?" yes."""
+        self.page.locator('[data-cy="study-browser-thumbnail-no-image"]', has_text=description).dblclick()
+        yes = self.page.locator('[data-cy="yes-hydrate-btn"]:visible').first
+        yes.wait_for(timeout=60000)
+        yes.evaluate("button => button.click()")  # the prompt overlays the viewport; a pointer click is refused
+        self.page.wait_for_timeout(3000)
+
+    def segments(self) -> list[dict]:
+        """Every segment OHIF holds: ``{"segmentation", "index", "label", "color" [r, g, b]}`` (active viewport)."""
+        return self.page.evaluate(_SEGMENTS)
+
+    def texts(self) -> list[str]:
+        """Every text the page added since it loaded (notifications included)."""
+        return self.page.evaluate("() => window.__texts || []")
+
+    def subtitle(self) -> str:
+        """What the MONAI Label panel shows under its server field: the server's ``/info`` ``name``."""
+        return self.page.locator(".monaiLabelPanel p.subtitle").inner_text()
+
+    def set_option(self, section: str, name: str, key: str, value: str) -> None:
+        """The panel's "Options / Configurations" dialog: set ``section``/``name``/``key`` to ``value``, Confirm."""
+        self.page.get_by_text("Options / Configurations").click()
+        form = self.page.locator(".optionsForm")
+        form.locator('select[name="selectSection"]').select_option(section)
+        form.locator('select[name="selectName"]').select_option(name)
+        form.locator(f'[id="{section}{name}{key}"]').select_option(value)
+        self.page.get_by_role("button", name="Confirm").click()
 
     def connect(self) -> None:
         start = time.perf_counter()

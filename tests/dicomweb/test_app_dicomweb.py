@@ -17,11 +17,13 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom_seg.template import rgb_to_cielab
 
 from icl_sam2 import dicom_study, servers
 from icl_sam2.servers import MonaiLabelServer as Server
 from icl_sam2.servers import free_port
 from model_core.io import dicom, mricron
+from model_core.io.seg_metadata import segment_colours
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,6 +110,20 @@ def test_in_context_uses_the_seg_stored_in_the_pacs(site):
     assert nib.load(str(result)).shape == nib.load(query["image"]).shape
 
 
+def test_the_only_labelled_series_says_what_is_wrong_and_what_to_do(site):
+    labelled = site["study"]["series"][0]  # the study's only labelled series (its SEG is in the PACS)
+    response = _infer(site, labelled["SeriesInstanceUID"])
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("This series is the only labelled one") and "Label another series" in detail
+    assert "icl_sam2_interactive" in detail
+    info = requests.get(f"{site['url']}/info/", timeout=60).json()
+    assert info["models_status"]["icl_sam2"]["last_error"]["detail"] == detail
+    assert info["name"].endswith(f"last error (icl_sam2, 400): {detail}")  # what OHIF's panel shows
+    assert _infer(site, site["study"]["series"][2]["SeriesInstanceUID"]).status_code == 200
+    assert "last_error" not in requests.get(f"{site['url']}/info/", timeout=60).json()["models_status"]["icl_sam2"]
+
+
 def test_a_label_saved_through_the_api_becomes_a_seg_and_support(site):
     case = site["study"]["series"][1]
     before = {str(d.SeriesInstanceUID) for d in _segs(site)}
@@ -126,6 +142,13 @@ def test_a_label_saved_through_the_api_becomes_a_seg_and_support(site):
     )
     assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == case["SeriesInstanceUID"]
     assert sorted(str(s.SegmentLabel) for s in seg.SegmentSequence) == sorted(LABELS)  # named after --conf labels
+    # names, colours and identity of model_core.io.seg_metadata (tests/dicomweb/test_seg_metadata.py has both writers)
+    assert str(seg.SeriesDescription) == "Label: blob, tube, block" and str(seg.ContentCreatorName) == "ICL-SAM2"
+    colours = segment_colours(LABELS)
+    for segment in seg.SegmentSequence:
+        assert segment.SegmentAlgorithmType == "MANUAL" and "SegmentAlgorithmName" not in segment
+        lab = [int(v) for v in segment.RecommendedDisplayCIELabValue]
+        assert np.abs(np.subtract(lab, rgb_to_cielab(list(colours[str(segment.SegmentLabel)])))).max() <= 8
     response = _infer(site, site["study"]["series"][3]["SeriesInstanceUID"])
     assert response.status_code == 200 and _params(response)["support_volumes"] == 2  # used by the very next request
 
@@ -241,5 +264,8 @@ def test_a_pacs_that_goes_away_is_a_502_and_the_server_keeps_serving(tmp_path):
         )
         info = requests.get(f"{server.url}/info/", timeout=60)
         assert info.status_code == 200 and "did not answer" in info.json()["datastore"]["error"]
+        # what OHIF's panel shows under its server field: that the PACS does not answer, naming it
+        name = info.json()["name"]
+        assert f"datastore not answering: Listing series: the PACS at {pacs.dicomweb} did not answer" in name, name
     finally:
         server.stop()

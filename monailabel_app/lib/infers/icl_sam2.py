@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import labelled_volumes
+from lib.messages import no_support_message
 from lib.requests import InContextParams, InteractiveParams, http_error, parse_params
 from model_core.io.validation import InputError, image_problem
 from model_core.serving.service import Segmentation, SegmentationService
@@ -129,6 +130,21 @@ class ServiceInfer(InferTask):
     def _support(self, image: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         return client_error(lambda: labelled_volumes(self._datastore(), self._service().labels.values(), exclude=image))
 
+    def _no_support(self, image: str, skipped: list[dict[str, str]]) -> HTTPException:
+        """A 400 saying why there is no support set and what to do (the query never supports itself)."""
+        try:
+            entries = self._datastore().final_labels()
+        except Exception:  # the listing just worked; if it fails now, say the general case
+            entries = []
+        own = any(e.get("image") and os.path.realpath(e["image"]) == os.path.realpath(image) for e in entries)
+        return http_error(InputError(no_support_message(own, skipped)))
+
+    def weights_info(self) -> dict[str, Any]:
+        """The served weights (``SegmentationService.model_info`` and the seed of untrained ones), for SEGs that
+        name the model that made them."""
+        service = self._service()
+        return {**service.model_info(), "seed": service.config.seed}
+
     def _reply(self, params, seg: Segmentation, skipped: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
         path = client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
         info = {"label_names": self._service().labels, "confidence": seg.confidence, **seg.info}
@@ -148,7 +164,8 @@ class InContextInfer(ServiceInfer):
             datastore,
             InferType.SEGMENTATION,
             labels,
-            "In-context SAM2: segments the structures of the labelled volumes in a new volume",
+            "In-context SAM2: segments the structures of the labelled series in another series (it needs a "
+            "labelled series other than the one it segments)",
             describe,
         )
 
@@ -156,6 +173,8 @@ class InContextInfer(ServiceInfer):
         params = self._params(request)
         image = self._image(request)
         labelled, skipped = self._support(image)
+        if not labelled:
+            raise self._no_support(image, skipped)
         seg = client_error(lambda: self._service().segment(image, labelled))
         logger.info(f"in-context {os.path.basename(image)}: {seg.info}")
         return self._reply(params, seg, skipped)

@@ -21,7 +21,8 @@ Which SEG is what (:mod:`model_core.io.dicomweb`):
 3. **Queries**: every image series of ``studies`` that no SEG labels yet. A series whose
    newest SEG is the model's is waiting for review and is not segmented again.
 4. **Results**: stored as SEGs whose segments are ``AUTOMATIC`` with the algorithm name
-   ``ICL-SAM2 <preset>@<size> <weights id>`` (:func:`algorithm_name`); an empty result is
+   of :meth:`~model_core.io.seg_metadata.SegIdentity.for_model` (the model, its weights file and
+   digest; preset and size in the content description); an empty result is
    reported and not stored.
 """
 
@@ -41,12 +42,13 @@ import pydicom
 
 from model_core.io.dicom import label_to_dicom_seg, read_series
 from model_core.io.dicomweb import ImageSeries, Pacs, SegInstance, newest_by_series, seg_to_label
+from model_core.io.seg_metadata import SegIdentity
 from model_core.io.validation import InputError
 from model_core.modeling.checkpoint import checkpoint_record
 from model_core.serving.config import ServiceConfig
 from model_core.serving.service import SegmentationService
 
-__all__ = ["JobPlan", "JobSettings", "SeriesResult", "algorithm_name", "plan_job", "segment_studies"]
+__all__ = ["JobPlan", "JobSettings", "SeriesResult", "plan_job", "segment_studies"]
 
 
 @dataclass
@@ -118,14 +120,9 @@ class SeriesResult:
     error: str = ""
 
 
-def algorithm_name(info: dict[str, Any]) -> str:
-    """The SEG's ``SegmentAlgorithmName`` for a model (``SegmentationService.model_info``): preset, size and weights.
-
-    ``ICL-SAM2 tiny@64 3f2a9c1b7d0e`` (``untrained`` instead of the weights id without a checkpoint); at most 64
-    characters (DICOM LO).
-    """
-    weights = "untrained" if info.get("untrained") else str(info.get("model_version", ""))
-    return f"ICL-SAM2 {info['preset']}@{info['image_size']} {weights}"[:64]
+def _identity(service: SegmentationService) -> SegIdentity:
+    """Who made the job's SEGs: the in-context model and its weights, as the app's SEGs say it."""
+    return SegIdentity.for_model("icl_sam2", service.model_info())
 
 
 def _support_labels(supports: Sequence[SegInstance]) -> dict[str, int]:
@@ -265,7 +262,7 @@ def segment_studies(
         return {
             "dicomweb": pacs.url,
             "labels": labels,
-            "model": {**service.model_info(), "algorithm_name": algorithm_name(service.model_info())},
+            "model": {**service.model_info(), "algorithm_name": _identity(service).algorithm_name},
             **plan.as_dict(),
             "support": support_info,
             "results": [r.__dict__ for r in results],
@@ -342,15 +339,12 @@ def _segment_one(
         affine = np.asarray(segmentation.label.affine, dtype=np.float64)
         label = nib.Nifti1Image(array, affine)
         nib.save(label, os.path.join(folder, "label.nii.gz"))
-        info = service.model_info()
         seg_file = label_to_dicom_seg(
             label,
             files,
             labels,
             os.path.join(folder, "seg.dcm"),
-            series_description=f"ICL-SAM2 in-context: {', '.join(sorted(result.segments))}"[:64],
-            algorithm_type="AUTOMATIC",
-            algorithm_name=algorithm_name(info),
+            identity=_identity(service),
         )
         if store:
             pacs.store([seg_file])

@@ -19,6 +19,7 @@ import pytest
 from icl_sam2 import dicom_study, servers
 from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.dicomweb import Pacs, SegInstance, newest_by_series, seg_to_label
+from model_core.io.seg_metadata import SegIdentity
 from model_core.io.validation import InputError
 from model_core.serving.pacs_job import plan_job
 
@@ -66,8 +67,7 @@ def test_the_plan_learns_from_people_and_leaves_model_results_for_review(pacs, t
         awaiting["files"],
         labels,
         tmp_path / "automatic.dcm",
-        algorithm_type="AUTOMATIC",
-        algorithm_name="ICL-SAM2 tiny@64 0123456789ab",
+        identity=SegIdentity("AUTOMATIC", "ICL-SAM2 icl_sam2 model.pt 0123456789ab"),
     )
     dicom_study.upload(pacs.url, [automatic])
     plan = plan_job(Pacs(pacs.dicomweb), study["StudyInstanceUID"])
@@ -137,7 +137,7 @@ def test_the_job_stores_the_model_s_segs_and_leaves_them_for_review(pacs, traine
     assert len(stored) == 1 and stored[0].referenced_series_uid == query["SeriesInstanceUID"]
     assert stored[0].algorithm_types == {"AUTOMATIC"} and not stored[0].reviewed
     assert stored[0].algorithm_names == {summary["model"]["algorithm_name"]}
-    assert summary["model"]["algorithm_name"].startswith("ICL-SAM2 tiny@64 ")
+    assert summary["model"]["algorithm_name"].startswith("ICL-SAM2 icl_sam2 ")
     folder = tmp_path / "job" / "queries" / query["SeriesInstanceUID"]
     Pacs(pacs.dicomweb).download_seg(stored[0], tmp_path / "stored.dcm")
     seg_to_label(

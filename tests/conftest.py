@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# exported image encoders and encoder_backend auto's measurements (servers and commands the tests start inherit it):
+# kept with the other test caches, so a rerun exports nothing, and never in the user's own cache
+os.environ.setdefault(
+    "ICL_SAM2_CACHE_DIR",
+    str(Path(os.environ.get("ICL_SAM2_TEST_CACHE", Path.home() / ".cache" / "icl_sam2_tests")) / "encoders"),
+)
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,7 @@ def challenge_infer(
     here, measured once) runs the image encoder, ``--encoder_batch_size`` slices per call.
     A broken case is reported (exit code 1 at the end) and the others still run.
     """
+    challenge.case_files(input_dir)  # a wrong folder fails before the model loads (and auto measures)
     model = encoder_choice.lite_medsam(
         encoder_backend,
         device=device,

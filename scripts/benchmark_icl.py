@@ -216,7 +216,7 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
 def main(
     preset: str = "sam2.1_hiera_tiny",
     image_size: int | None = None,
-    depth: int = 32,
+    depth: int | str | tuple = 32,
     support: int = 4,
     objects: int = 2,
     device: str | None = None,
@@ -236,7 +236,8 @@ def main(
     Args:
         preset: a model_core preset (e.g. ``sam2.1_hiera_tiny``, ``tiny``).
         image_size: model input size H = W (default: the preset's, 512 or 128 for ``tiny``).
-        depth: D, slices of the query volume.
+        depth: D, slices of the query volume; several (``16,64,256``) run one after the other in this
+            process, each with its warm-up, so a compiled model compiles once (one JSON line per depth).
         support: S, support slices.
         objects: K, objects segmented at once (1 to 3: the phantom's blob, tube, block).
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda if available, else cpu).
@@ -258,7 +259,7 @@ def main(
         encoder_backend: ours' image-encoder backend (:mod:`model_core.modeling.encoders`).
 
     Returns:
-        The JSON record (also printed as the last line).
+        The JSON record (also printed as the last line), or one per depth.
     """
     from model_core.modeling.compile import compile_network
     from model_core.modeling.precision import autocast, cpu_bf16_capability, resolve_precision
@@ -266,7 +267,15 @@ def main(
     from model_core.predictor import VolumePredictor
     from model_core.reference import build_reference_predictor, reference_in_context
 
-    if int(depth) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
+    depths = [
+        int(d)
+        for d in (
+            str(depth).strip("()[] ").split(",")
+            if isinstance(depth, str)
+            else (depth if isinstance(depth, (list, tuple)) else [depth])
+        )
+    ]
+    if min(depths) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
         raise ValueError(
             f"depth and support must be at least 1 and objects 1 to {len(PHANTOM_LABELS)} "
             f"(the phantom's structures: {', '.join(PHANTOM_LABELS)})."
@@ -275,7 +284,7 @@ def main(
         raise ValueError("repeats must be at least 1 and warmup at least 0.")
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(sorted(PRESETS))}.")
-    depth, support, objects, warmup, repeats = map(int, (depth, support, objects, warmup, repeats))
+    support, objects, warmup, repeats = map(int, (support, objects, warmup, repeats))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -299,67 +308,69 @@ def main(
     compile_network(model, compile, backend=compile_backend)
     predictor = build_reference_predictor(model, vos_optimized=reference == "vos", compile_backend=compile_backend)
     size = model.image_size
-    sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
+    records = []
+    for depth in depths:  # one process for every depth: a compiled model compiles once
+        sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
 
-    def run_ours() -> torch.Tensor:
-        memory = model.build_support_memory(sup_images, sup_masks)
-        ours = VolumePredictor(model)
-        state = ours.init_state(query, memory)
-        out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
-        for z, logits in ours.propagate(state, direction="forward"):
-            out[:, z] = logits[:, 0].float().cpu()
-        return out
+        def run_ours(sup_images=sup_images, sup_masks=sup_masks, query=query, depth=depth) -> torch.Tensor:
+            memory = model.build_support_memory(sup_images, sup_masks)
+            ours = VolumePredictor(model)
+            state = ours.init_state(query, memory)
+            out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
+            for z, logits in ours.propagate(state, direction="forward"):
+                out[:, z] = logits[:, 0].float().cpu()
+            return out
 
-    def run_reference() -> torch.Tensor:
-        context = autocast(reference_precision, dev)  # sam2's benchmark.py runs its predictor under bf16 autocast
-        with context:
-            return reference_in_context(predictor, sup_images, sup_masks, query).float().cpu()
+        def run_reference(sup_images=sup_images, sup_masks=sup_masks, query=query) -> torch.Tensor:
+            with autocast(reference_precision, dev):  # sam2's benchmark.py runs its predictor under bf16 autocast
+                return reference_in_context(predictor, sup_images, sup_masks, query).float().cpu()
 
-    ours = _bench(run_ours, dev, warmup, repeats)
-    ref = _bench(run_reference, dev, warmup, repeats)
-    check = compare(ours["output"], ref["output"])
+        ours = _bench(run_ours, dev, warmup, repeats)
+        ref = _bench(run_reference, dev, warmup, repeats)
+        check = compare(ours["output"], ref["output"])
 
-    def side(r: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "seconds": r["seconds"],
-            "all_seconds": r["all_seconds"],
-            "slices_per_s": depth / r["seconds"],
-            "peak_mib": r["peak_mib"],
+        def side(r: dict[str, Any], depth=depth) -> dict[str, Any]:
+            return {
+                "seconds": r["seconds"],
+                "all_seconds": r["all_seconds"],
+                "slices_per_s": depth / r["seconds"],
+                "peak_mib": r["peak_mib"],
+            }
+
+        record = {
+            "preset": preset,
+            "image_size": size,
+            "depth": depth,
+            "support": support,
+            "objects": objects,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "warmup": warmup,
+            "repeats": repeats,
+            "seed": seed,
+            "encoder_batch_size": model.encoder_batch_size,
+            "precision": resolved,
+            "precision_requested": precision,
+            "reference_precision": reference_precision,
+            "compile": model.compiled,
+            "compile_backend": compile_backend if model.compiled != "off" or reference == "vos" else None,
+            "reference_predictor": "SAM2VideoPredictorVOS" if reference == "vos" else "SAM2VideoPredictor",
+            "encoder_backend": model.describe_encoder(),
+            "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
+            "memory_measure": "cuda max_memory_allocated above baseline"
+            if dev.type == "cuda"
+            else "peak RSS above baseline",
+            "ours": side(ours),
+            "reference": side(ref),
+            "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],
+            "memory_ratio_reference_over_ours": (ref["peak_mib"] / ours["peak_mib"]) if ours["peak_mib"] > 0 else None,
+            **check,
         }
-
-    record = {
-        "preset": preset,
-        "image_size": size,
-        "depth": depth,
-        "support": support,
-        "objects": objects,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "warmup": warmup,
-        "repeats": repeats,
-        "seed": seed,
-        "encoder_batch_size": model.encoder_batch_size,
-        "precision": resolved,
-        "precision_requested": precision,
-        "reference_precision": reference_precision,
-        "compile": model.compiled,
-        "compile_backend": compile_backend if model.compiled != "off" or reference == "vos" else None,
-        "reference_predictor": "SAM2VideoPredictorVOS" if reference == "vos" else "SAM2VideoPredictor",
-        "encoder_backend": model.describe_encoder(),
-        "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
-        "memory_measure": "cuda max_memory_allocated above baseline"
-        if dev.type == "cuda"
-        else "peak RSS above baseline",
-        "ours": side(ours),
-        "reference": side(ref),
-        "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],
-        "memory_ratio_reference_over_ours": (ref["peak_mib"] / ours["peak_mib"]) if ours["peak_mib"] > 0 else None,
-        **check,
-    }
-    _print_table(record)
-    print(json.dumps(record))
-    return record
+        _print_table(record)
+        print(json.dumps(record))
+        records.append(record)
+    return records[0] if len(records) == 1 else records
 
 
 def _print_table(r: dict[str, Any]) -> None:

@@ -91,9 +91,16 @@ def weights_digest(named_tensors: Iterable[tuple[str, torch.Tensor]], **extra: A
     return digest.hexdigest()
 
 
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be changed in place)
+        return -1
+
+
 def _fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
     """Changes when a tensor is replaced or modified in place (``load_state_dict``, an optimiser step)."""
-    return tuple((t.data_ptr(), t._version, t.device.type) for t in tensors)
+    return tuple((t.data_ptr(), _version(t), t.device.type) for t in tensors)
 
 
 class EncoderSession:

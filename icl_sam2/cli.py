@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import fire
 
 from icl_sam2 import brain_atlas, demo, dicom_study, ohif, protocol, serve, servers
-from model_core.export import coco, onnx, runtime
+from model_core.export import coco, encoder_choice, onnx, runtime
 from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
 from model_core.io.dicomweb import Pacs
@@ -169,14 +169,25 @@ def challenge_infer(
     precision: str = "fp32",
     on_empty: str = "stop",
     min_iou: float | None = None,
+    encoder_backend: str = "torch",
+    encoder_batch_size: int = 1,
+    encoder_cache_dir: str | None = None,
 ) -> None:
     """Segment a folder of CVPR 2024 challenge cases (``imgs/*.npz``) with LiteMedSAM; ``timing.csv`` beside them.
 
+    ``--encoder_backend`` (torch, torch-bf16, onnxruntime, openvino, openvino-bf16 or auto: the fastest
+    here, measured once) runs the image encoder, ``--encoder_batch_size`` slices per call.
     A broken case is reported (exit code 1 at the end) and the others still run.
     """
-    runs = challenge.infer_folder(
-        input_dir, output_dir, device=device, precision=precision, on_empty=on_empty, min_iou=min_iou
+    challenge.case_files(input_dir)  # a wrong folder fails before the model loads (and auto measures)
+    model = encoder_choice.lite_medsam(
+        encoder_backend,
+        device=device,
+        precision=precision,
+        cache_dir=encoder_cache_dir,
+        encoder_batch_size=encoder_batch_size,
     )
+    runs = challenge.infer_folder(input_dir, output_dir, model=model, on_empty=on_empty, min_iou=min_iou)
     for run in runs:
         print(json.dumps(run.__dict__))
         if run.status != "ok":

@@ -2,14 +2,15 @@
 
 Layout, one role per package, arrows running down only:
 
-- ``modeling``: the network (``InContextSAM2``), memories, prompts, inputs, precision, checkpoints, presets
+- ``modeling``: the network (``InContextSAM2``), memories, prompts, inputs, precision, encoder backends, compile,
+  checkpoints, presets
 - ``predictor`` / ``volume_state``: a query volume's state, prompts and propagation (``VolumePredictor``)
 - ``training``: the training network, freezing matrix, LoRA, loss, episodes, training builder
 - ``workflows``: what the bundle's JSON instantiates (datasets, inferers, handlers, metrics)
 - ``io``: files, checks, datalists, transforms, phantoms
 - ``proposals``: automatic lesion proposals (sam2's automatic mask generator merged into 3D)
 - ``medsam_lite``: LiteMedSAM and the CVPR 2024 challenge format
-- ``export``: ONNX and COCO
+- ``export``: ONNX, image encoders on onnxruntime / OpenVINO, COCO
 - ``serving``: the service a server needs
 """
 

@@ -12,6 +12,8 @@ loader swapped for the duration of the call.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Sequence
 from unittest import mock
 
@@ -25,24 +27,39 @@ from model_core.modeling.presets import preset_config
 __all__ = ["build_reference_predictor", "init_reference_state", "reference_in_context", "reference_interactive"]
 
 
-def build_reference_predictor(model: InContextSAM2):
+def build_reference_predictor(model: InContextSAM2, vos_optimized: bool = False, compile_backend: str = "inductor"):
     """``sam2.build_sam.build_sam2_video_predictor`` for ``model``'s preset, with its weights (eval mode, same device).
 
     The config handed to Meta's builder is the preset's YAML as sam2 ships it, at the
     model's image size (registered in Hydra's config store, so the builder's own
     ``compose`` reads it). One setting is added: ``add_all_frames_to_correct_as_cond=True``,
     since in model_core every slice that receives a prompt becomes a conditioning frame.
+
+    Args:
+        model: the network whose preset, size, device and weights the reference gets.
+        vos_optimized: Meta's compiled predictor (``SAM2VideoPredictorVOS``: image encoder, memory
+            encoder and attention, prompt encoder and mask decoder under ``torch.compile`` in
+            ``max-autotune`` mode), as the builder's ``vos_optimized=True`` makes it.
+        compile_backend: ``torch.compile``'s backend for that predictor. ``inductor`` is sam2's;
+            another (``eager``) runs the same compiled code path without generating code, which
+            the CPU smoke runs use (sam2 fixes its compile calls, so they are given the backend
+            while the predictor is built).
     """
 
     name = f"icl_sam2_reference_{model.preset}_{model.image_size}".replace(".", "_")
     ConfigStore.instance().store(name=name, node={"model": preset_config(model.preset, model.image_size, False)})
-    predictor = build_sam2_video_predictor(
-        name,
-        ckpt_path=None,
-        device=str(model.device),
-        mode="eval",
-        hydra_overrides_extra=["++model.add_all_frames_to_correct_as_cond=true"],
-    )
+    patch = contextlib.nullcontext()
+    if vos_optimized and compile_backend != "inductor":
+        patch = mock.patch("torch.compile", functools.partial(torch.compile, backend=compile_backend))
+    with patch:
+        predictor = build_sam2_video_predictor(
+            name,
+            ckpt_path=None,
+            device=str(model.device),
+            mode="eval",
+            hydra_overrides_extra=["++model.add_all_frames_to_correct_as_cond=true"],
+            vos_optimized=vos_optimized,
+        )
     predictor.load_state_dict(model.state_dict(), strict=True)
     return predictor
 

@@ -30,16 +30,24 @@ The inputs are the library's phantoms (:func:`model_core.io.phantoms.make_phanto
 support slices come from one volume, the query from another; object ``k`` is the
 structure with label ``k + 1`` (blob, tube, block).
 ``--precision`` sets model_core's precision (``fp32``, ``bf16`` or ``auto``, see
-:mod:`model_core.modeling.precision`); the reference always runs in float32 without autocast, as
-Meta's predictor runs on CPU, so the ratio is ours-in-that-precision vs SAM2 in fp32.
+:mod:`model_core.modeling.precision`); the reference runs in float32 without autocast, as
+Meta's predictor runs on CPU, unless ``--reference_precision bf16`` (bfloat16 autocast, as sam2's
+``benchmark.py`` runs its compiled predictor on a GPU).
 With ``bf16`` the logits are not expected to match the reference bit for bit; the mask
 IoU says how close they are.
+``--compile max-autotune`` compiles ours as sam2's ``vos_optimized=True`` compiles its predictor
+(:mod:`model_core.modeling.compile`) and ``--reference vos`` builds Meta's predictor that way
+(``SAM2VideoPredictorVOS``); the warm-up runs pay the compilation. ``--compile_backend eager``
+runs the same compiled code path on a CPU in seconds (no code generation): the smoke run of
+``scripts/benchmark_gpu.sh``.
 Nothing here asserts on timings; the last line printed is a JSON record for CI logs.
 
 Example:
     python scripts/benchmark_icl.py --depth 32 --support 4 --objects 2 \\
         --image_size 512 --preset sam2.1_hiera_tiny --device cpu --warmup 1
     python scripts/benchmark_icl.py --depth 16 --support 2 --objects 2 --warmup 0 --precision bf16
+    python scripts/benchmark_icl.py --device cuda --precision bf16 --compile max-autotune --reference vos \\
+        --reference_precision bf16 --depth 64 --warmup 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -208,7 +216,7 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
 def main(
     preset: str = "sam2.1_hiera_tiny",
     image_size: int | None = None,
-    depth: int = 32,
+    depth: int | str | tuple = 32,
     support: int = 4,
     objects: int = 2,
     device: str | None = None,
@@ -217,13 +225,19 @@ def main(
     seed: int = 0,
     encoder_batch_size: int | None = None,
     precision: str = "fp32",
+    compile: str = "off",
+    compile_backend: str = "inductor",
+    reference: str = "plain",
+    reference_precision: str = "fp32",
+    encoder_backend: str = "torch",
 ) -> dict[str, Any]:
     """Time in-context segmentation of a generated volume, model_core vs ``SAM2VideoPredictor``.
 
     Args:
         preset: a model_core preset (e.g. ``sam2.1_hiera_tiny``, ``tiny``).
         image_size: model input size H = W (default: the preset's, 512 or 128 for ``tiny``).
-        depth: D, slices of the query volume.
+        depth: D, slices of the query volume; several (``16,64,256``) run one after the other in this
+            process, each with its warm-up, so a compiled model compiles once (one JSON line per depth).
         support: S, support slices.
         objects: K, objects segmented at once (1 to 3: the phantom's blob, tube, block).
         device: ``cpu``, ``cuda``, ``cuda:1``... (default: cuda if available, else cpu).
@@ -233,17 +247,35 @@ def main(
         encoder_batch_size: slices per image-encoder batch of model_core (default: 8 on
             CUDA, 1 on CPU; the predictor always encodes one frame at a time).
         precision: model_core's precision, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where
-            the device computes it natively); the reference always runs in float32.
+            the device computes it natively).
+        compile: ours under ``torch.compile`` (:mod:`model_core.modeling.compile`): ``off`` (default),
+            ``default``, ``reduce-overhead`` or ``max-autotune`` (sam2's ``vos_optimized`` mode).
+        compile_backend: ``torch.compile``'s backend for ours and for the ``vos`` reference
+            (``inductor``; ``eager`` for a quick CPU check of the compiled code path).
+        reference: ``plain`` (``SAM2VideoPredictor``) or ``vos`` (``build_sam2_video_predictor(...,
+            vos_optimized=True)``: Meta's compiled predictor).
+        reference_precision: ``fp32`` (default) or ``bf16`` (the reference under bfloat16 autocast, as
+            sam2's own ``benchmark.py`` runs it).
+        encoder_backend: ours' image-encoder backend (:mod:`model_core.modeling.encoders`).
 
     Returns:
-        The JSON record (also printed as the last line).
+        The JSON record (also printed as the last line), or one per depth.
     """
-    from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
+    from model_core.modeling.compile import compile_network
+    from model_core.modeling.precision import autocast, cpu_bf16_capability, resolve_precision
     from model_core.modeling.presets import PRESETS, build_icl_sam2
     from model_core.predictor import VolumePredictor
     from model_core.reference import build_reference_predictor, reference_in_context
 
-    if int(depth) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
+    depths = [
+        int(d)
+        for d in (
+            str(depth).strip("()[] ").split(",")
+            if isinstance(depth, str)
+            else (depth if isinstance(depth, (list, tuple)) else [depth])
+        )
+    ]
+    if min(depths) < 1 or int(support) < 1 or not 1 <= int(objects) <= len(PHANTOM_LABELS):
         raise ValueError(
             f"depth and support must be at least 1 and objects 1 to {len(PHANTOM_LABELS)} "
             f"(the phantom's structures: {', '.join(PHANTOM_LABELS)})."
@@ -252,74 +284,93 @@ def main(
         raise ValueError("repeats must be at least 1 and warmup at least 0.")
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(sorted(PRESETS))}.")
-    depth, support, objects, warmup, repeats = map(int, (depth, support, objects, warmup, repeats))
+    support, objects, warmup, repeats = map(int, (support, objects, warmup, repeats))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     resolved = resolve_precision(precision, dev)
+    if reference not in ("plain", "vos") or reference_precision not in ("fp32", "bf16"):
+        raise ValueError(
+            f"reference must be plain or vos and reference_precision fp32 or bf16, got {reference!r}, "
+            f"{reference_precision!r}."
+        )
 
     torch.manual_seed(seed)
     # the reference is built from the float32 weights (the network's precision only sets autocast)
     model = build_icl_sam2(
-        preset, image_size=image_size, device=dev, encoder_batch_size=encoder_batch_size, precision=resolved
+        preset,
+        image_size=image_size,
+        device=dev,
+        encoder_batch_size=encoder_batch_size,
+        precision=resolved,
+        encoder_backend=encoder_backend,
     )
-    predictor = build_reference_predictor(model)
+    compile_network(model, compile, backend=compile_backend)
+    predictor = build_reference_predictor(model, vos_optimized=reference == "vos", compile_backend=compile_backend)
     size = model.image_size
-    sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
+    records = []
+    for depth in depths:  # one process for every depth: a compiled model compiles once
+        sup_images, sup_masks, query = make_inputs(size, depth, support, objects, seed)
 
-    def run_ours() -> torch.Tensor:
-        memory = model.build_support_memory(sup_images, sup_masks)
-        ours = VolumePredictor(model)
-        state = ours.init_state(query, memory)
-        out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
-        for z, logits in ours.propagate(state, direction="forward"):
-            out[:, z] = logits[:, 0].float().cpu()
-        return out
+        def run_ours(sup_images=sup_images, sup_masks=sup_masks, query=query, depth=depth) -> torch.Tensor:
+            memory = model.build_support_memory(sup_images, sup_masks)
+            ours = VolumePredictor(model)
+            state = ours.init_state(query, memory)
+            out = torch.zeros(objects, depth, size, size, dtype=torch.float32)
+            for z, logits in ours.propagate(state, direction="forward"):
+                out[:, z] = logits[:, 0].float().cpu()
+            return out
 
-    def run_reference() -> torch.Tensor:
-        return reference_in_context(predictor, sup_images, sup_masks, query).float().cpu()
+        def run_reference(sup_images=sup_images, sup_masks=sup_masks, query=query) -> torch.Tensor:
+            with autocast(reference_precision, dev):  # sam2's benchmark.py runs its predictor under bf16 autocast
+                return reference_in_context(predictor, sup_images, sup_masks, query).float().cpu()
 
-    ours = _bench(run_ours, dev, warmup, repeats)
-    ref = _bench(run_reference, dev, warmup, repeats)
-    check = compare(ours["output"], ref["output"])
+        ours = _bench(run_ours, dev, warmup, repeats)
+        ref = _bench(run_reference, dev, warmup, repeats)
+        check = compare(ours["output"], ref["output"])
 
-    def side(r: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "seconds": r["seconds"],
-            "all_seconds": r["all_seconds"],
-            "slices_per_s": depth / r["seconds"],
-            "peak_mib": r["peak_mib"],
+        def side(r: dict[str, Any], depth=depth) -> dict[str, Any]:
+            return {
+                "seconds": r["seconds"],
+                "all_seconds": r["all_seconds"],
+                "slices_per_s": depth / r["seconds"],
+                "peak_mib": r["peak_mib"],
+            }
+
+        record = {
+            "preset": preset,
+            "image_size": size,
+            "depth": depth,
+            "support": support,
+            "objects": objects,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "warmup": warmup,
+            "repeats": repeats,
+            "seed": seed,
+            "encoder_batch_size": model.encoder_batch_size,
+            "precision": resolved,
+            "precision_requested": precision,
+            "reference_precision": reference_precision,
+            "compile": model.compiled,
+            "compile_backend": compile_backend if model.compiled != "off" or reference == "vos" else None,
+            "reference_predictor": "SAM2VideoPredictorVOS" if reference == "vos" else "SAM2VideoPredictor",
+            "encoder_backend": model.describe_encoder(),
+            "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
+            "memory_measure": "cuda max_memory_allocated above baseline"
+            if dev.type == "cuda"
+            else "peak RSS above baseline",
+            "ours": side(ours),
+            "reference": side(ref),
+            "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],
+            "memory_ratio_reference_over_ours": (ref["peak_mib"] / ours["peak_mib"]) if ours["peak_mib"] > 0 else None,
+            **check,
         }
-
-    record = {
-        "preset": preset,
-        "image_size": size,
-        "depth": depth,
-        "support": support,
-        "objects": objects,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "warmup": warmup,
-        "repeats": repeats,
-        "seed": seed,
-        "encoder_batch_size": model.encoder_batch_size,
-        "precision": resolved,
-        "precision_requested": precision,
-        "reference_precision": "fp32",
-        "cpu_bf16": {k: cpu_bf16_capability()[k] for k in ("amx_bf16", "avx512_bf16", "processor")},
-        "memory_measure": "cuda max_memory_allocated above baseline"
-        if dev.type == "cuda"
-        else "peak RSS above baseline",
-        "ours": side(ours),
-        "reference": side(ref),
-        "time_ratio_reference_over_ours": ref["seconds"] / ours["seconds"],
-        "memory_ratio_reference_over_ours": (ref["peak_mib"] / ours["peak_mib"]) if ours["peak_mib"] > 0 else None,
-        **check,
-    }
-    _print_table(record)
-    print(json.dumps(record))
-    return record
+        _print_table(record)
+        print(json.dumps(record))
+        records.append(record)
+    return records[0] if len(records) == 1 else records
 
 
 def _print_table(r: dict[str, Any]) -> None:
@@ -336,15 +387,16 @@ def _print_table(r: dict[str, Any]) -> None:
         f"| CPU {cpu['processor']}: AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
         f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}"
     )
-    header = f"{'':<22}{'wall time (s)':>15}{'slices/s':>12}{'peak mem (MiB)':>17}"
+    header = f"{'':<30}{'wall time (s)':>15}{'slices/s':>12}{'peak mem (MiB)':>17}"
     print(header)
     print("-" * len(header))
-    for name, key in ((f"ours ({r['precision']})", "ours"), ("SAM2VideoPredictor", "reference")):
+    ours = f"ours ({r['precision']}{', compiled' if r['compile'] != 'off' else ''})"
+    for name, key in ((ours, "ours"), (r["reference_predictor"], "reference")):
         s = r[key]
-        print(f"{name:<22}{s['seconds']:>15.3f}{s['slices_per_s']:>12.2f}{s['peak_mib']:>17.1f}")
+        print(f"{name:<30}{s['seconds']:>15.3f}{s['slices_per_s']:>12.2f}{s['peak_mib']:>17.1f}")
     mem_ratio = r["memory_ratio_reference_over_ours"]
     mem_text = "n/a" if mem_ratio is None else f"{mem_ratio:.2f}x"
-    print(f"{'reference / ours':<22}{r['time_ratio_reference_over_ours']:>14.2f}x{'':>12}{mem_text:>17}")
+    print(f"{'reference / ours':<30}{r['time_ratio_reference_over_ours']:>14.2f}x{'':>12}{mem_text:>17}")
     print(
         f"max |logit diff| {r['max_abs_logit_diff']:.3g} | mask IoU {r['mask_iou']:.5f} "
         f"(per object {', '.join(f'{v:.4f}' for v in r['mask_iou_per_object'])}) "

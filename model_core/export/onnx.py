@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from model_core.io.files import atomic_path
-from model_core.medsam_lite.model import (
+from model_core.medsam_lite.backends import (
     LiteMedSAMImageEncoder,
     LiteMedSAMPromptMaskDecoder,
     load_package_network,
@@ -59,6 +59,7 @@ __all__ = [
     "SAM2ImageEncoder",
     "SAM2PromptMaskDecoder",
     "SlicePath",
+    "export_module",
     "export_slice_path",
     "medsam_lite_slice_path",
     "sam2_prompts",
@@ -267,8 +268,17 @@ def slice_path(
     return medsam_lite_slice_path()
 
 
-def _export(module, args, names_in, names_out, axes, target, opset, dynamo) -> str:
-    """Export ``module`` traced on ``args`` to ``target`` (written atomically, weights inside the file)."""
+def export_module(module, args, names_in, names_out, axes, target, opset=DEFAULT_OPSET, dynamo=False) -> str:
+    """Export ``module`` traced on ``args`` to ``target`` (written atomically, weights inside the file).
+
+    Args:
+        module: the torch module (eval mode).
+        args: example inputs, in ``forward``'s order.
+        names_in, names_out: the graph's input and output names.
+        axes: per input name, ``{axis: name}`` of the axes that may vary (``{}``: static shapes).
+        target: the ``.onnx`` file.
+        opset, dynamo: see :func:`export_slice_path`.
+    """
     kwargs: dict[str, Any] = dict(input_names=list(names_in), output_names=list(names_out), opset_version=opset)
     if dynamo:
         dims: dict[str, torch.export.Dim] = {}
@@ -326,7 +336,7 @@ def export_slice_path(
         features = path.encoder(image[:1])
     folder = os.fspath(folder)
     files = {
-        "encoder": _export(
+        "encoder": export_module(
             path.encoder,
             (image,),
             ["image"],
@@ -336,7 +346,7 @@ def export_slice_path(
             int(opset),
             dynamo,
         ),
-        "decoder": _export(
+        "decoder": export_module(
             path.decoder,
             (*features, *path.example_prompts.values()),
             [*path.feature_names, *path.prompt_names],

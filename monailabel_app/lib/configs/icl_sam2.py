@@ -64,7 +64,17 @@ class ICLSAM2(TaskConfig):
                 **self.compute(),
             }
             self._status = (stamp, status)
-        return self._status[1]
+        return {**self._status[1], "encoder": self.encoder()}
+
+    def encoder(self) -> dict[str, Any]:
+        """The image-encoder backend: the option, and what computes once the network is loaded (``auto``'s choice)."""
+        service = self._service
+        chosen = service.encoder_info() if service is not None else None
+        return {
+            "encoder_backend": self.settings.encoder_backend,
+            "compile": self.settings.compile,
+            "backend": chosen if chosen is not None else {"name": self.settings.encoder_backend, "note": "not loaded"},
+        }
 
     def compute(self) -> dict[str, Any]:
         """Device and precision served (``--conf device``/``precision``), with the CPU's bfloat16 support."""
@@ -80,8 +90,12 @@ class ICLSAM2(TaskConfig):
         s = self.status()
         arch = f"preset {s['preset']} at {s['image_size']} px"
         cpu = s["cpu_bf16"]
+        backend = s["encoder"]["backend"]
+        encoder = backend.get("chosen") or backend["name"]
         compute = (
-            f"; {s['precision']} on {s['device']} (CPU AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
+            f"; {s['precision']} on {s['device']}, image encoder {encoder}"
+            f"{' (auto)' if s['encoder']['encoder_backend'] == 'auto' else ''} "
+            f"(CPU AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, "
             f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'})"
         )
         if s["trained"]:

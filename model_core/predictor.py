@@ -27,6 +27,8 @@ the ``output_dict`` view it reads.
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -49,6 +51,14 @@ __all__ = ["FILL_HOLE_AREA", "VolumePredictor"]
 #: ``sam2.build_sam.build_sam2_video_predictor`` sets ``fill_hole_area=8``. sam2 does it
 #: with its CUDA extension and skips it (with a warning) where that is not built.
 FILL_HOLE_AREA = 8
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """When a propagation pass stops (see ``stop_after_absent`` of :meth:`VolumePredictor.propagate`)."""
+
+    after: int  # consecutive absent slices; 0: never
+    score: float  # object score logit at or below which an object is absent
 
 
 @functools.cache
@@ -343,8 +353,14 @@ class VolumePredictor:
         ground_truth: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
         warm_start: bool = True,
+        stop_after_absent: int = 0,
+        absent_score: float = 0.0,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Segment the volume slice by slice, streaming results.
+
+        Slices are encoded as a pass reaches them (batched ahead up to the network's
+        ``encoder_batch_size``, never past where a stopping pass must still go) and kept in the
+        state's feature cache, so a pass that stops early encodes only the slices it reached.
 
         Args:
             state: from :meth:`init_state` (with support and/or prompts).
@@ -358,6 +374,14 @@ class VolumePredictor:
                 its start (rebuilt from stored results), as SAM2's predictor does; False
                 starts it from prompts and support only, as on a new state (a replay).
                 A ``both`` run's second pass always uses the first pass's slices.
+            stop_after_absent: N > 0 stops each pass after N consecutive slices on which every
+                object is absent (object score logit at most ``absent_score``), once the pass has
+                gone past every prompted slice ahead of it; the slices beyond are left untracked,
+                with no object (:meth:`VolumeState.forget`). 0 (default) runs every pass to the
+                volume's end, as SAM2's predictor does. SAM2 itself empties a slice's mask where
+                the score is at most 0, so with the default ``absent_score`` the pass stops after
+                N empty slices; N is the slack for a structure that fades out and comes back.
+            absent_score: the object score logit at or below which an object counts as absent.
 
         Yields:
             ``(slice_index, logits)`` with logits ``(K, 1, H, W)`` float32, in processing order.
@@ -385,25 +409,37 @@ class VolumePredictor:
         start = self._check_slice(state, start_slice)
         output_size = tuple(output_size or (self.network.image_size, self.network.image_size))
         passes = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
+        if isinstance(stop_after_absent, bool) or not isinstance(stop_after_absent, int) or stop_after_absent < 0:
+            raise ValueError(f"stop_after_absent must be a whole number of slices >= 0, got {stop_after_absent!r}.")
+        if not isinstance(absent_score, (int, float)) or not math.isfinite(absent_score):
+            raise ValueError(f"absent_score must be a finite object score logit, got {absent_score!r}.")
+        stop = _Stop(stop_after_absent, float(absent_score))
         # arguments are checked above, when propagate() is called; the work runs lazily
-        return self._propagate_passes(state, start, passes, policy, ground_truth, output_size, warm_start)
+        return self._propagate_passes(state, start, passes, policy, ground_truth, output_size, warm_start, stop)
 
     @torch.inference_mode()
-    def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size, warm_start):
+    def _propagate_passes(self, state, start, passes, policy, ground_truth, output_size, warm_start, stop):
         for i, reverse in enumerate(passes):
             yield from self._propagate_pass(
-                state, start, reverse, policy, ground_truth, output_size, warm_start or i > 0
+                state, start, reverse, policy, ground_truth, output_size, warm_start or i > 0, stop
             )
 
-    def _propagate_pass(self, state, start, reverse, policy, ground_truth, output_size, warm_start=True):
+    def _propagate_pass(self, state, start, reverse, policy, ground_truth, output_size, warm_start, stop):
         K = state.num_objects
         geometry = PassGeometry(start, reverse, state.num_support, state.num_slices)
         order = geometry.order()
         bank = self._new_bank(policy)
         if warm_start:
             self._warm_bank(state, bank, geometry, ground_truth)
+        # the pass goes at least as far as the farthest prompted slice ahead of it (any object)
+        last_prompt = max((geometry.step_of(c) for outputs in state.cond_outputs for c in outputs), default=0)
+        absent_run = 0
         for i, z in enumerate(order):
-            state.features.prefetch(order[i : i + self.network.encoder_batch_size])
+            # a stopping pass surely reaches the next `after - absent_run` slices: encode no further ahead
+            ahead = self.network.encoder_batch_size
+            if stop.after:
+                ahead = max(min(ahead, stop.after - absent_run), 1)
+            state.features.prefetch(order[i : i + ahead])
             step = geometry.step_of(z)
             cond_objs = [k for k in range(K) if z in state.cond_outputs[k]]
             track_objs = [k for k in range(K) if k not in cond_objs]
@@ -464,7 +500,13 @@ class VolumePredictor:
             logits = state.low_res_logits[z].to(self.network.device)
             if tuple(logits.shape[-2:]) != output_size:
                 logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+            if stop.after:
+                absent = bool((state.object_score_logits[z, :, 0] <= stop.score).all())
+                absent_run = absent_run + 1 if absent else 0
             yield z, logits
+            if stop.after and absent_run >= stop.after and i >= last_prompt:
+                state.forget(order[i + 1 :])
+                return
 
     def _true_iou(self, low_res_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         pred = F.interpolate(low_res_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0
@@ -486,8 +528,10 @@ class VolumePredictor:
         ground_truth: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
         return_logits: bool = False,
+        stop_after_absent: int = 0,
+        absent_score: float = 0.0,
     ) -> VolumePrediction:
-        """Segment every slice of a query volume in one call.
+        """Segment a query volume in one call (every slice, unless ``stop_after_absent`` stops it).
 
         Args:
             images: ``(D, 3, H, W)`` query slices (input contract).
@@ -500,6 +544,8 @@ class VolumePredictor:
             ground_truth: ``(D, K, H, W)`` for the ``oracle`` policy.
             output_size: ``(H, W)`` of the output masks (default the model grid).
             return_logits: also return float16 logits.
+            stop_after_absent, absent_score: stop each pass where the objects end (see
+                :meth:`propagate`; default: every slice); slices not reached are empty.
         """
         if object_ids is None and support is None:
             object_ids = sorted({o for (_, o) in (prompts or {})}) or [1]
@@ -511,7 +557,16 @@ class VolumePredictor:
         H, W = output_size or (self.network.image_size, self.network.image_size)
         masks = torch.zeros(K, D, H, W, dtype=torch.bool)
         logits_out = torch.zeros(K, D, H, W, dtype=torch.float16) if return_logits else None
-        for z, logits in self.propagate(state, start_slice, direction, policy, ground_truth, (H, W)):
+        for z, logits in self.propagate(
+            state,
+            start_slice,
+            direction,
+            policy,
+            ground_truth,
+            (H, W),
+            stop_after_absent=stop_after_absent,
+            absent_score=absent_score,
+        ):
             masks[:, z] = (logits[:, 0] > 0).cpu()
             if logits_out is not None:
                 logits_out[:, z] = logits[:, 0].to(torch.float16).cpu()

@@ -152,6 +152,24 @@ class VolumeState:
         self.tracked_reverse = torch.zeros(D, K, dtype=torch.bool)
         self.features = _SliceFeatures(model, images, feature_cache_slices)
 
+    def forget(self, slices: Sequence[int]) -> None:
+        """Make ``slices`` untracked again, with no object on them, as a new state has them.
+
+        A propagation pass that stops where the structure ends leaves the slices beyond it
+        so (see ``stop_after_absent`` of :meth:`~model_core.predictor.VolumePredictor.propagate`),
+        whatever an earlier pass over them had found: the result is then what a replay of the
+        same prompts on a new state gives.
+        """
+        index = torch.as_tensor(list(slices), dtype=torch.long)
+        if index.numel() == 0:
+            return
+        self.low_res_logits[index] = NO_OBJ_SCORE
+        self.obj_ptr[index] = 0.0
+        self.object_score_logits[index] = NO_OBJ_SCORE
+        self.iou[index] = 0.0
+        self.tracked[index] = False
+        self.tracked_reverse[index] = False
+
     @property
     def nbytes(self) -> int:
         """Memory held by the per-slice results and prompted slices' memories (not the images or the feature cache)."""

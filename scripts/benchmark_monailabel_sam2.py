@@ -1,21 +1,26 @@
-"""Latency of MONAI Label's built-in SAM2 task (``monailabel.sam2.infer.Sam2InferTask``, 3D) on the
-benchmark study of ``benchmark_app.py``, through the real server and client, with random weights.
+"""First and follow-up click against MONAI Label's built-in SAM2 task (``monailabel.sam2.infer.Sam2InferTask``, 3D),
+same architecture, same size, same weights, same clicks, through the real servers and client.
 
-    python scripts/benchmark_monailabel_sam2.py                     # sam2.1_hiera_tiny, both at 512 px
-    python scripts/benchmark_monailabel_sam2.py --image_size 1024   # the size its YAML ships with
+    python scripts/benchmark_monailabel_sam2.py                                   # Hiera-tiny at 512, trains first
+    python scripts/benchmark_monailabel_sam2.py --preset tiny --image_size 64     # the trained tiny model's setup
+    python scripts/benchmark_monailabel_sam2.py --checkpoint bundle/models/model.pt --preset tiny --image_size 96
 
-The task downloads its checkpoint and YAML from HuggingFace unless the files are in its
-model folder. Here, with no network, this script writes them there: the YAML from the
-installed ``sam2`` package and a checkpoint of randomly initialised weights of the same
-architecture, saved as ``{"model": state_dict}``, so the download is skipped. Its
-settings ``MONAI_SAM_MODEL_PT``/``MONAI_SAM_MODEL_CFG`` name the files. The YAML is
-written at ``--image_size`` (``image_size`` and memory attention's RoPE sizes, as
-model_core's presets set them), so both sides do the same work. A minimal app (generated
-in a temporary folder) serves the task as ``sam2``; the timings are of a first click on
-a volume (its slices are written as JPEG files and encoded) and a follow-up click (the
-task keeps one video state; propagation encodes the slices again). Then this project's
-app serves the same preset at the same size (same random-weight seed, the same clicks),
-and one table compares the two (with ``--output``, also as JSON).
+Weights that segment the study: ``--checkpoint``, or a model trained on phantoms through the
+bundle (:func:`icl_sam2.demo.train_phantom_model`, ``--train_steps``, kept under ``--cache_dir``
+and reused). A stopping pass is only honest with weights whose object score knows where the
+structure ends, so each answer's Dice against the phantom's truth is reported beside its time.
+
+The built-in task gets the same architecture as a YAML (``model_core.modeling.presets.preset_config``,
+the preset as sam2 ships it, at ``--image_size``) and the same weights as ``{"model": state_dict}`` in
+its model folder (so its download is skipped; ``MONAI_SAM_MODEL_PT``/``MONAI_SAM_MODEL_CFG`` name
+the files). It casts grey levels to 8 bits (no intensity scaling), so the study is written with
+intensities in [0, 255] and this project's app reads them with ``--conf window [0, 255]``: both
+models see the same slices. The study: three phantom volumes of ``--shape``, one labelled; the
+clicks: on ``--label`` in ``case2``, the first on the middle slice of its extent, the follow-up
+two slices away (:func:`model_core.io.phantoms.structure_click`). Rows: the built-in task (it
+tracks forward from the click only), this app with its default stopping pass, and this app with
+``--conf stop_after_absent 0`` (the full pass). One table is printed and, with ``--output``, written
+as JSON; the CPU is named in both.
 """
 
 from __future__ import annotations
@@ -27,9 +32,19 @@ import time
 from pathlib import Path
 
 import fire
+import nibabel as nib
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+from monailabel.client import MONAILabelClient
+from omegaconf import OmegaConf
 
+from icl_sam2.demo import train_phantom_model
 from icl_sam2.servers import MonaiLabelServer
-from model_core.io.phantoms import write_phantom_study
+from model_core.io.phantoms import PHANTOM_LABELS, phantom_study_case, structure_click, write_phantom_study
+from model_core.modeling.checkpoint import read_state_dict
+from model_core.modeling.precision import cpu_bf16_capability
+from model_core.modeling.presets import preset_config
 
 APP_MAIN = """
 import os
@@ -43,111 +58,180 @@ class BuiltinSam2App(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="builtin-sam2")
 
     def init_infers(self):
-        return {"sam2": Sam2InferTask(self.model_dir, dimension=3, labels={"blob": 1})}
+        return {"sam2": Sam2InferTask(self.model_dir, dimension=3, labels={"structure": 1})}
 """
 
+CASE = 2  # the volume clicked (case0 is the labelled one)
 
-def _prepare_app(folder: Path, preset: str, yaml_name: str, image_size: int) -> dict[str, str]:
-    import sam2
-    import torch
-    from omegaconf import OmegaConf
 
-    from model_core import build_icl_sam2
-
+def _prepare_builtin(folder: Path, preset: str, image_size: int, checkpoint: str) -> dict[str, str]:
+    """The built-in task's app folder: main.py, the architecture's YAML and the weights in its model folder."""
     (folder / "model").mkdir(parents=True)
     (folder / "main.py").write_text(APP_MAIN)
-    yaml = Path(sam2.__file__).parent / "configs" / ("sam2.1" if preset.startswith("sam2.1") else "sam2") / yaml_name
-    cfg = OmegaConf.load(yaml)
-    cfg.model.image_size = int(image_size)
-    for attention in ("self_attention", "cross_attention"):  # RoPE sizes follow the stride-16 feature map
-        cfg.model.memory_attention.layer[attention].feat_sizes = [int(image_size) // 16] * 2
-    OmegaConf.save(cfg, folder / "model" / yaml_name)
-    torch.manual_seed(0)
-    network = build_icl_sam2(preset, image_size=int(image_size))  # the official architecture at that size
-    torch.save({"model": network.state_dict()}, folder / "model" / f"{preset}.pt")
+    yaml_name, weights_name = f"{preset}_{image_size}.yaml", f"{preset}_{image_size}.pt"
+    model = preset_config(preset, int(image_size), video_predictor_settings=False)  # the YAML as sam2 ships it
+    model["_target_"] = "sam2.modeling.sam2_base.SAM2Base"  # its builder makes it a SAM2VideoPredictor
+    OmegaConf.save(OmegaConf.create({"model": model}), folder / "model" / yaml_name)
+    state_dict, _ = read_state_dict(checkpoint)
+    torch.save({"model": state_dict}, folder / "model" / weights_name)
     base = "https://huggingface.co/facebook/unreachable-here/resolve/main"
-    return {"MONAI_SAM_MODEL_PT": f"{base}/{preset}.pt", "MONAI_SAM_MODEL_CFG": f"{base}/{yaml_name}"}
+    return {"MONAI_SAM_MODEL_PT": f"{base}/{weights_name}", "MONAI_SAM_MODEL_CFG": f"{base}/{yaml_name}"}
 
 
-def _clicks(client, model: str, params: dict, centre: list[int]) -> list[float]:
-    """Seconds of a first click and a follow-up click two slices away, through the REST API."""
-    times = []
-    for points in ([centre], [centre, [centre[0] + 4, centre[1], centre[2] + 2]]):
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two masks (MONAI's ``compute_dice``)."""
+    both = [torch.from_numpy(np.ascontiguousarray(a))[None, None].float() for a in (pred, truth)]
+    return round(float(compute_dice(*both, include_background=True, ignore_empty=False)), 4)
+
+
+def _clicks(client, model: str, params: dict, clicks: list[list[int]], truth: np.ndarray) -> list[dict]:
+    """A first click and a follow-up (both clicks), each timed through the REST API and scored against the truth.
+
+    Each answer keeps its ``mask`` (the image's voxels) until the agreement of the two tasks is measured.
+    """
+    answers = []
+    for points in (clicks[:1], clicks):
         start = time.perf_counter()
-        client.infer(model, "case2", {**params, "foreground": points})
-        times.append(time.perf_counter() - start)
-    return times
+        label_file, info = client.infer(model, f"case{CASE}", {**params, "foreground": points})
+        seconds = time.perf_counter() - start
+        info = json.loads(info) if isinstance(info, (bytes, str)) else info
+        mask = np.asarray(nib.load(label_file).dataobj) > 0
+        if mask.shape != truth.shape:
+            raise ValueError(f"The answer of {model} is {mask.shape}, the image {truth.shape}.")
+        answers.append(
+            {
+                "seconds": round(seconds, 3),
+                "dice": _dice(mask, truth),
+                "encoded": info.get("encoded_slices"),
+                "propagated": info.get("propagated_slices"),
+                "mask": mask,
+            }
+        )
+    return answers
 
 
 def main(
     preset: str = "sam2.1_hiera_tiny",
-    yaml_name: str = "sam2.1_hiera_t.yaml",
     image_size: int = 512,
     shape=(256, 256, 64),
+    checkpoint: str | None = None,
+    train_steps: int = 300,
+    cache_dir: str = "~/.cache/icl_sam2_benchmarks",
+    label: str = "blob",
     output: str | None = None,
-) -> dict:
-    """Args:
-    preset, yaml_name: the SAM2 architecture and its YAML in the sam2 package.
-    image_size: model input size of both sides.
-    shape: ``(i, j, k)`` of each volume of the study.
-    output: optional JSON file for the result.
+) -> None:
+    """Prints one table; with ``output`` the same figures go to a JSON file.
+
+    Args:
+        preset, image_size: the architecture both sides run.
+        shape: ``(i, j, k)`` of each volume of the study.
+        checkpoint: weights of ``preset`` at ``image_size`` (default: train them on phantoms, once).
+        train_steps: training iterations when no checkpoint is given (see ``icl_sam2.demo.train_phantom_model``).
+        cache_dir: where trained weights are kept between runs.
+        label: the phantom structure clicked (blob, tube or block).
+        output: optional JSON file for the result.
     """
-    from monailabel.client import MONAILabelClient
-
-    from model_core.io.phantoms import PHANTOM_LABELS
-
+    if label not in PHANTOM_LABELS:
+        raise ValueError(f"--label must be one of {sorted(PHANTOM_LABELS)}, got {label!r}.")
+    shape = tuple(int(v) for v in shape)
+    trained = checkpoint is None
+    if trained:
+        folder = Path(cache_dir).expanduser() / f"{preset}_{int(image_size)}_{int(train_steps)}steps"
+        checkpoint = train_phantom_model(folder, preset, int(image_size), int(train_steps))
+    checkpoint = str(Path(checkpoint).resolve())
+    truth = phantom_study_case(CASE, shape)[1] == PHANTOM_LABELS[label]
+    clicks = [structure_click(truth, 1), structure_click(truth, 1, offset=2)]
+    extent = np.nonzero(truth.reshape(-1, shape[2]).any(0))[0]
+    cpu = cpu_bf16_capability()
+    rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_phantom_study(tmp / "studies", tuple(shape))
-        centre = [shape[0] // 2, shape[1] // 2, shape[2] // 2]
-        env = _prepare_app(tmp / "app", preset, yaml_name, image_size)
+        write_phantom_study(tmp / "studies", shape, scale=255.0)
+        env = _prepare_builtin(tmp / "app", preset, image_size, checkpoint)
         server = MonaiLabelServer(
-            tmp / "studies", {}, tmp / "server.log", app=tmp / "app", env={**env, "HOME": str(tmp)}
+            tmp / "studies", {}, tmp / "builtin.log", app=tmp / "app", env={**env, "HOME": str(tmp)}
         )  # its JPEG cache goes under $HOME/.cache
         try:
-            builtin = _clicks(
-                MONAILabelClient(server.url, tmpdir=str(tmp / "client")), "sam2", {"device": "cpu"}, centre
-            )
+            client = MONAILabelClient(server.url, tmpdir=str(tmp / "client"))
+            rows["builtin"] = _clicks(client, "sam2", {"device": "cpu"}, clicks, truth)
         finally:
             server.stop()
-        ours_conf = {
-            "preset": preset,
-            "image_size": str(image_size),
-            "device": "cpu",
-            "window": "[0, 1]",
-            "labels": json.dumps(dict(PHANTOM_LABELS)),
-            "checkpoint": str(tmp / "app" / "model" / f"{preset}.pt"),
-        }
-        server = MonaiLabelServer(tmp / "studies", ours_conf, tmp / "ours.log")
-        try:
-            ours = _clicks(
-                MONAILabelClient(server.url, tmpdir=str(tmp / "client2")),
-                "icl_sam2_interactive",
-                {"label": "blob"},
-                centre,
-            )
-        finally:
-            server.stop()
+        for name, extra in (("ours", {}), ("ours_full_pass", {"stop_after_absent": "0"})):
+            conf = {
+                "preset": preset,
+                "image_size": str(image_size),
+                "device": "cpu",
+                "window": "[0, 255]",
+                "labels": json.dumps(dict(PHANTOM_LABELS)),
+                "checkpoint": checkpoint,
+                **extra,
+            }
+            server = MonaiLabelServer(tmp / "studies", conf, tmp / f"{name}.log")
+            try:
+                client = MONAILabelClient(server.url, tmpdir=str(tmp / f"client_{name}"))
+                rows[name] = _clicks(client, "icl_sam2_interactive", {"label": label}, clicks, truth)
+            finally:
+                server.stop()
+    builtin, ours = rows["builtin"], rows["ours"]
+    # where both track forward from the click with the same weights (the built-in stops there), they should agree
+    forward = slice(clicks[0][2], None)
+    agreement = _dice(builtin[0]["mask"][..., forward], rows["ours_full_pass"][0]["mask"][..., forward])
+    for answers in rows.values():
+        for answer in answers:
+            del answer["mask"]
     result = {
+        "cpu": {k: cpu[k] for k in ("processor", "amx_bf16", "avx512_bf16")},
+        "torch_threads": torch.get_num_threads(),
         "preset": preset,
         "image_size": int(image_size),
         "shape": list(shape),
-        "device": "cpu",
-        "builtin": {"first_click_s": round(builtin[0], 2), "follow_up_click_s": round(builtin[1], 2)},
-        "ours": {"first_click_s": round(ours[0], 2), "follow_up_click_s": round(ours[1], 2)},
-        "speedup": {"first_click": round(builtin[0] / ours[0], 2), "follow_up_click": round(builtin[1] / ours[1], 2)},
+        "checkpoint": checkpoint,
+        "trained_here": {"steps": int(train_steps)} if trained else None,
+        "structure": {"label": label, "slices": [int(extent[0]), int(extent[-1])], "clicks": clicks},
+        **{name: {"first_click": r[0], "follow_up": r[1]} for name, r in rows.items()},
+        "builtin_vs_ours_from_the_click_on": agreement,
+        "speedup": {
+            "first_click": round(builtin[0]["seconds"] / ours[0]["seconds"], 2),
+            "follow_up": round(builtin[1]["seconds"] / ours[1]["seconds"], 2),
+        },
     }
-    print(
-        f"\n{preset} at {image_size} px, random weights (same seed), {shape[0]}x{shape[1]}x{shape[2]}, cpu; "
-        f"seconds through the REST API"
-    )
-    print(f"  {'':<38} {'first click':>12} {'follow-up click':>16}")
-    print(f"  {'MONAI Label built-in SAM2 (3D)':<38} {builtin[0]:>12.2f} {builtin[1]:>16.2f}")
-    print(f"  {'ICL-SAM2 icl_sam2_interactive':<38} {ours[0]:>12.2f} {ours[1]:>16.2f}")
-    print(f"  {'ratio (built-in / ours)':<38} {builtin[0] / ours[0]:>11.1f}x {builtin[1] / ours[1]:>15.1f}x")
+    _print(result)
     if output:
         Path(output).write_text(json.dumps(result, indent=2))
-    return result
+
+
+def _print(result: dict) -> None:
+    cpu = result["cpu"]
+    s = result["structure"]
+    print(
+        f"\nCPU {cpu['processor']} (AMX-BF16 {'yes' if cpu['amx_bf16'] else 'no'}, AVX512-BF16 "
+        f"{'yes' if cpu['avx512_bf16'] else 'no'}), {result['torch_threads']} torch threads; "
+        f"{result['preset']} at {result['image_size']} px, weights {result['checkpoint']}"
+    )
+    shape = "x".join(map(str, result["shape"]))
+    print(
+        f"study {shape}; {s['label']} on slices {s['slices'][0]}-{s['slices'][1]}; clicks {s['clicks']}; "
+        "seconds through the REST API, Dice against the phantom's truth, [slices encoded / propagated]"
+    )
+    print(f"  {'':<36} {'first click':>30} {'follow-up click':>30}")
+
+    def cell(r: dict) -> str:
+        counts = "/".join(f"{'-' if r[k] is None else r[k]:>3}" for k in ("encoded", "propagated"))
+        return f"{r['seconds']:>7.2f} s  Dice {r['dice']:.3f} [{counts}]"
+
+    names = {
+        "builtin": "MONAI Label Sam2InferTask (3D)",
+        "ours": "ICL-SAM2, stops where it ends",
+        "ours_full_pass": "ICL-SAM2, full pass",
+    }
+    for key, name in names.items():
+        print(f"  {name:<36} {cell(result[key]['first_click']):>30} {cell(result[key]['follow_up']):>30}")
+    sp = result["speedup"]
+    print(f"  {'speed-up (built-in / ours)':<36} {sp['first_click']:>29.1f}x {sp['follow_up']:>29.1f}x")
+    print(
+        f"  first click, slices from the click on (both track them forward, same weights): Dice of the built-in's "
+        f"answer against ours (full pass) {result['builtin_vs_ours_from_the_click_on']:.3f}"
+    )
 
 
 if __name__ == "__main__":

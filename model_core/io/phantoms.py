@@ -27,7 +27,14 @@ import numpy as np
 
 from model_core.io.datalist import write_datalist
 
-__all__ = ["PHANTOM_LABELS", "make_phantom", "write_phantom_dataset"]
+__all__ = [
+    "PHANTOM_LABELS",
+    "make_phantom",
+    "phantom_study_case",
+    "structure_click",
+    "write_phantom_dataset",
+    "write_phantom_study",
+]
 
 PHANTOM_LABELS = {"blob": 1, "tube": 2, "block": 3}
 
@@ -132,12 +139,24 @@ def write_phantom_dataset(
     return str(write_datalist(datalist, os.path.join(output_dir, "datalist.json")))
 
 
+def phantom_study_case(index: int, shape: tuple[int, int, int] = (256, 256, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """Volume ``index`` of :func:`write_phantom_study` and its full label (every case has one here,
+    labelled in the study or not: the truth that benchmarks score answers against).
+
+    Returns:
+        ``image`` ``(i, j, k)`` float32 in [0, 1] and ``label`` ``(i, j, k)`` uint8, in the files' voxel order.
+    """
+    image, label = make_phantom((shape[2], shape[0], shape[1]), seed=int(index))  # (D, H, W)
+    return image.transpose(1, 2, 0), label.transpose(1, 2, 0)
+
+
 def write_phantom_study(
     folder: str | os.PathLike,
     shape: tuple[int, int, int] = (256, 256, 64),
     cases: int = 3,
     labelled: int = 1,
     spacing: tuple[float, float, float] = (0.8, 0.8, 2.5),
+    scale: float = 1.0,
 ) -> list[str]:
     """Phantom volumes in MONAI Label's datastore layout: ``<folder>/caseN.nii.gz`` and ``labels/final/caseN.nii.gz``.
 
@@ -146,6 +165,8 @@ def write_phantom_study(
         shape: ``(i, j, k)`` of each volume (k: slices).
         cases: how many volumes; the first ``labelled`` get a final label.
         spacing: voxel size in mm.
+        scale: intensities are ``[0, scale]`` (255 for a tool that reads grey levels as 8-bit values,
+            such as MONAI Label's SAM2 task).
 
     Returns:
         The image ids (``case0``, ...).
@@ -155,12 +176,32 @@ def write_phantom_study(
     affine = np.diag([*map(float, spacing), 1.0])
     ids = []
     for i in range(cases):
-        image, label = make_phantom((shape[2], shape[0], shape[1]), seed=i)  # (D, H, W)
-        nib.save(nib.Nifti1Image(image.transpose(1, 2, 0).astype(np.float32), affine), str(folder / f"case{i}.nii.gz"))
+        image, label = phantom_study_case(i, shape)
+        nib.save(nib.Nifti1Image((image * float(scale)).astype(np.float32), affine), str(folder / f"case{i}.nii.gz"))
         if i < labelled:
-            nib.save(
-                nib.Nifti1Image(label.transpose(1, 2, 0).astype(np.uint8), affine),
-                str(folder / "labels" / "final" / f"case{i}.nii.gz"),
-            )
+            nib.save(nib.Nifti1Image(label, affine), str(folder / "labels" / "final" / f"case{i}.nii.gz"))
         ids.append(f"case{i}")
     return ids
+
+
+def structure_click(label: np.ndarray, value: int, offset: int = 0) -> list[int]:
+    """Where a user clicks structure ``value`` of an ``(i, j, k)`` label map (the last axis: slices).
+
+    The voxel of the structure nearest its in-plane centroid, on the middle slice of its extent
+    moved ``offset`` slices (clamped to the extent), so benchmarks click where the structure is
+    whatever the phantom's random layout.
+
+    Returns:
+        ``[i, j, k]`` voxel indices, as Slicer and OHIF send clicks.
+
+    Raises:
+        ValueError: the structure is not in the label map.
+    """
+    inside = np.asarray(label) == int(value)
+    slices = np.nonzero(inside.reshape(-1, inside.shape[-1]).any(0))[0]
+    if len(slices) == 0:
+        raise ValueError(f"Structure {value} is not in the label map.")
+    k = int(np.clip((slices[0] + slices[-1]) // 2 + int(offset), slices[0], slices[-1]))
+    i, j = np.nonzero(inside[..., k])
+    nearest = int(np.argmin((i - i.mean()) ** 2 + (j - j.mean()) ** 2))
+    return [int(i[nearest]), int(j[nearest]), k]

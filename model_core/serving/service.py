@@ -330,6 +330,7 @@ class SegmentationService:
         info = {
             **self.model_info(network),
             "encoded_slices": encoded,
+            "propagated_slices": int(image.shape[-1]),  # in context: every slice, to find the structures
             "seconds": round(time.perf_counter() - start, 3),
             "support_volumes": len(labelled[: self.config.max_support_volumes]),
         }
@@ -442,13 +443,12 @@ class SegmentationService:
         for z in changed:
             predictor.add_prompt(state, z, value, _slice_prompt(prompts[z]), as_first_pass=True)
         start = max((z for z in prompts if z < changed[0]), default=changed[0])
-        ran = 0
+        ran, stopping = 0, self.config.stopping()  # a pass also stops where the structure ends
         for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
             agreeing = 0
             # the replay's forward pass starts with no memories behind it; its backward pass has the forward pass's
-            for z, _ in predictor.propagate(
-                state, start_slice=start, direction=direction, warm_start=direction == "backward"
-            ):
+            passes = predictor.propagate(state, start, direction, warm_start=direction == "backward", **stopping)
+            for z, _ in passes:
                 if z == start:
                     continue  # a prompted slice: not tracked again
                 ran += 1
@@ -602,7 +602,7 @@ class SegmentationService:
                         session.anchor = state
                     for z, entry in sorted(prompts.items()):
                         predictor.add_prompt(state, z, value, _slice_prompt(entry))
-                    ran = sum(1 for _ in predictor.propagate(state, start_slice=min(prompts), direction="both"))
+                    ran = sum(1 for _ in predictor.propagate(state, min(prompts), "both", **self.config.stopping()))
                     session.tracks[track_key] = Track(state, prompts, support)
                     mode = "full"
                 # (K, D, h, w), this request's copy

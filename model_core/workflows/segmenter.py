@@ -38,11 +38,13 @@ from tqdm import tqdm
 from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.files import atomic_path, split_extension
 from model_core.io.pictures import MontageRow, montage_png
-from model_core.io.transforms import load_case
+from model_core.io.transforms import intensity_scaling, load_case
 from model_core.io.validation import InputError, check_image_volume, check_label_volume
 from model_core.io.volumes import VolumeSource, find_volumes
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
+from model_core.modeling.inputs import CHANNEL_MODES
 from model_core.modeling.memory import MemoryPolicy, SupportMemory
+from model_core.modeling.precision import resolve_precision
 from model_core.modeling.presets import PRESETS
 from model_core.workflows.configs import load_bundle_parser
 from model_core.workflows.handlers import is_terminal
@@ -215,7 +217,10 @@ class InContextSegmenter:
         #: what the command gave (None: not given)
         self.given = given
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = precision
+        try:
+            self.precision = resolve_precision(precision, self.device)
+        except ValueError as e:
+            raise InputError(f"--precision: {e}") from e
         self.policy = MemoryPolicy(memory_policy)
         self.num_support_slices = int(num_support_slices)
         self.settings: dict[str, Any] | None = None  # resolved by _resolve
@@ -274,13 +279,16 @@ class InContextSegmenter:
                 "precision": self.precision,
                 "device": f"$torch.device('{self.device}')",
             }
-            try:
-                parser = load_bundle_parser(self.bundle_dir, "inference.json", overrides)
-                self.preprocessing = parser.get_parsed_content("preprocessing")
-                self.support_preprocessing = parser.get_parsed_content("train#preprocessing")
-                post = parser.get_parsed_content("postprocessing")
-            except ValueError as e:  # a bad intensity rule, modality or channel mode
-                raise InputError(str(e)) from e
+            try:  # the rules the configs would apply, checked here so a mistake is one line, not a traceback
+                intensity_scaling(s["modality"], s["window"], s["percentiles"])
+            except ValueError as e:
+                raise InputError(f"The intensity rule: {e}") from e
+            if s["channel_mode"] not in CHANNEL_MODES:
+                raise InputError(f"--channel_mode {s['channel_mode']!r} is unknown; use one of {list(CHANNEL_MODES)}.")
+            parser = load_bundle_parser(self.bundle_dir, "inference.json", overrides)
+            self.preprocessing = parser.get_parsed_content("preprocessing")
+            self.support_preprocessing = parser.get_parsed_content("train#preprocessing")
+            post = parser.get_parsed_content("postprocessing")
             # the bundle's postprocessing ends with SaveImaged; outputs are written here, atomically
             self.postprocessing = Compose([t for t in post.transforms if type(t).__name__ != "SaveImaged"])
             self._parser = parser

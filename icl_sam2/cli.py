@@ -1,6 +1,8 @@
 """``icl-sam2``: the project's command line, one subcommand per job, each a thin layer over ``model_core``.
 
     icl-sam2 demo                                        # the main job on built-in defaults
+    icl-sam2 segment --support img.nii.gz:lab.nii.gz --input scans/ --output out/ --labels '{"kidney": 1}'
+    icl-sam2 support --support img.nii.gz:lab.nii.gz --labels '{"kidney": 1}' --output kidney_support.pt
     icl-sam2 serve --studies /data/study --conf labels '{"kidney": 1}'   # the MONAI Label server
     icl-sam2 phantoms --output_dir data/phantoms         # generated volumes with labels and a datalist
     icl-sam2 datalist --dataset_dir /data/kits23 --preset kits23 --output datalist.json
@@ -29,7 +31,7 @@ from typing import Any, Sequence
 
 import fire
 
-from icl_sam2 import brain_atlas, demo, dicom_study, ohif, protocol, serve, servers
+from icl_sam2 import brain_atlas, demo, dicom_study, ohif, protocol, segment, serve, servers
 from model_core.export import coco, encoder_choice, onnx, runtime
 from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
@@ -322,6 +324,8 @@ def onnx_export(
 
 COMMANDS: dict[str, Any] = {
     "demo": demo.main,
+    "segment": segment.segment,
+    "support": segment.support,
     "serve": serve.main,
     "phantoms": make_phantoms,
     "datalist": make_datalist,
@@ -347,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fire.Fire(COMMANDS, command=args, name="icl-sam2", serialize=lambda value: None)
     except ValueError as e:  # a mistake in the input: say what is wrong, without a traceback
-        print(f"icl-sam2: {e}", file=sys.stderr)
+        print(f"icl-sam2: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,20 +1,23 @@
-"""The main job on built-in defaults: the bundle end to end, through ``python -m monai.bundle``.
+"""The main job on built-in defaults: the bundle end to end, through ``python -m monai.bundle``, with pictures.
 
     icl-sam2 demo                 # the quick start's main job
-    icl-sam2 demo --steps 300     # a quick look (low Dice)
+    icl-sam2 demo --steps 100     # a quick look (low Dice)
 
 1. data: phantom volumes (``bundle/data/phantoms``) and, when Debian's mricron-data is
    installed, a small real T1 MRI study with AAL regions (``bundle/data/mricron``);
-2. training: ``monai.bundle run training`` with the tiny preset on the phantoms,
-   validating on held-out phantoms after each epoch (best-Dice ``model.pt``);
-3. evaluation: ``train.json + evaluate.json`` on the held-out phantoms, for the
-   untrained and the trained model (Dice, NSD at 2 mm, HD95 in mm);
-4. inference: ``inference.json`` on the test phantoms, label maps and confidence JSON
-   in ``bundle/outputs/inference``;
-5. real MRI: in-context evaluation of the same model on the brain study (the model
-   has seen phantoms only, so this shows the pipeline on real data, not accuracy).
+2. training: ``monai.bundle run training`` with the tiny preset on the phantoms, validating on
+   held-out phantoms before training and after each epoch (best-Dice ``model.pt``; the curve in
+   ``outputs/train/training_curve.json``);
+3. the untrained and the trained model, each in one bundle run (``train.json + evaluate.json +
+   inference.json``): Dice, NSD at 2 mm and HD95 on the test phantoms (never used for training or
+   model selection), and their label maps with per-structure confidence;
+4. real MRI: in-context evaluation of the same model on the brain study (the model has seen
+   phantoms only, so this shows the pipeline on real data, not accuracy);
+5. pictures: test slices with predicted and true contours before and after training
+   (``outputs/demo_montage.png``) and the training curve (``outputs/training_curve.png``).
 
-Every step is a bundle command, printed before it runs, so each can be rerun by hand.
+Every step is a bundle command, printed before it runs, so each can be rerun by hand. The time of each
+step, the CPU and the figures go to ``outputs/demo_summary.json``.
 """
 
 from __future__ import annotations
@@ -22,24 +25,41 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from model_core.io.mricron import make_study as make_mricron_study
 from model_core.io.phantoms import write_phantom_dataset
+from model_core.io.pictures import MontageRow, montage_png, training_curve_png
+from model_core.modeling.precision import cpu_bf16_capability
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = "bundle/configs/train.json"
 EVALUATE = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
-INFER = "['bundle/configs/train.json','bundle/configs/inference.json']"
+EVALUATE_AND_INFER = "['bundle/configs/train.json','bundle/configs/evaluate.json','bundle/configs/inference.json']"
+#: one bundle run evaluates a model on the test phantoms and writes their label maps
+BOTH_RUNS = "['$@validate#evaluator.run()','$@evaluator.run()']"
+
+#: the phantoms of the demo: volumes per split and their shape ``(D, H, W)``
+PHANTOMS = {"train": 8, "validation": 3, "test": 3, "shape": (24, 64, 64)}
+#: the demo's defaults: training iterations, validation points, model input size
+STEPS, EPOCHS, IMAGE_SIZE = 2000, 10, 64
 
 
 def phantom_training_args(steps: int, epochs: int) -> list[str]:
     """The training recipe of the phantoms (``train.json`` overrides): the demo's and the tests' trained model.
+
+    ``precision fp32``: on the tiny preset at 64 px bfloat16 autocast is slower on CPUs that have it
+    (overhead, not arithmetic, dominates such small layers) and it trains another model, so the result
+    would depend on the machine.
 
     Args:
         steps: training iterations (batches of 2 episodes), split evenly into ``epochs`` (validation points).
@@ -49,6 +69,7 @@ def phantom_training_args(steps: int, epochs: int) -> list[str]:
         *("--train_encoder", "all", "--learning_rate", "3e-4", "--encoder_learning_rate", "3e-4"),
         *("--grad_clip", "1.0", "--num_support", "3", "--num_query", "4", "--objects_per_episode", "3"),
         *("--batch_size", "2", "--episodes_per_epoch", str(episodes), "--max_epochs", str(epochs)),
+        *("--precision", "fp32"),
     ]
 
 
@@ -118,7 +139,7 @@ def _bundle(*args: str) -> float:
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
     print("\n$ " + shlex.join(["python", *cmd[1:]]), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ))
     return time.perf_counter() - start
 
 
@@ -133,6 +154,16 @@ def _summary(metrics_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def _case_dice(metrics_dir: Path) -> dict[str, list[float]]:
+    """``{image file name: [Dice per class]}`` from MetricsSaver's ``val_mean_dice_raw.csv``."""
+    out = {}
+    with open(metrics_dir / "val_mean_dice_raw.csv") as f:
+        rows = [row[0].split("\t") if len(row) == 1 else row for row in csv.reader(f)]
+    for row in rows[1:]:
+        out[os.path.basename(row[0])] = [float(v) for v in row[1:-1]]  # the last column is the mean
+    return out
+
+
 def _table(title: str, results: dict[str, dict[str, dict[str, float]]], class_names: list[str]) -> None:
     print(f"\n{title}")
     print(f"  {'model':<10} {'class':<14} {'Dice':>6} {'NSD':>6} {'HD95 mm':>8}")
@@ -144,20 +175,67 @@ def _table(title: str, results: dict[str, dict[str, dict[str, float]]], class_na
             print(f"  {model:<10} {label:<14} {values[0]:6.3f} {values[1]:6.3f} {values[2]:8.2f}")
 
 
+def _montage(datalist: Path, outputs: Path, names: list[str], labels: dict[str, int], path: Path) -> str:
+    """Test phantoms before and after training: slices with predicted (solid) and true (dotted) contours."""
+    folder = datalist.parent
+    rows = []
+    for case in json.loads(datalist.read_text())["test"][:2]:
+        image = np.asarray(nib.load(str(folder / case["image"])).dataobj)
+        truth = np.asarray(nib.load(str(folder / case["label"])).dataobj)
+        stem = case["image"][: -len(".nii.gz")]
+        for model in ("untrained", "trained"):
+            run = outputs / f"{model}_model"
+            predicted = np.asarray(nib.load(str(run / f"{stem}_seg.nii.gz")).dataobj)
+            dice = _case_dice(run).get(case["image"], [])
+            scores = ", ".join(f"{n} {d:.2f}" for n, d in zip(names, dice))
+            rows.append(MontageRow(f"{stem}, {model}: Dice {scores}", image, predicted, truth))
+    return montage_png(rows, path, labels, slices=6, cell=96)
+
+
+def _phantom_shape(datalist: Path) -> tuple[int, ...] | None:
+    """``(D, H, W)`` of the phantoms a datalist lists (files are ``(H, W, D)``), None when there are none."""
+    if not datalist.is_file():
+        return None
+    first = json.loads(datalist.read_text())["training"][0]["image"]
+    h, w, d = nib.load(str(datalist.parent / first)).shape
+    return (d, h, w)
+
+
+def machine() -> dict[str, str | bool]:
+    """The CPU the figures were measured on (model name, cores, bf16 instructions)."""
+    bf16 = cpu_bf16_capability()
+    return {
+        "processor": bf16["processor"],
+        "cores": os.cpu_count() or 0,
+        "avx512_bf16": bf16["avx512_bf16"],
+        "amx_bf16": bf16["amx_bf16"],
+        "python": platform.python_version(),
+    }
+
+
 def main(
-    steps: int = 2000, epochs: int = 10, image_size: int = 96, bundle_root: str = "bundle", real_data: bool = True
+    steps: int = STEPS,
+    epochs: int = EPOCHS,
+    image_size: int = IMAGE_SIZE,
+    bundle_root: str = "bundle",
+    real_data: bool = True,
 ) -> None:
     """Args:
     steps: training iterations (batches of 2 episodes).
     epochs: validation points along the way (steps are split evenly).
-    image_size: model input size of the tiny preset.
+    image_size: model input size of the tiny preset (the phantoms are written at this size).
     bundle_root: where data, models and outputs go (``data/``, ``models/``, ``outputs/``).
     real_data: also run on mricron-data's brain MRI when it is installed.
     """
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
     root = Path(bundle_root).resolve()
     phantoms = root / "data" / "phantoms" / "datalist.json"
-    if not phantoms.exists():
-        write_phantom_dataset(str(phantoms.parent), train=8, validation=3, test=2, shape=(24, image_size, image_size))
+    shape = (PHANTOMS["shape"][0], image_size, image_size)
+    if _phantom_shape(phantoms) != shape:  # written for another size (or not yet)
+        counts = {k: PHANTOMS[k] for k in ("train", "validation", "test")}
+        write_phantom_dataset(str(phantoms.parent), **counts, shape=shape)
+    seconds["data"] = time.perf_counter() - started
     classes = json.loads(phantoms.read_text())["labels"]
     models, outputs = root / "models", root / "outputs"
     common = [
@@ -172,41 +250,26 @@ def main(
     ]
     phantom_args = [
         *common,
-        "--datalist_file",
-        str(phantoms),
-        "--classes",
-        json.dumps(sorted(classes.values())),
-        "--intensity#window",
-        "[0,1]",
+        *("--datalist_file", str(phantoms), "--classes", json.dumps(sorted(classes.values()))),
+        *("--intensity#window", "[0,1]"),
     ]
-    train_seconds = _bundle(
+    seconds["training"] = _bundle(
         "training",
-        "--config_file",
-        TRAIN,
-        *phantom_args,
-        "--output_dir",
-        str(outputs / "train"),
+        *("--config_file", TRAIN, *phantom_args, "--output_dir", str(outputs / "train"), "--val_at_start", "True"),
         *phantom_training_args(steps, epochs),
     )
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     results = {}
-    # evaluation and inference load models/model.pt, the best-Dice weights of training (the bundle's convention)
+    # models/model.pt: the best validation Dice of training (the bundle's convention); the test phantoms
+    # were used for neither, so these figures are held out
     for model, checkpoint in (("untrained", "$None"), ("trained", str(models / "model.pt"))):
-        metrics = outputs / f"eval_{model}"
-        _bundle("--config_file", EVALUATE, *phantom_args, "--checkpoint", checkpoint, "--output_dir", str(metrics))
-        results[model] = _summary(metrics)
-    infer_dir = outputs / "inference"
-    _bundle(
-        "--config_file",
-        INFER,
-        *phantom_args,
-        "--query_key",
-        "test",
-        "--output_dir",
-        str(infer_dir),
-        "--class_names",
-        json.dumps(classes),
-    )
+        run = outputs / f"{model}_model"
+        seconds[f"{model} model"] = _bundle(
+            *("--config_file", EVALUATE_AND_INFER, *phantom_args, "--checkpoint", checkpoint, "--precision", "fp32"),
+            *("--validate#datalist_key", "test", "--query_key", "test", "--class_names", json.dumps(classes)),
+            *("--output_dir", str(run), "--run", BOTH_RUNS),
+        )
+        results[model] = _summary(run)
     real, skipped = None, None
     study = None
     if real_data:
@@ -217,31 +280,42 @@ def main(
     if study is not None:
         regions = json.loads(study.read_text())["labels"]
         metrics = outputs / "eval_mricron"
-        _bundle(
-            "--config_file",
-            EVALUATE,
-            *common,
-            "--datalist_file",
-            str(study),
-            "--modality",
-            "MRI",
-            "--classes",
-            json.dumps(list(regions.values())),
-            "--output_dir",
-            str(metrics),
+        seconds["real MRI"] = _bundle(
+            *("--config_file", EVALUATE, *common, "--datalist_file", str(study), "--modality", "MRI"),
+            *("--classes", json.dumps(list(regions.values())), "--output_dir", str(metrics), "--precision", "fp32"),
         )
         real = ({"trained": _summary(metrics)}, list(regions))
+    pictures = {
+        "montage": _montage(phantoms, outputs, names, classes, outputs / "demo_montage.png"),
+        "training curve": training_curve_png(outputs / "train" / "training_curve.json", outputs / "training_curve.png"),
+    }
+    seconds["total"] = time.perf_counter() - started
 
     print(
         f"\n=== ICL-SAM2 bundle demo: tiny preset, {image_size} px, {steps} steps in {epochs} epochs, "
-        f"trained in {train_seconds / 60:.1f} min ==="
+        f"trained in {seconds['training'] / 60:.1f} min, all in {seconds['total'] / 60:.1f} min ==="
     )
-    _table("Held-out phantoms (in-context, support: one training volume)", results, names)
-    print(f"\nLabel maps and confidence of the test phantoms: {infer_dir}")
-    for path in sorted(infer_dir.glob("*_confidence.json")):
+    _table("Held-out test phantoms (in-context, support: one training volume)", results, names)
+    print(f"\nLabel maps and confidence of the test phantoms: {outputs / 'trained_model'}")
+    for path in sorted((outputs / "trained_model").glob("*_confidence.json")):
         print(f"  {path.name}: {json.loads(path.read_text())['confidence']}")
     if real is not None:
         _table("Real T1 MRI (Colin27 + AAL regions; the model has seen phantoms only)", *real)
     elif real_data:
         print(f"\nReal MRI skipped: {skipped}")
-    print(f"\nModels: {models}  Metrics: {outputs}")
+    print("\nPictures:")
+    for what, path in pictures.items():
+        print(f"  {what}: {path}")
+    cpu = machine()
+    print(f"\nTime per step: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}")
+    print(f"Machine: {cpu['processor']}, {cpu['cores']} cores, AVX512-BF16 {cpu['avx512_bf16']}, AMX {cpu['amx_bf16']}")
+    summary = {
+        "settings": {"steps": steps, "epochs": epochs, "image_size": image_size, "phantoms": PHANTOMS},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "machine": cpu,
+        "test_phantoms": results,
+        "real_mri": real[0] if real else None,
+        "pictures": pictures,
+    }
+    (outputs / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"Models: {models}  Metrics and label maps: {outputs}  Summary: {outputs / 'demo_summary.json'}")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -530,6 +530,7 @@ class VolumePredictor:
         return_logits: bool = False,
         stop_after_absent: int = 0,
         absent_score: float = 0.0,
+        on_slice: Callable[[int], Any] | None = None,
     ) -> VolumePrediction:
         """Segment a query volume in one call (every slice, unless ``stop_after_absent`` stops it).
 
@@ -546,6 +547,7 @@ class VolumePredictor:
             return_logits: also return float16 logits.
             stop_after_absent, absent_score: stop each pass where the objects end (see
                 :meth:`propagate`; default: every slice); slices not reached are empty.
+            on_slice: called with each slice's index once it is segmented (e.g. a progress bar's update).
         """
         if object_ids is None and support is None:
             object_ids = sorted({o for (_, o) in (prompts or {})}) or [1]
@@ -570,6 +572,8 @@ class VolumePredictor:
             masks[:, z] = (logits[:, 0] > 0).cpu()
             if logits_out is not None:
                 logits_out[:, z] = logits[:, 0].to(torch.float16).cpu()
+            if on_slice is not None:
+                on_slice(z)
         present = state.object_score_logits[..., 0]
         return VolumePrediction(
             masks=masks,

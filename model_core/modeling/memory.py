@@ -40,6 +40,9 @@ class SupportMemory:
         object_ids: K identifiers (e.g. label values) of the objects, in order.
         image_size: model input size the memories were built at.
         architecture: a fingerprint of the model that built them (checked on use).
+        settings: how the caller prepared the support slices (label names, intensity rule, source
+            files...), saved with the memory so whoever loads it can check theirs match; the
+            network never reads it.
     """
 
     maskmem_features: torch.Tensor
@@ -50,6 +53,7 @@ class SupportMemory:
     object_ids: list[Any]
     image_size: int
     architecture: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_slices(self) -> int:
@@ -83,6 +87,7 @@ class SupportMemory:
             object_ids=object_ids,
             image_size=self.image_size,
             architecture=dict(self.architecture),
+            settings=dict(self.settings),
         )
 
     def save(self, path: str) -> None:

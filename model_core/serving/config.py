@@ -1,37 +1,19 @@
 """The service's settings, and the bundle configs its preprocessing and postprocessing come from.
 
 :class:`ServiceConfig` is what a server configures (bundle, checkpoint, preset, device,
-intensities, caches); :func:`load_bundle_parser` layers ``inference.json`` on ``train.json``
-exactly as ``python -m monai.bundle run`` does, so the app's volumes go through the bundle's
-own transforms.
+intensities, caches); :func:`load_bundle_parser` (from :mod:`model_core.workflows.configs`, re-exported
+here) layers ``inference.json`` on ``train.json`` exactly as ``python -m monai.bundle run`` does, so the
+app's volumes go through the bundle's own transforms.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from monai.bundle import ConfigParser
+from model_core.workflows.configs import load_bundle_parser
 
 __all__ = ["ServiceConfig", "load_bundle_parser"]
-
-
-def load_bundle_parser(
-    bundle_dir: str, config: str = "inference.json", overrides: dict[str, Any] | None = None
-) -> ConfigParser:
-    """A ``ConfigParser`` of the bundle's ``train.json`` with ``config`` layered on top.
-
-    The same layering as ``python -m monai.bundle run --config_file "['train.json', '<config>']"``;
-    the paths are absolute, so it works from any working directory.
-    """
-    configs = os.path.join(os.path.abspath(bundle_dir), "configs")
-    parser = ConfigParser()
-    parser.read_config([os.path.join(configs, name) for name in dict.fromkeys(["train.json", config])])
-    parser["bundle_root"] = os.path.abspath(bundle_dir)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    return parser
 
 
 @dataclass

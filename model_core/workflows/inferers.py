@@ -152,10 +152,13 @@ class InContextInferer(Inferer):
             self._memory = self._builder()
         return self._memory
 
-    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network, *args: Any, on_slice: Callable[[int], Any] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Args:
             inputs: ``(B, 1, H, W, D)`` query volumes in [0, 1] (axial slices last, in-plane at the model size).
             network: the :class:`InContextSAM2`.
+            on_slice: called with each slice's index once it is segmented (a progress bar per volume).
 
         Returns:
             ``(B, K + 1, H, W, D)`` probabilities: background, then one channel per class.
@@ -179,6 +182,7 @@ class InContextInferer(Inferer):
                 direction=self.direction,
                 output_size=tuple(inputs.shape[2:4]),
                 return_logits=True,
+                on_slice=on_slice,
             )
             probs = pred.logits.float().sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
             background = 1 - probs.max(0, keepdim=True).values

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from model_core.io.mricron import available
+from model_core.io.pictures import montage_size
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,12 +39,38 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
         str(tmp_path / "bundle"),
     ).stdout
     assert "-m monai.bundle run training --config_file bundle/configs/train.json" in out  # each step shown as a command
-    assert "Held-out phantoms" in out
+    assert "Held-out test phantoms" in out
     for model in ("untrained", "trained"):
         rows = [line.split() for line in out.splitlines() if line.strip().startswith(f"{model} ")]
         assert [r[1] for r in rows][:4] == ["blob", "tube", "block", "mean"]
         assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # Dice
-    labels = sorted((tmp_path / "bundle" / "outputs" / "inference").glob("*_seg.nii.gz"))
-    assert len(labels) == 2 and len(list(labels[0].parent.glob("*_confidence.json"))) == 2
+    outputs = tmp_path / "bundle" / "outputs"
+    for model in ("untrained", "trained"):
+        labels = sorted((outputs / f"{model}_model").glob("*_seg.nii.gz"))
+        assert len(labels) == 3 and len(list(labels[0].parent.glob("*_confidence.json"))) == 3
     assert (tmp_path / "bundle" / "models" / "model_final.pt").exists()
     assert ("Real T1 MRI" in out) == available()
+    # the pictures, their paths printed: a montage of 4 rows (2 cases, before and after) and the curve
+    montage, curve = outputs / "demo_montage.png", outputs / "training_curve.png"
+    assert f"montage: {montage}" in out and f"training curve: {curve}" in out
+    assert Image.open(montage).size == montage_size(4, 6, 96)
+    assert Image.open(curve).size == (700, 260)
+    epochs = json.loads((outputs / "train" / "training_curve.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and all("val_mean_dice" in e for e in epochs)
+    assert epochs[0]["loss"] is None and all(e["loss"] > 0 for e in epochs[1:])
+    summary = json.loads((outputs / "demo_summary.json").read_text())
+    assert summary["machine"]["processor"] and summary["seconds"]["training"] > 0
+
+    # the README's next command, as written, beside the demo's bundle folder
+    block = re.search(r"```bash\n(\.venv/bin/icl-sam2 segment .*?)```", (ROOT / "README.md").read_text(), re.S)
+    args = shlex.split(block.group(1).replace("\\\n", " "))[1:]
+    done = subprocess.run(
+        [*icl_sam2_command, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "case011_image_seg.nii.gz").is_file() and (tmp_path / "out" / "preview.png").is_file()

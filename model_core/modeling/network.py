@@ -28,6 +28,8 @@ Where things are (sam2's own seams):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Sequence
 
 import torch
@@ -177,6 +179,11 @@ class InContextSAM2(SAM2Base):
             "num_maskmem": self.num_maskmem,
             "weights": checksum,
         }
+
+    @property
+    def weights_version(self) -> str:
+        """A short id of the loaded weights (a digest of :attr:`architecture`'s checksum), as /info and SEGs name it."""
+        return hashlib.sha1(json.dumps(self.architecture["weights"]).encode()).hexdigest()[:12]
 
     def check_images(self, images: Any, name: str = "images") -> torch.Tensor:
         """Validate images against the input contract; returns them (float or uint8 tensor).

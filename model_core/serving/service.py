@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import threading
@@ -206,7 +205,7 @@ class SegmentationService:
     def model_info(self, network=None) -> dict[str, Any]:
         """Which weights serve requests: the checkpoint (or that there is none) and a version id."""
         network = network if network is not None else self.network
-        version = hashlib.sha1(json.dumps(network.architecture["weights"]).encode()).hexdigest()[:12]
+        version = network.weights_version
         return {
             "checkpoint": self._loaded_stamp[0] if self._loaded_stamp else None,
             "untrained": self._loaded_stamp is None,

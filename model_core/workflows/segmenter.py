@@ -38,6 +38,7 @@ from tqdm import tqdm
 from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.files import atomic_path, split_extension
 from model_core.io.pictures import MontageRow, montage_png
+from model_core.io.seg_metadata import SegIdentity
 from model_core.io.transforms import intensity_scaling, load_case
 from model_core.io.validation import InputError, check_image_volume, check_label_volume
 from model_core.io.volumes import VolumeSource, find_volumes
@@ -309,6 +310,18 @@ class InContextSegmenter:
         return self._network
 
     # ------------------------------------------------------------------ support
+    def _identity(self) -> SegIdentity:
+        """Who made the SEGs: the model, its weights file and their digest, as the app's SEGs name them."""
+        settings, network = self._resolve(), self.network()
+        info = {
+            "checkpoint": settings["checkpoint"],
+            "untrained": not settings["checkpoint"],
+            "model_version": network.weights_version,
+            "preset": settings["preset"],
+            "image_size": settings["image_size"],
+        }
+        return SegIdentity.for_model("icl-sam2 segment", info)
+
     def support_from_files(self, pairs: str | Sequence[str]) -> SupportMemory:
         """Check the support pairs and encode them into a support memory (its :attr:`~SupportMemory.settings` set).
 
@@ -473,8 +486,7 @@ class InContextSegmenter:
                     source.series_files,
                     {n: v for n, v in self.labels.items() if result.voxels[n]},
                     tmp["seg"],
-                    algorithm_type="AUTOMATIC",
-                    algorithm_name="ICL-SAM2",
+                    identity=self._identity(),
                 )
             record = {
                 "image": source.path,

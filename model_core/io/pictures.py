@@ -9,8 +9,8 @@ Layout of a montage: a legend band (each structure's colour and name; solid = pr
 dotted = truth), then one row per volume: its title and ``slices`` cells. Slices are axial
 (the third axis of an ``(I, J, K)`` volume, MONAI's and NIfTI's layout) shown with ``J`` upwards,
 picked evenly over the slices where any structure is drawn (over all slices when none is).
-Structure colours are the DICOM SEG's (:data:`model_core.io.dicom.COLOURS`), so the preview and a
-viewer showing the SEG agree.
+Structure colours are the DICOM SEG's (:func:`model_core.io.seg_metadata.segment_colours`), so the
+preview and a viewer showing the SEG agree.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from model_core.io.dicom import COLOURS
 from model_core.io.files import atomic_path
+from model_core.io.seg_metadata import segment_colours
 
 __all__ = ["LEGEND_HEIGHT", "TITLE_HEIGHT", "MontageRow", "montage_png", "montage_size", "training_curve_png"]
 
@@ -59,10 +59,6 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
-
-
-def _colour(index: int) -> tuple[int, int, int]:
-    return tuple(COLOURS[index % len(COLOURS)])  # type: ignore[return-value]
 
 
 def _pick_slices(row: MontageRow, values: Sequence[int], count: int) -> list[int]:
@@ -110,7 +106,7 @@ def montage_png(
     Args:
         rows: the volumes, top to bottom.
         path: the PNG file.
-        labels: ``{structure name: label value}``; colours follow their order.
+        labels: ``{structure name: label value}`` (the legend's order; colours as the SEGs give them).
         slices: cells per row.
         cell: a cell's width and height in pixels.
 
@@ -123,13 +119,14 @@ def montage_png(
     if not rows:
         raise ValueError("Nothing to draw: give at least one volume.")
     values = [int(v) for v in labels.values()]
+    colours = [segment_colours(labels)[name] for name in labels]
     width, height = montage_size(len(rows), slices, cell)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     font = _font(12)
     x = 4
     for k, name in enumerate(labels):
-        draw.rectangle([x, 6, x + 10, 16], fill=_colour(k))
+        draw.rectangle([x, 6, x + 10, 16], fill=colours[k])
         draw.text((x + 14, 5), name, fill=(255, 255, 255), font=font)
         x += 24 + int(draw.textlength(name, font=font))
     draw.text((x + 8, 5), "solid: predicted, dotted: truth", fill=(170, 170, 170), font=font)
@@ -157,17 +154,17 @@ def montage_png(
                     edge = _boundary(plane == value)
                     if pattern is not None:
                         edge &= pattern
-                    pixels[edge] = _colour(k)
+                    pixels[edge] = colours[k]
             canvas.paste(Image.fromarray(pixels), (c * cell, top + TITLE_HEIGHT))
     with atomic_path(path, suffix=".png") as tmp:
-        canvas.quantize(palette=_palette(), dither=Image.Dither.NONE).save(tmp, optimize=True)
+        canvas.quantize(palette=_palette(colours), dither=Image.Dither.NONE).save(tmp, optimize=True)
     return str(path)
 
 
-def _palette() -> Image.Image:
+def _palette(structures: Sequence[tuple[int, int, int]]) -> Image.Image:
     """32 grey levels and the structure colours: a montage as a palette PNG is a few times smaller, contours exact."""
     colours = [(g, g, g) for g in np.linspace(0, 255, 32).round().astype(int)]
-    colours += [_colour(k) for k in range(len(COLOURS))] + [(170, 170, 170)]
+    colours += [*structures[: 256 - 33], (170, 170, 170)]
     palette = Image.new("P", (1, 1))
     palette.putpalette([c for rgb in colours for c in rgb] + [0, 0, 0] * (256 - len(colours)))
     return palette

@@ -63,6 +63,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
+from model_core.corrections import correct_incrementally
 from model_core.io.transforms import load_case
 from model_core.io.validation import InputError
 from model_core.modeling.checkpoint import load_checkpoint
@@ -73,7 +74,6 @@ from model_core.modeling.prompts import SlicePrompt
 from model_core.predictor import VolumePredictor
 from model_core.serving.config import ServiceConfig, load_bundle_parser
 from model_core.serving.sessions import Session, Track, VolumeSlots
-from model_core.volume_state import VolumeState
 from model_core.workflows.inferers import InContextInferer, build_support
 from model_core.workflows.proposals import propose_image
 
@@ -416,51 +416,6 @@ class SegmentationService:
             features.shrink(max(cap - (current.held - features.nbytes), 0))
             current.measure()
 
-    def _correct(
-        self,
-        predictor: VolumePredictor,
-        state: VolumeState,
-        value: int,
-        prompts: dict[int, dict[str, Any]],
-        changed: list[int],
-    ) -> int:
-        """Apply the clicks of ``changed`` slices to a used state and propagate outward while the result changes.
-
-        Each changed slice is segmented as a replay from scratch would segment it
-        (``as_first_pass``). Propagation then follows the replay's order: a forward pass
-        from the nearest prompted slice below the changes (the replay passes through
-        those slices upward) and a backward pass from the same slice. Slices up to the
-        highest change always run; beyond the changes a pass stops after
-        ``incremental_patience`` consecutive slices that agree with the previous result
-        (IoU at least ``incremental_iou``). Slices not reached keep their result.
-
-        Returns:
-            The number of slices propagated.
-        """
-        k = state.object_ids.index(value)
-        before = state.low_res_logits[:, k, 0] > 0  # (D, h, w) the previous masks
-        for z in changed:
-            predictor.add_prompt(state, z, value, _slice_prompt(prompts[z]), as_first_pass=True)
-        start = max((z for z in prompts if z < changed[0]), default=changed[0])
-        ran, stopping = 0, self.config.stopping()  # a pass also stops where the structure ends
-        for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
-            agreeing = 0
-            # the replay's forward pass starts with no memories behind it; its backward pass has the forward pass's
-            passes = predictor.propagate(state, start, direction, warm_start=direction == "backward", **stopping)
-            for z, _ in passes:
-                if z == start:
-                    continue  # a prompted slice: not tracked again
-                ran += 1
-                if not beyond(z):
-                    continue
-                now = state.low_res_logits[z, k, 0] > 0
-                union = int((now | before[z]).sum())
-                iou = 1.0 if union == 0 else int((now & before[z]).sum()) / union
-                agreeing = agreeing + 1 if iou >= float(self.config.incremental_iou) else 0
-                if agreeing >= int(self.config.incremental_patience):
-                    break
-        return ran
-
     def to_model_grid(self, image: MetaTensor, points: Sequence[Sequence[float]]) -> np.ndarray:
         """Voxel indices ``[i, j, k]`` of the image file (as Slicer and OHIF send them) to
         ``(x, y, slice)`` on the model grid, through the original and preprocessed affines.
@@ -523,7 +478,8 @@ class SegmentationService:
         Each request carries all of the current clicks (as the Slicer and OHIF plugins
         send them). The session keeps the image's features and, per structure, the clicks
         it answered with their result: when clicks were only added, just the changed
-        slices and their surroundings run again (``incremental``, see :meth:`_correct`);
+        slices and their surroundings run again (``incremental``,
+        :func:`~model_core.corrections.correct_incrementally`);
         otherwise the whole volume is propagated.
 
         Args:
@@ -587,7 +543,16 @@ class SegmentationService:
                     state, ran, mode = track.state, 0, "unchanged"
                 elif changed is not None:
                     state, mode = track.state, "incremental"
-                    ran = self._correct(predictor, state, value, prompts, changed)
+                    ran = correct_incrementally(
+                        predictor,
+                        state,
+                        value,
+                        {z: _slice_prompt(entry) for z, entry in prompts.items()},
+                        changed,
+                        int(self.config.incremental_patience),
+                        float(self.config.incremental_iou),
+                        **self.config.stopping(),  # a pass also stops where the structure ends
+                    )
                     track.prompts = prompts
                 else:
                     state = predictor.init_state(

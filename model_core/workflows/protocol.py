@@ -10,7 +10,8 @@ by the model's update; after every step DSC and NSD (2 mm, in 3D, the challenge'
 
 - ``interactive``: the initial prompt (``box``: the structure's box on its middle slice; ``click``: one
   click at its centre) on an empty state, propagated through the volume in both directions; each
-  correction is applied as the app applies a follow-up click (:func:`correct_incrementally`).
+  correction is applied as the app applies a follow-up click
+  (:func:`model_core.corrections.correct_incrementally`).
 - ``in_context``: support memories first (the structure segmented from labelled support slices,
   no prompt, forward through the volume as the bundle's :class:`~model_core.workflows.inferers.InContextInferer`),
   then the same corrections on top: this project's combination.
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_core.corrections import correct_incrementally
 from model_core.io.datalist import check_case
 from model_core.io.files import atomic_path
 from model_core.io.transforms import load_case
@@ -70,7 +72,6 @@ __all__ = [
     "InteractiveProtocol",
     "ProtocolCase",
     "ProtocolWorkflow",
-    "correct_incrementally",
     "summarize_results",
 ]
 
@@ -156,56 +157,6 @@ def _round(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
 
 
-def correct_incrementally(
-    predictor: VolumePredictor,
-    state: VolumeState,
-    obj: Any,
-    prompts: dict[int, SlicePrompt],
-    changed: Sequence[int],
-    patience: int = 3,
-    agreement_iou: float = 0.98,
-) -> int:
-    """Apply the prompts of ``changed`` slices to a used state and propagate outward while the result changes.
-
-    The rule of the app's follow-up clicks (``SegmentationService._correct``, whose defaults these are),
-    on the predictor's public API: each changed slice is segmented as a replay from scratch would
-    (``as_first_pass``); a forward pass runs from the nearest prompted slice below the changes and a
-    backward pass from the same slice; beyond the changes a pass stops after ``patience`` consecutive
-    slices whose mask agrees with the previous one (IoU at least ``agreement_iou``).
-
-    Args:
-        prompts: every prompt of ``obj`` by slice (the changed ones included).
-        changed: slices whose prompts changed, ascending.
-
-    Returns:
-        The number of slices propagated.
-    """
-    changed = sorted(int(z) for z in changed)
-    k = state.object_ids.index(obj)
-    before = state.low_res_logits[:, k, 0] > 0  # (D, h, w) the previous masks
-    for z in changed:
-        predictor.add_prompt(state, z, obj, prompts[z], as_first_pass=True)
-    start = max((z for z in prompts if z < changed[0]), default=changed[0])
-    ran = 0
-    for direction, beyond in (("forward", lambda z: z > changed[-1]), ("backward", lambda z: z < start)):
-        agreeing = 0
-        for z, _ in predictor.propagate(
-            state, start_slice=start, direction=direction, warm_start=direction == "backward"
-        ):
-            if z == start:
-                continue  # a prompted slice: not tracked again
-            ran += 1
-            if not beyond(z):
-                continue
-            now = state.low_res_logits[z, k, 0] > 0
-            union = int((now | before[z]).sum())
-            iou = 1.0 if union == 0 else int((now & before[z]).sum()) / union
-            agreeing = agreeing + 1 if iou >= agreement_iou else 0
-            if agreeing >= patience:
-                break
-    return ran
-
-
 class InteractiveProtocol:
     """Runs the protocol on one :class:`ProtocolCase` at a time.
 
@@ -220,7 +171,8 @@ class InteractiveProtocol:
         target_dsc: the DSC whose clicks-to-reach is reported.
         tolerance: NSD tolerance in mm.
         channel_mode: as the model was trained.
-        patience, agreement_iou: the incremental update's stopping rule (:func:`correct_incrementally`);
+        patience, agreement_iou: the incremental update's stopping rule
+            (:func:`model_core.corrections.correct_incrementally`);
             ``incremental=False`` propagates the whole volume after each click instead.
         time_limit_s: stop correcting a case once this many seconds are spent (None: no limit).
     """

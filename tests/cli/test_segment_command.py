@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 
 from model_core import build_icl_sam2, save_checkpoint
-from model_core.io.dicom import COLOURS, nifti_to_dicom_series, read_seg
+from model_core.io.dicom import nifti_to_dicom_series, read_seg
 from model_core.io.pictures import LEGEND_HEIGHT, TITLE_HEIGHT, montage_size
+from model_core.io.seg_metadata import PALETTE as COLOURS  # structures without sides: colours by rank
 from model_core.io.volumes import find_volumes
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_core.io.dicom import COLOURS
 from model_core.io.phantoms import make_phantom
 from model_core.io.pictures import (
     LEGEND_HEIGHT,
@@ -16,6 +15,7 @@ from model_core.io.pictures import (
     montage_size,
     training_curve_png,
 )
+from model_core.io.seg_metadata import PALETTE as COLOURS  # structures without sides: colours by rank
 
 LABELS = {"blob": 1, "tube": 2, "block": 3}
 

@@ -39,7 +39,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.requests import check_id, check_tag, http_error
-from model_core.io.dicomweb import seg_to_label
+from model_core.io.dicomweb import SegInstance, newest_by_series, seg_to_label
 from model_core.io.files import atomic_path
 from model_core.io.seg_metadata import SegIdentity, seg_metainfo
 from model_core.io.validation import InputError, check_label_volume
@@ -151,25 +151,27 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         return self._cached("images", compute)
 
     def seg_links(self) -> dict[str, str]:
-        """``{image series UID: SEG series UID}`` of the SEGs that reference a listed image (the newest SEG wins)."""
+        """``{image series UID: SEG series UID}`` of the SEGs that reference a listed image.
+
+        Which SEG labels a series is :func:`model_core.io.dicomweb.newest_by_series`'s rule (a person's before
+        a model's, then the newest), as for ``icl-sam2 segment-studies``.
+        """
 
         def compute():
-            images, links, dates = set(self.list_images()), {}, {}
+            images, segs = set(self.list_images()), []
             for seg in self._series({"Modality": "SEG"}):
                 meta = Dataset.from_json(
                     self._client.retrieve_series_metadata(str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))[0]
                 )
-                referenced = meta.get("ReferencedSeriesSequence")
-                target = str(referenced[0].SeriesInstanceUID) if referenced else None
-                if target not in images:
+                instance = SegInstance.from_metadata(meta)
+                if instance.referenced_series_uid not in images:
                     logger.warning(
-                        f"SEG {seg.SeriesInstanceUID} references no listed image series ({target}); ignored."
+                        f"SEG {seg.SeriesInstanceUID} references no listed image series "
+                        f"({instance.referenced_series_uid}); ignored."
                     )
                     continue
-                stamp = f"{meta.get('ContentDate', '')}{meta.get('ContentTime', '')}{meta.get('SeriesNumber', '')}"
-                if target not in links or stamp >= dates[target]:
-                    links[target], dates[target] = str(seg.SeriesInstanceUID), stamp
-            return links
+                segs.append(instance)
+            return {image: instance.series_uid for image, instance in newest_by_series(segs).items()}
 
         return self._cached("segs", compute)
 

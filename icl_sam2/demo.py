@@ -49,9 +49,9 @@ EVALUATE_AND_INFER = "['bundle/configs/train.json','bundle/configs/evaluate.json
 BOTH_RUNS = "['$@validate#evaluator.run()','$@evaluator.run()']"
 
 #: the phantoms of the demo: volumes per split and their shape ``(D, H, W)``
-PHANTOMS = {"train": 8, "validation": 3, "test": 3, "shape": (24, 64, 64)}
+PHANTOMS = {"train": 8, "validation": 3, "test": 3, "shape": (24, 96, 96)}
 #: the demo's defaults: training iterations, validation points, model input size
-STEPS, EPOCHS, IMAGE_SIZE = 2000, 10, 64
+STEPS, EPOCHS, IMAGE_SIZE = 2000, 10, 96
 
 
 def phantom_training_args(steps: int, epochs: int) -> list[str]:

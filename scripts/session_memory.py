@@ -95,8 +95,7 @@ def server(bursts: int = 5, clients: int = 20, shape="16,64,64", image_size: int
     """Resident growth of a real server per new session, burst after burst, against the cache's count."""
     import requests
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from monailabel_server import Server
+    from monailabel_server import Server  # beside this script: its folder is sys.path[0]
     from model_core.phantoms import write_phantom_dataset
 
     D, H, W = _shape(shape)

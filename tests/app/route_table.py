@@ -40,7 +40,6 @@ def _roles(fastapi_app) -> dict[str, str | None]:
 
 
 def main(studies: str, conf: list[str]) -> None:
-    sys.path.insert(0, str(ROOT / "monailabel_app"))
     from monailabel.main import Main
 
     app_dir = str(ROOT / "monailabel_app")

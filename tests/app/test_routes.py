@@ -59,8 +59,10 @@ def _route_table(folder: Path, env: dict[str, str]) -> dict:
     command = [sys.executable, str(ROOT / "tests" / "app" / "route_table.py"), str(folder / "studies")]
     for key, value in {**sites.CONF, "checkpoint": str(folder / "model.pt")}.items():
         command += ["--conf", key, value]
+    # the app's `lib` package, as MONAI Label's own loader finds it beside main.py
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "monailabel_app"), os.environ.get("PYTHONPATH")]))
     done = subprocess.run(command, cwd=folder / "run", capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **env})
+                          env={**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **env, "PYTHONPATH": pythonpath})
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROUTE TABLE ")]
     assert lines, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(lines[-1][len("ROUTE TABLE "):])

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -77,6 +78,9 @@ def study(trained_tiny, tmp_path_factory):
         "labels": json.dumps(trained_tiny["labels"]),
         "names": trained_tiny["labels"],
         "checkpoint": str(work / "model.pt"),
+        "datalist": trained_tiny["datalist"],
+        "image_size": trained_tiny["image_size"],
+        "values": sorted(trained_tiny["labels"].values()),
     }
 
 
@@ -115,21 +119,58 @@ def segmented(doc_runs):
     return {"out": run["out"], "stdout": run["done"].stdout}
 
 
-def test_label_maps_lie_on_each_query_grid_and_find_the_structures(study, segmented):
+def _bundle_answer(study, query: Path, folder: Path) -> np.ndarray:
+    """The bundle's own in-context inference of ``query`` (``train.json + inference.json``, support: the trained
+    model's first training case, as in the study), its label map on the query's grid."""
+    command = [
+        *("python", "-m", "monai.bundle", "run", "--config_file"),
+        "['bundle/configs/train.json','bundle/configs/inference.json']",
+        *("--bundle_root", str(folder), "--datalist_file", study["datalist"], "--checkpoint", study["checkpoint"]),
+        *("--preset", "tiny", "--image_size", str(study["image_size"]), "--classes", json.dumps(study["values"])),
+        *("--intensity#window", "[0,1]", "--query_images", json.dumps([str(query)]), "--output_dir", str(folder)),
+    ]
+    done = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = folder.glob("*_seg.nii.gz")
+    return np.asarray(nib.load(str(written)).dataobj)
+
+
+def test_label_maps_lie_on_each_query_grid_and_are_the_bundles_answer(study, segmented, tmp_path):
+    """The command is the library's inference, not a second path: on the NIfTI query its label map is what
+    ``monai.bundle run`` with ``inference.json`` answers for the same support and weights. Dice against truth is
+    printed, not bounded: the tests' trained tiny model (400 steps) is weak (validation Dice about 0.1); the main
+    job's model reaches 0.86 on test phantoms (docs/measurements.md)."""
     out = segmented["out"]
     for name in ("query_a", "query_b"):
         label = nib.load(str(out / f"{name}_seg.nii.gz"))
         truth = nib.load(str(study["truth"][name]))
         assert label.shape == truth.shape and np.allclose(label.affine, truth.affine, atol=1e-4)
         predicted, true = np.asarray(label.dataobj), np.asarray(truth.dataobj)
-        dice = {n: _dice(predicted == v, true == v) for n, v in study["names"].items()}
-        assert np.mean(list(dice.values())) >= 0.8 and min(dice.values()) >= 0.6, (name, dice)
+        print(
+            name,
+            "Dice against truth",
+            {n: round(_dice(predicted == v, true == v), 3) for n, v in study["names"].items()},
+        )
         record = json.loads((out / f"{name}_confidence.json").read_text())
         assert set(record["confidence"]) == set(study["names"]) and all(
             0 <= v <= 1 for v in record["confidence"].values()
         )
         assert record["voxels"] == {n: int((predicted == v).sum()) for n, v in study["names"].items()}
     assert "2 queries: 2 segmented, 0 failed" in segmented["stdout"]
+    ours = np.asarray(nib.load(str(out / "query_a_seg.nii.gz")).dataobj)
+    bundle = _bundle_answer(study, study["queries"] / "query_a.nii.gz", tmp_path / "bundle")
+    assert bundle.shape == ours.shape
+    for n, v in study["names"].items():
+        assert (bundle == v).any() == (ours == v).any(), n
+        if (bundle == v).any():
+            assert _dice(ours == v, bundle == v) >= 0.99, (n, _dice(ours == v, bundle == v))
 
 
 def test_a_dicom_query_gets_a_seg_that_decodes_to_its_label_map(study, segmented):

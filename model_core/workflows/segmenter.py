@@ -312,7 +312,7 @@ class InContextSegmenter:
     # ------------------------------------------------------------------ support
     def _identity(self) -> SegIdentity:
         """Who made the SEGs: the model, its weights file and their digest, as the app's SEGs name them."""
-        settings, network = self._resolve(), self.network()
+        settings, network = self._resolve(), self.network
         info = {
             "checkpoint": settings["checkpoint"],
             "untrained": not settings["checkpoint"],

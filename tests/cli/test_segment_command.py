@@ -195,8 +195,11 @@ def test_the_preview_draws_each_structure_where_it_was_found(study, segmented):
         cells = picture[top : top + 128]
         grey = (cells[..., 0] == cells[..., 1]) & (cells[..., 1] == cells[..., 2])
         assert grey.mean() > 0.9  # the slices themselves
-        for k in range(len(study["names"])):
-            assert (cells == COLOURS[k]).all(-1).sum() > 20, (row, k)  # each structure's contour
+        label = np.asarray(nib.load(str(segmented["out"] / f"query_{'ab'[row]}_seg.nii.gz")).dataobj)
+        drawn = {n: int((cells == COLOURS[k]).all(-1).sum()) for k, n in enumerate(study["names"])}
+        assert sum(drawn.values()) > 20, (row, drawn)  # contours drawn in the structures' colours
+        for name, value in study["names"].items():  # and only of structures the label map holds
+            assert (label == value).any() or drawn[name] == 0, (row, name, drawn)
 
 
 def test_a_saved_support_file_gives_the_same_result_and_refuses_a_mismatch(study, doc_runs, icl_sam2_command):
@@ -223,7 +226,7 @@ def test_a_saved_support_file_gives_the_same_result_and_refuses_a_mismatch(study
 
 
 def test_a_batch_reports_each_bad_query_and_segments_the_others(study, icl_sam2_command):
-    root = study["root"] / "bad_batch"
+    root = study["work"] / "bad_batch"
     queries = root / "queries"
     queries.mkdir(parents=True)
     shutil.copy(study["queries"] / "query_a.nii.gz", queries / "good.nii.gz")

@@ -99,7 +99,9 @@ def test_info_lists_models_labels_and_strategies(study):
 def test_in_context_without_a_labelled_volume_is_a_clear_400(study):
     with pytest.raises(MONAILabelClientException) as error:
         study["client"].infer("icl_sam2", "case1", {})
-    assert _status(error.value) == 400 and "label at least one volume" in error.value.msg
+    # what to do, as OHIF's and Slicer's users can: label a series, or click instead (lib/messages.py)
+    assert _status(error.value) == 400 and "No labelled series yet" in error.value.msg
+    assert "final label" in error.value.msg and "icl_sam2_interactive" in error.value.msg
 
 
 def test_save_label_then_in_context_segmentation_in_the_image_space(study):

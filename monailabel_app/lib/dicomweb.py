@@ -163,7 +163,11 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
                 meta = Dataset.from_json(
                     self._client.retrieve_series_metadata(str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))[0]
                 )
-                instance = SegInstance.from_metadata(meta)
+                try:
+                    instance = SegInstance.from_metadata(meta)
+                except (AttributeError, TypeError, ValueError) as e:  # one malformed SEG never hides the others
+                    logger.warning(f"SEG {seg.SeriesInstanceUID} has unreadable metadata ({e}); ignored.")
+                    continue
                 if instance.referenced_series_uid not in images:
                     logger.warning(
                         f"SEG {seg.SeriesInstanceUID} references no listed image series "

@@ -24,7 +24,7 @@ from typing import Any, ContextManager
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "bf16_supported", "cpu_bf16_capability", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "bf16_supported", "cpu_bf16_capability", "flush_denormals", "resolve_precision"]
 
 #: accepted values of every ``precision`` option
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -141,3 +141,20 @@ def autocast(precision: str, device: str | torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def flush_denormals(device: str | torch.device) -> bool:
+    """Treat float32 denormals as zero in this process's CPU arithmetic (``torch.set_flush_denormal``).
+
+    Training drives some weights, optimizer moments and activations into the denormal range
+    (below about 1e-38), where x86 arithmetic is many times slower; values that small change no
+    result. Measured on a 2-core AMD EPYC, tiny preset at 96 px, one thread: a training step from
+    the main job's trained weights took 0.37 s, 0.297 s with denormals flushed (untrained 0.324 s).
+    Only on CPU devices, and only where the CPU supports it (x86 with SSE3).
+
+    Returns:
+        Whether flushing is on.
+    """
+    if torch.device(device).type != "cpu":
+        return False
+    return bool(torch.set_flush_denormal(True))

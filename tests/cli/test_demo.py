@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from icl_sam2.demo import phantom_training_args, training_processes
 from model_core.io.mricron import available
 from model_core.io.pictures import montage_size
 
@@ -38,7 +39,13 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
         "--bundle_root",
         str(tmp_path / "bundle"),
     ).stdout
-    assert "-m monai.bundle run training --config_file bundle/configs/train.json" in out  # each step shown as a command
+    # each step shown as a command; training data-parallel in 2 processes on a CPU with 2 or more cores
+    processes = training_processes()
+    training = next(line for line in out.splitlines() if "monai.bundle run training" in line)
+    first = "$ OMP_NUM_THREADS=" if processes == 2 else "$ python -m monai.bundle run training --config_file"
+    assert training.startswith(first), training
+    assert ("--nproc_per_node=2 -m monai.bundle run training" in training) == (processes == 2)
+    assert f"--batch_size {2 // processes} " in training
     assert "Held-out test phantoms" in out
     for model in ("untrained", "trained"):
         rows = [line.split() for line in out.splitlines() if line.strip().startswith(f"{model} ")]
@@ -60,6 +67,7 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
     assert epochs[0]["loss"] is None and all(e["loss"] > 0 for e in epochs[1:])
     summary = json.loads((outputs / "demo_summary.json").read_text())
     assert summary["machine"]["processor"] and summary["seconds"]["training"] > 0
+    assert summary["settings"]["training_processes"] == processes
 
     # the README's next command, as written, beside the demo's bundle folder
     block = re.search(r"```bash\n(\.venv/bin/icl-sam2 segment .*?)```", (ROOT / "README.md").read_text(), re.S)
@@ -74,3 +82,15 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "case011_image_seg.nii.gz").is_file() and (tmp_path / "out" / "preview.png").is_file()
+
+
+def test_two_training_processes_split_the_batch_not_the_recipe():
+    """2 data-parallel processes of 1 episode each: the same batch of 2 and the same iterations as one process."""
+    one, two = (dict(zip(a[0::2], a[1::2])) for a in (phantom_training_args(300, 3), phantom_training_args(300, 3, 2)))
+    assert (one["--batch_size"], two["--batch_size"]) == ("2", "1")
+    # DistributedSampler gives each of 2 processes half the episodes: 100 iterations per epoch either way
+    assert one["--episodes_per_epoch"] == two["--episodes_per_epoch"] == "200"
+    one.pop("--batch_size"), two.pop("--batch_size")
+    assert one == two
+    with pytest.raises(ValueError, match="processes must be 1 or 2"):
+        phantom_training_args(300, 3, 4)

@@ -12,7 +12,7 @@ from sam2.modeling.sam2_base import SAM2Base
 import model_core.modeling.precision as precision
 from model_core import build_icl_sam2
 from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
-from model_core.modeling.precision import autocast, cpu_bf16_capability, resolve_precision
+from model_core.modeling.precision import autocast, cpu_bf16_capability, flush_denormals, resolve_precision
 from model_core.predictor import VolumePredictor
 from model_core.training import build_training_network
 from model_core.training.losses import ICLSAM2Loss
@@ -306,3 +306,15 @@ def test_bf16_masks_agree_with_fp32_on_the_real_mri_study(tmp_path):
         dice = _dice(a, b)
         print(f"region {k + 1}: Dice(bf16, fp32) {dice:.4f}, foreground {float(a.float().mean()):.4f}")
         assert dice >= DICE_BF16_FP32, f"region {k + 1}: Dice {dice:.4f}"
+
+
+def test_flush_denormals_zeroes_denormal_arithmetic_on_cpu_only():
+    """Training's CPU processes flush denormals (many times slower on x86); CUDA devices are left alone."""
+    tiny = torch.tensor([1e-40])  # a float32 denormal
+    assert float(tiny * 1.0) > 0
+    try:
+        assert flush_denormals("cuda") is False and float(tiny * 1.0) > 0
+        assert flush_denormals("cpu") is True
+        assert float(tiny * 1.0) == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -150,6 +150,8 @@ def training_processes(requested: int | None = None) -> int:
     ``multi_gpu_train.json``), the same batch and recipe. With a GPU, one process.
     """
     if requested is not None:
+        if int(requested) not in (1, 2):  # checked before any work (phantom_training_args would refuse it later)
+            raise ValueError(f"--processes must be 1 or 2 (a batch of 2 episodes split over them), got {requested}.")
         return int(requested)
     return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
 

@@ -150,7 +150,10 @@ def flush_denormals(device: str | torch.device) -> bool:
     (below about 1e-38), where x86 arithmetic is many times slower; values that small change no
     result. Measured on a 2-core AMD EPYC, tiny preset at 96 px, one thread: a training step from
     the main job's trained weights took 0.37 s, 0.297 s with denormals flushed (untrained 0.324 s).
-    Only on CPU devices, and only where the CPU supports it (x86 with SSE3).
+    Only on CPU devices, and only where the CPU supports it (x86 with SSE3). The setting is per thread:
+    it holds for the calling thread and the threads it starts later, not for torch's intra-op threads
+    already started (measured: with 2 threads, half of a large product stayed denormal). The main job's
+    training processes have one thread each, so it holds for all their arithmetic.
 
     Returns:
         Whether flushing is on.

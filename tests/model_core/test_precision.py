@@ -310,6 +310,7 @@ def test_bf16_masks_agree_with_fp32_on_the_real_mri_study(tmp_path):
 
 def test_flush_denormals_zeroes_denormal_arithmetic_on_cpu_only():
     """Training's CPU processes flush denormals (many times slower on x86); CUDA devices are left alone."""
+    torch.set_flush_denormal(False)  # an in-process bundle run (ConfigWorkflow's initialize) may have turned it on
     tiny = torch.tensor([1e-40])  # a float32 denormal
     assert float(tiny * 1.0) > 0
     try:

@@ -54,18 +54,26 @@ _LABELMAP = """() => {
   return {dims: vol.dimensions, data: Array.from(vol.voxelManager.getCompleteScalarDataArray()), segments: segments};
 }"""
 
-_FIX_STRATEGY_SELECT = """(select) => {
+_FIND_PANEL = """(select) => {
   const key = Object.keys(select).find(k => k.startsWith('__reactFiber$'));
   let fiber = select[key];
   while (fiber && !(fiber.stateNode && fiber.stateNode.setState && fiber.stateNode.state
                     && 'strategy' in fiber.stateNode.state)) fiber = fiber.return;
   if (!fiber) throw new Error('the Active Learning panel component was not found');
-  const panel = fiber.stateNode;
-  if (!panel.onChangeStrategy) {
-    panel.onChangeStrategy = (event) => panel.setState({strategy: event.target.value});
-    panel.forceUpdate();
-  }
+  return fiber.stateNode;
 }"""
+
+# resolves once React has committed the re-render: a select used before that still has no onChange
+_FIX_STRATEGY_SELECT = f"""async (select) => {{
+  const panel = ({_FIND_PANEL})(select);
+  if (!panel.onChangeStrategy) {{
+    panel.onChangeStrategy = (event) => panel.setState({{strategy: event.target.value}});
+    await new Promise(resolve => panel.forceUpdate(resolve));
+  }}
+}}"""
+
+_PANEL_STRATEGY = f"""(select) => ({_FIND_PANEL})(select).state.strategy"""
+
 
 _CLICK_AT = """async ([viewportId, ijk]) => {
   const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(viewportId);
@@ -343,6 +351,10 @@ class OHIF:
         select = section.locator("table.optionsTable select")
         select.evaluate(_FIX_STRATEGY_SELECT)
         select.select_option(strategy)
+        deadline = time.monotonic() + 10
+        while select.evaluate(_PANEL_STRATEGY) != strategy:
+            assert time.monotonic() < deadline, f"the panel's strategy is {select.evaluate(_PANEL_STRATEGY)!r}"
+            time.sleep(0.1)
         with self.page.expect_response(lambda r: "/activelearning/" in r.url) as reply:
             section.get_by_role("button", name="Next Sample").click()
         sample = reply.value.json()

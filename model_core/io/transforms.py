@@ -1,4 +1,5 @@
-"""MONAI transforms that are not plain MONAI: intensity scaling per modality, a case's channel, label merges.
+"""MONAI transforms that are not plain MONAI: intensity scaling per modality, a case's channel, label merges,
+an argmax over channels that does not stall on whole volumes.
 
 The bundle's preprocessing, the app's service and the COCO export all read volumes through
 these, so an intensity rule or a label merge has one definition. ``load_case`` runs a
@@ -12,14 +13,25 @@ from typing import Any, Callable, Sequence
 
 import torch
 from monai.transforms import (
+    AsDiscrete,
+    AsDiscreted,
     Compose,
     MapTransform,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Transform,
 )
+from monai.utils import convert_to_dst_type
 
-__all__ = ["SelectChanneld", "describe_transform", "intensity_scaling", "load_case", "merge_labels"]
+__all__ = [
+    "ChannelArgmaxd",
+    "SelectChanneld",
+    "channel_argmax",
+    "describe_transform",
+    "intensity_scaling",
+    "load_case",
+    "merge_labels",
+]
 
 
 def intensity_scaling(
@@ -88,6 +100,52 @@ class SelectChanneld(MapTransform):
                     "datalist entry (icl-sam2 datalist --channel N)."
                 )
         return d
+
+
+def channel_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(x, dim=0, keepdim=True)`` for ``(C, ...)`` volumes, as one pass per channel.
+
+    Why not torch's: on a CPU its reduction over the first dimension of a contiguous tensor with
+    few channels runs about 25 times slower than elementwise work on the same voxels (2 channels
+    of 256 x 256 x 64: 320 ms against 12 ms on a 2-core AMD EPYC), and that argmax was most of an
+    interactive follow-up click. Same answer, ties included (the first channel wins) and NaN as
+    torch treats it (the first NaN wins).
+
+    Returns:
+        ``(1, ...)`` int64 channel indices; a MetaTensor keeps ``x``'s meta.
+    """
+    data = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    best = data[0].clone()
+    index = torch.zeros(data.shape[1:], dtype=torch.long, device=data.device)
+    best_is_nan = best.isnan()
+    for k in range(1, data.shape[0]):
+        value = data[k]
+        value_is_nan = value.isnan()
+        better = (value > best) | (value_is_nan & ~best_is_nan)
+        best = torch.where(better, value, best)
+        best_is_nan |= value_is_nan
+        index.masked_fill_(better, k)
+    return convert_to_dst_type(index[None], x, dtype=torch.long)[0]
+
+
+class _ChannelArgmax(AsDiscrete):
+    """MONAI's ``AsDiscrete`` with :func:`channel_argmax` for its argmax over channels; the rest is MONAI's."""
+
+    def __call__(self, img, argmax=None, to_onehot=None, threshold=None, rounding=None):
+        argmax = self.argmax if argmax is None else argmax
+        if argmax and self.kwargs.get("dim", 0) == 0 and self.kwargs.get("keepdim", True):
+            img, argmax = channel_argmax(torch.as_tensor(img) if not isinstance(img, torch.Tensor) else img), False
+        return super().__call__(img, argmax, to_onehot, threshold, rounding)
+
+
+class ChannelArgmaxd(AsDiscreted):
+    """MONAI's ``AsDiscreted`` (same arguments) whose argmax over channels is :func:`channel_argmax`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        converter = _ChannelArgmax()
+        converter.kwargs = self.converter.kwargs
+        self.converter = converter
 
 
 def merge_labels(label: torch.Tensor, label_merge: dict[int, Sequence[int]] | None) -> torch.Tensor:

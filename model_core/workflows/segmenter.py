@@ -39,7 +39,7 @@ from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.files import atomic_path, split_extension
 from model_core.io.pictures import MontageRow, montage_png
 from model_core.io.seg_metadata import SegIdentity
-from model_core.io.transforms import intensity_scaling, load_case
+from model_core.io.transforms import channel_argmax, intensity_scaling, load_case
 from model_core.io.validation import InputError, check_image_volume, check_label_volume
 from model_core.io.volumes import VolumeSource, find_volumes
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
@@ -551,7 +551,7 @@ class InContextSegmenter:
 
 def _model_grid(probabilities: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
     """``(K + 1, H, W, D)`` probabilities to an ``(H, W, D)`` label map of the class values (the preview's)."""
-    index = probabilities.argmax(0).numpy()
+    index = channel_argmax(probabilities)[0].numpy()
     return np.asarray([0, *classes], dtype=np.int16)[index]
 
 

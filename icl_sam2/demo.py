@@ -141,6 +141,14 @@ def train_phantom_model(
     return str(checkpoint)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container or ``taskset`` narrows it), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def training_processes(requested: int | None = None) -> int:
     """Processes of the demo's training: 2 data-parallel ones on a CPU with 2 or more cores, else 1.
 
@@ -153,7 +161,7 @@ def training_processes(requested: int | None = None) -> int:
         if int(requested) not in (1, 2):  # checked before any work (phantom_training_args would refuse it later)
             raise ValueError(f"--processes must be 1 or 2 (a batch of 2 episodes split over them), got {requested}.")
         return int(requested)
-    return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if not torch.cuda.is_available() and usable_cores() >= 2 else 1
 
 
 def _bundle(*args: str, processes: int = 1) -> float:
@@ -164,7 +172,7 @@ def _bundle(*args: str, processes: int = 1) -> float:
     """
     env, launch = dict(os.environ), []
     if processes > 1:
-        env["OMP_NUM_THREADS"] = str(max((os.cpu_count() or processes) // processes, 1))
+        env["OMP_NUM_THREADS"] = str(max(usable_cores() // processes, 1))
         launch = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={processes}"]
     cmd = [sys.executable, *launch, "-m", "monai.bundle", "run", *args]
     shown = shlex.join(["python", *cmd[1:]])
@@ -237,7 +245,7 @@ def machine() -> dict[str, str | bool]:
     bf16 = cpu_bf16_capability()
     return {
         "processor": bf16["processor"],
-        "cores": os.cpu_count() or 0,
+        "cores": usable_cores(),
         "avx512_bf16": bf16["avx512_bf16"],
         "amx_bf16": bf16["amx_bf16"],
         "python": platform.python_version(),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from icl_sam2 import demo
 from icl_sam2.demo import phantom_training_args, training_processes
 from model_core.io.mricron import available
 from model_core.io.pictures import montage_size
@@ -94,3 +95,13 @@ def test_two_training_processes_split_the_batch_not_the_recipe():
     assert one == two
     with pytest.raises(ValueError, match="processes must be 1 or 2"):
         phantom_training_args(300, 3, 4)
+
+
+def test_training_processes_follow_the_cores_this_process_may_use(monkeypatch):
+    """A container or ``taskset`` that leaves one core gets one process, whatever the host's core count."""
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {3})
+    assert demo.usable_cores() == 1 and training_processes() == 1
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 5})
+    assert training_processes() == 2 and training_processes(1) == 1

@@ -134,7 +134,7 @@ class _ChannelArgmax(AsDiscrete):
     def __call__(self, img, argmax=None, to_onehot=None, threshold=None, rounding=None):
         argmax = self.argmax if argmax is None else argmax
         if argmax and self.kwargs.get("dim", 0) == 0 and self.kwargs.get("keepdim", True):
-            img, argmax = channel_argmax(torch.as_tensor(img) if not isinstance(img, torch.Tensor) else img), False
+            img, argmax = channel_argmax(img), False  # MONAI's call below converts an array to a tensor
         return super().__call__(img, argmax, to_onehot, threshold, rounding)
 
 

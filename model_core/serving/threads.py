@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -38,30 +39,47 @@ T = TypeVar("T")
 
 
 class _ModelThread:
-    """One worker thread, started on first use; calls from it run inline (model work may nest)."""
+    """One daemon worker thread, started on first use; calls from it run inline (model work may nest).
+
+    A daemon, unlike ``ThreadPoolExecutor``'s workers, which the interpreter joins at exit: a
+    command interrupted with Ctrl-C, or a server told to stop, then ends at once instead of
+    after the volume under way.
+    """
 
     def __init__(self):
         self._guard = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue | None = None
         self.ident: int | None = None
 
-    def _started(self) -> None:
+    def _serve(self, calls: queue.SimpleQueue) -> None:
         self.ident = threading.get_ident()
         torch.get_num_threads()  # torch sets this thread's OpenMP threads now, from torch.set_num_threads
+        while True:
+            future, fn, args, kwargs = calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # the caller raises it
+                future.set_exception(e)
+            del future, fn, args, kwargs  # hold no request's tensors while idle
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         if threading.get_ident() == self.ident:
             return fn(*args, **kwargs)
         with self._guard:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=self._started)
-            executor = self._executor
-        return executor.submit(fn, *args, **kwargs).result()
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._queue,), name="model", daemon=True).start()
+            calls = self._queue
+        future: Future = Future()
+        calls.put((future, fn, args, kwargs))
+        return future.result()
 
     def forget(self) -> None:
         """After a fork: the child has no worker thread; the next call starts one."""
         self._guard = threading.Lock()
-        self._executor, self.ident = None, None
+        self._queue, self.ident = None, None
 
 
 _MODEL_THREAD = _ModelThread()

@@ -60,3 +60,17 @@ def test_a_forked_child_starts_its_own_model_thread():
     os.close(write)
     assert os.read(read, 1) == b"1"
     os.waitpid(pid, 0)
+
+
+def test_a_process_ends_without_waiting_for_the_model_work_under_way():
+    """Ctrl-C on a command, or a server told to stop, ends the process now, not after the volume under way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, time\n"
+        "from model_core.serving.threads import run_on_model_thread\n"
+        "threading.Thread(target=run_on_model_thread, args=(time.sleep, 600), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -33,7 +32,6 @@ from lib import routes
 from lib.activelearning.random import SafeRandom
 from lib.datastore import CheckedDatastore
 from lib.dicomweb import CheckedDICOMwebDatastore
-from lib.infers.icl_sam2 import warm_label_writer
 from lib.messages import LastErrors, panel_name
 from lib.origin import parse_origins
 from lib.readonly import ReadOnlyDatastore, is_read_only
@@ -240,7 +238,6 @@ class ICLSAM2App(MONAILabelApp):
         super().on_init_complete()  # no schedule yet: MONAI Label's start-up run is left to async_scoring
         if not self._server_mode:
             return
-        threading.Thread(target=warm_label_writer, name="warm-label-writer", daemon=True).start()
         mode = self.scoring_mode if self._auto_update_scoring else "off"
         self.scoring_schedule = ScoringSchedule(
             mode,

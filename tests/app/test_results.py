@@ -52,21 +52,27 @@ def test_a_too_small_result_type_is_refused_before_writing():
         os.remove(path)
 
 
-def test_the_start_up_warm_up_writes_an_nrrd_and_leaves_nothing(monkeypatch, tmp_path):
-    """What a server runs at start-up so its first NRRD result (OHIF's) does not load ITK: a real NRRD write."""
-    import sys
+@pytest.mark.parametrize("extension", [".nrrd", ".nii.gz"])
+def test_a_result_reads_back_with_its_voxels_and_oblique_flipped_affine(extension):
+    """What Slicer and OHIF load: the same voxels on the same grid, read back by ITK (MONAI's ITKReader) and
+    by nibabel where it reads the format."""
+    from monai.data import ITKReader
+    from monai.transforms import LoadImage
 
-    monkeypatch.setattr(infers.tempfile, "tempdir", str(tmp_path))
-    written = []
-    real_write = infers._write
-
-    def write(array, affine, path, extension):
-        real_write(array, affine, path, extension)
-        with open(path, "rb") as f:
-            written.append((path, f.read(4)))
-
-    monkeypatch.setattr(infers, "_write", write)
-    infers.warm_label_writer()
-    assert [(os.path.basename(p), magic) for p, magic in written] == [("label.nrrd", b"NRRD")]
-    assert not os.path.exists(written[0][0])
-    assert "itk.ITKIONRRDPython" in sys.modules and os.listdir(tmp_path) == []
+    rng = np.random.default_rng(0)
+    label = torch.from_numpy(rng.integers(0, 4, (1, 9, 7, 5)).astype(np.int16))
+    angle = np.deg2rad(20)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    ) @ np.diag([-0.8, 1.2, 2.5])  # rotated in-plane, the first axis flipped, anisotropic
+    affine[:3, 3] = [50.0, -60.0, 10.0]
+    path = infers.write_label(Segmentation(MetaTensor(label, affine=torch.from_numpy(affine))), extension)
+    try:
+        back = LoadImage(image_only=True, reader=ITKReader())(path)
+        assert np.array_equal(np.asarray(back), label[0].numpy())
+        assert np.allclose(np.asarray(back.affine), affine, atol=1e-5)
+        if extension == ".nii.gz":
+            assert np.allclose(nib.load(path).affine, affine, atol=1e-5)
+    finally:
+        os.remove(path)

@@ -18,7 +18,8 @@ another (for the life of the process); 1.04-1.46 s inside the server.
   request's model work as before (preprocessing a 256x256x64 volume took the same 0.15 s on
   one thread as on two).
 
-On a GPU the model's kernels were queued under one lock before, and are now queued from one thread (not measured).
+On a GPU the model's kernels were queued under one lock before, and are now queued from one
+thread (not measured).
 """
 
 from __future__ import annotations

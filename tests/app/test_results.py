@@ -40,6 +40,21 @@ def test_a_failed_write_leaves_no_file(monkeypatch):
     assert _results() == before
 
 
+def test_a_failed_nrrd_write_leaves_no_file(monkeypatch):
+    """The same for OHIF's format, written by pynrrd."""
+    before = _results()
+
+    def broken(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"NRRD0004\n")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(infers.nrrd, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        infers.write_label(_segmentation(2), ".nrrd")
+    assert _results() == before
+
+
 def test_a_too_small_result_type_is_refused_before_writing():
     before = _results()
     with pytest.raises(InputError, match="result_dtype 'uint8' cannot hold label value 300"):

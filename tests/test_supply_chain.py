@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = json.loads((Path(__file__).parent / "data" / "sam2_release_digests.json").read_text())
 LOCK = ROOT / "requirements.lock"
 REQUIREMENTS = ROOT / "requirements.txt"
-PROJECT = "icl-sam2"  # installed by setup.sh with `pip install -e .`, not from the lock
+PROJECT = "icl-sam2"  # installed by setup.sh with `uv pip install -e .`, not from the lock
 
 
 def canonical(name: str) -> str:

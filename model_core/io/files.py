@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,8 @@ __all__ = [
     "VOLUME_EXTENSIONS",
     "atomic_path",
     "fsync_folder",
+    "private_folder",
+    "remove_stale_private_folders",
     "remove_stale_temporaries",
     "split_extension",
     "volume_stem",
@@ -43,6 +47,8 @@ __all__ = [
 
 #: ``.<name>.<pid>.<12 hex>.tmp<suffix>``: the temporary names :func:`atomic_path` makes
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)")
+#: ``<prefix><pid>-<mkdtemp's random part>``: the folders :func:`private_folder` makes
+_PRIVATE_FOLDER = r"(?P<pid>\d+)-[A-Za-z0-9_]+"
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:
@@ -141,4 +147,45 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
                 removed.append(name)
             except OSError:
                 pass
+    return removed
+
+
+@contextmanager
+def private_folder(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[str]:
+    """A new folder only this user can read (``tempfile.mkdtemp``), removed with its content afterwards.
+
+    Its name carries this process's id (``<prefix><pid>-<random>``), so that a folder left by a
+    process killed before its ``finally`` ran (SIGKILL, a power loss) is recognised and removed
+    later by :func:`remove_stale_private_folders`.
+
+    Args:
+        prefix: the start of the folder's name, e.g. ``"icl-sam2-upload-"``.
+        parent: where it is made (default: the system's temporary folder).
+    """
+    folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_private_folders(prefix: str, parent: str | os.PathLike | None = None) -> list[str]:
+    """Remove the folders :func:`private_folder` made with ``prefix`` whose process no longer runs.
+
+    Returns:
+        the names removed.
+    """
+    parent = os.fspath(parent) if parent is not None else tempfile.gettempdir()
+    pattern = re.compile(re.escape(prefix) + _PRIVATE_FOLDER)
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.exists(entry.path):
+                removed.append(entry.name)
     return removed

@@ -45,7 +45,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from watchdog.events import FileModifiedEvent
 
 from lib.requests import check_id, check_tag, http_error
-from model_core.io.files import atomic_path, fsync_folder, remove_stale_temporaries
+from model_core.io.files import atomic_path, fsync_folder, remove_stale_private_folders, remove_stale_temporaries
 from model_core.io.validation import InputError, check_image_volume, check_label_volume, label_problem
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 BACKUP_SUFFIX = ".bak"
 #: ending (before a time stamp) of an index that could not be read, kept beside it
 BROKEN_SUFFIX = ".broken-"
+#: start of the private temporary folders that hold an upload while it is checked (``lib.datastore_endpoints``)
+UPLOAD_FOLDER_PREFIX = "icl-sam2-upload-"
 
 
 def volume_extension(filename: str, what: str) -> str:
@@ -239,13 +241,16 @@ class CheckedDatastore(LocalDatastore):
             self._on_modify_event(FileModifiedEvent(self._datastore_config_path))
 
     def _clear_stale_temporaries(self, datastore_path: str) -> None:
-        """Remove what writes killed midway left: temporary files beside the index, the images and the labels."""
+        """Remove what writes killed midway left: temporary files beside the index, the images and the labels,
+        and the upload folders of servers killed while receiving a file (in the system's temporary folder)."""
         folders = [datastore_path]
         if os.path.isdir(self.labels_root):
             folders += [e.path for e in os.scandir(self.labels_root) if e.is_dir()]
         for folder in folders:
             for name in remove_stale_temporaries(folder):
                 logger.info(f"Removed {os.path.join(folder, name)}, left by a write that was interrupted")
+        for name in remove_stale_private_folders(UPLOAD_FOLDER_PREFIX):
+            logger.info(f"Removed the upload folder {name}, left by a server that was stopped while receiving it")
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         """Write the index atomically and durably, keeping the previous version as ``<index>.bak``.

@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 from contextlib import contextmanager
 from email.utils import formatdate
 from typing import Any, Iterator
@@ -46,8 +45,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_mime_type
 
-from lib.datastore import VOLUME_EXTENSIONS, check_info, volume_extension
+from lib.datastore import UPLOAD_FOLDER_PREFIX, VOLUME_EXTENSIONS, check_info, volume_extension
 from lib.requests import check_id, check_tag, http_error, parse_json_object
+from model_core.io.files import private_folder
 from model_core.io.validation import InputError
 
 __all__ = ["ENDPOINTS", "parse_info", "serve_one_version"]
@@ -79,14 +79,11 @@ def _received(upload: UploadFile, ext: str) -> Iterator[str]:
     The name is ours, not the client's: only its format (``ext``) is kept, which the
     readers (nibabel, ITK) need.
     """
-    folder = tempfile.mkdtemp(prefix="icl-sam2-upload-")
-    try:
+    with private_folder(UPLOAD_FOLDER_PREFIX) as folder:
         path = os.path.join(folder, f"upload{ext}")
         with open(path, "wb") as out:
             shutil.copyfileobj(upload.file, out)
         yield path
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_label(

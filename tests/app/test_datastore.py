@@ -249,6 +249,29 @@ def test_writes_interrupted_by_a_kill_are_cleared_at_start(store):
     assert [os.path.exists(p) for p in stale + [live]] == [False, False, True]
 
 
+def test_upload_folders_of_a_killed_server_are_cleared_at_start(store, tmp_path, monkeypatch):
+    """An upload is received in a private folder removed in a ``finally``, which a SIGKILL skips; the next start
+    removes the folders whose server is gone, not those of a server still running."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from lib.datastore import UPLOAD_FOLDER_PREFIX
+
+    datastore, _ = store
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = temporary / f"{UPLOAD_FOLDER_PREFIX}{dead.stdout.strip()}-k1ll3d"
+    live = temporary / f"{UPLOAD_FOLDER_PREFIX}{os.getpid()}-runn1ng"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "upload.nii.gz").write_bytes(b"half")
+    CheckedDatastore(os.path.dirname(datastore.labels_root))
+    assert (stale.exists(), live.exists()) == (False, True)
+
+
 def test_info_another_process_stores_reaches_the_server(tmp_path):
     """A scoring subprocess stores image info through its own datastore (an atomic rename of the index): the
     server's datastore, watching the folder, reads it (before, it never saw the scores the strategy needs)."""

@@ -1,4 +1,4 @@
-"""model_core.io.files: atomic replacement, durable when asked, and the cleanup of writes a kill interrupted."""
+"""model_core.io.files: atomic replacement, durable when asked, private folders, and the cleanup of what a kill left."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from model_core.io.files import atomic_path, remove_stale_temporaries
+from model_core.io.files import atomic_path, private_folder, remove_stale_private_folders, remove_stale_temporaries
 
 
 def test_a_durable_write_reaches_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -67,3 +67,36 @@ def test_only_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted(n for n, kept in names.items() if not kept)
     assert {n: (tmp_path / n).exists() for n in names} == names
+
+
+def _dead_pid() -> str:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def test_a_private_folder_names_its_process_and_is_removed_even_on_an_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with private_folder("up-", tmp_path) as folder:
+            assert os.path.basename(folder).startswith(f"up-{os.getpid()}-")
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700  # mkdtemp's: this user only
+            open(os.path.join(folder, "upload.nii.gz"), "wb").write(b"half")
+            raise RuntimeError("the client went away")
+    assert os.listdir(tmp_path) == []
+
+
+def test_only_private_folders_of_processes_that_are_gone_are_removed(tmp_path):
+    pid = _dead_pid()
+    kept = {
+        f"up-{os.getpid()}-abc_12": True,  # a server still receiving
+        f"other-{pid}-abc_12": True,  # another prefix
+        f"up-{pid}x-abc_12": True,  # not a pid
+        "up-0womjzom": True,  # the old names, without a pid: whose they are is unknown
+    }
+    gone = [f"up-{pid}-abc_12", f"up-{pid}-Zz9_"]
+    for name in [*kept, *gone]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "upload.nii.gz").write_bytes(b"half")
+    (tmp_path / f"up-{pid}-file").write_text("a file, not a folder")
+    removed = remove_stale_private_folders("up-", tmp_path)
+    assert sorted(removed) == sorted(gone)
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, f"up-{pid}-file"])

@@ -172,6 +172,8 @@ def private_folder(prefix: str, parent: str | os.PathLike | None = None) -> Iter
 def remove_stale_private_folders(prefix: str, parent: str | os.PathLike | None = None) -> list[str]:
     """Remove the folders :func:`private_folder` made with ``prefix`` whose process no longer runs.
 
+    Only this user's folders are touched, and a link is never followed.
+
     Returns:
         the names removed.
     """
@@ -184,7 +186,12 @@ def remove_stale_private_folders(prefix: str, parent: str | os.PathLike | None =
         return removed
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _process_alive(int(match["pid"])):
+        if (
+            match
+            and entry.is_dir(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_uid == os.getuid()  # ours: not another user's look-alike
+            and not _process_alive(int(match["pid"]))
+        ):
             shutil.rmtree(entry.path, ignore_errors=True)
             if not os.path.exists(entry.path):
                 removed.append(entry.name)

@@ -97,6 +97,12 @@ def test_only_private_folders_of_processes_that_are_gone_are_removed(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "upload.nii.gz").write_bytes(b"half")
     (tmp_path / f"up-{pid}-file").write_text("a file, not a folder")
+    (tmp_path / f"up-{pid}-link").symlink_to(tmp_path / gone[0])  # a link to a stale folder: not followed
+    others = []
+    if os.getuid() == 0:  # a look-alike of another user's (root can give it away; CI runs as root)
+        others.append(f"up-{pid}-nobody")
+        (tmp_path / others[0]).mkdir()
+        os.chown(tmp_path / others[0], 65534, 65534)
     removed = remove_stale_private_folders("up-", tmp_path)
     assert sorted(removed) == sorted(gone)
-    assert sorted(os.listdir(tmp_path)) == sorted([*kept, f"up-{pid}-file"])
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, f"up-{pid}-file", f"up-{pid}-link", *others])

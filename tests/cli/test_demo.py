@@ -82,7 +82,11 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
         env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "out" / "case011_image_seg.nii.gz").is_file() and (tmp_path / "out" / "preview.png").is_file()
+    query = os.path.basename(args[args.index("--input") + 1])  # a test phantom of the demo's
+    test_cases = json.loads((tmp_path / "bundle" / "data" / "phantoms" / "datalist.json").read_text())["test"]
+    assert query in [os.path.basename(case["image"]) for case in test_cases]
+    seg = query.replace("_image.nii.gz", "_image_seg.nii.gz")
+    assert (tmp_path / "out" / seg).is_file() and (tmp_path / "out" / "preview.png").is_file()
 
 
 def test_two_training_processes_split_the_batch_not_the_recipe():

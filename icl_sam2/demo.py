@@ -240,13 +240,15 @@ def _montage(datalist: Path, outputs: Path, names: list[str], labels: dict[str, 
     return montage_png(rows, path, labels, slices=6, cell=96)
 
 
-def _phantom_shape(datalist: Path) -> tuple[int, ...] | None:
-    """``(D, H, W)`` of the phantoms a datalist lists (files are ``(H, W, D)``), None when there are none."""
+def _phantom_layout(datalist: Path) -> tuple[tuple[int, ...], dict[str, int]] | None:
+    """``(D, H, W)`` of the phantoms a datalist lists (files are ``(H, W, D)``) and their count per split,
+    None when there are none."""
     if not datalist.is_file():
         return None
-    first = json.loads(datalist.read_text())["training"][0]["image"]
-    h, w, d = nib.load(str(datalist.parent / first)).shape
-    return (d, h, w)
+    listed = json.loads(datalist.read_text())
+    h, w, d = nib.load(str(datalist.parent / listed["training"][0]["image"])).shape
+    splits = {"train": "training", "validation": "validation", "test": "test"}
+    return (d, h, w), {k: len(listed.get(split, [])) for k, split in splits.items()}
 
 
 def machine() -> dict[str, str | bool]:
@@ -283,8 +285,8 @@ def main(
     root = Path(bundle_root).resolve()
     phantoms = root / "data" / "phantoms" / "datalist.json"
     shape = (PHANTOMS["shape"][0], image_size, image_size)
-    if _phantom_shape(phantoms) != shape:  # written for another size (or not yet)
-        counts = {k: PHANTOMS[k] for k in ("train", "validation", "test")}
+    counts = {k: PHANTOMS[k] for k in ("train", "validation", "test")}
+    if _phantom_layout(phantoms) != (shape, counts):  # written for another size or an older demo (or not yet)
         write_phantom_dataset(str(phantoms.parent), **counts, shape=shape)
     seconds["data"] = time.perf_counter() - started
     classes = json.loads(phantoms.read_text())["labels"]

@@ -15,6 +15,7 @@ from PIL import Image
 from icl_sam2 import demo
 from icl_sam2.demo import phantom_training_args, training_processes
 from model_core.io.mricron import available
+from model_core.io.phantoms import write_phantom_dataset
 from model_core.io.pictures import montage_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +110,14 @@ def test_training_processes_follow_the_cores_this_process_may_use(monkeypatch):
     assert demo.usable_cores() == 1 and training_processes() == 1
     monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 5})
     assert training_processes() == 2 and training_processes(1) == 1
+
+
+def test_phantoms_of_an_older_demo_are_told_apart_by_their_counts(tmp_path):
+    """A bundle folder from an older demo (8 training phantoms, the same size) is rewritten, not reused: the layout
+    the demo compares holds the count per split as well as the shape."""
+    datalist = tmp_path / "datalist.json"
+    assert demo._phantom_layout(datalist) is None
+    write_phantom_dataset(str(tmp_path), train=2, validation=1, test=1, shape=(4, 16, 16))
+    assert demo._phantom_layout(datalist) == ((4, 16, 16), {"train": 2, "validation": 1, "test": 1})
+    wanted = {k: demo.PHANTOMS[k] for k in ("train", "validation", "test")}
+    assert demo._phantom_layout(datalist) != ((4, 16, 16), wanted)

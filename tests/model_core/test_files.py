@@ -49,11 +49,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["label.nii.gz"]
 
 
-def test_only_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
-    dead = subprocess.run(
+def _dead_pid() -> str:
+    """The id of a process that has ended."""
+    done = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
-    pid = dead.stdout.strip()
+    return done.stdout.strip()
+
+
+def test_only_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
+    pid = _dead_pid()
     names = {
         f".case0.nii.gz.{pid}.0123456789ab.tmp": False,  # its writer was killed
         f".cache.npy.{pid}.0123456789ab.tmp.npy": False,  # with the suffix a writer asked for
@@ -67,11 +72,6 @@ def test_only_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted(n for n, kept in names.items() if not kept)
     assert {n: (tmp_path / n).exists() for n in names} == names
-
-
-def _dead_pid() -> str:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return done.stdout.strip()
 
 
 def test_a_private_folder_names_its_process_and_is_removed_even_on_an_error(tmp_path):

@@ -48,7 +48,7 @@ def test_builtin_sam2_benchmark_runs_the_same_weights_and_clicks(run_script, tra
             answer = result[name][click]
             assert answer["seconds"] > 0 and 0.0 <= answer["dice"] <= 1.0, (name, click, answer)
             # both tasks say how long they worked: at most the round trip (the built-in rounds to 0.01 s)
-            assert 0 < answer["task_seconds"] <= answer["seconds"] + 0.01, (name, click, answer)
+            assert 0 <= answer["task_seconds"] <= answer["seconds"] + 0.01, (name, click, answer)
     assert "in the task" in done.stdout
     # the built-in task loaded the same weights and saw the same slices: from the click on, where both track the
     # same way, it answers what ours answers (up to its 8-bit JPEG slices)

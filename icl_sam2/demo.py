@@ -242,13 +242,18 @@ def _montage(datalist: Path, outputs: Path, names: list[str], labels: dict[str, 
 
 def _phantom_layout(datalist: Path) -> tuple[tuple[int, ...], dict[str, int]] | None:
     """``(D, H, W)`` of the phantoms a datalist lists (files are ``(H, W, D)``) and their count per split,
-    None when there are none."""
-    if not datalist.is_file():
-        return None
-    listed = json.loads(datalist.read_text())
-    h, w, d = nib.load(str(datalist.parent / listed["training"][0]["image"])).shape
+    None when there are none or they cannot be used as they are (an unreadable datalist, a listed file
+    missing): the demo then writes them again, as they are its own generated data."""
     splits = {"train": "training", "validation": "validation", "test": "test"}
-    return (d, h, w), {k: len(listed.get(split, [])) for k, split in splits.items()}
+    try:
+        listed = json.loads(datalist.read_text())
+        files = [datalist.parent / case[key] for split in splits.values() for case in listed[split] for key in case]
+        if not all(f.is_file() for f in files):
+            return None
+        h, w, d = nib.load(str(datalist.parent / listed["training"][0]["image"])).shape
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # JSONDecodeError is a ValueError
+        return None
+    return (d, h, w), {k: len(listed[split]) for k, split in splits.items()}
 
 
 def machine() -> dict[str, str | bool]:

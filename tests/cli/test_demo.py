@@ -121,3 +121,15 @@ def test_phantoms_of_an_older_demo_are_told_apart_by_their_counts(tmp_path):
     assert demo._phantom_layout(datalist) == ((4, 16, 16), {"train": 2, "validation": 1, "test": 1})
     wanted = {k: demo.PHANTOMS[k] for k in ("train", "validation", "test")}
     assert demo._phantom_layout(datalist) != ((4, 16, 16), wanted)
+
+
+def test_phantoms_that_cannot_be_used_as_they_are_are_written_again(tmp_path):
+    """A missing phantom (of any split) or a broken datalist makes the demo write its phantoms again, not fail."""
+    datalist = tmp_path / "datalist.json"
+    write_phantom_dataset(str(tmp_path), train=2, validation=1, test=1, shape=(4, 16, 16))
+    listed = json.loads(datalist.read_text())
+    (tmp_path / listed["test"][0]["label"]).unlink()
+    assert demo._phantom_layout(datalist) is None
+    for text in ('{"training": []}', '{"training": [{"image": "case000_image.nii.gz"}]}', "not json", "[]"):
+        datalist.write_text(text)
+        assert demo._phantom_layout(datalist) is None, text

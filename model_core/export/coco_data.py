@@ -18,7 +18,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from model_core.io.datalist import labels_from_msd, load_datalist
-from model_core.io.transforms import SelectChanneld, merge_labels
+from model_core.io.transforms import SelectChanneld, merge_labels, root_cause
 
 __all__ = [
     "AXES",
@@ -151,9 +151,7 @@ def apply_transform(transform, data: dict[str, Any], where: str, what: str):
     try:
         return transform(data)
     except Exception as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = root_cause(e)
         raise ValueError(f'{where}: cannot load "{what}" {data[what]!r} ({type(cause).__name__}: {cause})') from e
 
 

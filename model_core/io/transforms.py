@@ -31,6 +31,7 @@ __all__ = [
     "intensity_scaling",
     "load_case",
     "merge_labels",
+    "root_cause",
 ]
 
 
@@ -161,14 +162,19 @@ def merge_labels(label: torch.Tensor, label_merge: dict[int, Sequence[int]] | No
     return merged
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The bottom of an exception's ``__cause__`` chain: the reader's own message under MONAI's wrappers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def load_case(item: dict[str, Any], transform: Callable) -> dict[str, Any]:
     """Run the preprocessing on one datalist entry; a failure names the case and the cause."""
     try:
         return transform(dict(item))
     except Exception as e:
-        cause = e
-        while cause.__cause__ is not None:  # the reader's own message is at the bottom of the chain
-            cause = cause.__cause__
+        cause = root_cause(e)
         raise ValueError(
             f"Case {item.get('image')!r} (label {item.get('label')!r}) could not be loaded and "
             f"preprocessed: {type(cause).__name__}: {cause}"

@@ -39,7 +39,7 @@ from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.files import atomic_path, split_extension
 from model_core.io.pictures import MontageRow, montage_png
 from model_core.io.seg_metadata import SegIdentity
-from model_core.io.transforms import channel_argmax, intensity_scaling, load_case
+from model_core.io.transforms import channel_argmax, intensity_scaling, load_case, root_cause
 from model_core.io.validation import InputError, check_image_volume, check_label_volume
 from model_core.io.volumes import VolumeSource, find_volumes
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
@@ -440,9 +440,7 @@ class InContextSegmenter:
         try:
             item = load_case({"image": source.path}, self.preprocessing)
         except ValueError as e:
-            cause: BaseException = e
-            while cause.__cause__ is not None:  # the reader's own message is at the bottom of the chain
-                cause = cause.__cause__
+            cause = root_cause(e)
             raise InputError(
                 f"{source.path} could not be read as an image volume ({type(cause).__name__}: {cause}); "
                 "check the file, or convert it to NIfTI."

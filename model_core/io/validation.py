@@ -34,8 +34,11 @@ __all__ = [
     "ServiceBusy",
     "as_3d",
     "as_bool",
+    "check_image_array",
+    "check_image_header",
     "check_image_volume",
     "check_label_volume",
+    "image_header_problem",
     "image_problem",
     "label_problem",
     "load_volume",
@@ -95,17 +98,45 @@ def load_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(volume.affine, dtype=np.float64)
 
 
-def as_3d(array: np.ndarray, what: str, min_size: int = MIN_VOLUME_SIZE) -> np.ndarray:
-    """``array`` as a 3D volume (a 4D file only with one channel), each axis at least ``min_size`` voxels."""
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
+def _check_shape(shape: tuple[int, ...], what: str, min_size: int) -> None:
+    spatial = tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+    if len(spatial) != 3:
         raise InputError(
-            f"The {what} has shape {tuple(array.shape)}; a 3D scalar volume (I, J, K) is needed "
+            f"The {what} has shape {tuple(shape)}; a 3D scalar volume (I, J, K) is needed "
             "(a 4D file only with one channel: store each sequence or time point as its own image)."
         )
-    if min(array.shape) < min_size:
-        raise InputError(f"The {what} has shape {tuple(array.shape)}; every axis needs at least {min_size} voxels.")
+    if min(spatial) < min_size:
+        raise InputError(f"The {what} has shape {tuple(shape)}; every axis needs at least {min_size} voxels.")
+
+
+def _check_value_type(dtype: np.dtype, what: str) -> None:
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"The {what} has values of type {dtype}; real numbers are needed.")
+
+
+def as_3d(array: np.ndarray, what: str, min_size: int = MIN_VOLUME_SIZE) -> np.ndarray:
+    """``array`` as a 3D volume (a 4D file only with one channel), each axis at least ``min_size`` voxels."""
+    _check_shape(tuple(array.shape), what, min_size)
+    return array[..., 0] if array.ndim == 4 else array
+
+
+def check_image_array(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """The image rules on voxels already read (a reader's output, as stored): returns the ``(I, J, K)`` volume.
+
+    :func:`check_image_volume` reads the file for them; a reader that needs the voxels anyway
+    (``SegmentationService.preprocess``) checks its own array, so that a new image is read once.
+
+    Raises:
+        InputError: naming the rule that failed.
+    """
+    array = as_3d(np.asarray(array), what)
+    _check_value_type(array.dtype, what)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"The {what} has {bad} NaN or infinite values of {array.size}; every voxel must be finite."
+            )
     return array
 
 
@@ -115,16 +146,9 @@ def check_image_volume(path: str, what: str = "image") -> tuple[tuple[int, int, 
     Raises:
         InputError: naming the rule that failed (see the module's docstring).
     """
+    check_image_header(path, what)
     array, affine = load_volume(path, what)
-    array = as_3d(array, what)
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"The {what} has values of type {array.dtype}; real numbers are needed.")
-    if np.issubdtype(array.dtype, np.floating):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise InputError(
-                f"The {what} has {bad} NaN or infinite values of {array.size}; every voxel must be finite."
-            )
+    array = check_image_array(array, what)
     return tuple(int(s) for s in array.shape), affine  # type: ignore[return-value]
 
 
@@ -205,6 +229,41 @@ def image_problem(path: str) -> str | None:
         return _image_problem_cached(os.path.realpath(path), _stamp(path))
     except OSError as e:
         return f"cannot read it ({e.strerror})"
+
+
+def check_image_header(path: str, what: str = "image") -> None:
+    """The shape and value-type rules of :func:`check_image_volume` from a NIfTI file's header alone (0.5 ms
+    instead of 0.17 s for a 256x256x64 ``.nii.gz``); other formats pass here and are checked as they are read.
+
+    Raises:
+        InputError: naming the rule that failed.
+    """
+    if not path.endswith((".nii", ".nii.gz")):
+        return
+    if not os.path.exists(path):
+        raise InputError(f"The {what} {os.path.basename(path)!r} does not exist.")
+    try:
+        header = nib.load(path)
+        shape, dtype = tuple(int(v) for v in header.shape), header.get_data_dtype()
+    except Exception as e:
+        raise InputError(f"The {what} is not a readable image volume ({type(e).__name__}: {e}).") from e
+    _check_shape(shape, what, MIN_VOLUME_SIZE)
+    _check_value_type(dtype, what)  # MONAI's reader casts to float32: a complex file would lose its imaginary part
+
+
+def image_header_problem(path: str) -> str | None:
+    """Why an image cannot be segmented, as far as its header tells (None: nothing found there).
+
+    For a request whose reader checks the voxels itself (:func:`check_image_array`), so that a
+    new image is read once. Formats other than NIfTI are checked in full (:func:`image_problem`).
+    """
+    if not path.endswith((".nii", ".nii.gz")):
+        return image_problem(path)
+    try:
+        check_image_header(path)
+    except InputError as e:
+        return str(e)
+    return None
 
 
 @lru_cache(maxsize=1024)

@@ -296,6 +296,45 @@ def test_a_bad_stored_label_is_skipped_not_fatal(site, guard):
         bad.unlink()
 
 
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("nan_by_hand", "NaN or infinite"),
+        ("truncated_by_hand", "not a readable image volume"),
+        ("four_d_by_hand", "3D scalar volume"),
+    ],
+)
+def test_an_image_placed_by_hand_that_the_model_cannot_use_is_a_400(site, guard, name, message):
+    """A file copied into the studies folder skips the upload's checks. A request on it is a 400 naming the
+    rule, whether the header tells (the app's check) or only the voxels do (the service's read), for each
+    model that reads the image; the server keeps serving."""
+    path = site["studies"] / f"{name}.nii.gz"
+    if name == "truncated_by_hand":
+        data = (site["studies"] / "case1.nii.gz").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        array = np.random.rand(*SHAPE, *((3,) if name == "four_d_by_hand" else ())).astype(np.float32)
+        array[10, 10, 3] = np.nan
+        nib.save(nib.Nifti1Image(array, _image_affine(site)), str(path))
+    try:
+        deadline = time.time() + 30  # the datastore notices new files on its own
+        while name not in _ids(site):
+            assert time.time() < deadline, "the datastore did not pick up the file"
+            time.sleep(0.5)
+        for model, params in (
+            ("icl_sam2_interactive", {"foreground": [[30, 30, 8]], "label": "blob"}),
+            ("icl_sam2", {}),
+            ("icl_sam2_interactive", {"foreground": [[30, 30, 8]], "label": "blob"}),  # no session was left
+        ):
+            response = infer(site, model, name, params)
+            assert response.status_code == 400, (model, response.status_code, _detail(response))
+            assert "This image cannot be segmented" in _detail(response) and message in _detail(response)
+        response = infer(site, "icl_sam2_interactive", "case1", {"foreground": [[30, 30, 8]], "label": "blob"})
+        assert response.status_code == 200, _detail(response)
+    finally:
+        path.unlink()
+
+
 # ---------------------------------------------------------------- typed parameters
 @pytest.mark.parametrize(
     "params, field",

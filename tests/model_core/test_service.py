@@ -227,3 +227,74 @@ def test_model_work_runs_on_the_model_thread_and_file_work_on_one_core(files, mo
     assert {threads for _, threads in seen["preprocess"]} == {1}
     assert model_thread_ident() not in {ident for ident, _ in seen["preprocess"]}
     assert all(r.label.shape == (1, 64, 48, 10) for r in results)
+
+
+def _bad_image(path: Path, kind: str, good: str) -> str:
+    """An image file that breaks one rule of ``check_image_volume`` (``good``: an image to truncate)."""
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    arrays = {
+        "nan": lambda: np.where(np.arange(64 * 48 * 10).reshape(64, 48, 10) % 997 == 0, np.nan, 0.5),
+        "inf": lambda: np.full((64, 48, 10), np.inf),
+        "four_d": lambda: np.ones((64, 48, 10, 3)),
+        "two_d": lambda: np.ones((64, 48)),
+        "tiny": lambda: np.ones((64, 48, 2)),
+        "complex": lambda: np.ones((64, 48, 10), np.complex64),
+    }
+    if kind == "truncated":  # the header intact, the voxels cut off
+        data = Path(good).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        array = arrays[kind]()
+        nib.save(nib.Nifti1Image(array.astype(array.dtype if kind == "complex" else np.float32), affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "four_d", "two_d", "tiny", "complex", "truncated"])
+def test_the_header_check_and_the_services_read_refuse_what_the_full_check_refuses(files, tmp_path, kind):
+    """A server checks a request's image in two halves so that a new image is read once: the header
+    (``image_header_problem``, no voxels read) and the voxels as the service reads them (``read_image``).
+    Together they refuse every file the full check refuses, with its message."""
+    from model_core.io.validation import InputError, image_header_problem, image_problem
+
+    root, cases = files
+    path = _bad_image(tmp_path / f"{kind}.nii.gz", kind, cases[0]["image"])
+    full = image_problem(path)
+    assert full, kind
+    rule = {
+        "nan": "NaN or infinite values",
+        "inf": "NaN or infinite values",
+        "four_d": "a 3D scalar volume",
+        "two_d": "a 3D scalar volume",
+        "tiny": "at least 4 voxels",
+        "complex": "real numbers are needed",
+        "truncated": "not a readable image volume",
+    }[kind]
+    assert rule in full
+    header = image_header_problem(path)
+    if kind in ("nan", "inf", "truncated"):  # only the voxels tell
+        assert header is None
+        service = _service(root)
+        with pytest.raises(InputError, match=rule) as refused:
+            service.preprocess(path, service.network)
+        assert str(refused.value).startswith("This image cannot be segmented: ")
+        if kind != "truncated":
+            assert str(refused.value).endswith(full)  # the same rule, the same words
+    else:
+        assert header == full
+
+
+def test_a_new_image_is_read_once(files, monkeypatch):
+    """The header check reads no voxels; the service reads a new image once and maps clicks on it as before."""
+    from monai.transforms import LoadImage
+
+    from model_core.io.validation import image_header_problem
+
+    root, cases = files
+    service = _service(root)
+    assert service.network is not None  # the weights loaded before reads are counted
+    reads = []
+    real = LoadImage.__call__
+    monkeypatch.setattr(LoadImage, "__call__", lambda self, *a, **k: (reads.append(a[0]), real(self, *a, **k))[1])
+    assert image_header_problem(cases[2]["image"]) is None and reads == []
+    reply = service.interact("carol", cases[2]["image"], "blob", foreground=[[30, 20, 5]])
+    assert reads == [cases[2]["image"]] and reply.info["encoded_slices"] > 0

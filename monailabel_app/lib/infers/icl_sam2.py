@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.datastore import labelled_volumes
 from lib.messages import no_support_message
 from lib.requests import InContextParams, InteractiveParams, http_error, parse_params
-from model_core.io.validation import InputError, image_problem
+from model_core.io.validation import InputError, image_header_problem, image_problem
 from model_core.serving.service import Segmentation, SegmentationService
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ def client_error(fn: Callable[[], Any]) -> Any:
 class ServiceInfer(InferTask):
     #: the pydantic schema of this model's params (lib/requests.py)
     params_schema: type = InContextParams
+    #: the service reads the image with ``SegmentationService.read_image``, which refuses bad voxels (a 400)
+    service_checks_voxels: bool = True
 
     def __init__(
         self,
@@ -118,13 +120,17 @@ class ServiceInfer(InferTask):
         return client_error(lambda: parse_params(self.params_schema, fields))
 
     def _image(self, request: dict[str, Any]) -> str:
-        """The image file (the app resolved the id), checked to be a volume the model can segment."""
+        """The image file (the app resolved the id), checked to be a volume the model can segment.
+
+        Only its header when the service checks the voxels as it reads them (:attr:`service_checks_voxels`), so
+        that a new image is read once; in full otherwise.
+        """
         image = request.get("image")
         if not isinstance(image, str) or not image or not os.path.isfile(image):
             raise HTTPException(
                 status_code=404, detail=f"No image {request.get('image')!r}: pass a datastore image id."
             )
-        problem = image_problem(image)
+        problem = image_header_problem(image) if self.service_checks_voxels else image_problem(image)
         if problem:
             raise HTTPException(status_code=400, detail=f"This image cannot be segmented: {problem}")
         return image

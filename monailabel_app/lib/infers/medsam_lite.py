@@ -134,6 +134,7 @@ class MedSAMLiteInfer(ServiceInfer):
     ``lib.requests.MedSAMLiteParams``."""
 
     params_schema = MedSAMLiteParams
+    service_checks_voxels = False  # LiteMedSAMRunner reads the volume without the image rules: checked here
 
     def __init__(
         self, runner: Callable[[], LiteMedSAMRunner], labels: dict[str, int], describe: Callable[[], str] = lambda: ""

@@ -26,7 +26,9 @@ from typing import Any, Iterable
 
 import nibabel as nib
 import numpy as np
-from monai.transforms import LoadImage
+from monai.transforms import Compose, LoadImage, LoadImaged
+
+from model_core.io.transforms import load_case, root_cause
 
 __all__ = [
     "MIN_VOLUME_SIZE",
@@ -42,6 +44,7 @@ __all__ = [
     "image_problem",
     "label_problem",
     "load_volume",
+    "preprocess_checked_image",
     "read_header",
 ]
 
@@ -229,6 +232,31 @@ def image_problem(path: str) -> str | None:
         return _image_problem_cached(os.path.realpath(path), _stamp(path))
     except OSError as e:
         return f"cannot read it ({e.strerror})"
+
+
+def preprocess_checked_image(path: str, preprocessing: Compose) -> dict[str, Any]:
+    """``{"image": path}`` through a bundle's ``preprocessing``, the image rules checked on the voxels as its
+    reader (the first transform, ``LoadImaged``) read them: a file is read once and checked.
+
+    For readers of a request's or a query's image that need its voxels anyway: the full
+    :func:`check_image_volume` before them would read the file twice (0.17 s more for a
+    256x256x64 ``.nii.gz`` on a 2-core AMD EPYC).
+
+    Raises:
+        InputError: the file is no readable image volume (the reader's own message), or its voxels break a rule.
+    """
+    reader = preprocessing.transforms[0]
+    if not isinstance(reader, LoadImaged):
+        raise ValueError(f"The preprocessing must start with LoadImaged; it starts with {type(reader).__name__}.")
+    try:
+        item = preprocessing({"image": path}, end=1)
+    except MemoryError:
+        raise  # the reader's host ran out, not the file's fault
+    except Exception as e:
+        cause = root_cause(e)
+        raise InputError(f"The image is not a readable image volume ({type(cause).__name__}: {cause}).") from e
+    check_image_array(item["image"], "image")
+    return load_case(item, lambda read: preprocessing(read, start=1))
 
 
 def check_image_header(path: str, what: str = "image") -> None:

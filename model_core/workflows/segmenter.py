@@ -39,8 +39,8 @@ from model_core.io.dicom import label_to_dicom_seg
 from model_core.io.files import atomic_path, split_extension
 from model_core.io.pictures import MontageRow, montage_png
 from model_core.io.seg_metadata import SegIdentity
-from model_core.io.transforms import channel_argmax, intensity_scaling, load_case, root_cause
-from model_core.io.validation import InputError, check_image_volume, check_label_volume
+from model_core.io.transforms import channel_argmax, intensity_scaling
+from model_core.io.validation import InputError, check_image_volume, check_label_volume, preprocess_checked_image
 from model_core.io.volumes import VolumeSource, find_volumes
 from model_core.modeling.checkpoint import checkpoint_record, load_checkpoint
 from model_core.modeling.inputs import CHANNEL_MODES
@@ -437,14 +437,10 @@ class InContextSegmenter:
         start = time.perf_counter()
         result = QueryResult(source)
         network = self.network
-        try:
-            item = load_case({"image": source.path}, self.preprocessing)
-        except ValueError as e:
-            cause = root_cause(e)
-            raise InputError(
-                f"{source.path} could not be read as an image volume ({type(cause).__name__}: {cause}); "
-                "check the file, or convert it to NIfTI."
-            ) from e
+        try:  # read once, its voxels checked as they are read (a NaN query would give a meaningless label)
+            item = preprocess_checked_image(source.path, self.preprocessing)
+        except InputError as e:
+            raise InputError(f"{source.path}: {e} Check the file, or convert it to NIfTI.") from e
         image = item["image"]
         inferer = InContextInferer(support, policy=self.policy, channel_mode=self._resolve()["channel_mode"])
         depth = int(image.shape[-1])

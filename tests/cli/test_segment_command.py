@@ -233,6 +233,10 @@ def test_a_batch_reports_each_bad_query_and_segments_the_others(study, icl_sam2_
     queries.mkdir(parents=True)
     shutil.copy(study["queries"] / "query_a.nii.gz", queries / "good.nii.gz")
     (queries / "broken.nii.gz").write_bytes(b"not a volume at all")
+    good = nib.load(str(study["queries"] / "query_a.nii.gz"))
+    nan = np.asarray(good.dataobj).astype(np.float32)
+    nan[3, 3, 3] = np.nan  # one voxel: the label map would be meaningless, so the query is refused
+    nib.save(nib.Nifti1Image(nan, good.affine), str(queries / "nan.nii.gz"))
     two = queries / "two_series"  # two series of one study in one folder, as some exports leave them
     image = nib.load(str(study["queries"] / "query_a.nii.gz"))
     flipped = nib.Nifti1Image(np.asarray(image.dataobj)[..., ::-1].copy(), image.affine)
@@ -257,10 +261,11 @@ def test_a_batch_reports_each_bad_query_and_segments_the_others(study, icl_sam2_
         study["checkpoint"],
     )
     assert done.returncode == 1, done.stderr[-3000:]
-    assert "4 queries: 1 segmented, 3 failed" in done.stdout
+    assert "5 queries: 1 segmented, 4 failed" in done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("icl-sam2 segment: ")]
-    assert len(errors) == 3
-    assert any(str(queries / "broken.nii.gz") in e and "could not be read" in e for e in errors)
+    assert len(errors) == 4
+    assert any(str(queries / "broken.nii.gz") in e and "not a readable image volume" in e for e in errors)
+    assert any(str(queries / "nan.nii.gz") in e and "1 NaN or infinite values" in e for e in errors)
     assert any(str(two) in e and "holds 2 DICOM series" in e for e in errors)
     assert any(str(missing) in e and "does not exist" in e for e in errors)
     assert (root / "out" / "good_seg.nii.gz").is_file()

@@ -252,7 +252,7 @@ def _bad_image(path: Path, kind: str, good: str) -> str:
 @pytest.mark.parametrize("kind", ["nan", "inf", "four_d", "two_d", "tiny", "complex", "truncated"])
 def test_the_header_check_and_the_services_read_refuse_what_the_full_check_refuses(files, tmp_path, kind):
     """A server checks a request's image in two halves so that a new image is read once: the header
-    (``image_header_problem``, no voxels read) and the voxels as the service reads them (``read_image``).
+    (``image_header_problem``, no voxels read) and the voxels as the service reads them (``preprocess_checked_image``).
     Together they refuse every file the full check refuses, with its message."""
     from model_core.io.validation import InputError, image_header_problem, image_problem
 

@@ -87,7 +87,7 @@ def client_error(fn: Callable[[], Any]) -> Any:
 class ServiceInfer(InferTask):
     #: the pydantic schema of this model's params (lib/requests.py)
     params_schema: type = InContextParams
-    #: the service reads the image with ``SegmentationService.read_image``, which refuses bad voxels (a 400)
+    #: the service reads the image with ``preprocess_checked_image``, which refuses bad voxels (a 400)
     service_checks_voxels: bool = True
 
     def __init__(

@@ -48,7 +48,7 @@ def test_main_job_runs_the_bundle_end_to_end(tmp_path, icl_sam2_command):
     assert training.startswith(first), training
     assert ("--nproc_per_node=2 -m monai.bundle run training" in training) == (processes == 2)
     assert f"--batch_size {2 // processes} " in training
-    assert f"--warmup_fraction {demo.WARMUP_FRACTION} " in training  # the demo's own warm-up, not the tests' 5%
+    assert f"--warmup_fraction {demo.WARMUP_FRACTION} " in training  # the demo's warm-up, stated
     assert "Held-out test phantoms" in out
     for model in ("untrained", "trained"):
         rows = [line.split() for line in out.splitlines() if line.strip().startswith(f"{model} ")]
@@ -101,7 +101,7 @@ def test_two_training_processes_split_the_batch_not_the_recipe():
     assert one == two
     with pytest.raises(ValueError, match="processes must be 1 or 2"):
         phantom_training_args(300, 3, 4)
-    # train.json's 5% unless a run asks for another share (the demo's 1200 steps: a quarter)
+    # train.json's 5% unless a run asks for another share
     assert one["--warmup_fraction"] == "0.05"
     assert dict(zip(*[iter(phantom_training_args(300, 3, warmup_fraction=0.25))] * 2))["--warmup_fraction"] == "0.25"
 

@@ -146,7 +146,7 @@ def test_label_maps_lie_on_each_query_grid_and_are_the_bundles_answer(study, seg
     """The command is the library's inference, not a second path: on the NIfTI query its label map is what
     ``monai.bundle run`` with ``inference.json`` answers for the same support and weights. Dice against truth is
     printed, not bounded: the tests' trained tiny model (400 steps) is weak (validation Dice about 0.1); the main
-    job's model reaches 0.93 on test phantoms (docs/measurements.md)."""
+    job's model reaches 0.94 on test phantoms (docs/measurements.md)."""
     out = segmented["out"]
     for name in ("query_a", "query_b"):
         label = nib.load(str(out / f"{name}_seg.nii.gz"))

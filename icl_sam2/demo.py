@@ -65,7 +65,9 @@ STEPS, EPOCHS, IMAGE_SIZE = 1200, 10, 96
 WARMUP_FRACTION = 0.05
 
 
-def phantom_training_args(steps: int, epochs: int, processes: int = 1, warmup_fraction: float = 0.05) -> list[str]:
+def phantom_training_args(
+    steps: int, epochs: int, processes: int = 1, warmup_fraction: float = WARMUP_FRACTION
+) -> list[str]:
     """The training recipe of the phantoms (``train.json`` overrides): the demo's and the tests' trained model.
 
     ``precision fp32``: on the tiny preset at 64 px bfloat16 autocast is slower on CPUs that have it
@@ -82,8 +84,8 @@ def phantom_training_args(steps: int, epochs: int, processes: int = 1, warmup_fr
         steps: training iterations (batches of 2 episodes), split evenly into ``epochs`` (validation points).
         processes: 1, or 2 data-parallel processes of 1 episode each (:func:`training_processes`): the same
             batch of 2 episodes, the same number of iterations.
-        warmup_fraction: the share of the steps over which the learning rate rises (``train.json``'s
-            default 0.05; the demo's choice and why: :data:`WARMUP_FRACTION`).
+        warmup_fraction: the share of the steps over which the learning rate rises (the recipe's, and why:
+            :data:`WARMUP_FRACTION`).
     """
     if int(processes) not in (1, 2):
         raise ValueError(f"processes must be 1 or 2 (a batch of 2 episodes split over them), got {processes}.")
@@ -323,7 +325,7 @@ def main(
         "training",
         *("--config_file", TRAIN_PARALLEL if processes > 1 else TRAIN, *phantom_args),
         *("--output_dir", str(outputs / "train"), "--val_at_start", "True"),
-        *phantom_training_args(steps, epochs, processes, WARMUP_FRACTION),
+        *phantom_training_args(steps, epochs, processes),
         processes=processes,
     )
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]

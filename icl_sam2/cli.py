@@ -37,6 +37,7 @@ from model_core.io import datasets, mricron, phantoms
 from model_core.io.datalist import write_datalist
 from model_core.io.dicomweb import Pacs
 from model_core.medsam_lite import challenge
+from model_core.medsam_lite.model import check_slice_step
 from model_core.serving import pacs_job
 
 __all__ = ["COMMANDS", "main"]
@@ -174,14 +175,19 @@ def challenge_infer(
     encoder_backend: str = "torch",
     encoder_batch_size: int = 1,
     encoder_cache_dir: str | None = None,
+    slice_step: int = 1,
 ) -> None:
     """Segment a folder of CVPR 2024 challenge cases (``imgs/*.npz``) with LiteMedSAM; ``timing.csv`` beside them.
 
     ``--encoder_backend`` (torch, torch-bf16, onnxruntime, openvino, openvino-bf16 or auto: the fastest
     here, measured once) runs the image encoder, ``--encoder_batch_size`` slices per call.
+    ``--slice_step N`` (N > 1) propagates N slices at a time where the masks agree and fills the
+    slices between by interpolation (fewer slices encoded; the ends and fast-changing stretches
+    still slice by slice); 1, the default, segments every slice as the challenge's baseline.
     A broken case is reported (exit code 1 at the end) and the others still run.
     """
-    challenge.case_files(input_dir)  # a wrong folder fails before the model loads (and auto measures)
+    challenge.case_files(input_dir)  # a wrong folder or option fails before the model loads (and auto measures)
+    check_slice_step(slice_step)
     model = encoder_choice.lite_medsam(
         encoder_backend,
         device=device,
@@ -189,7 +195,9 @@ def challenge_infer(
         cache_dir=encoder_cache_dir,
         encoder_batch_size=encoder_batch_size,
     )
-    runs = challenge.infer_folder(input_dir, output_dir, model=model, on_empty=on_empty, min_iou=min_iou)
+    runs = challenge.infer_folder(
+        input_dir, output_dir, model=model, on_empty=on_empty, min_iou=min_iou, slice_step=slice_step
+    )
     for run in runs:
         print(json.dumps(run.__dict__))
         if run.status != "ok":

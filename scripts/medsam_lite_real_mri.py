@@ -37,6 +37,7 @@ def main(
     min_voxels: int = 100,
     min_voxels_3d: int = 1000,
     three_d: bool = True,
+    slice_step: int = 1,
     device: str = "cpu",
     precision: str = "fp32",
     output: str | None = None,
@@ -50,6 +51,8 @@ def main(
         min_voxels: a region is boxed on a slice with at least this many voxels there.
         min_voxels_3d: regions with fewer voxels in the volume are left out of the 3D part.
         three_d: also run the 3D part.
+        slice_step: the 3D part's propagation step where masks agree (1: every slice; see
+            ``LiteMedSAM.segment_volume``).
         device, precision: where LiteMedSAM runs.
         output: JSON file for every number.
     """
@@ -83,7 +86,7 @@ def main(
     overall = result["2d"]["overall"]
     print(f"{'2D, all slices':>22} {overall['n']:>8} {_fmt(overall['mean']):>7} {_fmt(overall['median']):>7}")
     if three_d:
-        result["3d"] = evaluate_volume(model, image, atlas, names, regions, min_voxels_3d)
+        result["3d"] = evaluate_volume(model, image, atlas, names, regions, min_voxels_3d, slice_step=slice_step)
         overall = result["3d"]["overall"]
         print(f"{'3D, propagated':>22} {overall['n']:>8} {_fmt(overall['mean']):>7} {_fmt(overall['median']):>7}")
     result["seconds"] = round(time.perf_counter() - start, 1)

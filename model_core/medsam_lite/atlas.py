@@ -24,17 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from model_core.io.validation import InputError
-from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, box_from_mask
+from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, box_from_mask, dice
 from model_core.medsam_lite.volume import normalize_intensity, volume_slices
 
 __all__ = ["dice", "evaluate_slices", "evaluate_volume", "evenly_spaced_slices", "slice_box_masks", "summary"]
-
-
-def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice ``2|P ∩ R| / (|P| + |R|)`` of two boolean masks; 1.0 when both are empty."""
-    p, r = np.asarray(prediction, bool), np.asarray(reference, bool)
-    total = int(p.sum()) + int(r.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -117,11 +110,13 @@ def evaluate_volume(
     regions: Sequence[str] | None = None,
     min_voxels: int = 1000,
     modality: str = "MRI",
+    slice_step: int = 1,
 ) -> dict[str, Any]:
     """3D: each region from its 3D bounding box, propagated from the middle slice; Dice per region, mean and median.
 
     Args:
         min_voxels: regions with fewer voxels in the volume are left out.
+        slice_step: propagation's step where masks agree (see :meth:`LiteMedSAM.segment_volume`).
 
     Returns:
         ``{"regions": {name: {"dice", "slices", "reference_slices"}}, "overall": {...}, "encoded_slices", "seconds"}``.
@@ -141,7 +136,7 @@ def evaluate_volume(
         if x.min() == x.max() or y.min() == y.max():
             continue
         box = (int(x.min()), int(y.min()), int(z.min()), int(x.max()), int(y.max()), int(z.max()))
-        seg = model.segment_volume(stack, box, embeddings=embeddings)
+        seg = model.segment_volume(stack, box, embeddings=embeddings, slice_step=slice_step)
         out[name] = {
             "dice": dice(seg.mask, reference),
             "slices": len(seg.slices),

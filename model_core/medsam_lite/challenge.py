@@ -55,7 +55,7 @@ from monai.metrics import compute_dice, compute_surface_dice
 
 from model_core.io.files import atomic_path
 from model_core.io.validation import InputError
-from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, check_box
+from model_core.medsam_lite.model import LiteMedSAM, SliceEmbedding, check_box, check_slice_step
 
 __all__ = [
     "NSD_MIN_DSC",
@@ -244,7 +244,9 @@ def load_case(path: str | os.PathLike) -> ChallengeCase:
     return ChallengeCase(case, image, boxes, is_3d, data.get("spacing"))
 
 
-def _segment(model: LiteMedSAM, case: ChallengeCase, on_empty: str, min_iou: float | None) -> np.ndarray:
+def _segment(
+    model: LiteMedSAM, case: ChallengeCase, on_empty: str, min_iou: float | None, slice_step: int = 1
+) -> np.ndarray:
     """Labels ``(H, W)`` or ``(D, H, W)``: box ``i`` (1-based) writes ``i`` where its mask is."""
     dtype = np.uint8 if len(case.boxes) < 256 else np.uint16
     segs = np.zeros(case.label_shape, dtype=dtype)
@@ -252,7 +254,9 @@ def _segment(model: LiteMedSAM, case: ChallengeCase, on_empty: str, min_iou: flo
         embeddings: dict[int, SliceEmbedding] = {}  # boxes of one volume share its slices' embeddings
         for i, box in enumerate(case.boxes, start=1):
             segs[
-                model.segment_volume(case.image, box, on_empty=on_empty, embeddings=embeddings, min_iou=min_iou).mask
+                model.segment_volume(
+                    case.image, box, on_empty=on_empty, embeddings=embeddings, min_iou=min_iou, slice_step=slice_step
+                ).mask
             ] = i
     else:
         embedding = model.embed(case.image)
@@ -267,6 +271,7 @@ def infer_case(
     output_dir: str | os.PathLike,
     on_empty: str = "stop",
     min_iou: float | None = None,
+    slice_step: int = 1,
 ) -> CaseRun:
     """Segment one case's boxes and write ``output_dir/<case>.npz`` (key ``segs``).
 
@@ -277,12 +282,14 @@ def infer_case(
         path: the case's npz.
         output_dir: where the result goes.
         on_empty, min_iou: 3D propagation's stopping rule (see :meth:`LiteMedSAM.segment_volume`).
+        slice_step: 3D propagation's step where consecutive masks agree (1: every slice; see
+            :meth:`LiteMedSAM.segment_volume`).
     """
     start = time.perf_counter()
     case = _case_name(path)
     try:
         loaded = load_case(path)
-        segs = _segment(model, loaded, on_empty, min_iou)
+        segs = _segment(model, loaded, on_empty, min_iou, slice_step)
         with atomic_path(Path(output_dir) / f"{case}.npz", suffix=".npz") as tmp:
             np.savez_compressed(tmp, segs=segs)
     except InputError as e:
@@ -324,6 +331,7 @@ def infer_folder(
     precision: str = "fp32",
     on_empty: str = "stop",
     min_iou: float | None = None,
+    slice_step: int = 1,
 ) -> list[CaseRun]:
     """Segment every ``input_dir/*.npz`` into ``output_dir`` and write ``output_dir/timing.csv``.
 
@@ -333,6 +341,8 @@ def infer_folder(
         model: default :meth:`LiteMedSAM.from_package` on ``device`` with ``precision``.
         on_empty, min_iou: 3D propagation's stopping rule within each box's z-range (``"stop"``, or the
             baseline's ``"box"``; see :meth:`LiteMedSAM.segment_volume`).
+        slice_step: slices per propagation step where consecutive masks agree, the slices between filled by
+            interpolation (1: every slice segmented, the baseline's rule).
 
     Returns:
         One :class:`CaseRun` per case, sorted by name.
@@ -344,7 +354,8 @@ def infer_folder(
     model = model or LiteMedSAM.from_package(device=device, precision=precision)
     if on_empty not in ("stop", "box"):
         raise InputError(f"on_empty must be 'stop' or 'box', got {on_empty!r}.")
-    runs = [infer_case(model, p, output_dir, on_empty=on_empty, min_iou=min_iou) for p in paths]
+    check_slice_step(slice_step)
+    runs = [infer_case(model, p, output_dir, on_empty, min_iou, slice_step) for p in paths]
     _write_csv(Path(output_dir) / TIMING_FILE, (asdict(r) for r in runs), ("case", "seconds", "status", "error"))
     return runs
 

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from model_core.io.validation import InputError
-from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, SliceEmbedding
+from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, SliceEmbedding, check_slice_step
 
 __all__ = [
     "BOX_FILE_COLUMNS",
@@ -183,6 +183,7 @@ def segment_structures(
     percentiles: Sequence[float] = MRI_PERCENTILES,
     min_iou: float = STOP_IOU,
     dtype: Any = np.uint16,
+    slice_step: int = 1,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Segment each structure from its box; one label map on the volume's own grid.
 
@@ -195,14 +196,17 @@ def segment_structures(
         structures: their prompts are checked against the volume first (nothing runs on a bad one).
         modality, window, percentiles: see :func:`normalize_intensity`.
         min_iou: the stopping rule of a prompt without a slice range.
+        slice_step: propagation's step where masks agree, the slices between filled by interpolation
+            (1: every slice; see :meth:`LiteMedSAM.segment_volume`).
 
     Returns:
-        ``(label (I, J, K) of dtype, info)``; info has per structure the slices segmented,
-        why propagation stopped, the mean predicted IoU, and ``encoded_slices`` / ``seconds`` in all.
+        ``(label (I, J, K) of dtype, info)``; info has per structure the slices segmented and those
+        filled, why propagation stopped, the mean predicted IoU, and ``encoded_slices`` / ``seconds`` in all.
 
     Raises:
         InputError: a prompt outside the volume (naming the structure).
     """
+    slice_step = check_slice_step(slice_step)
     slices = volume_slices(volume)
     for s in structures:
         s.prompt.check(np.shape(volume), f"structure {s.name!r}")
@@ -219,7 +223,7 @@ def segment_structures(
             result = model.segment_slice(embeddings[p.slice], p.box)
             mask = np.zeros(slices.shape, dtype=bool)
             mask[p.slice] = result.mask
-            done = {"slices": [p.slice], "stopped": {}, "iou": round(result.iou, 4)}
+            done = {"slices": [p.slice], "filled": [], "stopped": {}, "iou": round(result.iou, 4)}
         else:
             seg = model.segment_volume(
                 stack,
@@ -228,9 +232,15 @@ def segment_structures(
                 z_range=p.slice_range,
                 embeddings=embeddings,
                 min_iou=None if p.slice_range is not None else min_iou,
+                slice_step=slice_step,
             )
             mask = seg.mask
-            done = {"slices": sorted(seg.slices), "stopped": seg.stopped, "iou": round(float(np.nanmean(seg.iou)), 4)}
+            done = {
+                "slices": sorted(set(seg.slices)),
+                "filled": sorted(seg.filled),
+                "stopped": seg.stopped,
+                "iou": round(float(np.nanmean(seg.iou)), 4),
+            }
         label[mask] = s.value
         per_structure[s.name] = {**done, "voxels": int(mask.sum())}
     info = {

@@ -33,7 +33,7 @@ from monai.metrics import DiceMetric
 
 from model_core.io.files import atomic_path, volume_stem
 from model_core.io.validation import InputError, as_3d, load_volume
-from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM
+from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, check_slice_step
 from model_core.medsam_lite.volume import (
     CT_WINDOW,
     MRI_PERCENTILES,
@@ -63,6 +63,8 @@ class BoxInference:
         modality, window, percentiles: MedSAM's intensity rule
         (:func:`~model_core.medsam_lite.volume.normalize_intensity`).
         min_iou: stopping rule of a box without slice range (none in files or labels: kept for completeness).
+        slice_step: propagation's step where masks agree, the slices between filled by interpolation (1: every
+            slice; see :meth:`~model_core.medsam_lite.model.LiteMedSAM.segment_volume`).
     """
 
     def __init__(
@@ -75,11 +77,13 @@ class BoxInference:
         window: Sequence[float] = CT_WINDOW,
         percentiles: Sequence[float] = MRI_PERCENTILES,
         min_iou: float = STOP_IOU,
+        slice_step: int = 1,
     ):
         self.model, self.output_dir = model, Path(output_dir)
         self.boxes = read_box_file(boxes_file) if boxes_file else None
         self.structures = None if structures is None else {str(k): int(v) for k, v in dict(structures).items()}
         self.modality, self.window, self.percentiles, self.min_iou = modality, window, percentiles, min_iou
+        self.slice_step = check_slice_step(slice_step)
 
     def _structures(self, image: str, label: np.ndarray | None) -> list[Structure]:
         if self.boxes is not None:
@@ -143,7 +147,15 @@ class BoxInference:
                 )
         structures = self._structures(image, reference)
         label, info = segment_structures(
-            self.model, volume, structures, self.modality, self.window, self.percentiles, self.min_iou, dtype=np.int16
+            self.model,
+            volume,
+            structures,
+            self.modality,
+            self.window,
+            self.percentiles,
+            self.min_iou,
+            dtype=np.int16,
+            slice_step=self.slice_step,
         )
         out = self.output_dir / f"{volume_stem(image)}_seg.nii.gz"
         with atomic_path(out, ".nii.gz") as tmp:

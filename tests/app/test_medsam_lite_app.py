@@ -96,6 +96,16 @@ def test_slicer_roi_segments_the_object_in_the_image_space(study):
     )
 
 
+def test_a_slice_step_is_taken_from_the_request_and_reported(study):
+    obj = study["object"]
+    i, j, k = np.nonzero(obj)
+    roi = [int(i.min()) - 2, int(i.max()) + 2, int(j.min()) - 2, int(j.max()) + 2, int(k.min()), int(k.max())]
+    label, _, info = _infer(study, {"roi": roi, "label": "object", "slice_step": 2})
+    assert info["slice_step"] == 2 and not set(info["filled_slices"]) & set(info["segmented_slices"])
+    assert sorted(info["segmented_slices"] + info["filled_slices"]) == list(range(roi[4], roi[5] + 1))
+    assert _dice(label == 1, obj) > 0.8, info
+
+
 def test_ohif_box_on_one_slice(study):
     obj = study["object"][:, :, 2]
     i, j = np.nonzero(obj)

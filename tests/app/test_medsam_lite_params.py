@@ -21,6 +21,8 @@ from model_core.io.validation import InputError
         ({"box": [1, 5, 9, 8]}, "box needs slice"),
         ({}, "give exactly one prompt"),
         ({"roi": [1, 3, 4, 6, 0, 2], "box": [1, 5, 9, 8], "slice": 0}, "give exactly one prompt"),
+        ({"roi": [1, 3, 4, 6, 0, 2], "slice_step": 0}, "params.slice_step: Input should be greater than or equal to 1"),
+        ({"roi": [1, 3, 4, 6, 0, 2], "slice_step": "2"}, "params.slice_step: Input should be a valid integer"),
     ],
 )
 def test_bad_boxes_are_422_naming_the_field(raw, words):
@@ -38,11 +40,13 @@ def test_good_boxes_parse():
 def test_settings_are_checked_at_start_up():
     s = medsam_lite_settings({"device": "cpu", "modality": "MR", "precision": "fp32"})
     assert s["modality"] == "MRI" and s["checkpoint"] is None and s["window"] == [-200.0, 300.0]
+    assert s["slice_step"] == 1 and medsam_lite_settings({"medsam_lite_slice_step": "3"})["slice_step"] == 3
     for conf, words in [
         ({"percentiles": "[1, 200]"}, "percentiles"),
         ({"modality": "PET"}, "modality"),
         ({"window": "[5, 1]"}, "window"),
         ({"medsam_lite_checkpoint": "/no/such.pt"}, "medsam_lite_checkpoint"),
+        ({"medsam_lite_slice_step": "0"}, "medsam_lite_slice_step must be a whole number of at least 1"),
     ]:
         with pytest.raises(ValueError, match=words):
             medsam_lite_settings({"device": "cpu", **conf})

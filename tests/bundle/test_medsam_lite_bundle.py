@@ -133,6 +133,10 @@ def test_boxes_from_a_csv_then_from_labels_with_dice(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     print(f"\nmedsam_lite bundle, boxes from labels: {summary['dice']}")
+
+    # the propagation's slice step reaches the inferer, checked before any case runs
+    result = _run(tmp_path, "--images", json.dumps([other]), "--labels", json.dumps([other_gt]), "--slice_step", "0")
+    assert result.returncode != 0 and "slice_step must be a whole number of at least 1, got 0" in result.stderr
     assert (
         summary["failed"] == [] and summary["dice"]["disc"]["mean"] > 0.85 and summary["dice"]["square"]["mean"] > 0.85
     )

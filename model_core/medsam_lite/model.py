@@ -52,6 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms.utils import distance_transform_edt
 
 from model_core.io.validation import InputError
 from model_core.medsam_lite.backends import (
@@ -256,12 +257,14 @@ def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int) -> np.nda
     the overlap). Meant for masks that overlap, as one structure's masks a few slices apart do:
     two masks far apart do not slide across (the blend thins to nothing between them), which
     is one reason :meth:`LiteMedSAM.segment_volume` fills only between masks that agree.
+
+    Why here: MONAI has the distance transform (used below), not an interpolation between masks.
     """
-    from scipy.ndimage import distance_transform_edt
 
     def signed_distance(mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask, dtype=bool)
-        return distance_transform_edt(~mask) - distance_transform_edt(mask)
+        masks = np.stack([~np.asarray(mask, dtype=bool), np.asarray(mask, dtype=bool)])  # (2, H, W): outside, inside
+        outside, inside = distance_transform_edt(masks.astype(np.float32))  # MONAI: channel-first
+        return outside - inside
 
     d_first, d_last = signed_distance(first), signed_distance(last)
     t = (np.arange(1, int(count) + 1, dtype=np.float64) / (int(count) + 1))[:, None, None]

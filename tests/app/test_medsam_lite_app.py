@@ -29,6 +29,17 @@ def _volume() -> tuple[np.ndarray, np.ndarray]:
     return image.astype(np.int16), ellipsoid
 
 
+def _column() -> tuple[np.ndarray, np.ndarray]:
+    """A bright column of constant radius on slices 1-7 of 9: masks that agree from slice to slice."""
+    rng = np.random.default_rng(1)
+    shape = (*SHAPE[:2], 9)
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    column = (((i - 35) / 14.0) ** 2 + ((j - 40) / 12.0) ** 2 <= 1) & (k >= 1) & (k <= 7)
+    image = 100 + 10 * rng.standard_normal(shape)
+    image[column] = 400
+    return image.astype(np.int16), column
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("medsam_lite_app")
@@ -38,6 +49,8 @@ def study(tmp_path_factory):
     affine = np.diag([-0.9, -0.9, 3.0, 1.0])  # LPS-like flips and thick slices: the label must come back on this grid
     affine[:3, 3] = [40.0, 30.0, -10.0]
     nib.save(nib.Nifti1Image(image, affine), str(studies / "bright.nii.gz"))
+    column_image, column = _column()
+    nib.save(nib.Nifti1Image(column_image, affine), str(studies / "column.nii.gz"))
     server = Server(
         studies,
         {
@@ -57,6 +70,7 @@ def study(tmp_path_factory):
         "root": root,
         "server": server,
         "object": obj,
+        "column": column,
         "affine": nib.load(str(studies / "bright.nii.gz")).affine,
         "client": MONAILabelClient(server.url, tmpdir=str(root / "client"), client_id="tester"),
     }
@@ -67,8 +81,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-def _infer(study, params):
-    path, info = study["client"].infer("medsam_lite", "bright", params)
+def _infer(study, params, image="bright"):
+    path, info = study["client"].infer("medsam_lite", image, params)
     img = LoadImage(image_only=True)(str(path))  # NIfTI (Slicer) or NRRD (OHIF)
     return np.asarray(img), np.asarray(img.affine), json.loads(info) if isinstance(info, (str, bytes)) else info
 
@@ -97,11 +111,13 @@ def test_slicer_roi_segments_the_object_in_the_image_space(study):
 
 
 def test_a_slice_step_is_taken_from_the_request_and_reported(study):
-    obj = study["object"]
+    """A column over slices 1-7: with steps of 2, the slices between agreeing masks are filled, not encoded."""
+    obj = study["column"]
     i, j, k = np.nonzero(obj)
     roi = [int(i.min()) - 2, int(i.max()) + 2, int(j.min()) - 2, int(j.max()) + 2, int(k.min()), int(k.max())]
-    label, _, info = _infer(study, {"roi": roi, "label": "object", "slice_step": 2})
+    label, _, info = _infer(study, {"roi": roi, "label": "object", "slice_step": 2}, "column")
     assert info["slice_step"] == 2 and not set(info["filled_slices"]) & set(info["segmented_slices"])
+    assert info["filled_slices"] and info["encoded_slices"] < roi[5] - roi[4] + 1
     assert sorted(info["segmented_slices"] + info["filled_slices"]) == list(range(roi[4], roi[5] + 1))
     assert _dice(label == 1, obj) > 0.8, info
 

@@ -122,7 +122,7 @@ class LiteMedSAMRunner:
                 )
             structure = Structure(label, self.labels[label], self.prompt(params, volume.shape))
             s = self.settings
-            slice_step = params.slice_step or s.get("slice_step", 1)
+            slice_step = params.slice_step if params.slice_step is not None else s["slice_step"]
             array, info = run_on_model_thread(self._segment_model, volume, structure, slice_step)
         run = info["structures"][label]
         info = {

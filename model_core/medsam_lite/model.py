@@ -66,6 +66,7 @@ from model_core.medsam_lite.backends import (
 __all__ = [
     "EMBEDDING_SHAPE",
     "FILL_MIN_DICE",
+    "FILL_MIN_INSIDE",
     "MODEL_SIZE",
     "ON_EMPTY",
     "PROPAGATION_MARGIN",
@@ -82,8 +83,10 @@ __all__ = [
     "check_box",
     "check_slice_step",
     "dice",
+    "extrapolate_box",
     "interpolate_masks",
     "load_package_network",
+    "masks_agree",
 ]
 
 #: side of LiteMedSAM's square input grid (pixels)
@@ -98,6 +101,9 @@ ON_EMPTY = ("stop", "box")
 #: with ``slice_step`` above 1, two segmented slices whose masks agree at least this well (Dice) have the
 #: slices between them filled by interpolation; below it, those slices are segmented one by one
 FILL_MIN_DICE = 0.85
+#: ... or whose farther mask lies at least this much (fraction of its pixels) inside the nearer one: the
+#: structure narrows towards its end, where consecutive masks differ too much in size for the Dice rule
+FILL_MIN_INSIDE = 0.95
 #: a predicted IoU that separates LiteMedSAM's masks on a structure from those where it has ended
 #: (see ``min_iou`` of :meth:`LiteMedSAM.segment_volume`)
 STOP_IOU = 0.9
@@ -247,6 +253,23 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
 
 
+def masks_agree(near: np.ndarray, far: np.ndarray, min_dice: float, min_inside: float | None = None) -> bool:
+    """Whether two masks of one structure a few slices apart agree well enough to fill the slices between.
+
+    They agree when their Dice is at least ``min_dice``, or when ``far`` (the one farther from
+    where propagation started) is not empty and at least ``min_inside`` of its pixels lie inside
+    ``near``: near a structure's end its outline shrinks faster than any Dice threshold between
+    slices allows, and a far mask inside the near one is that narrowing, not a different object.
+    ``min_inside`` None: the Dice rule only.
+    """
+    if dice(near, far) >= min_dice:
+        return True
+    if min_inside is None:
+        return False
+    far_pixels = int(np.count_nonzero(far))
+    return far_pixels > 0 and int(np.count_nonzero(np.logical_and(near, far))) >= min_inside * far_pixels
+
+
 def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int) -> np.ndarray:
     """Shape-based interpolation: ``count`` masks evenly between two ``(H, W)`` bool masks -> ``(count, H, W)`` bool.
 
@@ -277,6 +300,25 @@ def box_from_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     if rows.size == 0:
         return None
     return int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
+
+
+def extrapolate_box(
+    before: Sequence[float], last: Sequence[float], gap: int, steps: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """The box ``steps`` slices past ``last``, each side moved on as it moved over the ``gap`` slices from ``before``.
+
+    Boxes are ``(x0, y0, x1, y1)`` pixel indices of an ``(H, W)`` slice. Sides that cross (the
+    structure is ending) meet halfway, leaving a box of no width there (the caller widens it);
+    the result is clipped to the slice. Why: a box several slices ahead widened on every side by the gap is too loose
+    where the structure narrows, and LiteMedSAM then segments more than the structure.
+    """
+    first, latest = np.asarray(before, dtype=np.float64), np.asarray(last, dtype=np.float64)
+    ahead = latest + (latest - first) * (int(steps) / int(gap))
+    low, high = ahead[:2], ahead[2:]
+    crossed = low > high  # the structure has ended there: a point where the sides met, widened later
+    low, high = np.where(crossed, (low + high) / 2, low), np.where(crossed, (low + high) / 2, high)
+    limit = np.array([shape[1] - 1, shape[0] - 1], dtype=np.float64)
+    return np.concatenate([np.clip(low, 0, limit), np.clip(high, 0, limit)])
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -412,6 +454,7 @@ class LiteMedSAM:
         min_iou: float | None = None,
         slice_step: int = 1,
         fill_min_dice: float = FILL_MIN_DICE,
+        fill_min_inside: float | None = FILL_MIN_INSIDE,
     ) -> VolumeSegmentation:
         """Segment one structure through a volume from one box (the challenge's 3D rule).
 
@@ -420,14 +463,16 @@ class LiteMedSAM:
         256 grid.
 
         With ``slice_step`` s above 1, a direction steps to the next slice whose index is a
-        multiple of s (so several boxes of one volume share their encoded slices), prompted by
-        the last mask's box widened by ``margin`` times the step. Where the two masks agree
-        (Dice at least ``fill_min_dice``) the slices between are filled by
-        :func:`interpolate_masks`, without encoding them. Where they do not, or the step's mask
-        is empty (the structure may end in between), the step's answer is dropped and the
-        slices up to it are segmented one by one, as with s = 1: the structure's ends and
-        fast-changing stretches are found as the full pass finds them. The encoder is most of
-        the time, so the time falls about as the slices encoded.
+        multiple of s (so several boxes of one volume share their encoded slices). The step's
+        prompt follows the structure's trend: each side of the last mask's box moves on as it
+        moved from the mask before (:func:`extrapolate_box`), widened by ``margin``; the first
+        step, with no mask before, widens the last box by ``margin`` times the step. Where the
+        two masks agree (:func:`masks_agree`: Dice at least ``fill_min_dice``, or the step's mask
+        at least ``fill_min_inside`` inside the last one, as near a structure's end) the slices
+        between are filled by :func:`interpolate_masks`, without encoding them. Where they do
+        not, or the step's mask is empty (the structure may end in between), the step's answer
+        is dropped and the slices up to it are segmented one by one, as with s = 1. The encoder
+        is most of the time, so the time falls about as the slices encoded.
 
         Args:
             volume: ``(D, H, W)`` real intensities, scaled to [0, 1] per slice (see :meth:`prepare`).
@@ -455,6 +500,8 @@ class LiteMedSAM:
                 separates those. None: only an empty mask stops (the challenge's rule, with its z-range).
             slice_step: slices per step where masks agree (1: every slice is segmented, the challenge's rule).
             fill_min_dice: the agreement (Dice of the two masks) that lets a step's slices be filled.
+            fill_min_inside: the fraction of the step's mask inside the last mask that also lets them be
+                filled (None: the Dice rule only).
 
         Returns:
             The ``(D, H, W)`` mask and what ran.
@@ -463,7 +510,7 @@ class LiteMedSAM:
             InputError: the volume is not ``(D, H, W)``; the box is reversed, of zero size or
                 outside the slice; ``z`` or ``z_range`` outside the volume, reversed, or ``z``
                 outside ``z_range``; an unknown ``on_empty``; ``slice_step`` below 1 or ``fill_min_dice``
-                outside [0, 1].
+                outside [0, 1], or ``fill_min_inside`` outside (0, 1].
         """
         array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
         if array.ndim != 3:
@@ -474,6 +521,8 @@ class LiteMedSAM:
         slice_step = check_slice_step(slice_step)
         if not 0 <= float(fill_min_dice) <= 1:
             raise InputError(f"fill_min_dice must be a number in [0, 1], got {fill_min_dice!r}.")
+        if fill_min_inside is not None and not 0 < float(fill_min_inside) <= 1:
+            raise InputError(f"fill_min_inside must be a number in (0, 1], got {fill_min_inside!r}.")
         if min_iou is not None and (on_empty != "stop" or not 0 <= float(min_iou) <= 1):
             raise InputError(
                 f"min_iou must be a number in [0, 1] used with on_empty='stop', got {min_iou!r} with "
@@ -526,10 +575,18 @@ class LiteMedSAM:
                 mask[k] = False  # the model is unsure: the structure has ended here
             return bool(mask[k].any())
 
+        came_from: dict[int, int] = {}  # a propagated slice -> the slice its mask was found from
+
         def prompt(k: int, steps: int) -> np.ndarray | None:
             """The box that slice ``k``'s mask gives a slice ``steps`` away (None: the given box)."""
-            previous = box_from_mask(mask[k])
-            return None if previous is None else self._widened(previous, embeddings[z], margin * steps)
+            last = box_from_mask(mask[k])
+            if last is None:
+                return None
+            before = box_from_mask(mask[came_from[k]]) if steps > 1 and k in came_from else None
+            if before is None:
+                return self._widened(last, embeddings[z], margin * steps)
+            ahead = extrapolate_box(before, last, abs(k - came_from[k]), steps, (H, W))
+            return self._widened(ahead, embeddings[z], margin)
 
         def next_slice(k: int, step: int, end: int) -> int:
             if slice_step == 1:
@@ -554,17 +611,19 @@ class LiteMedSAM:
                 target = next_slice(k, step, end)
                 gap = abs(target - k)
                 found = run(target, prompt(k, gap), path(k, step, end))
-                if gap > 1 and found and dice(mask[k], mask[target]) >= fill_min_dice:
+                if gap > 1 and found and masks_agree(mask[k], mask[target], fill_min_dice, fill_min_inside):
                     between = range(k + step, target, step)
                     filled = interpolate_masks(mask[k], mask[target], gap - 1)
                     mask[list(between)] = filled
                     result.filled.extend(between)
+                    came_from[target] = k
                     k = target
                     continue
                 if gap > 1:  # the structure may end or change in between: segment up to target one by one
                     mask[target], iou[target] = False, np.nan
                     for j in range(k + step, target + step, step):
                         found = run(j, prompt(j - step, 1), range(j, target + step, step))
+                        came_from[j] = j - step
                         if not found and on_empty == "stop":
                             break
                 k = target
@@ -576,7 +635,7 @@ class LiteMedSAM:
         return result
 
     @staticmethod
-    def _widened(box: tuple[int, int, int, int], embedding: SliceEmbedding, margin: float) -> np.ndarray:
+    def _widened(box: Sequence[float], embedding: SliceEmbedding, margin: float) -> np.ndarray:
         """A mask's pixel-index box on the 256 grid, ``margin`` wider each side, clipped to the resized slice."""
         h, w = embedding.resized_size
         x0, y0, x1, y1 = np.asarray(box, dtype=np.float64) * embedding.scale

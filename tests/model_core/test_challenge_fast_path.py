@@ -91,10 +91,12 @@ def test_bf16_encoder_in_batches_answers_as_the_slow_path(case):
 
 
 @pytest.mark.slow
-def test_a_slice_step_fills_where_masks_agree_and_segments_the_ends_slice_by_slice(tmp_path):
-    """``slice_step`` 3 on a structure over 16 slices: fewer slices run, the same ends, Dice at least 0.98 against
-    the full pass (0.9965 measured, 13 of 16 slices run); the steps land on multiples of 3; with
-    ``fill_min_dice`` 1 nothing is filled and it is the full pass."""
+def test_a_slice_step_fills_where_masks_agree_or_narrow_and_keeps_the_ends(tmp_path):
+    """``slice_step`` 3 on a structure over 16 slices: fewer slices run, the same ends. Measured: 8 of 16 slices
+    run, Dice 0.983 against the full pass and 0.981 against the truth (the full pass: 0.992), 0.97 required;
+    with the Dice rule only (``fill_min_inside`` None) the narrowing ends run slice by slice: 13 slices, Dice
+    0.9965 against the full pass, 0.99 required. The steps land on multiples of 3; with nothing agreeing,
+    nothing is filled and it is the full pass."""
     write_phantom_cases(tmp_path, cases=1, extent=(16, 16), size=256, seed=2)
     case = challenge.load_case(tmp_path / "imgs" / "3D_phantom_000.npz")
     truth = np.load(tmp_path / "gts" / "3D_phantom_000.npz")["gts"] > 0
@@ -111,7 +113,11 @@ def test_a_slice_step_fills_where_masks_agree_and_segments_the_ends_slice_by_sli
     assert np.isnan(stepped.iou[stepped.filled]).all()
     ends = [np.flatnonzero(r.mask.any(axis=(1, 2)))[[0, -1]].tolist() for r in (full, stepped)]
     assert ends[0] == ends[1]
-    assert _dice(stepped.mask, full.mask) >= 0.98 and _dice(stepped.mask, truth) >= 0.98
+    assert _dice(stepped.mask, full.mask) >= 0.97 and _dice(stepped.mask, truth) >= 0.97
+
+    by_dice = model.segment_volume(case.image, case.boxes[0], embeddings=embeddings, slice_step=3, fill_min_inside=None)
+    assert len(set(stepped.slices)) < len(set(by_dice.slices)) < len(full.slices)
+    assert _dice(by_dice.mask, full.mask) >= 0.99
 
     # every step trusted: the box's slice, then multiples of 3 up and down, and the z-range's ends
     z_lo, z_hi = int(case.boxes[0][2]), int(case.boxes[0][5])
@@ -122,7 +128,9 @@ def test_a_slice_step_fills_where_masks_agree_and_segments_the_ends_slice_by_sli
     assert trusting.slices == [z, *up, *down]
     assert sorted(trusting.slices + trusting.filled) == list(range(z_lo, z_hi + 1))
 
-    strict = model.segment_volume(case.image, case.boxes[0], embeddings=embeddings, slice_step=3, fill_min_dice=1)
+    strict = model.segment_volume(
+        case.image, case.boxes[0], embeddings=embeddings, slice_step=3, fill_min_dice=1, fill_min_inside=None
+    )
     assert strict.filled == [] and np.array_equal(strict.mask, full.mask)
 
     # through the folder runner, as icl-sam2 challenge infer --slice_step 3: fewer slices encoded, the same answer

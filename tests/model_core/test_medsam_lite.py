@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from model_core.io.validation import InputError
-from model_core.medsam_lite.model import STOP_IOU, LiteMedSAM, box_from_mask, interpolate_masks, load_package_network
+from model_core.medsam_lite.model import (
+    STOP_IOU,
+    LiteMedSAM,
+    box_from_mask,
+    extrapolate_box,
+    interpolate_masks,
+    load_package_network,
+    masks_agree,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +90,52 @@ def test_interpolated_masks_move_the_outline_from_one_contour_to_the_other():
     assert disk(40, 8).sum() < areas[0] < areas[1] < areas[2] < disk(48, 16).sum()
     same = interpolate_masks(disk(40, 9), disk(40, 9), 2)
     assert np.array_equal(same[0], disk(40, 9)) and np.array_equal(same[1], disk(40, 9))
+
+
+def test_masks_agree_by_dice_or_by_narrowing_inside_the_nearer_mask():
+    yy, xx = np.mgrid[:64, :96]
+
+    def disk(cx, r):
+        return (yy - 32) ** 2 + (xx - cx) ** 2 <= r * r
+
+    assert masks_agree(disk(40, 16), disk(41, 16), min_dice=0.85)  # Dice 0.96
+    narrowing = disk(40, 8)  # a quarter of the area, all of it inside: Dice 0.4
+    assert _dice(disk(40, 16), narrowing) < 0.5
+    assert masks_agree(disk(40, 16), narrowing, 0.85, min_inside=0.95)
+    assert not masks_agree(disk(40, 16), narrowing, 0.85, min_inside=None)  # the Dice rule only
+    assert not masks_agree(narrowing, disk(40, 16), 0.85, min_inside=0.95)  # growing is not narrowing
+    assert not masks_agree(disk(40, 16), disk(60, 8), 0.85, min_inside=0.95)  # half outside: another place
+    assert not masks_agree(disk(40, 16), np.zeros_like(narrowing), 0.85, min_inside=0.95)
+
+
+def test_extrapolated_boxes_follow_each_side_and_stay_on_the_slice():
+    # each side moved 2 pixels a slice (x0, y0 inwards; x1 outwards, y1 fixed): 3 slices on, 6 more
+    assert extrapolate_box((10, 20, 50, 60), (12, 22, 52, 60), gap=1, steps=3, shape=(64, 96)).tolist() == [
+        18,
+        28,
+        58,
+        60,
+    ]
+    # over a gap of 3 slices the same move is a third as fast
+    assert extrapolate_box((10, 20, 50, 60), (16, 26, 56, 60), gap=3, steps=3, shape=(64, 96)).tolist() == [
+        22,
+        32,
+        62,
+        60,
+    ]
+    # sides that cross (the structure ends) meet halfway; the box is clipped to the (64, 96) slice
+    assert extrapolate_box((10, 10, 30, 30), (18, 18, 22, 22), gap=1, steps=2, shape=(64, 96)).tolist() == [
+        20,
+        20,
+        20,
+        20,
+    ]
+    assert extrapolate_box((60, 10, 90, 60), (70, 20, 95, 63), gap=1, steps=2, shape=(64, 96)).tolist() == [
+        90,
+        40,
+        95,
+        63,
+    ]
 
 
 def test_two_disks_with_tight_boxes_on_one_embedding(model):
@@ -156,6 +210,7 @@ def test_bad_slices_are_refused(model, image, match):
         ({"box": (10, 10, 30, 30), "z": 2, "slice_step": 0}, r"slice_step must be a whole number of at least 1, got 0"),
         ({"box": (10, 10, 30, 30), "z": 2, "slice_step": 1.5}, r"slice_step must be a whole number .* got 1.5"),
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_dice": 2}, r"fill_min_dice must be a number in \[0, 1\], got 2"),
+        ({"box": (10, 10, 30, 30), "z": 2, "fill_min_inside": 0}, r"fill_min_inside must be a number in \(0, 1\]"),
     ],
     ids=[
         "no_z",
@@ -170,6 +225,7 @@ def test_bad_slices_are_refused(model, image, match):
         "slice_step_zero",
         "slice_step_fraction",
         "fill_min_dice",
+        "fill_min_inside",
     ],
 )
 def test_bad_volume_arguments_name_the_argument(model, kwargs, match):

@@ -209,8 +209,8 @@ def test_backend_masks_match_torch_fp32_with_trained_weights(trained_case, name)
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino", "openvino-bf16"])
 def test_exported_box_decoder_matches_torch_and_follows_new_weights(name, tmp_path):
     """LiteMedSAM's box decoder on the exported backends, with its real weights, on a real slice's embedding: logits
-    within 1e-3 of torch fp32 (f32 runtimes; 3e-5 measured) or masks with Dice at least 0.99 (bf16); several boxes
-    at once run in torch; a changed weight is exported again."""
+    within 1e-3 of torch fp32 (3e-5 measured), in float32 also beside a bf16 encoder; several boxes at once run in
+    torch; a changed weight is exported again."""
     from model_core.export.encoders import ExportedLiteMedSAMBackend
     from model_core.medsam_lite.model import LiteMedSAM, load_package_network
 
@@ -225,11 +225,8 @@ def test_exported_box_decoder_matches_torch_and_follows_new_weights(name, tmp_pa
         got, iou = backend.decode(embedding, box)
     assert got.shape == expected.shape == (1, 1, 256, 256) and iou.shape == (1, 1)
     assert int((expected > 0).sum()) > 500  # the structure is found, so agreement is of masks, not of empties
-    if name == "openvino-bf16":
-        assert _dice((got > 0).numpy(), (expected > 0).numpy()) >= 0.99
-    else:
-        assert float((got - expected).abs().max()) < 1e-3 and float((iou - expected_iou).abs().max()) < 1e-3
-    assert backend.describe()["decoder"]["runtime"] == name
+    assert float((got - expected).abs().max()) < 1e-3 and float((iou - expected_iou).abs().max()) < 1e-3
+    assert backend.describe()["decoder"]["runtime"] == ("openvino" if name == "openvino-bf16" else name)
 
     two = torch.cat([box, box + 4])
     assert torch.equal(backend.decode(embedding, two)[0], backend.torch.decode(embedding, two)[0])
@@ -237,5 +234,5 @@ def test_exported_box_decoder_matches_torch_and_follows_new_weights(name, tmp_pa
     with torch.no_grad():  # as a checkpoint loaded later would: the decoder's IoU head changes
         backend.torch.network.mask_decoder.iou_prediction_head.layers[-1].bias += 1.0
     _, moved_iou = backend.torch.decode(embedding, box)
-    assert float((backend.decode(embedding, box)[1] - moved_iou).abs().max()) < (0.05 if "bf16" in name else 1e-3)
+    assert float((backend.decode(embedding, box)[1] - moved_iou).abs().max()) < 1e-3
     assert len(list((tmp_path / "encoders").glob("medsam_lite_decoder-*.onnx"))) == 2

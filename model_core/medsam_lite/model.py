@@ -309,8 +309,9 @@ def extrapolate_box(
 
     Boxes are ``(x0, y0, x1, y1)`` pixel indices of an ``(H, W)`` slice. Sides that cross (the
     structure is ending) meet halfway, leaving a box of no width there (the caller widens it);
-    the result is clipped to the slice. Why: a box several slices ahead widened on every side by the gap is too loose
-    where the structure narrows, and LiteMedSAM then segments more than the structure.
+    the result is clipped to the slice. Why: a box several slices ahead, widened on every side
+    by the gap, is too loose where the structure narrows, and LiteMedSAM then segments more
+    than the structure.
     """
     first, latest = np.asarray(before, dtype=np.float64), np.asarray(last, dtype=np.float64)
     ahead = latest + (latest - first) * (int(steps) / int(gap))

@@ -253,6 +253,11 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
 
 
+def _is_number(value) -> bool:
+    """A real number (not a string, not a bool): what a threshold parameter accepts."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def masks_agree(near: np.ndarray, far: np.ndarray, min_dice: float, min_inside: float | None = None) -> bool:
     """Whether two masks of one structure a few slices apart agree well enough to fill the slices between.
 
@@ -520,9 +525,9 @@ class LiteMedSAM:
         if on_empty not in ON_EMPTY:
             raise InputError(f"on_empty must be one of {ON_EMPTY}, got {on_empty!r}.")
         slice_step = check_slice_step(slice_step)
-        if not 0 <= float(fill_min_dice) <= 1:
+        if not _is_number(fill_min_dice) or not 0 <= float(fill_min_dice) <= 1:
             raise InputError(f"fill_min_dice must be a number in [0, 1], got {fill_min_dice!r}.")
-        if fill_min_inside is not None and not 0 < float(fill_min_inside) <= 1:
+        if fill_min_inside is not None and (not _is_number(fill_min_inside) or not 0 < float(fill_min_inside) <= 1):
             raise InputError(f"fill_min_inside must be a number in (0, 1], got {fill_min_inside!r}.")
         if min_iou is not None and (on_empty != "stop" or not 0 <= float(min_iou) <= 1):
             raise InputError(

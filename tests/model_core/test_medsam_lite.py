@@ -108,34 +108,22 @@ def test_masks_agree_by_dice_or_by_narrowing_inside_the_nearer_mask():
     assert not masks_agree(disk(40, 16), np.zeros_like(narrowing), 0.85, min_inside=0.95)
 
 
-def test_extrapolated_boxes_follow_each_side_and_stay_on_the_slice():
-    # each side moved 2 pixels a slice (x0, y0 inwards; x1 outwards, y1 fixed): 3 slices on, 6 more
-    assert extrapolate_box((10, 20, 50, 60), (12, 22, 52, 60), gap=1, steps=3, shape=(64, 96)).tolist() == [
-        18,
-        28,
-        58,
-        60,
-    ]
-    # over a gap of 3 slices the same move is a third as fast
-    assert extrapolate_box((10, 20, 50, 60), (16, 26, 56, 60), gap=3, steps=3, shape=(64, 96)).tolist() == [
-        22,
-        32,
-        62,
-        60,
-    ]
-    # sides that cross (the structure ends) meet halfway; the box is clipped to the (64, 96) slice
-    assert extrapolate_box((10, 10, 30, 30), (18, 18, 22, 22), gap=1, steps=2, shape=(64, 96)).tolist() == [
-        20,
-        20,
-        20,
-        20,
-    ]
-    assert extrapolate_box((60, 10, 90, 60), (70, 20, 95, 63), gap=1, steps=2, shape=(64, 96)).tolist() == [
-        90,
-        40,
-        95,
-        63,
-    ]
+@pytest.mark.parametrize(
+    "before, last, gap, steps, expected",
+    [
+        # each side moved 2 pixels a slice (x0, y0 inwards; x1 outwards, y1 fixed): 3 slices on, 6 more
+        ((10, 20, 50, 60), (12, 22, 52, 60), 1, 3, [18, 28, 58, 60]),
+        # over a gap of 3 slices the same move is a third as fast
+        ((10, 20, 50, 60), (16, 26, 56, 60), 3, 3, [22, 32, 62, 60]),
+        # sides that cross (the structure ends) meet halfway
+        ((10, 10, 30, 30), (18, 18, 22, 22), 1, 2, [20, 20, 20, 20]),
+        # the box is clipped to the (64, 96) slice
+        ((60, 10, 90, 60), (70, 20, 95, 63), 1, 2, [90, 40, 95, 63]),
+    ],
+    ids=["one_slice_gap", "three_slice_gap", "crossing", "clipped"],
+)
+def test_extrapolated_boxes_follow_each_side_and_stay_on_the_slice(before, last, gap, steps, expected):
+    assert extrapolate_box(before, last, gap=gap, steps=steps, shape=(64, 96)).tolist() == expected
 
 
 def test_two_disks_with_tight_boxes_on_one_embedding(model):
@@ -211,6 +199,8 @@ def test_bad_slices_are_refused(model, image, match):
         ({"box": (10, 10, 30, 30), "z": 2, "slice_step": 1.5}, r"slice_step must be a whole number .* got 1.5"),
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_dice": 2}, r"fill_min_dice must be a number in \[0, 1\], got 2"),
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_inside": 0}, r"fill_min_inside must be a number in \(0, 1\]"),
+        ({"box": (10, 10, 30, 30), "z": 2, "fill_min_inside": "x"}, r"fill_min_inside must be a number .* got 'x'"),
+        ({"box": (10, 10, 30, 30), "z": 2, "fill_min_dice": float("nan")}, r"fill_min_dice must be a number .* nan"),
     ],
     ids=[
         "no_z",
@@ -226,6 +216,8 @@ def test_bad_slices_are_refused(model, image, match):
         "slice_step_fraction",
         "fill_min_dice",
         "fill_min_inside",
+        "fill_min_inside_text",
+        "fill_min_dice_nan",
     ],
 )
 def test_bad_volume_arguments_name_the_argument(model, kwargs, match):

@@ -200,8 +200,10 @@ class AutoImageEncoder:
             self.chosen = TorchImageEncoder("torch")
             self.choice = {"chosen": "torch", "reason": f"{network.device.type}: the network's own modules"}
         else:
-            # not OpenVINO: with the tests' trained tiny weights its CPU plugin (2026.4) computes the lowest FPN
-            # level up to 0.17 away from torch, in f32 and bf16 (tests/model_core/test_encoders.py); by name it runs
+            # not OpenVINO: in bf16 its CPU plugin (2026.4) moves the trained tiny model's lowest FPN level by up to
+            # 0.17 and its masks (tests/model_core/test_encoders.py); in f32 it agrees, but on CPUs with native bf16
+            # (where ``auto`` computes in bf16) torch's bf16 is faster (Hiera-tiny at 512: 158 against 255 ms on an
+            # Intel Xeon with AMX) and its first compile at 512 px takes about 27 s. By name it runs.
             candidates = cpu_candidates(network.compute_precision, openvino=False)
             backends = {
                 n: build_encoder_backend(

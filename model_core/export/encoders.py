@@ -110,7 +110,8 @@ class EncoderSession:
         file: the ``.onnx`` file (one input, the image batch).
         runtime: one of :data:`EXPORTED_RUNTIMES`.
         threads: CPU threads of the runtime.
-        cache_dir: OpenVINO's compiled-model cache (faster second start); None: none.
+        cache_dir: OpenVINO's compiled-model cache (faster second start), one subfolder per inference
+            precision; None: none.
     """
 
     def __init__(self, file: str, runtime: str, threads: int, cache_dir: str | None = None):
@@ -132,10 +133,14 @@ class EncoderSession:
             import openvino as ov
 
             core = ov.Core()
+            hint = "bf16" if runtime == "openvino-bf16" else "f32"
             if cache_dir:
-                core.set_property({"CACHE_DIR": cache_dir})
+                # OpenVINO (2026.4) names a cached blob without the precision hint: on a CPU with AMX-BF16 a bf16
+                # compile then loaded the f32 blob and crashed in its first infer (segmentation fault), and an f32
+                # compile after a bf16 one ran in bf16. One folder per hint keeps them apart.
+                core.set_property({"CACHE_DIR": os.path.join(cache_dir, hint)})
             config = {
-                "INFERENCE_PRECISION_HINT": "bf16" if runtime == "openvino-bf16" else "f32",
+                "INFERENCE_PRECISION_HINT": hint,
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": int(threads),
             }

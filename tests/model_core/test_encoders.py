@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from model_core.export.encoder_choice import CHOICE_FILE, AutoImageEncoder, cpu_candidates
+from model_core.export.encoder_choice import CHOICE_FILE, AutoImageEncoder, cpu_candidates, lite_medsam_backend
 from model_core.export.encoders import runtime_available
 from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.modeling.encoders import ENCODER_BACKENDS, TorchImageEncoder
@@ -49,6 +51,50 @@ def network():
 def slices():
     image, _ = make_phantom((3, 64, 64), seed=5)
     return _rgb(image)
+
+
+#: in a child process, so that a crash fails the test instead of ending the test run
+_SHARED_CACHE_SCRIPT = """
+import json, sys
+import numpy as np
+from model_core.export.encoders import EncoderSession
+file, cache = sys.argv[1], sys.argv[2]
+x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+def run(runtime, folder):
+    return EncoderSession(file, runtime, 2, folder).run(x)[0]
+reference = run("openvino", None)
+out = {}
+for order in (("openvino", "openvino-bf16"), ("openvino-bf16", "openvino")):
+    folder = cache + "/" + "-".join(order)
+    for runtime in order:
+        out[folder + ":" + runtime] = float(np.abs(run(runtime, folder) - reference).max())
+print(json.dumps(out))
+"""
+
+
+def test_openvino_precisions_keep_their_own_compiled_models(tmp_path):
+    """f32 and bf16 compiles of one file share a cache folder in either order: each runs in its own precision.
+
+    OpenVINO names a cached blob without the precision hint: with one folder, an f32 compile after a bf16 one ran in
+    bf16, and on a CPU with AMX-BF16 a bf16 compile after an f32 one crashed in its first inference.
+    """
+    _skip_unless_runnable("openvino-bf16")
+    backend = lite_medsam_backend("onnxruntime", cache_dir=str(tmp_path))  # LiteMedSAM's real encoder (it crashed)
+    backend.encode(torch.rand(1, 3, 256, 256))  # exports it
+    (file,) = backend.runner.files.values()
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARED_CACHE_SCRIPT, file, str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    for key, error in errors.items():
+        if key.endswith(":openvino"):
+            assert error < 1e-5, (key, error)  # float32, not a bf16 blob
+        else:
+            assert error > 1e-4, (key, error)  # bfloat16 indeed
 
 
 @pytest.mark.parametrize("name", FP32_EXPORTED)
@@ -168,12 +214,13 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
 
 
-#: measured with the fp32-trained tiny model (tests/conftest.py): OpenVINO 2026.4's CPU plugin computes the lowest
-#: FPN level (``vision_features``) up to 0.17 away from torch fp32, in f32 and bf16 alike, while the other levels agree
-#: to 1e-6 and onnxruntime, on the same exported file, to 3e-6; the masks then differ (Dice 0.837 on one structure).
-#: At random weights (scripts/benchmark_encoders.py) OpenVINO agrees to 4e-6. A defect to find, kept visible here.
-OPENVINO_DIFFERS = pytest.mark.xfail(
-    strict=True, reason="OpenVINO's lowest FPN level differs from torch with the trained tiny weights (0.17)"
+#: measured with the fp32-trained tiny model (tests/conftest.py): OpenVINO 2026.4's CPU plugin in bf16 moves the
+#: lowest FPN level (``vision_features``) up to 0.17 from torch fp32 (torch's bf16 autocast: 0.04 at random weights),
+#: and the masks differ (Dice 0.908 / 0.996 / 0.902 against torch fp32 on an Intel Xeon with AMX-BF16, 2026-12-05), so
+#: SAM2's ``auto`` leaves OpenVINO out. OpenVINO in f32 agrees (Dice 1.0); it had failed here too while both
+#: precisions shared one compiled-model cache (``EncoderSession``; the test below).
+OPENVINO_BF16_DIFFERS = pytest.mark.xfail(
+    strict=True, reason="OpenVINO's bf16 moves the trained tiny model's lowest FPN level (0.17) and its masks"
 )
 
 
@@ -182,9 +229,9 @@ OPENVINO_DIFFERS = pytest.mark.xfail(
     "name",
     [
         "torch-bf16",
-        pytest.param("openvino-bf16", marks=OPENVINO_DIFFERS),
+        pytest.param("openvino-bf16", marks=OPENVINO_BF16_DIFFERS),
         "onnxruntime",
-        pytest.param("openvino", marks=OPENVINO_DIFFERS),
+        "openvino",
     ],
 )
 def test_backend_masks_match_torch_fp32_with_trained_weights(trained_case, name):

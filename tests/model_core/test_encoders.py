@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_core.export.encoder_choice import CHOICE_FILE, AutoImageEncoder, cpu_candidates, lite_medsam_backend
+from model_core.export.encoder_choice import (
+    CHOICE_FILE,
+    AutoImageEncoder,
+    cpu_candidates,
+    lite_medsam,
+    lite_medsam_backend,
+)
 from model_core.export.encoders import runtime_available
 from model_core.io.phantoms import PHANTOM_LABELS, make_phantom
 from model_core.modeling.encoders import ENCODER_BACKENDS, TorchImageEncoder
@@ -283,3 +289,14 @@ def test_exported_box_decoder_matches_torch_and_follows_new_weights(name, tmp_pa
     _, moved_iou = backend.torch.decode(embedding, box)
     assert float((backend.decode(embedding, box)[1] - moved_iou).abs().max()) < 1e-3
     assert len(list((tmp_path / "encoders").glob("medsam_lite_decoder-*.onnx"))) == 2
+
+
+def test_lite_medsam_warms_up_its_encoder_and_box_decoder(tmp_path):
+    """The challenge's timings hold inference only: both exports are made before the first case."""
+    _skip_unless_runnable("onnxruntime")
+    model = lite_medsam("onnxruntime", cache_dir=str(tmp_path))
+    assert sorted(f.name.split("-")[0] for f in (tmp_path / "encoders").glob("*.onnx")) == [
+        "medsam_lite",
+        "medsam_lite_decoder",
+    ]
+    assert model.backend.describe()["decoder"]["inference_precision"] == "f32"

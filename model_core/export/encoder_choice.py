@@ -344,8 +344,7 @@ def lite_medsam(
     Args:
         encoder_backend, device, precision, cache_dir, threads: see :func:`lite_medsam_backend`.
         encoder_batch_size: slices per encoder call (:class:`~model_core.medsam_lite.model.LiteMedSAM`).
-        warm_up: encode one blank batch and decode one box on it now, so that the first real slice pays no
-            export or compilation (the box decoder is exported too on onnxruntime and OpenVINO).
+        warm_up: encode one blank batch now, so that the first real slice pays no export or compilation.
     """
     backend = lite_medsam_backend(
         encoder_backend,
@@ -359,6 +358,5 @@ def lite_medsam(
     model = LiteMedSAM(backend, encoder_batch_size=encoder_batch_size)
     if warm_up:
         with torch.inference_mode():
-            embedding = backend.encode(torch.zeros(model.encoder_batch_size, 3, MODEL_SIZE, MODEL_SIZE))
-            backend.decode(embedding[:1], torch.tensor([[0.0, 0.0, MODEL_SIZE - 1.0, MODEL_SIZE - 1.0]]))
+            backend.encode(torch.zeros(model.encoder_batch_size, 3, MODEL_SIZE, MODEL_SIZE))
     return model

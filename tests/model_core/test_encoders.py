@@ -218,7 +218,7 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
 #: lowest FPN level (``vision_features``) up to 0.17 from torch fp32 (torch's bf16 autocast: 0.04 at random weights),
 #: and the masks differ (Dice 0.908 / 0.996 / 0.902 against torch fp32 on an Intel Xeon with AMX-BF16, 2026-12-05), so
 #: SAM2's ``auto`` leaves OpenVINO out. OpenVINO in f32 agrees (Dice 1.0); it had failed here too while both
-#: precisions shared one compiled-model cache (``EncoderSession``; the test below).
+#: precisions shared one compiled-model cache (``test_openvino_precisions_keep_their_own_compiled_models``).
 OPENVINO_BF16_DIFFERS = pytest.mark.xfail(
     strict=True, reason="OpenVINO's bf16 moves the trained tiny model's lowest FPN level (0.17) and its masks"
 )

@@ -529,7 +529,7 @@ class LiteMedSAM:
             raise InputError(f"fill_min_dice must be a number in [0, 1], got {fill_min_dice!r}.")
         if fill_min_inside is not None and (not _is_number(fill_min_inside) or not 0 < float(fill_min_inside) <= 1):
             raise InputError(f"fill_min_inside must be a number in (0, 1], got {fill_min_inside!r}.")
-        if min_iou is not None and (on_empty != "stop" or not 0 <= float(min_iou) <= 1):
+        if min_iou is not None and (on_empty != "stop" or not _is_number(min_iou) or not 0 <= float(min_iou) <= 1):
             raise InputError(
                 f"min_iou must be a number in [0, 1] used with on_empty='stop', got {min_iou!r} with "
                 f"on_empty={on_empty!r}."

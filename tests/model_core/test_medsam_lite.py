@@ -201,6 +201,7 @@ def test_bad_slices_are_refused(model, image, match):
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_inside": 0}, r"fill_min_inside must be a number in \(0, 1\]"),
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_inside": "x"}, r"fill_min_inside must be a number .* got 'x'"),
         ({"box": (10, 10, 30, 30), "z": 2, "fill_min_dice": float("nan")}, r"fill_min_dice must be a number .* nan"),
+        ({"box": (10, 10, 30, 30), "z": 2, "min_iou": "high"}, r"min_iou must be a number in \[0, 1\] .* got 'high'"),
     ],
     ids=[
         "no_z",
@@ -218,6 +219,7 @@ def test_bad_slices_are_refused(model, image, match):
         "fill_min_inside",
         "fill_min_inside_text",
         "fill_min_dice_nan",
+        "min_iou_text",
     ],
 )
 def test_bad_volume_arguments_name_the_argument(model, kwargs, match):

@@ -50,7 +50,6 @@ Request flow (where each step happens):
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import threading
@@ -65,6 +64,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from model_core.corrections import correct_incrementally
+from model_core.io.transforms import postprocess_slices
 from model_core.io.validation import InputError, preprocess_checked_image
 from model_core.modeling.checkpoint import load_checkpoint
 from model_core.modeling.inputs import as_slices, volume_to_slices
@@ -300,20 +300,21 @@ class SegmentationService:
         return image, slices
 
     def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
-        """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space."""
-        pred = MetaTensor(
-            probabilities, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
-        )
-        data = {"image": image, "pred": pred}
-        # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
-        out = self.postprocessing(data)["pred"]
+        """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space
+        (the bundle's postprocessing, on the slices where a structure can be: :func:`postprocess_slices`)."""
+        lut = None
         if list(label_values) != self.classes:
-            index = torch.as_tensor(out).long()
+            # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
             lut = torch.zeros(max(self.classes) + 1, dtype=torch.long)
             for k, value in enumerate(label_values, start=1):
                 lut[self.classes[k - 1]] = int(value)
-            out = MetaTensor(lut[index], meta=out.meta)
-        return MetaTensor(torch.as_tensor(out).to(torch.int16), meta=out.meta)
+
+        def postprocessing(data: dict) -> dict:
+            out = self.postprocessing(data)["pred"]
+            values = torch.as_tensor(out) if lut is None else lut[torch.as_tensor(out).long()]
+            return {"pred": MetaTensor(values.to(torch.int16), meta=out.meta)}
+
+        return postprocess_slices(postprocessing, image, probabilities)
 
     # ------------------------------------------------------------------ in-context
     @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""ChannelArgmaxd: MONAI's AsDiscreted with an argmax over channels that does not stall, the same answers."""
+"""ChannelArgmaxd: MONAI's AsDiscreted with an argmax over channels that does not stall, the same answers;
+postprocess_slices: the bundle's postprocessing on the slices where an object can win, the same labels."""
 
 from __future__ import annotations
 
@@ -68,3 +69,77 @@ def test_the_bundle_discretizes_with_it():
     for name in ("inference.json", "train.json"):
         walk(json.loads((ROOT / "bundle" / "configs" / name).read_text()))
     assert found and set(found) == {"model_core.io.transforms.ChannelArgmaxd"}, found
+
+
+class _Recorded:
+    """A postprocessing that records the shape of each ``pred`` it is given."""
+
+    def __init__(self, postprocessing):
+        self.postprocessing, self.shapes = postprocessing, []
+
+    def __call__(self, data):
+        self.shapes.append(tuple(data["pred"].shape))
+        return self.postprocessing(data)
+
+
+#: (the image file's affine, its shape): stored RAS, LPS, sagittal (slices along i), coronal with a flip (along j)
+ORIENTATIONS = {
+    "ras": (np.diag([0.8, 0.8, 2.5, 1.0]), (40, 30, 24)),
+    "lps": (np.diag([-0.8, -1.2, 2.5, 1.0]), (40, 30, 24)),
+    "sagittal": (np.array([[0, 0, -2.0, 0], [0.9, 0, 0, 0], [0, 1.1, 0, 0], [0, 0, 0, 1.0]]), (20, 36, 30)),
+    "coronal": (np.array([[1.0, 0, 0, 5], [0, 0, 2.0, 3], [0, -1.0, 0, 7], [0, 0, 0, 1.0]]), (36, 18, 30)),
+}
+
+
+@pytest.mark.parametrize("pixdim", [None, (1.0, 1.0, 2.0)], ids=["slices_kept", "resampled"])
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_postprocessing_of_the_slices_an_object_can_win_equals_the_whole_volume(orientation, pixdim, tmp_path):
+    """Labels, affine and shape as the whole volume's postprocessing gives them: two objects, a NaN, a tie with the
+    background, nothing at all; only the slab is postprocessed when the preprocessing keeps the slices, the whole
+    volume when a ``Spacing`` resampled them."""
+    import nibabel as nib
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, Resized, Spacingd
+
+    from model_core.io.transforms import postprocess_slices, slices_objects_can_win
+
+    affine, shape = ORIENTATIONS[orientation]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), affine), path)
+    steps = [LoadImaged("image", image_only=False), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS")]
+    steps += [Spacingd("image", pixdim=pixdim, mode="bilinear")] if pixdim else []
+    preprocessing = Compose([*steps, Resized("image", spatial_size=(16, 16, -1), mode="bilinear")])
+    postprocessing = _Recorded(
+        Compose(
+            [
+                Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
+                ChannelArgmaxd("pred", argmax=True),
+            ]
+        )
+    )
+    image = preprocessing({"image": str(path)})["image"]
+    depth = image.shape[-1]
+    g = torch.Generator().manual_seed(1)
+    for start, stop, extra in ((3, 6, None), (depth - 2, depth, "nan"), (7, 8, "tie"), (5, 5, None)):
+        probabilities = torch.rand(3, 16, 16, depth, generator=g) * 0.3
+        probabilities[1, 2:9, 3:12, start:stop] = 0.9
+        probabilities[2, 8:14, 1:6, start:stop] = 0.95
+        if extra == "nan":
+            probabilities[2, 0, 0, start] = float("nan")
+        probabilities[0] = 1 - probabilities[1:].amax(0)
+        if extra == "tie":  # an object equal to the background on one voxel: the background wins
+            probabilities[:, 4, 4, start] = torch.tensor([0.5, 0.5, 0.1])
+        expected_slab = (start, stop) if stop > start else None
+        assert slices_objects_can_win(probabilities) == expected_slab
+        ops = list(image.applied_operations)
+        pred = MetaTensor(probabilities.clone(), meta=dict(image.meta), applied_operations=ops)
+        whole = postprocessing.postprocessing({"image": image, "pred": pred})["pred"]
+        postprocessing.shapes.clear()
+        got = postprocess_slices(postprocessing, image, probabilities)
+        assert got.shape == whole.shape == (1, *shape)
+        assert torch.equal(got.as_tensor(), whole.as_tensor())
+        assert torch.allclose(got.affine, whole.affine.to(got.affine.dtype))
+        assert np.array_equal(np.asarray(got.meta["spatial_shape"]), np.asarray(shape))
+        slab = (stop - start) if stop > start else 1
+        assert postprocessing.shapes == [(3, 16, 16, depth if pixdim else slab)]
+    assert (whole > 0).sum() == 0  # the last case: nothing, and the slab path gives the empty volume

@@ -86,7 +86,8 @@ class Segmentation:
     """A label map in the image's original space and what goes with it.
 
     Attributes:
-        label: ``(1, *original spatial shape)`` int16 ``MetaTensor`` with the original affine.
+        label: ``(1, *original spatial shape)`` int16 ``MetaTensor`` with the original affine. An interactive
+            answer is also kept by its session (a follow-up click builds on it): read it, do not change it.
         confidence: ``{label name: confidence in [0, 1]}``.
         info: counters and provenance (model version, slices encoded, seconds).
     """
@@ -299,9 +300,17 @@ class SegmentationService:
         slices = volume_to_slices(as_slices(image).float().clamp(0, 1), size, self.config.channel_mode)
         return image, slices
 
-    def _to_original(self, image: MetaTensor, probabilities: torch.Tensor, label_values: Sequence[int]) -> MetaTensor:
+    def _to_original(
+        self,
+        image: MetaTensor,
+        probabilities: torch.Tensor,
+        label_values: Sequence[int],
+        changed: tuple[int, int] | None = None,
+        previous: MetaTensor | None = None,
+    ) -> MetaTensor:
         """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space
-        (the bundle's postprocessing, on the slices where a structure can be: :func:`postprocess_slices`)."""
+        (the bundle's postprocessing, on the slices where a structure can be, or on the ``changed`` slices of a
+        ``previous`` answer: :func:`postprocess_slices`)."""
         lut = None
         if list(label_values) != self.classes:
             # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
@@ -314,7 +323,7 @@ class SegmentationService:
             values = torch.as_tensor(out) if lut is None else lut[torch.as_tensor(out).long()]
             return {"pred": MetaTensor(values.to(torch.int16), meta=out.meta)}
 
-        return postprocess_slices(postprocessing, image, probabilities)
+        return postprocess_slices(postprocessing, image, probabilities, changed, previous)
 
     # ------------------------------------------------------------------ in-context
     @torch.inference_mode()
@@ -636,7 +645,17 @@ class SegmentationService:
             # (K, D, h, w), this request's copy
             low_res = state.low_res_logits[:, :, 0].transpose(0, 1).float().clone()
             encoded = network.encoded_slices - encoded
+            track = session.tracks[track_key]
+            previous, before = (track.answer, track.answered_logits) if mode != "full" else (None, None)
+            track.answer = track.answered_logits = None  # set again once this answer is made
             self._enforce_cache_limits(session)
+        changed = None
+        if previous is not None and before is not None and before.shape == low_res.shape:
+            moved = (low_res != before).transpose(0, 1).reshape(low_res.shape[1], -1).any(1).nonzero()[:, 0]
+            if len(moved) == 0:  # the same result: the same answer
+                track.answer, track.answered_logits = previous, before
+                return previous, encoded, ran, mode
+            changed = (int(moved[0]), int(moved[-1]) + 1)  # only these slices are mapped back again
         H = W = network.image_size
         # (K, D, H, W)
         logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)
@@ -646,5 +665,9 @@ class SegmentationService:
             outside[roi_slices[0] : roi_slices[1]] = False
             probs[objects.index(value), :, :, outside] = 0
         probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
-        result = self._to_original(image, probabilities, objects if from_in_context else [value])
+        values = objects if from_in_context else [value]
+        result = self._to_original(image, probabilities, values, changed, previous if changed else None)
+        track.answer, track.answered_logits = result, low_res
+        with self._lock:
+            self._enforce_cache_limits(session)  # the answer is part of what the session holds
         return result, encoded, ran, mode

@@ -156,10 +156,15 @@ class Track:
 
     ``prompts`` is ``{slice: {"points": [[x, y], ...], "labels": [...], "box": [...] | None}}``
     on the model grid, as the last request sent them (the plugins send the whole list).
+    ``answer`` is the label map last answered from ``state`` (in the image's space), which a
+    follow-up click updates on the slices it changed; ``answered_logits`` the state's
+    ``low_res_logits`` it was made from.
     """
 
     def __init__(self, state: VolumeState, prompts: dict[int, dict[str, Any]], support: SupportMemory | None):
         self.state, self.prompts, self.support = state, prompts, support
+        self.answer: MetaTensor | None = None
+        self.answered_logits: torch.Tensor | None = None
 
     def changed_slices(self, prompts: dict[int, dict[str, Any]]) -> list[int] | None:
         """Slices whose clicks grew since the last request; None when a click or box was removed

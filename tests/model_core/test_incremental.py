@@ -123,3 +123,31 @@ def test_an_incremental_pass_stops_after_the_configured_agreeing_slices(study, m
     # as the replay: forward from the prompt below the change (mid): mid+1 .. mid+4 always, then mid+5, mid+6;
     # backward from mid: mid-1, mid-2
     assert out.info["mode"] == "incremental" and out.info["propagated_slices"] == 4 + 2 + 2
+
+
+def test_a_follow_up_maps_back_only_the_slices_it_changed(study):
+    """The answer of a follow-up click is the previous answer with the slices whose result changed mapped back again
+    (the bundle's postprocessing sees only them): equal to mapping the whole result back, as a second service does
+    that is told nothing of the previous answer; a repeat maps nothing back and gives the same answer."""
+    root, paths, label = study
+    service, whole = _service(root, incremental=True), _service(root, incremental=True)
+    whole._to_original = lambda image, p, values, changed=None, previous=None: SegmentationService._to_original(
+        whole, image, p, values
+    )
+    seen: list[int] = []  # slices of each pred the postprocessing is given
+    postprocessing = service.postprocessing
+    service.postprocessing = lambda data: seen.append(int(data["pred"].shape[-1])) or postprocessing(data)
+    mid = DEPTH // 2
+    first = _voxels(label, 1, mid, 1)
+    follow_up = first + _voxels(label, 1, mid + 2, 1)
+    for clicks in (first, follow_up):
+        seen.clear()
+        a = whole.interact("dee", paths["image"], "blob", foreground=clicks)
+        b = service.interact("dee", paths["image"], "blob", foreground=clicks)
+        assert torch.equal(torch.as_tensor(b.label), torch.as_tensor(a.label))
+    # these weights find the blob on every slice: the first answer maps all of them, the follow-up fewer
+    assert b.info["mode"] == "incremental" and len(seen) == 1 and seen[0] < DEPTH, (seen, b.info["propagated_slices"])
+    seen.clear()
+    again = service.interact("dee", paths["image"], "blob", foreground=follow_up)
+    assert again.info["mode"] == "unchanged" and seen == []
+    assert torch.equal(torch.as_tensor(again.label), torch.as_tensor(a.label))

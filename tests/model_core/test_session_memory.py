@@ -83,7 +83,8 @@ def test_a_session_reports_its_volume_features_and_results(images):
     seg = service.interact("alice", paths[0], "blob", foreground=[[40, 36, 5]])
     reported = service.session_bytes("alice", paths[0])
     assert seg.info["session_cache_mb"] == round(reported / 2**20, 2)
-    # measured independently: the preprocessed volume, one slice's features times the slices, the results
+    # measured independently: the preprocessed volume, one slice's features times the slices, the results and
+    # the answer kept for follow-up clicks (the label in the image's space, the logits it was made from)
     image, slices = service.preprocess(paths[0], service.network)
     D = slices.shape[0]
     volume = image.numel() * image.element_size()
@@ -92,7 +93,8 @@ def test_a_session_reports_its_volume_features_and_results(images):
     per_slice = sum(f.numel() * f.element_size() for f in features["backbone_fpn"])
     positions = sum(p[:1].numel() * p.element_size() for p in features["vision_pos_enc"])
     results = D * 4 * (64 // 4) ** 2  # the low-resolution logits of every slice, float32
-    expected = volume + D * per_slice + positions + results
+    answer = seg.label.numel() * seg.label.element_size() + results
+    expected = volume + D * per_slice + positions + results + answer
     assert expected <= reported <= 1.2 * expected, (reported, expected)
     # the model input slices share the volume's storage (replicate channels): not a second copy
     assert held_bytes(image, slices) == held_bytes(image)

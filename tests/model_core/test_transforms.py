@@ -91,33 +91,40 @@ ORIENTATIONS = {
 }
 
 
+def _chain(orientation: str, pixdim, folder: Path):
+    """A volume of ``ORIENTATIONS[orientation]`` preprocessed as the bundle does (orientation, optional spacing,
+    in-plane resize to 16 px), and a recorded postprocessing that inverts it and takes the argmax."""
+    import nibabel as nib
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, Resized, Spacingd
+
+    affine, shape = ORIENTATIONS[orientation]
+    path = folder / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random(shape).astype(np.float32), affine), path)
+    steps = [LoadImaged("image", image_only=False), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS")]
+    steps += [Spacingd("image", pixdim=pixdim, mode="bilinear")] if pixdim else []
+    preprocessing = Compose([*steps, Resized("image", spatial_size=(16, 16, -1), mode="bilinear")])
+    inverse = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)
+    postprocessing = _Recorded(Compose([inverse, ChannelArgmaxd("pred", argmax=True)]))
+    return preprocessing({"image": str(path)})["image"], postprocessing
+
+
+def _whole(postprocessing: _Recorded, image, probabilities):
+    """The bundle's way: the whole volume's probabilities through the postprocessing."""
+    ops = list(image.applied_operations)
+    pred = MetaTensor(probabilities.clone(), meta=dict(image.meta), applied_operations=ops)
+    return postprocessing.postprocessing({"image": image, "pred": pred})["pred"]
+
+
 @pytest.mark.parametrize("pixdim", [None, (1.0, 1.0, 2.0)], ids=["slices_kept", "resampled"])
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
 def test_postprocessing_of_the_slices_an_object_can_win_equals_the_whole_volume(orientation, pixdim, tmp_path):
     """Labels, affine and shape as the whole volume's postprocessing gives them: two objects, a NaN, a tie with the
     background, nothing at all; only the slab is postprocessed when the preprocessing keeps the slices, the whole
     volume when a ``Spacing`` resampled them."""
-    import nibabel as nib
-    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, Resized, Spacingd
-
     from model_core.io.transforms import postprocess_slices, slices_objects_can_win
 
-    affine, shape = ORIENTATIONS[orientation]
-    rng = np.random.default_rng(0)
-    path = tmp_path / "image.nii.gz"
-    nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), affine), path)
-    steps = [LoadImaged("image", image_only=False), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS")]
-    steps += [Spacingd("image", pixdim=pixdim, mode="bilinear")] if pixdim else []
-    preprocessing = Compose([*steps, Resized("image", spatial_size=(16, 16, -1), mode="bilinear")])
-    postprocessing = _Recorded(
-        Compose(
-            [
-                Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True),
-                ChannelArgmaxd("pred", argmax=True),
-            ]
-        )
-    )
-    image = preprocessing({"image": str(path)})["image"]
+    shape = ORIENTATIONS[orientation][1]
+    image, postprocessing = _chain(orientation, pixdim, tmp_path)
     depth = image.shape[-1]
     g = torch.Generator().manual_seed(1)
     for start, stop, extra in ((3, 6, None), (depth - 2, depth, "nan"), (7, 8, "tie"), (5, 5, None)):
@@ -131,9 +138,7 @@ def test_postprocessing_of_the_slices_an_object_can_win_equals_the_whole_volume(
             probabilities[:, 4, 4, start] = torch.tensor([0.5, 0.5, 0.1])
         expected_slab = (start, stop) if stop > start else None
         assert slices_objects_can_win(probabilities) == expected_slab
-        ops = list(image.applied_operations)
-        pred = MetaTensor(probabilities.clone(), meta=dict(image.meta), applied_operations=ops)
-        whole = postprocessing.postprocessing({"image": image, "pred": pred})["pred"]
+        whole = _whole(postprocessing, image, probabilities)
         postprocessing.shapes.clear()
         got = postprocess_slices(postprocessing, image, probabilities)
         assert got.shape == whole.shape == (1, *shape)
@@ -143,3 +148,30 @@ def test_postprocessing_of_the_slices_an_object_can_win_equals_the_whole_volume(
         slab = (stop - start) if stop > start else 1
         assert postprocessing.shapes == [(3, 16, 16, depth if pixdim else slab)]
     assert (whole > 0).sum() == 0  # the last case: nothing, and the slab path gives the empty volume
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_changed_slices_mapped_into_the_previous_answer_equal_the_whole_volume(orientation, tmp_path):
+    """A follow-up's way: only the slices whose probabilities changed go through the postprocessing, into a copy of
+    the previous answer, which stays as it was; the result is the whole volume's."""
+    from model_core.io.transforms import postprocess_slices
+
+    image, postprocessing = _chain(orientation, None, tmp_path)
+    depth = image.shape[-1]
+    g = torch.Generator().manual_seed(2)
+    before = torch.rand(3, 16, 16, depth, generator=g) * 0.3
+    before[1, 2:9, 3:12, 3:7] = 0.9
+    before[0] = 1 - before[1:].amax(0)
+    previous = postprocess_slices(postprocessing, image, before)
+    kept = previous.clone()
+    after = before.clone()
+    after[2, 6:14, 1:9, 5:9] = 0.8  # the click grew another object over slices 5-8 and moved the first on 5-6
+    after[1, 2:9, 3:12, 5:7] = 0.2
+    after[0] = 1 - after[1:].amax(0)
+    postprocessing.shapes.clear()
+    got = postprocess_slices(postprocessing, image, after, (5, 9), previous)
+    assert postprocessing.shapes == [(3, 16, 16, 4)]
+    assert torch.equal(got.as_tensor(), _whole(postprocessing, image, after).as_tensor())
+    assert torch.equal(previous.as_tensor(), kept.as_tensor())  # not changed
+    with pytest.raises(ValueError, match="both"):
+        postprocess_slices(postprocessing, image, after, (5, 9))

@@ -43,7 +43,7 @@ def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: s
         raise InputError(
             f"params.result_dtype {dtype!r} cannot hold label value {int(array.max())}; use uint16.", status=422
         )
-    array = array.astype(np.dtype(dtype))
+    array = array.astype(np.dtype(dtype))  # in the label's own layout: the service lays it out as the files do
     affine = np.asarray(segmentation.label.affine, dtype=np.float64)  # RAS, as nibabel and MONAI use
     fd, path = tempfile.mkstemp(suffix=extension, prefix="label_", dir=folder)
     os.close(fd)
@@ -71,7 +71,9 @@ def _write(array: np.ndarray, affine: np.ndarray, path: str, extension: str) -> 
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
     }
-    nrrd.write(path, np.asarray(array), header, index_order="F")  # the file's fastest axis is i, as ITK writes it
+    # the file's fastest axis is i, as ITK writes it; gzip level 1, as nibabel writes .nii.gz (pynrrd's 9 took
+    # 0.27 s for a 512 x 512 x 160 label, 1 took 0.15 s, and the labels are mostly background either way)
+    nrrd.write(path, np.asarray(array), header, index_order="F", compression_level=1)
 
 
 def client_error(fn: Callable[[], Any]) -> Any:

@@ -4,6 +4,7 @@ same architecture, same size, same weights, same clicks, through the real server
     python scripts/benchmark_monailabel_sam2.py                                   # Hiera-tiny at 512, trains first
     python scripts/benchmark_monailabel_sam2.py --preset tiny --image_size 64     # the trained tiny model's setup
     python scripts/benchmark_monailabel_sam2.py --checkpoint bundle/models/model.pt --preset tiny --image_size 96
+    python scripts/benchmark_monailabel_sam2.py --preset tiny --image_size 96 --shape 512,512,160   # CT-sized
 
 Weights that segment the study: ``--checkpoint``, or a model trained on phantoms through the
 bundle (:func:`icl_sam2.demo.train_phantom_model`, ``--train_steps``, kept under ``--cache_dir``

@@ -42,7 +42,9 @@ Request flow (where each step happens):
    (:meth:`SegmentationService.interact` / :meth:`SegmentationService.segment` via
    :class:`~model_core.workflows.inferers.InContextInferer`).
 8. Postprocessing to the image's space: :meth:`SegmentationService._to_original`
-   (the bundle's postprocessing, inverted transforms, argmax to label values).
+   (the bundle's postprocessing, inverted transforms, argmax to label values, on the slices
+   where a structure can be, or a follow-up's changed slices:
+   :func:`~model_core.io.transforms.postprocess_slices`).
 9. Label file: ``lib/infers/icl_sam2.py`` ``write_label`` (NIfTI/NRRD, the image's
    affine), returned to the viewer; ``save_label`` stores it through the checked datastore.
 """

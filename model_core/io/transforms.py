@@ -283,15 +283,15 @@ def postprocess_slices(
     # where the slab lies in the image file: an offset along the file's voxel axes, or run the whole volume
     file_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
     to_file = np.linalg.inv(file_affine) @ np.asarray(part.affine, dtype=np.float64)
-    offset = to_file[:3, 3]
     shape = [int(v) for v in image.meta["spatial_shape"]]
+    offset = [int(round(v)) for v in to_file[:3, 3]]
     if (
         not np.allclose(to_file[:3, :3], np.eye(3), atol=1e-4)
-        or not np.allclose(offset, np.round(offset), atol=1e-3)
+        or not np.allclose(to_file[:3, 3], offset, atol=1e-3)
+        or any(o < 0 or o + n > s for o, n, s in zip(offset, part.shape[1:], shape))
         or (previous is not None and (tuple(previous.shape) != (part.shape[0], *shape) or previous.dtype != part.dtype))
     ):
         return run(image, probabilities)
-    offset = [int(round(v)) for v in offset]
     if previous is not None:
         whole = (previous.as_tensor() if isinstance(previous, MetaTensor) else previous).clone()  # its layout kept
     else:

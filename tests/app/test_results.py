@@ -26,33 +26,53 @@ def _results() -> set[str]:
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
 
-def test_a_failed_write_leaves_no_file(monkeypatch):
+@pytest.mark.parametrize(
+    "extension, module, writer",
+    [(".nii", nib, "save"), (".nii.gz", infers, "save_nifti_gz"), (".nrrd", infers, "save_nrrd_gz")],
+)
+def test_a_failed_write_leaves_no_file(monkeypatch, extension, module, writer):
+    """For each format (OHIF's NRRD too): the writer gets half way, then the disk is full."""
     before = _results()
 
-    def broken(image, path, *args, **kwargs):  # the writer gets half way, then the disk is full
-        with open(path, "wb") as f:
-            f.write(b"\x00" * 10)
+    def broken(*args, **kwargs):
+        target = next(a for a in args if isinstance(a, str) or hasattr(a, "write"))  # nib.save's path, or the file
+        if isinstance(target, str):
+            with open(target, "wb") as f:
+                f.write(b"\x00" * 10)
+        else:
+            target.write(b"\x00" * 10)
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken)
+    monkeypatch.setattr(module, writer, broken)
     with pytest.raises(OSError, match="disk full"):
-        infers.write_label(_segmentation(2), ".nii.gz")
+        infers.write_label(_segmentation(2), extension)
     assert _results() == before
 
 
-def test_a_failed_nrrd_write_leaves_no_file(monkeypatch):
-    """The same for OHIF's format, written by pynrrd."""
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
+def test_a_block_that_fails_to_compress_leaves_no_file(monkeypatch, extension):
+    """A failure inside the compressor's threads, after other blocks were deflated, reaches the request."""
+    from model_core.io import block_gzip
+
     before = _results()
+    calls, deflate = [], block_gzip._deflate
 
-    def broken(path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"NRRD0004\n")
-        raise OSError("disk full")
+    def failing(block, level):
+        calls.append(len(block))
+        if len(calls) == 2:
+            raise MemoryError("no memory for the second block")
+        return deflate(block, level)
 
-    monkeypatch.setattr(infers.nrrd, "write", broken)
-    with pytest.raises(OSError, match="disk full"):
-        infers.write_label(_segmentation(2), ".nrrd")
-    assert _results() == before
+    monkeypatch.setattr(block_gzip, "_deflate", failing)
+    monkeypatch.setattr(block_gzip, "_GRAIN", 16)  # a tiny label is several runs of grains
+    with pytest.raises(MemoryError, match="second block"):
+        infers.write_label(_segmentation(2), extension)
+    assert len(calls) >= 2 and _results() == before
+
+
+def test_a_negative_label_is_refused_for_an_unsigned_result():
+    with pytest.raises(InputError, match="cannot hold label value -2; use int16 or int32"):
+        infers.write_label(_segmentation(-2), ".nii.gz", "uint16")
 
 
 def test_a_too_small_result_type_is_refused_before_writing():
@@ -67,15 +87,25 @@ def test_a_too_small_result_type_is_refused_before_writing():
         os.remove(path)
 
 
-@pytest.mark.parametrize("extension", [".nrrd", ".nii.gz"])
-def test_a_result_reads_back_with_its_voxels_and_oblique_flipped_affine(extension):
+@pytest.mark.parametrize("layout", ["first_axis_fastest", "last_axis_fastest"])
+@pytest.mark.parametrize("shape", [(9, 7, 5), (300, 280, 7)], ids=["one_block", "blocks_and_background"])
+@pytest.mark.parametrize("extension", [".nrrd", ".nii.gz", ".nii"])
+def test_a_result_reads_back_with_its_voxels_and_oblique_flipped_affine(extension, shape, layout):
     """What Slicer and OHIF load: the same voxels on the same grid, read back by ITK (MONAI's ITKReader) and
-    by nibabel where it reads the format."""
+    by nibabel where it reads the format; the larger label is gzipped in several blocks, with all-background
+    runs among them. The service lays its answers out first axis fastest, as the files store them (written
+    from memory); the other layout goes through nibabel's own writer."""
     from monai.data import ITKReader
     from monai.transforms import LoadImage
 
     rng = np.random.default_rng(0)
-    label = torch.from_numpy(rng.integers(0, 4, (1, 9, 7, 5)).astype(np.int16))
+    label = torch.from_numpy(rng.integers(0, 4, (1, *shape)).astype(np.int16))
+    if shape[-1] > 5:
+        label[..., 1:4] = 0  # background slices
+        label[:, 100:, :, 5] = 0  # background at the end of a slice
+    if layout == "first_axis_fastest":
+        label = label[0].permute(2, 1, 0).contiguous().permute(2, 1, 0)[None]  # the same voxels
+        assert label[0].numpy().flags.f_contiguous
     angle = np.deg2rad(20)
     affine = np.eye(4)
     affine[:3, :3] = np.array(
@@ -87,7 +117,8 @@ def test_a_result_reads_back_with_its_voxels_and_oblique_flipped_affine(extensio
         back = LoadImage(image_only=True, reader=ITKReader())(path)
         assert np.array_equal(np.asarray(back), label[0].numpy())
         assert np.allclose(np.asarray(back.affine), affine, atol=1e-5)
-        if extension == ".nii.gz":
+        if extension != ".nrrd":
             assert np.allclose(nib.load(path).affine, affine, atol=1e-5)
+            assert np.array_equal(np.asarray(nib.load(path).dataobj), label[0].numpy())
     finally:
         os.remove(path)

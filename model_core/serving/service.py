@@ -316,14 +316,15 @@ class SegmentationService:
         lut = None
         if list(label_values) != self.classes:
             # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
-            lut = torch.zeros(max(self.classes) + 1, dtype=torch.long)
+            # int16, the answer's type (values < 2**15): indexing it gives the answer, twice as fast as an int64 one
+            lut = torch.zeros(max(self.classes) + 1, dtype=torch.int16)
             for k, value in enumerate(label_values, start=1):
                 lut[self.classes[k - 1]] = int(value)
 
         def postprocessing(data: dict) -> dict:
             out = self.postprocessing(data)["pred"]
-            values = torch.as_tensor(out) if lut is None else lut[torch.as_tensor(out).long()]
-            return {"pred": MetaTensor(values.to(torch.int16), meta=out.meta)}
+            values = torch.as_tensor(out).to(torch.int16) if lut is None else lut[torch.as_tensor(out).long()]
+            return {"pred": MetaTensor(values, meta=out.meta)}
 
         return postprocess_slices(postprocessing, image, probabilities, changed, previous)
 

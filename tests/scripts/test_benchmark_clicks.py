@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # MONAI Label servers and trained weights: minutes
@@ -39,10 +40,14 @@ def test_builtin_sam2_benchmark_runs_the_same_weights_and_clicks(run_script, tra
     done = run_script(
         "benchmark_monailabel_sam2.py",
         *("--preset", "tiny", "--image_size", "64", "--checkpoint", trained_tiny["checkpoint"]),
-        *("--shape", SHAPE, "--output", out),
+        *("--shape", SHAPE, "--output", out, "--repeats", "2"),
     )
     result = json.loads(out.read_text())
     assert result["cpu"]["processor"] in done.stdout and "Sam2InferTask" in done.stdout
+    assert "follow-up click (median of 2)" in done.stdout
+    for name in ("builtin", "ours", "ours_full_pass"):
+        each = result[name]["follow_up"]["seconds_each"]
+        assert len(each) == 2 and result[name]["follow_up"]["seconds"] == round(float(np.median(each)), 3)
     for name in ("builtin", "ours", "ours_full_pass"):
         for click in ("first_click", "follow_up"):
             answer = result[name][click]

@@ -1,2 +1,2 @@
-"""Data on disk: atomic writes, volume and label checks, datalists and dataset layouts, MONAI transforms
-for intensities and labels, and generated phantoms."""
+"""Data on disk: atomic writes, gzip compressed in blocks on every core (label files), volume and label
+checks, datalists and dataset layouts, MONAI transforms for intensities and labels, and generated phantoms."""

@@ -115,22 +115,21 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0))), thread_name_prefix="block_gzip")
+            _POOL = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="block_gzip")
         return _POOL
 
 
 class BlockGzipWriter(io.RawIOBase):
     """A write-only binary file whose bytes are stored gzip-compressed, block by block (see the module).
 
-    Hand it to a writer that takes a file object (``nibabel``'s ``to_file_map``, ``pynrrd``); the
-    file is complete when it is closed. ``plain_prefix`` is written before the gzip member, as it
-    is (NRRD's text header).
+    Hand it to a writer that takes a file object (``nibabel``'s ``to_file_map``); the file is
+    complete when it is closed. What is written is not copied: it must not change until then.
 
     Args:
         fileobj: the binary file the result goes to (not closed here).
         level: zlib's compression level (1, nibabel's for ``.nii.gz``, is the fastest).
         block_size: the most bytes deflated as one block.
-        plain_prefix: bytes written uncompressed before the gzip member.
+        plain_prefix: bytes written uncompressed before the gzip member (NRRD's text header).
     """
 
     def __init__(self, fileobj, level: int = 1, block_size: int = 1 << 19, plain_prefix: bytes = b""):

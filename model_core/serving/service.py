@@ -46,7 +46,8 @@ Request flow (where each step happens):
    where a structure can be, or a follow-up's changed slices:
    :func:`~model_core.io.transforms.postprocess_slices`).
 9. Label file: ``lib/infers/icl_sam2.py`` ``write_label`` (NIfTI/NRRD, the image's
-   affine), returned to the viewer; ``save_label`` stores it through the checked datastore.
+   affine, gzipped by :mod:`model_core.io.block_gzip`), returned to the viewer; ``save_label``
+   stores it through the checked datastore.
 """
 
 from __future__ import annotations

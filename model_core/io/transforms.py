@@ -224,7 +224,7 @@ def slices_objects_can_win(probabilities: torch.Tensor) -> tuple[int, int] | Non
 def postprocess_slices(
     postprocessing: Callable,
     image: Any,
-    probabilities: torch.Tensor,
+    probabilities: torch.Tensor | Callable[[int, int], torch.Tensor],
     changed: tuple[int, int] | None = None,
     previous: Any = None,
 ) -> Any:
@@ -244,7 +244,9 @@ def postprocess_slices(
     Args:
         postprocessing: the bundle's postprocessing, ``Invertd`` of ``image``'s transforms first.
         image: the preprocessed ``(C, H, W, D)`` MetaTensor whose transforms are inverted.
-        probabilities: ``(K + 1, H, W, D)`` on ``image``'s grid, channel 0 the background.
+        probabilities: ``(K + 1, H, W, D)`` on ``image``'s grid, channel 0 the background; or a function giving
+            the slices ``[start, stop)`` of it, called only for the slices used (a follow-up's changed slices need
+            no probabilities for the rest of the volume).
         changed, previous: ``[start, stop)``, the slices whose probabilities differ from those ``previous`` (this
             function's answer for the same image and postprocessing) was made from; both or neither.
 
@@ -260,10 +262,20 @@ def postprocess_slices(
 
     if (changed is None) != (previous is None):
         raise ValueError("postprocess_slices: give both changed and previous, or neither.")
-    depth = int(probabilities.shape[-1])
+    depth = int(image.shape[-1])
+    whole: torch.Tensor | None = None  # from a function: every slice's probabilities, once asked for
+
+    def slices(start: int, stop: int) -> torch.Tensor:
+        nonlocal whole
+        if not callable(probabilities):
+            return probabilities[..., start:stop]
+        if whole is None and (start, stop) == (0, depth):
+            whole = probabilities(0, depth)
+        return whole[..., start:stop] if whole is not None else probabilities(start, stop)
+
     ops = image.applied_operations
     # nothing wins: one slice gives the meta, all background
-    slab = changed if changed is not None else slices_objects_can_win(probabilities) or (0, 1)
+    slab = changed if changed is not None else slices_objects_can_win(slices(0, depth)) or (0, 1)
     slab_only = (
         [op[TraceKeys.CLASS_NAME] for op in ops] == ["Orientation", "Resize"]
         and int(ops[-1][TraceKeys.ORIG_SIZE][-1]) == depth
@@ -271,7 +283,7 @@ def postprocess_slices(
         and (slab[1] - slab[0] < depth or previous is not None)
     )
     if not slab_only:
-        return run(image, probabilities)
+        return run(image, slices(0, depth))
     start, stop = slab
     ops = copy.deepcopy(ops)
     ops[-1][TraceKeys.ORIG_SIZE] = (*ops[-1][TraceKeys.ORIG_SIZE][:-1], stop - start)
@@ -279,7 +291,7 @@ def postprocess_slices(
     affine[:3, 3] += affine[:3, 2] * start  # the slab's first slice is its voxel (0, 0, 0)
     meta = {**copy.deepcopy(image.meta), "affine": affine}
     source = MetaTensor(image.as_tensor()[..., start:stop], meta=meta, applied_operations=ops)
-    part = run(source, probabilities[..., start:stop])
+    part = run(source, slices(start, stop))
     # where the slab lies in the image file: an offset along the file's voxel axes, or run the whole volume
     file_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
     to_file = np.linalg.inv(file_affine) @ np.asarray(part.affine, dtype=np.float64)
@@ -291,7 +303,7 @@ def postprocess_slices(
         or any(o < 0 or o + n > s for o, n, s in zip(offset, part.shape[1:], shape))
         or (previous is not None and (tuple(previous.shape) != (part.shape[0], *shape) or previous.dtype != part.dtype))
     ):
-        return run(image, probabilities)
+        return run(image, slices(0, depth))
     if previous is not None:
         whole = (previous.as_tensor() if isinstance(previous, MetaTensor) else previous).clone()  # its layout kept
     else:

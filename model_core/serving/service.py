@@ -59,7 +59,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -306,14 +306,14 @@ class SegmentationService:
     def _to_original(
         self,
         image: MetaTensor,
-        probabilities: torch.Tensor,
+        probabilities: torch.Tensor | Callable[[int, int], torch.Tensor],
         label_values: Sequence[int],
         changed: tuple[int, int] | None = None,
         previous: MetaTensor | None = None,
     ) -> MetaTensor:
-        """``(K + 1, H, W, D)`` probabilities on the model grid to an int16 label map in the image's original space
-        (the bundle's postprocessing, on the slices where a structure can be, or on the ``changed`` slices of a
-        ``previous`` answer: :func:`postprocess_slices`)."""
+        """``(K + 1, H, W, D)`` probabilities on the model grid (or a function giving their slices) to an int16 label
+        map in the image's original space (the bundle's postprocessing, on the slices where a structure can be, or
+        on the ``changed`` slices of a ``previous`` answer: :func:`postprocess_slices`)."""
         lut = None
         if list(label_values) != self.classes:
             # the bundle's postprocessing maps channel k to classes[k - 1]; give it this request's objects
@@ -661,14 +661,23 @@ class SegmentationService:
                 return previous, encoded, ran, mode
             changed = (int(moved[0]), int(moved[-1]) + 1)  # only these slices are mapped back again
         H = W = network.image_size
-        # (K, D, H, W)
-        logits = torch.nn.functional.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)
-        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, D)
+        outside = None
         if roi_slices is not None:  # nothing outside the ROI's slices
             outside = torch.ones(session.slices.shape[0], dtype=torch.bool)
             outside[roi_slices[0] : roi_slices[1]] = False
-            probs[objects.index(value), :, :, outside] = 0
-        probabilities = torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+
+        def probabilities(start: int, stop: int) -> torch.Tensor:
+            """``(K + 1, H, W, stop - start)`` of those slices, channel 0 the background (each slice on its own: a
+            follow-up computes only the slices it changed)."""
+            # (K, n, H, W)
+            logits = torch.nn.functional.interpolate(
+                low_res[:, start:stop], size=(H, W), mode="bilinear", align_corners=False
+            )
+            probs = logits.sigmoid().permute(0, 2, 3, 1)  # (K, H, W, n)
+            if outside is not None:
+                probs[objects.index(value), :, :, outside[start:stop]] = 0
+            return torch.cat([1 - probs.max(0, keepdim=True).values, probs])
+
         values = objects if from_in_context else [value]
         result = self._to_original(image, probabilities, values, changed, previous if changed else None)
         track.answer, track.answered_logits = result, low_res

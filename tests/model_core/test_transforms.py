@@ -147,6 +147,15 @@ def test_postprocessing_of_the_slices_an_object_can_win_equals_the_whole_volume(
         assert np.array_equal(np.asarray(got.meta["spatial_shape"]), np.asarray(shape))
         slab = (stop - start) if stop > start else 1
         assert postprocessing.shapes == [(3, 16, 16, depth if pixdim else slab)]
+        # given as a function of the slices: the whole volume is asked for once (to find the slab), the same labels
+        asked: list[tuple[int, int]] = []
+
+        def lazily(a: int, b: int, asked=asked, probabilities=probabilities) -> torch.Tensor:
+            asked.append((a, b))
+            return probabilities[..., a:b]
+
+        got = postprocess_slices(postprocessing, image, lazily)
+        assert torch.equal(got.as_tensor(), whole.as_tensor()) and asked == [(0, depth)]
     assert (whole > 0).sum() == 0  # the last case: nothing, and the slab path gives the empty volume
 
 
@@ -173,5 +182,11 @@ def test_changed_slices_mapped_into_the_previous_answer_equal_the_whole_volume(o
     assert postprocessing.shapes == [(3, 16, 16, 4)]
     assert torch.equal(got.as_tensor(), _whole(postprocessing, image, after).as_tensor())
     assert torch.equal(previous.as_tensor(), kept.as_tensor())  # not changed
+    # given as a function of the slices: only the changed slices are asked for
+    asked: list[tuple[int, int]] = []
+    lazily = postprocess_slices(
+        postprocessing, image, lambda a, b: asked.append((a, b)) or after[..., a:b], (5, 9), previous
+    )
+    assert torch.equal(lazily.as_tensor(), got.as_tensor()) and asked == [(5, 9)]
     with pytest.raises(ValueError, match="both"):
         postprocess_slices(postprocessing, image, after, (5, 9))

@@ -263,15 +263,15 @@ def postprocess_slices(
     if (changed is None) != (previous is None):
         raise ValueError("postprocess_slices: give both changed and previous, or neither.")
     depth = int(image.shape[-1])
-    whole: torch.Tensor | None = None  # from a function: every slice's probabilities, once asked for
+    every_slice: torch.Tensor | None = None  # from a function: all of the probabilities, once asked for
 
     def slices(start: int, stop: int) -> torch.Tensor:
-        nonlocal whole
+        nonlocal every_slice
         if not callable(probabilities):
             return probabilities[..., start:stop]
-        if whole is None and (start, stop) == (0, depth):
-            whole = probabilities(0, depth)
-        return whole[..., start:stop] if whole is not None else probabilities(start, stop)
+        if every_slice is None and (start, stop) == (0, depth):
+            every_slice = probabilities(0, depth)
+        return every_slice[..., start:stop] if every_slice is not None else probabilities(start, stop)
 
     ops = image.applied_operations
     # nothing wins: one slice gives the meta, all background

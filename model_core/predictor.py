@@ -85,8 +85,8 @@ class VolumePredictor:
     :func:`~model_core.modeling.presets.build_icl_sam2` (which sets the predictor's dynamic
     multimask and binarized click memories). One difference, only where sam2's CUDA
     extension fills holes: a memory rebuilt from stored results (when a pass starts
-    next to slices tracked earlier) is encoded from the hole-filled mask, where SAM2
-    kept the memory it encoded before filling.
+    next to slices tracked earlier by a pass that did not start there) is encoded
+    from the hole-filled mask, where SAM2 kept the memory it encoded before filling.
     """
 
     def __init__(self, network: InContextSAM2, fill_hole_area: int = FILL_HOLE_AREA):
@@ -185,16 +185,25 @@ class VolumePredictor:
         return out
 
     def _memory_entry(self, state: VolumeState, z: int, step: int, embedding=None) -> FrameEntry:
-        """Rebuild the spatial memory of an already tracked slice from its stored logits."""
-        K = state.num_objects
-        feats, _, sizes = state.features.get(z, K)
+        """The spatial memory of an already tracked slice, for a pass that starts next to it.
+
+        It is the memory the slice's tracking encoded where the state kept it (slices within the
+        memory window of a pass's start, as SAM2's predictor keeps every frame's memory in its output
+        dict), else rebuilt from the stored logits by the memory encoder and kept until the slice's
+        result changes: a correction's backward pass then re-encodes none of the slices its forward
+        pass just tracked.
+        """
         obj_scores = state.object_score_logits[z].to(self.network.device)
-        low = state.low_res_logits[z].to(self.network.device)
-        maskmem, _ = self.network.encode_memory(feats, sizes, low, obj_scores, from_points=False)
+        maskmem = state.memories.get(z)
+        if maskmem is None:
+            feats, _, sizes = state.features.get(z, state.num_objects)
+            low = state.low_res_logits[z].to(self.network.device)
+            maskmem, _ = self.network.encode_memory(feats, sizes, low, obj_scores, from_points=False)
+            maskmem = state.memories[z] = maskmem.to(self.network.memory_storage_dtype)
         return FrameEntry(
             slice_index=z,
             step=step,
-            maskmem_features=maskmem.to(self.network.memory_storage_dtype),
+            maskmem_features=maskmem,
             obj_ptr=state.obj_ptr[z].to(self.network.device),
             object_score_logits=obj_scores,
             iou=state.iou[z].to(self.network.device),
@@ -302,6 +311,11 @@ class VolumePredictor:
             net.memory_pos_enc(),
         )
 
+    @property
+    def _spatial_reach(self) -> int:
+        """Steps from a slice within which SAM2 attends to a slice's spatial memory (plus one)."""
+        return (self.network.num_maskmem - 1) * self.network.memory_temporal_stride_for_eval + 1
+
     def _warm_bank(self, state, bank, geometry: PassGeometry, ground_truth=None, exclude_objects=()):
         """Fill ``bank`` with memories of tracked slices behind the pass's start, rebuilt from stored results.
 
@@ -312,7 +326,7 @@ class VolumePredictor:
         ``exclude_objects`` are skipped, as the predictor holds no non-conditioning
         output for them.
         """
-        spatial = (self.network.num_maskmem - 1) * self.network.memory_temporal_stride_for_eval + 1
+        spatial = self._spatial_reach
         window = max(self.network.max_obj_ptrs_in_encoder, spatial)
         for d in range(window - 1, 0, -1):
             y = geometry.slice_at(-d)
@@ -338,6 +352,7 @@ class VolumePredictor:
     def _store(self, state: VolumeState, z: int, objects: list[int], out: dict[str, Any]) -> None:
         idx = torch.tensor(objects)
         dev = state.low_res_logits.device
+        state.memories.pop(z, None)  # made from the result this replaces
         state.low_res_logits[z, idx] = out["pred_masks"].to(dev, torch.float32)  # hole-filled, as SAM2 stores them
         state.obj_ptr[z, idx] = out["obj_ptr"].to(dev, torch.float32)
         state.object_score_logits[z, idx] = out["object_score_logits"].to(dev, torch.float32)
@@ -484,6 +499,8 @@ class VolumePredictor:
                     maskmem[torch.tensor(objs)] = out["maskmem_features"].to(self.network.memory_storage_dtype)
             state.tracked[z] = True
             state.tracked_reverse[z] = reverse
+            if maskmem is not None and not cond_objs and 0 < step < self._spatial_reach:
+                state.memories[z] = maskmem  # what a pass from this start the other way attends to
             if maskmem is not None:
                 entry = FrameEntry(
                     slice_index=z,

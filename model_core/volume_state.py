@@ -118,9 +118,10 @@ class VolumeState:
     """Everything known about one query volume during in-context and interactive segmentation.
 
     Built only by :meth:`VolumePredictor.init_state`. Per slice it keeps the compact
-    results (low-resolution logits, object pointer, scores); spatial memories are
-    rebuilt from them when a later pass needs them, so memory stays
-    ``O(D * (h/4 * w/4))`` and never holds ``D`` image features.
+    results (low-resolution logits, object pointer, scores). Spatial memories are kept
+    only for the few slices next to where a pass started (the ones a pass from there in
+    the other direction attends to), and rebuilt from the results when another pass
+    needs them, so memory stays ``O(D * (h/4 * w/4))`` and never holds ``D`` image features.
 
     Attributes:
         images: ``(D, 3, H, W)`` query slices (float in [0, 1] or uint8), on the storage device.
@@ -132,6 +133,9 @@ class VolumeState:
         obj_ptr: ``(D, K, C)``; object_score_logits: ``(D, K, 1)``; iou: ``(D, K)``.
         tracked: ``(D, K)`` bool; tracked_reverse: ``(D, K)`` bool, direction of the last pass.
         features: the slice feature cache.
+        memories: ``{slice: (K, C, h/16, w/16)}`` spatial memories of every object as tracking encoded
+            them, for slices within SAM2's memory window of a pass's start; dropped when the slice's
+            result changes (see :meth:`VolumePredictor._memory_entry`).
     """
 
     def __init__(self, model, images, support, object_ids, feature_cache_slices, storage_device):
@@ -151,6 +155,7 @@ class VolumeState:
         self.tracked = torch.zeros(D, K, dtype=torch.bool)
         self.tracked_reverse = torch.zeros(D, K, dtype=torch.bool)
         self.features = _SliceFeatures(model, images, feature_cache_slices)
+        self.memories: dict[int, torch.Tensor] = {}
 
     def forget(self, slices: Sequence[int]) -> None:
         """Make ``slices`` untracked again, with no object on them, as a new state has them.
@@ -169,11 +174,13 @@ class VolumeState:
         self.iou[index] = 0.0
         self.tracked[index] = False
         self.tracked_reverse[index] = False
+        for z in index.tolist():
+            self.memories.pop(z, None)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the per-slice results and prompted slices' memories (not the images or the feature cache)."""
-        tensors = [self.low_res_logits, self.obj_ptr, self.object_score_logits, self.iou]
+        """Memory held by the per-slice results and the slices' memories (not the images or the feature cache)."""
+        tensors = [self.low_res_logits, self.obj_ptr, self.object_score_logits, self.iou, *self.memories.values()]
         tensors += [
             t
             for outputs in self.cond_outputs

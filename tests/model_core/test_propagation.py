@@ -100,6 +100,59 @@ def test_directions_and_start_slice(model, support):
     assert state.tracked.all() and not state.tracked_reverse[start + 1 :].any() and state.tracked_reverse[:start].all()
 
 
+class _KeepsNothing(dict):
+    """A memory table that never keeps a memory: every warm start rebuilds it, as before memories were kept."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def test_the_pass_back_reads_the_memories_tracking_kept_and_a_changed_slice_drops_its_own(model, monkeypatch):
+    """A ``both`` run's backward pass attends to the forward pass's slices next to the start. Their memories are
+    the ones tracking encoded (SAM2's predictor keeps them too), so the memory encoder runs for none of them
+    again; each equals what the encoder makes from the stored result, so the answer is the rebuilt one's.
+    A new result on a slice drops its memory."""
+    depth, start = 16, 5
+    images = _volume(depth, 7)
+    reach = (model.num_maskmem - 1) * model.memory_temporal_stride_for_eval + 1
+    click = SlicePrompt(points=[[30.0, 30.0]], labels=[1])
+    encoded, encode = [], type(model).encode_memory
+    monkeypatch.setattr(type(model), "encode_memory", lambda self, *a, **k: encoded.append(1) or encode(self, *a, **k))
+    runs = []
+    for memories in (None, _KeepsNothing()):
+        predictor = VolumePredictor(model)
+        state = predictor.init_state(images, object_ids=[1])
+        if memories is not None:
+            state.memories = memories
+        predictor.add_prompt(state, start, 1, click)
+        encoded.clear()
+        runs.append({z: logits.clone() for z, logits in predictor.propagate(state, start, "both")})
+        if memories is None:
+            assert encoded == []  # none rebuilt
+            # steps 1 .. reach - 1 of either pass: what a pass back from this start attends to
+            near = [start + d * sign for sign in (1, -1) for d in range(1, reach)]
+            assert sorted(state.memories) == sorted(z for z in near if 0 <= z < depth)
+            for z, kept in state.memories.items():
+                with torch.inference_mode():
+                    feats, _, sizes = state.features.get(z, 1)
+                    rebuilt, _ = model.encode_memory(
+                        feats, sizes, state.low_res_logits[z], state.object_score_logits[z], from_points=False
+                    )
+                assert kept.dtype == model.memory_storage_dtype
+                torch.testing.assert_close(kept, rebuilt.to(kept.dtype), atol=1e-5, rtol=1e-5)
+            kept_state = state
+        else:
+            assert len(encoded) == reach - 1  # the forward pass's memories next to the start, rebuilt
+    assert runs[0].keys() == runs[1].keys()
+    for z in runs[0]:
+        torch.testing.assert_close(runs[0][z], runs[1][z], atol=1e-4, rtol=1e-4)
+
+    VolumePredictor(model).add_prompt(kept_state, start + 2, 1, click)  # a new result there
+    assert start + 2 not in kept_state.memories and start + 1 in kept_state.memories
+    kept_state.forget([start + 1])
+    assert start + 1 not in kept_state.memories
+
+
 @pytest.mark.slow
 def test_support_memory_is_reusable_movable_and_savable(model, support, tmp_path):
     images = _volume(6, 5)

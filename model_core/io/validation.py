@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import Compose, LoadImage, LoadImaged
 
+from model_core.io.readers import IsalNibabelReader
 from model_core.io.transforms import load_case, root_cause
 
 __all__ = [
@@ -94,7 +95,7 @@ def load_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.exists(path):
         raise InputError(f"The {what} {os.path.basename(path)!r} does not exist.")
     try:
-        volume = LoadImage(image_only=True, ensure_channel_first=False)(path)
+        volume = LoadImage(image_only=True, ensure_channel_first=False, reader=IsalNibabelReader)(path)
         array = np.asarray(volume)
     except Exception as e:
         raise InputError(f"The {what} is not a readable image volume ({type(e).__name__}: {e}).") from e
@@ -322,7 +323,7 @@ def read_header(path: str, where: str) -> tuple[tuple[int, ...], np.ndarray]:
             return tuple(int(v) for v in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
         # other formats (DICOM series folders, NRRD, MHA): MONAI's readers, affine in RAS as well
 
-        vol = LoadImage(image_only=True, ensure_channel_first=False)(path)
+        vol = LoadImage(image_only=True, ensure_channel_first=False, reader=IsalNibabelReader)(path)
         return tuple(int(v) for v in vol.shape[:3]), np.asarray(vol.affine, dtype=np.float64)
     except Exception as e:
         raise ValueError(f"{where}: cannot read {path!r} as an image volume ({type(e).__name__}: {e}).") from e

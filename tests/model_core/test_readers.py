@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -46,7 +48,13 @@ def _volumes():
 
 
 @pytest.mark.parametrize("name, array, scaling", list(_volumes()), ids=[v[0] for v in _volumes()])
-def test_a_nii_gz_reads_as_nibabels_reader_reads_it(tmp_path, inflated, name, array, scaling):
+def test_a_nii_gz_reads_as_nibabels_reader_reads_it(tmp_path, inflated, monkeypatch, name, array, scaling):
+    """Whole, or in slabs of 4 slices laid out on another thread (the last one shorter)."""
+    monkeypatch.setattr(IsalNibabelReader, "slab_slices", 4)
+    laid_out, volumes_in_slabs = IsalNibabelReader._laid_out, []
+    monkeypatch.setattr(
+        IsalNibabelReader, "_laid_out", lambda self, source: volumes_in_slabs.append(1) or laid_out(self, source)
+    )
     image = nib.Nifti1Image(array, AFFINE)
     if scaling:
         image.header.set_slope_inter(scaling["slope"], scaling["inter"])
@@ -56,6 +64,8 @@ def test_a_nii_gz_reads_as_nibabels_reader_reads_it(tmp_path, inflated, name, ar
     ours = LoadImage(image_only=True, reader=IsalNibabelReader)(path)
     assert inflated == [path]  # the voxels came through ISA-L
     assert ours.dtype == theirs.dtype and torch.equal(ours.as_tensor(), theirs.as_tensor())
+    assert ours.is_contiguous()
+    assert len(volumes_in_slabs) == (array.ndim == 3)  # a 4D volume is read whole
     assert scaling == {} or not torch.equal(ours.as_tensor(), torch.as_tensor(array, dtype=ours.dtype))  # scaled
     for key in ("affine", "original_affine", "spatial_shape", "pixdim", "original_channel_dim"):
         np.testing.assert_array_equal(np.asarray(ours.meta[key]), np.asarray(theirs.meta[key]))
@@ -102,3 +112,29 @@ def test_the_bundles_image_loaders_read_through_isal():
     loaders.append(parser.get_parsed_content("train#preprocessing").transforms[0])
     for loader in loaders:
         assert isinstance(loader._loader.readers[-1], IsalNibabelReader)  # tried first
+
+
+def _digest(path: str) -> bytes:
+    return hashlib.sha256(np.asarray(LoadImage(image_only=True, reader=IsalNibabelReader)(path)).tobytes()).digest()
+
+
+def _read_in_child(path: str, digests) -> None:
+    torch.set_num_threads(1)  # as a DataLoader worker does: OpenMP's threads are not forked
+    digests.put(_digest(path))
+
+
+def test_a_forked_worker_reads_after_its_parent_has(tmp_path):
+    """A DataLoader worker forked after the parent read a volume lays out slabs on a thread of its own (the
+    parent's layout thread is not in the child: without a pool of its own it would wait for ever)."""
+    path = str(tmp_path / "volume.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(2).random((48, 40, 40), dtype=np.float32), AFFINE), path)
+    expected = _digest(path)  # the parent's layout thread is made
+    context = multiprocessing.get_context("fork")
+    digests = context.Queue()
+    child = context.Process(target=_read_in_child, args=(path, digests))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked reader did not finish in 60 s")
+    assert child.exitcode == 0 and digests.get(timeout=5) == expected

@@ -119,6 +119,16 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool_in_child() -> None:
+    """A forked process has none of the pool's threads (the pool would count them idle and wait for ever): it
+    makes a pool of its own."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 class BlockGzipWriter(io.RawIOBase):
     """A write-only binary file whose bytes are stored gzip-compressed, block by block (see the module).
 

@@ -25,7 +25,8 @@ Request flow (where each step happens):
    ``monailabel_app/lib/routes.py`` (ids checked, off the event loop) ->
    ``monailabel_app/main.py`` ``ICLSAM2App.infer`` (id resolved to a datastore file) ->
    ``monailabel_app/lib/infers/icl_sam2.py`` (params typed by ``lib/requests.py``, the image's header checked;
-   its voxels are checked as :meth:`SegmentationService.preprocess` reads them, once).
+   its voxels are checked as :meth:`SegmentationService.preprocess` reads them, once; a ``.nii.gz`` is inflated
+   by ISA-L and laid out while it inflates: :class:`~model_core.io.readers.IsalNibabelReader`).
 2. Voxel ``[i, j, k]`` of the image file -> model grid ``(x, y, slice)``:
    :meth:`SegmentationService.to_model_grid`, through the bundle's own preprocessing
    (:meth:`SegmentationService._session` loads and preprocesses the volume once per client and image).

@@ -91,7 +91,7 @@ def _deflate_block(block: memoryview, level: int) -> tuple[bytes, int]:
     """A block as raw deflate (ended by a sync flush) and its CRC-32: each run of all-zero grains from the cache,
     each run of the others deflated."""
     full = len(block) // _GRAIN * _GRAIN
-    nonzero = np.frombuffer(block[:full], np.uint64).reshape(-1, _GRAIN // 8).any(1).tolist()
+    nonzero = np.frombuffer(block[:full], np.uint64).reshape(-1, _GRAIN // 8).max(1).astype(bool).tolist()
     if full < len(block):
         nonzero.append(bool(np.frombuffer(block[full:], np.uint8).any()))
     pieces, crc, start = [], 0, 0

@@ -73,7 +73,7 @@ class IsalNibabelReader(NibabelReader):
         spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
         with igzip.open(filename, "rb") as stream:
             source = ArrayProxy(stream, spec, mmap=False, order=proxy.order)
-            if len(proxy.shape) != 3 or proxy.order != "F":
+            if len(proxy.shape) != 3 or proxy.order != "F" or 0 in proxy.shape:
                 return np.asanyarray(source)
             return self._laid_out(source)
 

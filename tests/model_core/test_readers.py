@@ -95,6 +95,13 @@ def test_a_label_written_in_blocks_and_other_formats_read_back(tmp_path, inflate
     np.testing.assert_array_equal(np.asarray(out), label)
 
 
+def test_a_volume_with_no_slices_reads_as_nibabels_reader_reads_it(tmp_path):
+    path = str(tmp_path / "empty.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 0), np.float32), AFFINE), path)
+    ours = LoadImage(image_only=True, reader=IsalNibabelReader)(path)
+    assert ours.shape == LoadImage(image_only=True, reader=NibabelReader)(path).shape
+
+
 def test_a_truncated_file_is_refused_as_unreadable(tmp_path):
     path = tmp_path / "volume.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(1).random((40, 40, 20), dtype=np.float32), AFFINE), str(path))

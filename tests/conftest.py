@@ -134,3 +134,31 @@ def trained_tiny(tmp_path_factory) -> dict:
         "image_size": TRAINED_TINY["image_size"],
         "root": str(root),
     }
+
+
+def _forked_call(target, args, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as a DataLoader worker does: OpenMP's threads are not forked
+    results.put(target(*args))
+
+
+@pytest.fixture
+def run_forked():
+    """``run_forked(target, *args)``: ``target(*args)`` in a process forked from this one, its result, or a failure
+    when it has not finished in 60 s (a thread pool inherited from the parent waits for ever)."""
+    import multiprocessing
+
+    def run(target, *args):
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_forked_call, args=(target, args, results))
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            pytest.fail(f"{target.__name__} did not finish in a forked process in 60 s")
+        assert child.exitcode == 0
+        return results.get(timeout=5)
+
+    return run

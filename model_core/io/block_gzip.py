@@ -18,15 +18,16 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import lru_cache
 
 import nibabel as nib
 import nrrd
 import numpy as np
 from nibabel.volumeutils import seek_tell
+
+from model_core.io.thread_pools import LazyThreadPool
 
 _CRC_POLY = 0xEDB88320  # CRC-32 (gzip's), bits reflected
 
@@ -106,27 +107,8 @@ def _deflate_block(block: memoryview, level: int) -> tuple[bytes, int]:
     return b"".join(pieces), crc
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One pool for the process: zlib and numpy let go of the GIL while they work on a block."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="block_gzip")
-        return _POOL
-
-
-def _forget_pool_in_child() -> None:
-    """A forked process has none of the pool's threads (the pool would count them idle and wait for ever): it
-    makes a pool of its own."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+#: one pool for the process: zlib and numpy let go of the GIL while they work on a block
+_POOL = LazyThreadPool(lambda: len(os.sched_getaffinity(0)), "block_gzip")
 
 
 class BlockGzipWriter(io.RawIOBase):
@@ -172,7 +154,7 @@ class BlockGzipWriter(io.RawIOBase):
         view = memoryview(data).cast("B")  # kept until deflated: the caller's bytes are not copied
         for start in range(0, len(view), self._block_size):
             block = view[start : start + self._block_size]
-            self._blocks.append((_pool().submit(_deflate_block, block, self._level), len(block)))
+            self._blocks.append((_POOL.submit(_deflate_block, block, self._level), len(block)))
         self._position += len(view)
         return len(view)
 

@@ -12,37 +12,19 @@ MONAI's own readers, as before.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 from isal import igzip
 from monai.data import NibabelReader
 from nibabel.arrayproxy import ArrayProxy
 
+from model_core.io.thread_pools import LazyThreadPool
+
 __all__ = ["IsalNibabelReader"]
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The thread that lays out slabs (numpy's copy lets go of the GIL, as ISA-L's inflate does)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(1, thread_name_prefix="nifti_layout")
-        return _POOL
-
-
-def _forget_pool_in_child() -> None:
-    """A forked process (a DataLoader worker) has no copy of the pool's thread: it makes a pool of its own."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+#: the thread that lays out slabs (numpy's copy lets go of the GIL, as ISA-L's inflate does)
+_LAYOUT = LazyThreadPool(lambda: 1, "nifti_layout")
 
 
 class IsalNibabelReader(NibabelReader):
@@ -89,7 +71,7 @@ class IsalNibabelReader(NibabelReader):
                     out = np.empty(source.shape, slab.dtype)  # the scaled type, as the whole array's
                 if copying is not None:
                     copying.result()
-                copying = _pool().submit(np.copyto, out[:, :, k : k + self.slab_slices], slab)
+                copying = _LAYOUT.submit(np.copyto, out[:, :, k : k + self.slab_slices], slab)
         finally:
             if copying is not None:
                 copying.result()  # never left writing into an array its caller has dropped

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import multiprocessing
 import subprocess
 import zlib
 
@@ -137,25 +136,15 @@ def test_only_runs_of_data_are_deflated_each_time_and_background_once_per_length
     assert sorted(deflated) == [2 * grain, 3 * grain]
 
 
-def _write_in_child(data: bytes, results) -> None:
+def _gzips_back(data: bytes) -> bool:
     out = io.BytesIO()
     with BlockGzipWriter(out, block_size=4096) as writer:
         writer.write(data)
-    results.put(gzip.decompress(out.getvalue()) == data)
+    return gzip.decompress(out.getvalue()) == data
 
 
-def test_a_forked_process_writes_after_its_parent_has():
-    """A process forked after its parent gzipped in blocks has none of the pool's threads, which the pool would
-    count as idle: it makes a pool of its own instead of waiting for ever."""
+def test_a_forked_process_writes_after_its_parent_has(run_forked):
+    """A process forked after its parent gzipped in blocks makes a pool of its own."""
     data = np.random.default_rng(3).integers(0, 4, 1 << 18, dtype=np.uint8).tobytes()
-    _write_in_child(data, results := multiprocessing.Queue())  # the parent's threads are made, then idle
-    assert results.get(timeout=5)
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    child = context.Process(target=_write_in_child, args=(data, results))
-    child.start()
-    child.join(60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked writer did not finish in 60 s")
-    assert child.exitcode == 0 and results.get(timeout=5)
+    assert _gzips_back(data)  # the parent's threads are made, then idle
+    assert run_forked(_gzips_back, data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -125,23 +124,9 @@ def _digest(path: str) -> bytes:
     return hashlib.sha256(np.asarray(LoadImage(image_only=True, reader=IsalNibabelReader)(path)).tobytes()).digest()
 
 
-def _read_in_child(path: str, digests) -> None:
-    torch.set_num_threads(1)  # as a DataLoader worker does: OpenMP's threads are not forked
-    digests.put(_digest(path))
-
-
-def test_a_forked_worker_reads_after_its_parent_has(tmp_path):
-    """A DataLoader worker forked after the parent read a volume lays out slabs on a thread of its own (the
-    parent's layout thread is not in the child: without a pool of its own it would wait for ever)."""
+def test_a_forked_worker_reads_after_its_parent_has(tmp_path, run_forked):
+    """A DataLoader worker forked after the parent read a volume lays out slabs on a thread of its own."""
     path = str(tmp_path / "volume.nii.gz")
     nib.save(nib.Nifti1Image(np.random.default_rng(2).random((48, 40, 40), dtype=np.float32), AFFINE), path)
     expected = _digest(path)  # the parent's layout thread is made
-    context = multiprocessing.get_context("fork")
-    digests = context.Queue()
-    child = context.Process(target=_read_in_child, args=(path, digests))
-    child.start()
-    child.join(60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked reader did not finish in 60 s")
-    assert child.exitcode == 0 and digests.get(timeout=5) == expected
+    assert run_forked(_digest, path) == expected

@@ -323,7 +323,7 @@ def read_header(path: str, where: str) -> tuple[tuple[int, ...], np.ndarray]:
             return tuple(int(v) for v in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
         # other formats (DICOM series folders, NRRD, MHA): MONAI's readers, affine in RAS as well
 
-        vol = LoadImage(image_only=True, ensure_channel_first=False, reader=IsalNibabelReader)(path)
+        vol = LoadImage(image_only=True, ensure_channel_first=False)(path)
         return tuple(int(v) for v in vol.shape[:3]), np.asarray(vol.affine, dtype=np.float64)
     except Exception as e:
         raise ValueError(f"{where}: cannot read {path!r} as an image volume ({type(e).__name__}: {e}).") from e

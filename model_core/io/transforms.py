@@ -234,6 +234,7 @@ def postprocess_slices(
     probabilities: torch.Tensor | Callable[[int, int], torch.Tensor],
     changed: tuple[int, int] | None = None,
     previous: Any = None,
+    reuse_previous: bool = False,
 ) -> Any:
     """``postprocessing({"image": image, "pred": probabilities})["pred"]``, computed where an object can win, or
     where the probabilities changed since a previous answer.
@@ -256,10 +257,13 @@ def postprocess_slices(
             no probabilities for the rest of the volume).
         changed, previous: ``[start, stop)``, the slices whose probabilities differ from those ``previous`` (this
             function's answer for the same image and postprocessing) was made from; both or neither.
+        reuse_previous: write the changed slices into ``previous`` itself, which nobody reads any more, instead of
+            into a copy of it (a copy of a 512 x 512 x 160 answer took 18-23 ms of a 0.17 s follow-up).
 
     Returns:
         The postprocessed ``pred``: ``(1, ...)`` in the image file's grid, with its meta; from a slab, its voxels
-        are laid out in the file's order (first axis fastest). Never ``previous`` itself, which is not changed.
+        are laid out in the file's order (first axis fastest). A new ``MetaTensor``; its voxels are those of
+        ``previous``, updated, only with ``reuse_previous`` and a slab (``previous`` is otherwise not changed).
     """
 
     def run(source, pred) -> Any:
@@ -312,7 +316,8 @@ def postprocess_slices(
     ):
         return run(image, slices(0, depth))
     if previous is not None:
-        whole = (previous.as_tensor() if isinstance(previous, MetaTensor) else previous).clone()  # its layout kept
+        whole = previous.as_tensor() if isinstance(previous, MetaTensor) else torch.as_tensor(previous)
+        whole = whole if reuse_previous else whole.clone()  # its layout kept
     else:
         # laid out first axis fastest, as NIfTI and NRRD store voxels: the writers then copy bytes instead of
         # transposing the whole volume (0.3 s for 512 x 512 x 160 on a 2-core Intel Xeon); only the slab is

@@ -60,6 +60,12 @@ def _service(root, incremental: bool) -> SegmentationService:
     )
 
 
+def _maps_whole_volumes(service: SegmentationService) -> SegmentationService:
+    """``service``, told nothing of its previous answers: every answer maps the whole result back."""
+    service._to_original = lambda image, p, values, *_: SegmentationService._to_original(service, image, p, values)
+    return service
+
+
 def _voxels(label: np.ndarray, value: int, z: int, n: int) -> list[list[int]]:
     """``n`` voxel indices ``[i, j, k]`` (file order: x, y, slice) inside structure ``value`` on slice ``z``."""
     ys, xs = np.nonzero(label[z] == value)
@@ -130,10 +136,7 @@ def test_a_follow_up_maps_back_only_the_slices_it_changed(study):
     (the bundle's postprocessing sees only them): equal to mapping the whole result back, as a second service does
     that is told nothing of the previous answer; a repeat maps nothing back and gives the same answer."""
     root, paths, label = study
-    service, whole = _service(root, incremental=True), _service(root, incremental=True)
-    whole._to_original = lambda image, p, values, changed=None, previous=None: SegmentationService._to_original(
-        whole, image, p, values
-    )
+    service, whole = _service(root, incremental=True), _maps_whole_volumes(_service(root, incremental=True))
     seen: list[int] = []  # slices of each pred the postprocessing is given
     postprocessing = service.postprocessing
     service.postprocessing = lambda data: seen.append(int(data["pred"].shape[-1])) or postprocessing(data)
@@ -151,3 +154,42 @@ def test_a_follow_up_maps_back_only_the_slices_it_changed(study):
     again = service.interact("dee", paths["image"], "blob", foreground=follow_up)
     assert again.info["mode"] == "unchanged" and seen == []
     assert torch.equal(torch.as_tensor(again.label), torch.as_tensor(a.label))
+    # each answer names the label values it was made with (the writer's range check reads them, not the voxels)
+    for answer in (b, again):
+        assert answer.values == (LABELS["blob"],) and set(np.unique(answer.label)) <= {0, LABELS["blob"]}
+
+
+def test_a_follow_up_is_written_into_the_previous_answer_only_once_no_caller_reads_it(study):
+    """A released answer's memory takes the next follow-up's answer (no copy of the whole volume); an answer a caller
+    still holds unreleased, once or twice (a repeat hands out the same answer), is never changed. Every answer
+    equals mapping the whole result back."""
+    root, paths, label = study
+    service, whole = _service(root, incremental=True), _maps_whole_volumes(_service(root, incremental=True))
+    mid = DEPTH // 2
+    clicks = [_voxels(label, 1, mid, 1)]
+    for z in (mid + 2, mid - 3, mid + 4, mid - 5):
+        clicks.append(clicks[-1] + _voxels(label, 1, z, 1))
+
+    def ask(n: int):
+        expected = whole.interact("eve", paths["image"], "blob", foreground=clicks[n])
+        answer = service.interact("eve", paths["image"], "blob", foreground=clicks[n])
+        assert torch.equal(torch.as_tensor(answer.label), torch.as_tensor(expected.label)), n
+        return answer
+
+    first = ask(0)
+    first.release()
+    second = ask(1)
+    assert second.info["mode"] == "incremental" and second.label.data_ptr() == first.label.data_ptr()
+    held = torch.as_tensor(second.label).clone()  # second is not released: a reader still reads it
+    third = ask(2)
+    assert third.label.data_ptr() != second.label.data_ptr() and torch.equal(torch.as_tensor(second.label), held)
+    repeat = service.interact("eve", paths["image"], "blob", foreground=clicks[2])
+    assert repeat.info["mode"] == "unchanged" and repeat.label is third.label
+    third.release()
+    third.release()  # counts once: the repeat still reads the same answer
+    kept = torch.as_tensor(third.label).clone()
+    fourth = ask(3)
+    assert fourth.label.data_ptr() != third.label.data_ptr() and torch.equal(torch.as_tensor(third.label), kept)
+    fourth.release()
+    fifth = ask(4)
+    assert fifth.label.data_ptr() == fourth.label.data_ptr()

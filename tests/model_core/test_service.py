@@ -151,6 +151,7 @@ def test_support_is_cached_and_rebuilt_when_a_label_changes(files, tmp_path):
     third = service.segment(cases[2]["image"], [cases[0]])
     assert third.info["encoded_slices"] == first.info["encoded_slices"]
     assert first.label.shape == (1, 64, 48, 10) and np.allclose(first.label.affine, nib.load(cases[1]["image"]).affine)
+    assert first.values == (1, 2, 3) and set(np.unique(first.label)) <= {0, 1, 2, 3}  # the classes it was made with
     with pytest.raises(ValueError, match="label at least one volume"):
         service.segment(cases[1]["image"], [])
 

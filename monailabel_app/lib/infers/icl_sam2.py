@@ -40,10 +40,12 @@ def write_label(segmentation: Segmentation, extension: str = ".nii.gz", dtype: s
     os.makedirs(folder, exist_ok=True)
     array = np.asarray(segmentation.label)[0]  # (i, j, k)
     target = np.dtype(dtype)
-    # only the bounds the result's type is narrower at are looked up (each is a pass over every voxel)
+    # only the bounds the result's type is narrower at are looked up: from the label values the map was made with
+    # where its maker gave them, else by a pass over every voxel
     has, holds = (np.iinfo if array.dtype.kind in "iu" else np.finfo)(array.dtype), np.iinfo(target)
+    known = None if segmentation.values is None else np.array([0, *segmentation.values])
     for bound, outside in ((np.max, has.max > holds.max), (np.min, has.min < holds.min)):
-        value = int(bound(array)) if outside and array.size else 0
+        value = int(bound(array if known is None else known)) if outside and array.size else 0
         if not holds.min <= value <= holds.max:
             wider = "uint16" if value > 0 else "int16 or int32"
             raise InputError(f"params.result_dtype {dtype!r} cannot hold label value {value}; use {wider}.", status=422)
@@ -166,7 +168,10 @@ class ServiceInfer(InferTask):
         return {**service.model_info(), "seed": service.config.seed}
 
     def _reply(self, params, seg: Segmentation, skipped: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
-        path = client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
+        try:
+            path = client_error(lambda: write_label(seg, params.result_extension, params.result_dtype))
+        finally:
+            seg.release()  # the file holds the answer now: the session may write the next one into its memory
         info = {"label_names": self._service().labels, "confidence": seg.confidence, **seg.info}
         if skipped:
             info["skipped_support"] = skipped  # which stored labels were left out of the support set, and why

@@ -6,6 +6,10 @@ over the whole volume) and to one in incremental mode; both serve the same weigh
 
 from __future__ import annotations
 
+import itertools
+import random
+import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -193,3 +197,45 @@ def test_a_follow_up_is_written_into_the_previous_answer_only_once_no_caller_rea
     fourth.release()
     fifth = ask(4)
     assert fifth.label.data_ptr() == fourth.label.data_ptr()
+
+
+def test_answers_held_by_concurrent_callers_are_never_written_into(study):
+    """Three callers of one client click the same structure at once, each adding a click to the clicks so far and
+    holding its answer a while before releasing it: no answer changes while its caller holds it, and once all are
+    released the next follow-up is written into the last one (no reader is left counted)."""
+    root, paths, label = study
+    service = _service(root, incremental=True)
+    mid = DEPTH // 2
+    clicks = [voxel for step in (0, 2, -2, 4, -4, 1) for voxel in _voxels(label, 1, mid + step, 2)]  # 12 clicks
+    turns = itertools.count()
+    problems: list[str] = []
+    written_in_place = []  # reuse_previous of each mapping
+    to_original = service._to_original
+    service._to_original = lambda image, p, values, changed=None, previous=None, reuse=False: (
+        written_in_place.append(reuse) or to_original(image, p, values, changed, previous, reuse)
+    )
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(8):
+                turn = next(turns)
+                answer = service.interact("fay", paths["image"], "blob", foreground=clicks[: turn % len(clicks) + 1])
+                held = torch.as_tensor(answer.label).clone()
+                time.sleep(rng.uniform(0.0, 0.15))  # other callers' follow-ups run meanwhile
+                if not torch.equal(torch.as_tensor(answer.label), held):
+                    problems.append(f"turn {turn}: the answer changed while its caller held it")
+                answer.release()
+        except Exception as error:  # reported by the test, not lost in the thread
+            problems.append(f"caller {seed}: {error!r}")
+
+    threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []
+    # every caller released its answers: the next follow-up is written into the last one
+    mapped = len(written_in_place)
+    last = service.interact("fay", paths["image"], "blob", foreground=clicks, background=_voxels(label, 1, mid + 3, 1))
+    assert last.info["mode"] == "incremental" and written_in_place[mapped:] == [True]

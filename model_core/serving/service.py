@@ -677,7 +677,8 @@ class SegmentationService:
             track = session.tracks[track_key]
             previous, before = (track.answer, track.answered_logits) if mode != "full" else (None, None)
             track.answer = track.answered_logits = None  # set again once this answer is made
-            self._enforce_cache_limits(session)
+            if mode == "full" or encoded:  # what grew before the answer is made: room for it now
+                self._enforce_cache_limits(session)
         changed = None
         if previous is not None and before is not None and before.shape == low_res.shape:
             moved = (low_res != before).transpose(0, 1).reshape(low_res.shape[1], -1).any(1).nonzero()[:, 0]

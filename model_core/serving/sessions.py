@@ -59,7 +59,9 @@ def held_bytes(*roots: Any, skip: tuple[type, ...] = ()) -> int:
             base = obj
             while isinstance(base.base, np.ndarray):
                 base = base.base
-            key = ("numpy", base.__array_interface__["data"][0])
+            # ctypes.data, not __array_interface__: that builds the dtype's description, 34 us for a NIfTI header's
+            # structured array against 1.4 us (a session's walk met 36 of them in its MetaTensors' meta)
+            key = ("numpy", base.ctypes.data)
             if key not in storages:
                 storages.add(key)
                 total += base.nbytes

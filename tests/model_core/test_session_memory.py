@@ -69,6 +69,8 @@ def test_held_bytes_counts_each_storage_once_and_skips_what_is_shared():
     assert held_bytes(meta) == 16 + 128  # the data and the affine in its meta
     array = np.zeros(8, np.int16)
     assert held_bytes(array, array[2:], {"x": array.reshape(2, 4)}) == 16
+    header = nib.Nifti1Header().structarr  # a structured array, as a MetaTensor's meta holds
+    assert held_bytes(header, {"again": header[None]}, [header.reshape(1)]) == 348
     assert held_bytes(torch.nn.Linear(100, 100)) == 0  # a network is never a session's
     support = SupportMemory.__new__(SupportMemory)
     support.__dict__["memories"] = [torch.zeros(100)]

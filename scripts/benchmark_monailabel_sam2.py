@@ -19,7 +19,9 @@ intensities in [0, 255] and this project's app reads them with ``--conf window [
 models see the same slices. The study: three phantom volumes of ``--shape``, one labelled; the
 clicks: on ``--label`` in ``case2``, the first on the middle slice of its extent, the follow-up
 two slices away (:func:`model_core.io.phantoms.structure_click`); the follow-up is timed ``--repeats``
-times (the median is reported), the first click once. Rows: the built-in task (it
+times (the median is reported), the first click once, then the follow-up's clicks are sent again
+``--repeats`` times: this app answers them with no model work, so that row is what a request costs
+around the model, the floor under any follow-up. Rows: the built-in task (it
 tracks forward from the click only), this app with its default stopping pass, and this app with
 ``--conf stop_after_absent 0`` (the full pass). One table is printed and, with ``--output``, written
 as JSON; the CPU is named in both.
@@ -101,7 +103,8 @@ def _task_seconds(info: dict) -> float | None:
 
 
 def _clicks(client, model: str, params: dict, clicks: list[list[int]], truth: np.ndarray, repeats: int) -> list[dict]:
-    """A first click and a follow-up (both clicks), each timed through the REST API and scored against the truth.
+    """A first click and a follow-up (both clicks), each timed through the REST API and scored against the truth,
+    then the follow-up's clicks sent again (timed ``repeats`` times, the median reported).
 
     The follow-up is timed ``repeats`` times, each after going back to the first click alone, and its median
     reported (one follow-up of a quarter of a second varies by a tenth of a second between runs); the first
@@ -133,6 +136,20 @@ def _clicks(client, model: str, params: dict, clicks: list[list[int]], truth: np
     answers[1]["seconds"] = round(float(np.median(answers[1]["seconds_each"])), 3)
     if all(t[1] is not None for t in times):
         answers[1]["task_seconds"] = round(float(np.median([t[1] for t in times])), 3)
+    # the same clicks again: ours answers them without model work (mode "unchanged"), so its time is what a request
+    # costs around the model (MONAI Label's route, the label file, the client), the floor of any follow-up
+    again = [_infer(client, model, params, clicks) for _ in range(repeats)]
+    answers.append(
+        {
+            "seconds_each": [round(t[0], 3) for t in again],
+            "seconds": round(float(np.median([t[0] for t in again])), 3),
+            "task_seconds": None
+            if any(_task_seconds(t[2]) is None for t in again)
+            else round(float(np.median([_task_seconds(t[2]) for t in again])), 3),
+            "mode": again[-1][2].get("mode"),
+            "propagated": again[-1][2].get("propagated_slices"),
+        }
+    )
     return answers
 
 
@@ -215,7 +232,7 @@ def main(
     agreement = _dice(builtin[0]["mask"][..., forward], rows["ours_full_pass"][0]["mask"][..., forward])
     for answers in rows.values():
         for answer in answers:
-            del answer["mask"]
+            answer.pop("mask", None)
     result = {
         "cpu": {k: cpu[k] for k in ("processor", "amx_bf16", "avx512_bf16")},
         "torch_threads": torch.get_num_threads(),
@@ -227,7 +244,7 @@ def main(
         "trained_here": {"steps": int(train_steps)} if trained else None,
         "follow_up_repeats": int(repeats),
         "structure": {"label": label, "slices": [int(extent[0]), int(extent[-1])], "clicks": clicks},
-        **{name: {"first_click": r[0], "follow_up": r[1]} for name, r in rows.items()},
+        **{name: {"first_click": r[0], "follow_up": r[1], "same_clicks_again": r[2]} for name, r in rows.items()},
         "builtin_vs_ours_from_the_click_on": agreement,
         "speedup": {
             "first_click": round(builtin[0]["seconds"] / ours[0]["seconds"], 2),
@@ -274,6 +291,20 @@ def _print(result: dict) -> None:
     print(
         f"  first click, slices from the click on (both track them forward, same weights): Dice of the built-in's "
         f"answer against ours (full pass) {result['builtin_vs_ours_from_the_click_on']:.3f}"
+    )
+
+    def again(r: dict) -> str:
+        task = "" if r.get("task_seconds") is None else f" ({r['task_seconds']:.3f} in the task)"
+        return f"{r['seconds']:.3f} s{task}" + (f", {r['mode']}" if r.get("mode") else "")
+
+    print(
+        f"  the follow-up's clicks sent again (median of {result['follow_up_repeats']}): "
+        + "; ".join(f"{names[key]} {again(result[key]['same_clicks_again'])}" for key in names)
+    )
+    builtin, ours = result["builtin"]["follow_up"]["seconds"], result["ours"]["same_clicks_again"]["seconds"]
+    print(
+        f"  10x the built-in's follow-up is {builtin / 10:.3f} s; ours answers the same clicks again, with no model "
+        f"work, in {ours:.3f} s ({ours / builtin * 10:.0%} of that)"
     )
 
 

@@ -55,6 +55,12 @@ def test_builtin_sam2_benchmark_runs_the_same_weights_and_clicks(run_script, tra
             # both tasks say how long they worked: at most the round trip (the built-in rounds to 0.01 s)
             assert 0 <= answer["task_seconds"] <= answer["seconds"] + 0.01, (name, click, answer)
     assert "in the task" in done.stdout
+    # the same clicks again: ours answers without model work; the built-in tracks again
+    again = {name: result[name]["same_clicks_again"] for name in ("builtin", "ours", "ours_full_pass")}
+    assert again["ours"]["mode"] == again["ours_full_pass"]["mode"] == "unchanged", again
+    assert again["ours"]["propagated"] == 0 and again["builtin"]["mode"] is None, again
+    assert all(len(a["seconds_each"]) == 2 and a["seconds"] > 0 for a in again.values()), again
+    assert "the follow-up's clicks sent again (median of 2)" in done.stdout and "10x the built-in's" in done.stdout
     # the built-in task loaded the same weights and saw the same slices: from the click on, where both track the
     # same way, it answers what ours answers (up to its 8-bit JPEG slices)
     assert result["builtin_vs_ours_from_the_click_on"] >= 0.75, result  # 0.85 measured with the weak trained_tiny

@@ -7,6 +7,7 @@ The process growth per session against what the cache reports is measured by
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from model_core.io.validation import InputError, ServiceBusy
 from model_core.modeling.memory import SupportMemory
 from model_core.serving.config import ServiceConfig
 from model_core.serving.service import SegmentationService
-from model_core.serving.sessions import VolumeSlots, held_bytes
+from model_core.serving.sessions import Session, VolumeSlots, held_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"blob": 1, "tube": 2, "block": 3}
@@ -113,6 +114,27 @@ def test_the_cap_counts_the_volume_and_evicts_before_the_features_arrive(images)
     bob = service.interact("bob", paths[1], "blob", foreground=[[40, 36, 5]])
     assert bob.info["sessions"] == 1 and service.session_bytes("alice", paths[0]) is None  # alice made room
     assert bob.info["session_cache_mb"] <= 1.5 * one / 2**20
+
+
+@pytest.mark.slow
+def test_a_follow_up_that_encodes_nothing_walks_its_session_once_after_its_answer(images, monkeypatch):
+    root, paths = images
+    service = _service(root)
+    walks = []
+    measure = Session.measure
+    monkeypatch.setattr(Session, "measure", lambda self: walks.append(self) or measure(self))
+    service.interact("alice", paths[0], "blob", foreground=[[40, 36, 5]]).release()
+    assert len(walks) == 3  # a new session, then before and after its answer (room for the answer first)
+    walks.clear()
+    follow_up = service.interact("alice", paths[0], "blob", foreground=[[40, 36, 5], [44, 36, 5]])
+    assert follow_up.info["mode"] == "incremental" and follow_up.info["encoded_slices"] == 0, follow_up.info
+    assert len(walks) == 1  # after the answer only: nothing grew before it
+    follow_up.release()
+    walks.clear()
+    again = service.interact("alice", paths[0], "blob", foreground=[[40, 36, 5], [44, 36, 5]])
+    assert again.info["mode"] == "unchanged" and walks == []  # nothing it holds changed
+    session = service._sessions[("alice", os.path.abspath(paths[0]))]
+    assert again.info["session_cache_mb"] == round(measure(session) / 2**20, 2)  # what it reports is what it holds
 
 
 # ---------------------------------------------------------------- volumes preprocessed at once
